@@ -1,0 +1,5 @@
+import sys
+
+from ernie45.cli import main
+
+sys.exit(main())

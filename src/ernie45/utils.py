@@ -1,0 +1,56 @@
+"""Small shared helpers: atomic writes (nothing half-written is ever left behind)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary directory beside `dst`; on success it is renamed to `dst`, on error removed.
+
+    An interrupted run therefore never leaves a partial destination.
+    """
+    from ernie45.errors import ErnieError
+
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.exists(dst) and not overwrite and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ErnieError(f"destination exists and is not empty: {dst} (pass --overwrite to replace it)")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(dst)}.tmp-")
+    try:
+        yield tmp
+        if os.path.isdir(dst):
+            old = tmp + ".old"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

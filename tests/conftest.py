@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random checkpoints written by transformers, and a tiny ERNIE-format tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+CORPUS = [
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
+    "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
+    "The quick brown fox jumps over the lazy dog. 1234567890",
+    "ERNIE 4.5 is a family of large language models. Hello world!",
+    "Knowledge is power. 知识就是力量。 Time flies like an arrow.",
+] * 20
+
+DENSE_KW = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=24, max_position_embeddings=256, rms_norm_eps=1e-5,
+                rope_theta=10000.0, tie_word_embeddings=True, use_bias=False)
+MOE_KW = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5,
+              rope_theta=10000.0, tie_word_embeddings=False, use_bias=False, moe_num_experts=6, moe_k=2,
+              moe_intermediate_size=32, moe_num_shared_experts=1, moe_layer_start_index=1,
+              moe_layer_end_index=-1, moe_layer_interval=1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from ernie45.data.train_tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    train_tokenizer(CORPUS, d, vocab_size=400)
+    return str(d)
+
+
+def make_hf_model(kind: str = "dense", seed: int = 0, bias_scale: float = 0.0, **overrides):
+    """A random transformers ERNIE model (fp32, eager attention/experts) from a tiny config."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "dense":
+        cfg = transformers.Ernie4_5Config(**{**DENSE_KW, **overrides})
+        model = transformers.Ernie4_5ForCausalLM(cfg)
+    else:
+        cfg = transformers.Ernie4_5_MoeConfig(**{**MOE_KW, **overrides})
+        model = transformers.Ernie4_5_MoeForCausalLM(cfg)
+    cfg._attn_implementation = "eager"
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.8, 1.2)
+            elif "e_score_correction_bias" in n:
+                p.copy_(torch.randn_like(p) * bias_scale)
+            elif n.endswith("bias"):
+                p.normal_(0, 0.05)
+            else:
+                p.normal_(0, 0.08)
+    model.eval()
+    if hasattr(model, "set_experts_implementation"):
+        try:
+            model.set_experts_implementation("eager")
+        except Exception:
+            pass
+    for m in model.modules():
+        if hasattr(m, "config"):
+            m.config._attn_implementation = "eager"
+            m.config._experts_implementation = "eager"
+    return model
+
+
+def save_hf(model, path, tokenizer_dir: str | None = None) -> str:
+    import shutil
+
+    model.save_pretrained(path)
+    if tokenizer_dir:
+        for f in os.listdir(tokenizer_dir):
+            shutil.copy(os.path.join(tokenizer_dir, f), os.path.join(path, f))
+    return str(path)
+
+
+@pytest.fixture
+def hf_dense(tmp_path, tokenizer_dir):
+    m = make_hf_model("dense")
+    return m, save_hf(m, tmp_path / "dense", tokenizer_dir)
+
+
+@pytest.fixture
+def hf_moe(tmp_path, tokenizer_dir):
+    m = make_hf_model("moe", bias_scale=0.3)
+    return m, save_hf(m, tmp_path / "moe", tokenizer_dir)
