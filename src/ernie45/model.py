@@ -59,8 +59,9 @@ class KVCache:
     """
 
     def __init__(self, config: ErnieConfig, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+                 device: torch.device | str, n_kv: int | None = None):
+        # n_kv: kv heads held by this process (fewer than the config's under tensor parallelism)
+        shape = (batch_size, n_kv or config.num_key_value_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.length = 0
@@ -168,6 +169,10 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(H, config.moe_intermediate_size * n_sh, config.use_bias) if n_sh > 0 else None
         )
+        # Set by tensor/expert parallelism (ernie45.parallel): which experts live on this rank, and the
+        # collective that sums the partial outputs of all ranks. None = single process.
+        self.local_experts: set[int] | None = None
+        self.reduce_output = None
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (T, H) -> router logits (T, E) fp32, weights (T, K) in x.dtype, expert ids (T, K)."""
@@ -191,7 +196,8 @@ class MoE(nn.Module):
         wts = w.flatten()[order]
         start = 0
         for e, n in enumerate(counts):
-            if n == 0:
+            if n == 0 or (self.local_experts is not None and e not in self.local_experts):
+                start += n
                 continue
             t = tok[start:start + n]
             y = self.experts[e](x[t]) * wts[start:start + n, None]
@@ -199,6 +205,8 @@ class MoE(nn.Module):
             start += n
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
+        if self.reduce_output is not None:
+            out = self.reduce_output(out)
         return out.view(B, S, H), logits
 
 
@@ -310,7 +318,8 @@ class ErnieForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch_size, max_len, self.dtype, self.device)
+        n_kv = self.model.layers[0].self_attn.k_proj.out_features // self.config.head_dim
+        return KVCache(self.config, batch_size, max_len, self.dtype, self.device, n_kv)
 
     def forward(
         self,
