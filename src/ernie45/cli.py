@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("ernie45.convert.paddle", "convert checkpoints between Paddle and HF layouts"),
     "export-gguf": ("ernie45.convert.gguf_export", "export a GGUF file for llama.cpp / Ollama"),
     "split": ("ernie45.convert.split", "re-shard a safetensors checkpoint"),
+    "verify": ("ernie45.convert.manifest", "check a checkpoint or GGUF file against its SHA-256 manifest"),
     "eval": ("ernie45.eval.cli", "C-Eval, CMMLU, CLUE and perplexity"),
     "export": ("ernie45.export.aoti", "export prefill/decode for the C++ runtime (AOTInductor)"),
     "info": ("ernie45.commands.info", "show a checkpoint's config, size and files"),

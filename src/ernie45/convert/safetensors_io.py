@@ -1,0 +1,285 @@
+"""Streaming safetensors I/O, so that converting a checkpoint never holds more than a few tensors in memory.
+
+Reading uses safetensors' `safe_open`, mapping a file only for the read of one tensor. Writing is our own:
+safetensors' `save_file` needs a whole shard as a dict in memory, whereas here the header is laid out from the
+planned names/dtypes/shapes first and each tensor's bytes are appended as soon as it is produced, and hashed
+(SHA-256) on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from ernie45.checkpoint import parse_size, safetensors_files
+from ernie45.errors import ErnieError
+from ernie45.utils import atomic_directory
+
+INDEX_FILE = "model.safetensors.index.json"
+ST_TO_TORCH = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "BOOL": torch.bool,
+}
+TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What one output tensor will be, known before any data is read (it fixes the file layout)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+def natural_key(name: str) -> list:
+    """Sort `layers.10` after `layers.9`, so that shards hold whole consecutive layers."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+class TensorSource:
+    """Named tensors readable one at a time: `specs` says what exists, `get` materialises one tensor."""
+
+    specs: dict[str, TensorSpec]
+
+    def get(self, name: str) -> Tensor:
+        raise NotImplementedError
+
+
+class SafetensorsReader(TensorSource):
+    """The tensors of a safetensors checkpoint directory (single file or sharded), read one at a time.
+
+    The last `cache_size` tensors read are kept, so that a fused tensor split into consecutive outputs is read
+    once.
+    """
+
+    def __init__(self, path: str | os.PathLike, cache_size: int = 1):
+        self.path = os.fspath(path)
+        self.files = safetensors_files(self.path)
+        self.file_of: dict[str, str] = {}
+        self.specs = {}
+        self.metadata: dict[str, str] = {}
+        for file in self.files:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    self.metadata.update(f.metadata() or {})
+                    for name in f.keys():
+                        sl = f.get_slice(name)
+                        dtype = ST_TO_TORCH.get(sl.get_dtype())
+                        if dtype is None:
+                            raise ErnieError(
+                                f"{file}: tensor {name!r} has unsupported dtype {sl.get_dtype()}"
+                            )
+                        if name in self.file_of:
+                            raise ErnieError(
+                                f"tensor {name!r} appears in both {self.file_of[name]} and {file}"
+                            )
+                        self.file_of[name] = file
+                        self.specs[name] = TensorSpec(name, dtype, tuple(sl.get_shape()))
+            except (SafetensorError, OSError) as e:
+                raise ErnieError(f"{file} is not a readable safetensors file: {e}") from None
+        if not self.specs:
+            raise ErnieError(f"{self.path} holds no tensors")
+        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._cache_size = cache_size
+
+    def get(self, name: str) -> Tensor:
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        # Map the file for this one read and copy the tensor out: pages touched in a mapping stay resident
+        # while it is open, so a long-lived handle would grow RSS towards the shard size.
+        with safe_open(self.file_of[name], framework="pt") as f:
+            t = f.get_tensor(name).clone()
+        self._cache[name] = t
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return t
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_size: str | int) -> list[list[TensorSpec]]:
+    """Group tensors in order into shards of at most `max_shard_size` bytes (a bigger tensor gets its own)."""
+    limit = parse_size(max_shard_size)
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    return (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    )
+
+
+def _header(specs: list[TensorSpec], metadata: dict[str, str], dtype_names: dict[torch.dtype, str]) -> bytes:
+    table: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for s in specs:
+        table[s.name] = {
+            "dtype": dtype_names[s.dtype],
+            "shape": list(s.shape),
+            "data_offsets": [offset, offset + s.nbytes],
+        }
+        offset += s.nbytes
+    raw = json.dumps(table, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    return len(raw).to_bytes(8, "little") + raw
+
+
+@contextlib.contextmanager
+def output_directory(dst: str, overwrite: bool = False) -> Iterator[str]:
+    """`atomic_directory`, with any OS error on the way (full disk, permissions) reported as one line."""
+    try:
+        with atomic_directory(dst, overwrite=overwrite) as tmp:
+            yield tmp
+    except OSError as e:
+        raise ErnieError(f"writing {dst} failed: {e.strerror or e}; nothing was written") from None
+
+
+@contextlib.contextmanager
+def output_file(path: str) -> Iterator[str]:
+    """A temporary file beside `path`, renamed to `path` on success and removed on any error."""
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.tmp-")
+        os.close(fd)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ErnieError(f"writing {path} failed: {e.strerror or e}; nothing was written") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def write_shards(
+    directory: str,
+    specs: list[TensorSpec],
+    produce: Callable[[TensorSpec], Tensor],
+    max_shard_size: str | int = "5GB",
+    metadata: dict[str, str] | None = None,
+    dtype_names: dict[torch.dtype, str] | None = None,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Write tensors as `model.safetensors` or shards + index into `directory`, one tensor in memory at a time.
+
+    Args:
+        specs: the output tensors, in file order.
+        produce: returns the tensor for a spec; its dtype and shape must match the spec.
+        dtype_names: safetensors dtype tag per torch dtype (default: the standard tags).
+    Returns:
+        {file name: SHA-256} of the files written (shards and index).
+    """
+    from tqdm import tqdm
+
+    names = {**TORCH_TO_ST, **(dtype_names or {})}
+    shards = plan_shards(specs, max_shard_size)
+    files = shard_names(len(shards))
+    digests: dict[str, str] = {}
+    bar = tqdm(
+        total=sum(s.nbytes for s in specs),
+        unit="B",
+        unit_scale=True,
+        desc="writing",
+        disable=not progress,
+        leave=False,
+    )
+    try:
+        for file, shard in zip(files, shards):
+            h = hashlib.sha256()
+            with open(os.path.join(directory, file), "wb") as f:
+                head = _header(shard, metadata or {"format": "pt"}, names)
+                f.write(head)
+                h.update(head)
+                for spec in shard:
+                    t = produce(spec)
+                    if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
+                        raise RuntimeError(
+                            f"{spec.name}: produced {t.dtype} {tuple(t.shape)}, "
+                            f"planned {spec.dtype} {spec.shape}"
+                        )
+                    data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+                    f.write(data)
+                    h.update(data)
+                    bar.update(spec.nbytes)
+            digests[file] = h.hexdigest()
+    finally:
+        bar.close()
+    if len(files) > 1:
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in specs)},
+            "weight_map": {s.name: file for file, shard in zip(files, shards) for s in shard},
+        }
+        raw = (json.dumps(index, indent=2) + "\n").encode("utf-8")
+        with open(os.path.join(directory, INDEX_FILE), "wb") as f:
+            f.write(raw)
+        digests[INDEX_FILE] = hashlib.sha256(raw).hexdigest()
+    return digests
+
+
+def check_shards(directory: str) -> int:
+    """Re-open every written shard and check that the index and the files agree. Returns the tensor count."""
+    reader = SafetensorsReader(directory)
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        actual = {n: os.path.basename(f) for n, f in reader.file_of.items()}
+        if weight_map != actual:
+            raise ErnieError(f"{index} does not match the tensors in its shards")
+    return len(reader.specs)
+
+
+def is_weight_file(name: str) -> bool:
+    return name.endswith((".safetensors", ".pdparams", ".bin", ".pt")) or name == INDEX_FILE
+
+
+def copy_side_files(src: str, dst: str, skip: Iterable[str] = ()) -> list[str]:
+    """Copy the non-weight files of a checkpoint directory (tokenizer, generation config, README, ...)."""
+    skip = set(skip)
+    copied = []
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if name.startswith(".") or name in skip or is_weight_file(name) or not os.path.isfile(path):
+            continue
+        shutil.copyfile(path, os.path.join(dst, name))
+        copied.append(name)
+    return copied
