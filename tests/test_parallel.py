@@ -109,3 +109,25 @@ def test_dead_rank_makes_the_others_exit(tmp_path):
     r = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", str(script), ckpt], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode != 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,ep", [("dense", 1), ("moe", 2)])
+def test_torchrun_generate_cli_matches_single_process(tmp_path, tokenizer_dir, kind, ep):
+    import json
+
+    ckpt = save_hf(make_hf_model(kind, bias_scale=0.3), tmp_path / "ck", tokenizer_dir)
+    args = ["generate", "--model", ckpt, "--prompt", "床前明月光", "--max-new-tokens", "12", "--temperature", "0",
+            "--ignore-eos", "--dtype", "float32", "--device", "cpu", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "ernie45", *args], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "ernie45", *args, "--tp", "2",
+                          "--ep", str(ep)], capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads(one.stdout.strip().splitlines()[-1])
+    lines = [line for line in two.stdout.strip().splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # only rank 0 prints
+    b = json.loads(lines[0])
+    assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"] and len(a["token_ids"]) == 12

@@ -1,0 +1,167 @@
+"""Terminal commands (`ernie45 generate`, `chat`, `info`) and what `generate` and `chat` share: the sampling
+flags, turning them into generation keywords, and loading a model behind a spinner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="checkpoint directory or bundled model name (default: the bundled ernie-tiny)",
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quantize", default=None, choices=["wint8", "wint4", "llm.int8", "nf4"],
+                   help="quantize the weights on the fly after loading (see docs/quantize.md)")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter (PEFT layout) without merging")
+    p.add_argument("--verbose", action="store_true", help="report prompt and decode speed on stderr")
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism (launch with torchrun --nproc-per-node N)")
+    g.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel size (= number of processes)")
+    g.add_argument("--ep", type=int, default=1, metavar="M", help="MoE expert-parallel size: 1 or equal to --tp")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help="> 0 samples, 0 is greedy (default: the checkpoint's generation_config.json, else greedy)",
+    )
+    g.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K best tokens")
+    g.add_argument(
+        "--min-p", type=float, default=None, metavar="P", help="drop tokens below P x the top probability"
+    )
+    g.add_argument("--repetition-penalty", type=float, default=None, metavar="R")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="make sampling reproducible")
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="stop when TEXT is generated (not printed); repeatable",
+    )
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keywords for `generate` / `stream_generate` from the CLI flags, validated (ErnieError on bad input).
+
+    The CLI samples when `--temperature` > 0, or when `--top-p/--top-k/--min-p` is given without a
+    temperature; `--temperature 0` is greedy; otherwise the checkpoint's generation_config.json decides.
+    """
+    from ernie45.generation import GenerationConfig
+
+    kw: dict[str, Any] = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        stop_strings=args.stop,
+        num_beams=getattr(args, "num_beams", None),
+    )
+    if args.temperature is not None:
+        kw["do_sample"] = args.temperature > 0
+    elif any(v is not None for v in (args.top_p, args.top_k, args.min_p)):
+        kw["do_sample"] = True
+    if args.ignore_eos:
+        kw["eos_token_id"] = []
+    GenerationConfig().update(**kw).with_defaults().validate()
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+@contextlib.contextmanager
+def spinner(message: str, stream: TextIO | None = None) -> Iterator[None]:
+    """An animated spinner on stderr while a slow step runs; silent when stderr is not a terminal.
+
+    Hand-written because the core install has no terminal-UI library (rich is an optional extra).
+    """
+    stream = stream or sys.stderr
+    if not stream.isatty():
+        yield
+        return
+    done = threading.Event()
+
+    def spin() -> None:
+        for frame in itertools.cycle("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"):
+            stream.write(f"\r{frame} {message}")
+            stream.flush()
+            if done.wait(0.1):
+                break
+        stream.write("\r\033[K")
+        stream.flush()
+
+    t = threading.Thread(target=spin, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
+
+
+def load_model(path: str | None, dtype: str, device: str, *, quantize: str | None = None,
+               adapter: str | None = None, tp: int = 1, ep: int = 1) -> tuple[Any, Any]:
+    """Load a model behind a spinner (`path=None` is the bundled default model), then apply the on-the-fly
+    quantization and LoRA adapter flags; with `tp > 1`, load this rank's tensor-parallel shard."""
+    import ernie45
+    from ernie45.errors import ErnieError
+    from ernie45.models import resolve_model_path
+    from ernie45.tokenizer import Tokenizer
+
+    path = resolve_model_path(path)
+    if tp > 1 or ep > 1:
+        if quantize or adapter:
+            raise ErnieError("--tp/--ep cannot be combined with --quantize or --adapter yet")
+        from ernie45.parallel import init_distributed, load_parallel
+
+        init_distributed(device)
+        with spinner(f"loading {path} (tensor parallel {tp})"):
+            return load_parallel(path, tp, ep, dtype=dtype, device=device), Tokenizer.from_pretrained(path)
+    with spinner(f"loading {path}"):
+        model, tokenizer = ernie45.load(path, dtype=dtype, device=device)
+        if adapter:
+            from ernie45.train.lora import load_adapter
+
+            load_adapter(model, adapter)
+        if quantize:
+            from ernie45.quant import quantize_model
+
+            quantize_model(model, quantize, tokenizer=tokenizer, progress=False)
+    return model, tokenizer
+
+
+def is_main_rank() -> bool:
+    """False on the non-zero ranks of a tensor-parallel run (they compute but do not print)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def report_speed(chunk: Any, stream: TextIO | None = None) -> None:
+    """One line: prompt size and prefill speed, generated tokens and decode speed (the --verbose output)."""
+    print(
+        f"prompt: {chunk.prompt_tokens} tokens, first token after {chunk.ttft * 1000:.0f} ms "
+        f"({chunk.prompt_tps:.1f} tokens/s) | generated: {chunk.generation_tokens} tokens, "
+        f"{chunk.generation_tps:.1f} tokens/s",
+        file=stream or sys.stderr,
+    )

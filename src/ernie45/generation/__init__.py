@@ -1,0 +1,37 @@
+"""Text generation: transformers-compatible `generate`, a per-step iterator, text streaming and samplers."""
+
+from ernie45.generation.config import GenerationConfig
+from ernie45.generation.generate import (
+    GenerationChunk,
+    Step,
+    decode_step,
+    generate,
+    generate_step,
+    resolve_config,
+    stream_generate,
+)
+from ernie45.generation.sampling import make_processors, make_sampler, make_warpers
+from ernie45.generation.streaming import (
+    IncrementalDetokenizer,
+    StopStringFilter,
+    TextIteratorStreamer,
+    TextStreamer,
+)
+
+__all__ = [
+    "GenerationChunk",
+    "GenerationConfig",
+    "IncrementalDetokenizer",
+    "Step",
+    "StopStringFilter",
+    "TextIteratorStreamer",
+    "TextStreamer",
+    "decode_step",
+    "generate",
+    "generate_step",
+    "make_processors",
+    "make_sampler",
+    "make_warpers",
+    "resolve_config",
+    "stream_generate",
+]
