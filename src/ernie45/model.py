@@ -8,6 +8,7 @@ whose correction bias only affects selection, and dropless experts.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -19,11 +20,14 @@ from ernie45.config import ErnieConfig
 
 
 # ---- RoPE -----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+
+
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos/sin of shape (B, S, head_dim/2), fp32: one angle per interleaved (even, odd) pair."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device)
-                                / head_dim))
-    freqs = position_ids[..., None].float() * inv_freq  # (B, S, d/2)
+    freqs = position_ids[..., None].float() * _inv_freq(head_dim, theta, position_ids.device)  # (B, S, d/2)
     return freqs.cos(), freqs.sin()
 
 
@@ -100,13 +104,28 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nKV, T, d)
-        if mask is None and cache is not None and S == 1:
-            o = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5,
-                                               enable_gqa=q.shape[1] != k.shape[1])
+        if S == 1 and cache is not None:
+            o = decode_attention(q, k, v, mask, self.head_dim**-0.5)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                scale=self.head_dim**-0.5, enable_gqa=q.shape[1] != k.shape[1])
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))  # (B, S, nH*d) -> (B, S, H)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """Attention for one new query per sequence, with q heads grouped by kv head (no repeat_kv copy).
+
+    At decode time this is several times cheaper on CPU than SDPA's flash kernel (tiny matmuls).
+    q: (B, nH, 1, d); k, v: (B, nKV, T, d); mask: additive (B, 1, 1, T) or None.
+    """
+    B, nH, _, d = q.shape
+    nKV = k.shape[1]
+    qg = q.reshape(B, nKV, nH // nKV, d)  # (B, nKV, g, d): q head j uses kv head j // g
+    scores = (qg @ k.transpose(-1, -2)) * scale  # (B, nKV, g, T)
+    if mask is not None:
+        scores = scores + mask  # (B, 1, 1, T) broadcasts over kv heads and groups
+    p = scores.float().softmax(-1).to(q.dtype)
+    return (p @ v).reshape(B, nH, 1, d)  # (B, nKV, g, d) -> (B, nH, 1, d)
 
 
 class MLP(nn.Module):
