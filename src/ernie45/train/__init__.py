@@ -1,0 +1,1 @@
+"""Training: pre-training on packed shards (`pretrain`), LR schedules and a minimal SFT step (`sft`)."""
