@@ -8,7 +8,6 @@ whose correction bias only affects selection, and dropless experts.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -20,14 +19,15 @@ from ernie45.config import ErnieConfig
 
 
 # ---- RoPE -----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=8)
-def _inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-
-
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape (B, S, head_dim/2), fp32: one angle per interleaved (even, odd) pair."""
-    freqs = position_ids[..., None].float() * _inv_freq(head_dim, theta, position_ids.device)  # (B, S, d/2)
+    """cos/sin of shape (B, S, head_dim/2), fp32: one angle per interleaved (even, odd) pair.
+
+    Computed once per forward and shared by all layers (not cached across calls: a cache would capture
+    fake tensors when the model is traced by torch.export / torch.compile).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device)
+                                / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq  # (B, S, d/2)
     return freqs.cos(), freqs.sin()
 
 
@@ -386,7 +386,8 @@ class ErnieForCausalLM(nn.Module):
         x = self.model.norm(x)
         hidden = x
         if logits_to_keep:
-            x = x[:, -logits_to_keep:]
+            # contiguous: a strided 3-D input makes lm_head copy its (V, H) weight per batch row
+            x = x[:, -logits_to_keep:].contiguous()
         logits = self.lm_head(x)
 
         aux_loss = None

@@ -1,0 +1,1 @@
+"""Ahead-of-time exports for runtimes without Python (`ernie45 export --format aoti`, see docs/cpp.md)."""

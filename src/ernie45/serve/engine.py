@@ -1,0 +1,613 @@
+"""Continuous-batching generation engine: one thread runs the model; asyncio handlers submit and stream.
+
+Design. The model's `KVCache` is one preallocated tensor set whose rows share a single `length`, which suits
+static batches but not requests that join and leave at every step. So the engine keeps its own
+`SlotKVCache`: `max_num_seqs` rows of `max_model_len` positions per layer (the whole KV budget, allocated
+once), with a per-row length. It exposes the `update(layer, k, v)`, `length` and `max_len` that
+`ErnieForCausalLM.forward` and `Attention` use, so the model runs unchanged:
+
+- decode: the running sequences always occupy rows `0..n-1` (a finished row is filled by moving the last
+  row into it), so the batch is a plain view of the cache. Each row writes its new key at its own
+  position; `length` is set to the longest row, and an attention mask of `arange(T) <= row_length` hides
+  the unused tail of shorter rows (no mask at all when every row has the same length).
+- prefill: newly admitted prompts are right-padded into one batch written to the rows after the running
+  ones; padding keys land beyond each row's length and are masked, then overwritten by decode.
+
+Every step admits waiting requests (up to a prompt-token budget) and prefills them, then runs one decode
+step over every running sequence, so requests join and leave the batch at every step. Sampling reuses the
+pure processors of `ernie45.generation.sampling` per row (penalties) or per group of rows that share the
+same warper settings; text is produced by `ernie45.generation.streaming`'s incremental detokeniser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ernie45.generation import sampling
+from ernie45.generation.streaming import IncrementalDetokenizer, StopStringFilter
+from ernie45.serve.metrics import ServerMetrics
+
+log = logging.getLogger("ernie45.serve")
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM reports masked tokens with this value too
+
+
+class EngineError(Exception):
+    """A request the engine refuses or could not finish; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int, type_: str = "server_error", code: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.type, self.code = message, status, type_, code
+
+
+@dataclass
+class EngineArgs:
+    """Capacity and limits; the KV budget is `max_num_seqs * max_model_len` positions per layer."""
+
+    max_num_seqs: int = 8
+    max_model_len: int = 2048
+    max_queue_len: int = 256  # waiting requests beyond this are refused with 429
+    max_num_batched_tokens: int = 4096  # prompt tokens prefilled in one step (one prompt always fits)
+    request_timeout: float = 600.0  # seconds from arrival; then the request ends with an error
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings (OpenAI/vLLM meaning). temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # alternatives per generated token; 0 = only the chosen token's logprob
+    prompt_logprobs: int | None = None  # same, for the prompt tokens (completions with echo)
+    skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class Output:
+    """What one request gained in one engine step."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only; entry 0 is None
+    finish_reason: str | None = None  # "stop" | "length" once finished
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+class SlotKVCache:
+    """`max_rows` rows of `max_len` cached keys/values per layer, each row with its own length (see above)."""
+
+    def __init__(self, model, max_rows: int, max_len: int):
+        cfg = model.config
+        shape = (max_rows, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [
+            torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.num_hidden_layers)
+        ]
+        self.v = [
+            torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.num_hidden_layers)
+        ]
+        self.max_len = max_len
+        self.length = 0  # read (and advanced) by the model: the shared "past" of the current call
+        self._rows = slice(0, 0)
+        self._pos: Tensor | None = None  # (n,) write position per row in decode mode
+        self._arange: Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def prepare_prefill(self, first_row: int, n: int) -> None:
+        """The next forward writes a fresh (right-padded) batch of n prompts into rows first_row.."""
+        self._rows, self._pos, self.length = slice(first_row, first_row + n), None, 0
+
+    def prepare_decode(self, positions: Tensor, total: int) -> None:
+        """The next forward writes one token per row 0..n-1 at `positions` (n,); keys span `total` columns."""
+        self._pos, self.length = positions, total - 1
+        self._arange = torch.arange(positions.shape[0], device=positions.device)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self._pos is None:  # prefill: k (n, nKV, S, d) at positions 0..S-1
+            S = k.shape[2]
+            self.k[layer][self._rows, :, :S] = k
+            self.v[layer][self._rows, :, :S] = v
+            return k, v
+        n, total = k.shape[0], self.length + 1
+        self.k[layer][self._arange, :, self._pos] = k[:, :, 0]  # (n, nKV, d) scattered per row
+        self.v[layer][self._arange, :, self._pos] = v[:, :, 0]
+        return self.k[layer][:n, :, :total], self.v[layer][:n, :, :total]
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]
+
+
+class _Seq:
+    """Engine-side state of one sequence (one choice of one HTTP request)."""
+
+    def __init__(
+        self,
+        group: RequestGroup,
+        index: int,
+        prompt: list[int],
+        params: SamplingParams,
+        tokenizer,
+        generator: torch.Generator | None,
+        deadline: float,
+    ):
+        self.group, self.index, self.prompt, self.params = group, index, prompt, params
+        self.generator, self.deadline = generator, deadline
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
+        self.stops = StopStringFilter(params.stop)
+        self.prompt_lps: list[TokenLogprob | None] | None = None  # sent with the first output
+        self.output: list[int] = []
+        self.row: int | None = None
+        self.length = 0  # positions of this sequence already in the KV cache
+        self.cancelled = False
+        self.arrival = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finish_reason: str | None = None
+
+
+class RequestGroup:
+    """The n choices of one HTTP request; iterate it (in the event loop) for `(choice index, Output)` pairs.
+
+    Raises the `EngineError` of a choice that failed. `abort()` (e.g. on client disconnect) frees the
+    choices' KV rows at the engine's next step.
+    """
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, n: int):
+        self._engine, self._loop, self._n = engine, loop, n
+        self._queue: asyncio.Queue[tuple[int, Output | EngineError]] = asyncio.Queue()
+        self.seqs: list[_Seq] = []
+
+    def abort(self) -> None:
+        for s in self.seqs:
+            s.cancelled = True
+        self._engine._wake()
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Output]]:
+        open_ = self._n
+        while open_:
+            index, item = await self._queue.get()
+            if isinstance(item, EngineError):
+                self.abort()
+                raise item
+            if item.finish_reason is not None:
+                open_ -= 1
+            yield index, item
+
+
+class Engine:
+    """Owns the model, the slot cache and the engine thread.
+
+    Args:
+        model: an `ErnieForCausalLM` in eval mode.
+        tokenizer: the matching `ernie45.tokenizer.Tokenizer`.
+        args: capacity and limits.
+        metrics: Prometheus metrics to update (optional).
+    """
+
+    def __init__(self, model, tokenizer, args: EngineArgs, metrics: ServerMetrics | None = None):
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.metrics = metrics or ServerMetrics()
+        self.device = model.device
+        self.cache = SlotKVCache(model, args.max_num_seqs, args.max_model_len)
+        self.eos_ids = frozenset(model.config.eos_token_ids) | frozenset(tokenizer.stop_token_ids)
+        self._incoming: queue.SimpleQueue[_Seq | None] = queue.SimpleQueue()
+        self._waiting: deque[_Seq] = deque()
+        self._rows: list[_Seq] = []
+        self._pending = 0  # submitted, not yet holding a row (incoming + waiting)
+        self._outbox: list[tuple[_Seq, Output | EngineError]] = []
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._drain_deadline = float("inf")
+        self._rng = torch.Generator(device=self.device)
+        self._rng.seed()
+        self._threads = torch.get_num_threads()  # OpenMP's thread count is per thread: carried over in _run
+        self._thread = threading.Thread(target=self._run, name="ernie45-engine", daemon=True)
+        log.info(
+            "KV cache: %d slots x %d positions, %.1f MiB",
+            args.max_num_seqs,
+            args.max_model_len,
+            self.cache.nbytes / 2**20,
+        )
+
+    # ---- public API (event-loop side) ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> RequestGroup:
+        """Queue one sequence per (prompt, params) pair; all or none are accepted.
+
+        Raises EngineError 429 when the queue is full and 503 once shutdown has begun. Prompts must be
+        non-empty and prompt + max_tokens must fit `max_model_len` (the HTTP layer answers 400 otherwise).
+        """
+        group = RequestGroup(self, asyncio.get_running_loop(), len(prompts))
+        deadline = time.monotonic() + self.args.request_timeout
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            gen = None
+            if p.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(p.seed % 2**64)
+            group.seqs.append(_Seq(group, i, list(prompt), p, self.tokenizer, gen, deadline))
+        with self._lock:  # the check and the enqueue are one step, so shutdown never strands a request
+            if self._stopping:
+                raise EngineError("the server is shutting down", 503, "server_error", "shutting_down")
+            if self._pending + len(prompts) > self.args.max_queue_len:
+                self.metrics.rejected.inc()
+                raise EngineError(
+                    f"the server is overloaded ({self._pending} requests waiting); retry later",
+                    429,
+                    "rate_limit_error",
+                    "queue_full",
+                )
+            self._pending += len(prompts)
+            for s in group.seqs:
+                self._incoming.put(s)
+        return group
+
+    def shutdown(self, drain_timeout: float = 10.0) -> None:
+        """Refuse new work, answer waiting requests with 503, let running ones finish for `drain_timeout` s."""
+        with self._lock:
+            self._stopping = True
+        self._drain_deadline = time.monotonic() + drain_timeout
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(drain_timeout + 5.0)
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self._rows), "waiting": self._pending, "slots": self.args.max_num_seqs}
+
+    def _wake(self) -> None:
+        self._incoming.put(None)
+
+    # ---- engine thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)
+        with torch.inference_mode():
+            while True:
+                self._pull(block=not self._rows and not self._waiting and not self._stopping)
+                if self._stopping and self._shutdown_step():
+                    return
+                try:
+                    self._step()
+                except Exception:  # a bug or an out-of-memory must not take the server down
+                    log.exception("engine step failed; failing the running requests")
+                    for s in list(self._rows):
+                        self._fail(s, EngineError("internal error during generation", 500))
+                self._flush()
+                self._update_gauges()
+
+    def _step(self) -> None:
+        self._reap(time.monotonic())
+        new = self._schedule()
+        if new:
+            self._prefill(new)
+            self._flush()  # first tokens go out before the decode step (time to first token)
+        if self._rows:
+            self._decode()
+
+    def _pull(self, block: bool) -> None:
+        try:
+            item = self._incoming.get(timeout=1.0) if block else self._incoming.get_nowait()
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._incoming.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _shutdown_step(self) -> bool:
+        """While stopping: answer the queue with 503, drain the rows. True when the thread may exit."""
+        gone = EngineError("the server is shutting down", 503, "server_error", "shutting_down")
+        self._pull(block=False)  # submit() enqueues under the lock, so nothing can arrive after this
+        while self._waiting:
+            s = self._waiting.popleft()
+            self._release_pending(1)
+            self._fail(s, gone)
+        if self._rows and time.monotonic() > self._drain_deadline:
+            for s in list(self._rows):
+                self._fail(s, gone)
+        self._flush()
+        self._update_gauges()
+        return not self._rows
+
+    def _release_pending(self, n: int) -> None:
+        with self._lock:
+            self._pending -= n
+
+    def _reap(self, now: float) -> None:
+        """Drop cancelled and timed-out sequences, running or waiting."""
+        for s in [s for s in self._rows if s.cancelled or now > s.deadline]:
+            if s.cancelled:
+                self._retire(s, "abort")
+            else:
+                self._fail(s, _timeout_error(self.args.request_timeout))
+        kept: deque[_Seq] = deque()
+        for s in self._waiting:
+            if s.cancelled or now > s.deadline:
+                self._release_pending(1)
+                if s.cancelled:
+                    self._retire(s, "abort")
+                else:
+                    self._fail(s, _timeout_error(self.args.request_timeout))
+            else:
+                kept.append(s)
+        self._waiting = kept
+
+    def _schedule(self) -> list[_Seq]:
+        """Admit waiting sequences FIFO while rows are free and the padded prefill fits the token budget."""
+        new: list[_Seq] = []
+        longest = 0
+        while self._waiting and len(self._rows) + len(new) < self.args.max_num_seqs:
+            longest_if = max(longest, len(self._waiting[0].prompt))
+            if new and longest_if * (len(new) + 1) > self.args.max_num_batched_tokens:
+                break
+            longest = longest_if
+            new.append(self._waiting.popleft())
+        if new:
+            self._release_pending(len(new))
+        return new
+
+    def _prefill(self, new: list[_Seq]) -> None:
+        model, dev = self.model, self.device
+        first_row = len(self._rows)
+        lens = [len(s.prompt) for s in new]
+        S = max(lens)
+        ids = torch.full((len(new), S), model.config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(new), S), dtype=torch.long)
+        for i, s in enumerate(new):
+            ids[i, : lens[i]] = torch.tensor(s.prompt)
+            mask[i, : lens[i]] = 1
+        attn = None if min(lens) == S else mask.to(dev)  # right padding needs a key mask
+        now = time.monotonic()
+        for i, s in enumerate(new):
+            s.row, s.length = first_row + i, lens[i]
+            self._rows.append(s)
+            self.metrics.queue_time.observe(now - s.arrival)
+        self.metrics.prompt_tokens.inc(sum(lens))
+        self.cache.prepare_prefill(first_row, len(new))
+        out = model(ids.to(dev), attention_mask=attn, cache=self.cache, logits_to_keep=1)
+        hidden = out.hidden_states  # (n, S, H)
+        last = hidden[torch.arange(len(new), device=dev), torch.tensor(lens, device=dev) - 1]  # (n, H)
+        logits = model.lm_head(last).float()  # (n, V)
+        for i, s in enumerate(new):
+            if s.params.prompt_logprobs is not None:
+                s.prompt_lps = self._prompt_logprobs(hidden[i, : lens[i] - 1], s)
+        generate = [i for i, s in enumerate(new) if s.params.max_tokens > 0]
+        for s in new:
+            if s.params.max_tokens == 0:  # scoring only (echo with max_tokens=0): nothing to generate
+                s.first_token_at = now
+                self._emit_output(s, Output(prompt_logprobs=s.prompt_lps), "length")
+        if generate:
+            self._advance([new[i] for i in generate], logits[generate])
+
+    def _prompt_logprobs(self, hidden: Tensor, s: _Seq) -> list[TokenLogprob | None]:
+        """Logprob of each prompt token given the ones before it (entry 0 has no context: None)."""
+        k = s.params.prompt_logprobs or 0
+        targets = torch.tensor(s.prompt[1:], device=hidden.device)
+        res: list[TokenLogprob | None] = [None]
+        for start in range(0, hidden.shape[0], 512):  # bounded (512, V) logits at a time
+            lp = torch.log_softmax(self.model.lm_head(hidden[start : start + 512]).float(), dim=-1)
+            res.extend(_pick_logprobs(lp, targets[start : start + 512], k))
+        return res
+
+    def _decode(self) -> None:
+        rows, dev = self._rows, self.device
+        lengths = [s.length for s in rows]
+        total = max(lengths) + 1
+        pos = torch.tensor(lengths, device=dev)
+        tokens = torch.tensor([[s.output[-1]] for s in rows], device=dev)  # (n, 1)
+        attn = None
+        if min(lengths) != total - 1:
+            attn = (torch.arange(total, device=dev)[None, :] <= pos[:, None]).long()  # (n, T)
+        self.cache.prepare_decode(pos, total)
+        out = self.model(tokens, attention_mask=attn, position_ids=pos[:, None], cache=self.cache)
+        for s in rows:
+            s.length += 1
+        self._advance(list(rows), out.logits[:, -1].float())
+
+    # ---- sampling ----------------------------------------------------------------------------------
+    def _advance(self, seqs: list[_Seq], logits: Tensor) -> None:
+        """Pick the next token of each sequence from its logits (n, V); emit, and retire finished ones."""
+        tokens, lps = self._sample(seqs, logits)
+        now = time.monotonic()
+        self.metrics.generation_tokens.inc(len(seqs))
+        for i, s in enumerate(seqs):
+            tok, p = tokens[i], s.params
+            s.output.append(tok)
+            if s.first_token_at is None:
+                s.first_token_at = now
+                self.metrics.ttft.observe(now - s.arrival)
+            out = Output(
+                token_ids=[tok], logprobs=None if lps[i] is None else [lps[i]], prompt_logprobs=s.prompt_lps
+            )
+            s.prompt_lps = None
+            finish = None
+            if tok in p.stop_token_ids or (tok in self.eos_ids and not p.ignore_eos):
+                finish = "stop"  # the stop token itself adds no text
+            else:
+                out.text, hit = s.stops.add(s.detok.add(tok))
+                if hit:
+                    finish = "stop"
+                elif (
+                    len(s.output) >= p.max_tokens or len(s.prompt) + len(s.output) >= self.args.max_model_len
+                ):
+                    finish = "length"
+            if finish is not None and not s.stops.stopped:
+                out.text += s.stops.add(s.detok.flush())[0] + s.stops.flush()
+            self._emit_output(s, out, finish)
+
+    def _sample(self, seqs: list[_Seq], logits: Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Penalties per row, warpers per group of rows with equal settings, then argmax or a draw."""
+        dev = logits.device
+        scores = logits
+        for i, s in enumerate(seqs):
+            p = s.params
+            row = None
+            if p.logit_bias:
+                row = scores[i : i + 1].clone()
+                ids = torch.tensor(list(p.logit_bias), device=dev)
+                row[0, ids] += torch.tensor(list(p.logit_bias.values()), device=dev)
+            if len(s.output) < p.min_tokens:
+                stop = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids)))
+                if stop:
+                    row = sampling.suppress_tokens(
+                        scores[i : i + 1] if row is None else row, torch.tensor(stop, device=dev)
+                    )
+            if p.repetition_penalty != 1.0:
+                hist = torch.tensor([s.prompt + s.output], device=dev)
+                row = sampling.apply_repetition_penalty(
+                    scores[i : i + 1] if row is None else row, hist, p.repetition_penalty
+                )
+            if (p.presence_penalty or p.frequency_penalty) and s.output:
+                gen = torch.tensor([s.output], device=dev)
+                row = sampling.apply_presence_frequency_penalty(
+                    scores[i : i + 1] if row is None else row, gen, p.presence_penalty, p.frequency_penalty
+                )
+            if row is not None:
+                if scores is logits:
+                    scores = logits.clone()
+                scores[i : i + 1] = row
+        chosen = torch.empty(len(seqs), dtype=torch.long, device=dev)
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(seqs):
+            p = s.params
+            key = (p.temperature, p.top_k if p.top_k > 0 else 0, p.top_p, p.min_p or None)
+            groups.setdefault(key if p.temperature > 0 else ("greedy",), []).append(i)
+        for key, idx in groups.items():
+            ix = torch.tensor(idx, device=dev)
+            sub = scores[ix]
+            if key == ("greedy",):
+                chosen[ix] = sampling.greedy(sub)
+                continue
+            temperature, top_k, top_p, min_p = key
+            for w in sampling.make_warpers(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p):
+                sub = w(sub)
+            seeded = [j for j, i in enumerate(idx) if seqs[i].generator is not None]
+            unseeded = [j for j in range(len(idx)) if seqs[idx[j]].generator is None]
+            for j in seeded:  # a request's own generator: its draws do not depend on its batch mates
+                chosen[idx[j]] = sampling.sample(sub[j : j + 1], seqs[idx[j]].generator)[0]
+            if unseeded:
+                u = torch.tensor(unseeded, device=dev)
+                chosen[ix[u]] = sampling.sample(sub[u], self._rng)
+        tokens = chosen.tolist()
+        lps: list[TokenLogprob | None] = [None] * len(seqs)
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if want:
+            w = torch.tensor(want, device=dev)
+            # Logprobs of the raw model distribution (before penalties and warpers), as vLLM reports them.
+            raw = torch.log_softmax(logits[w], dim=-1)
+            k = max(seqs[i].params.logprobs or 0 for i in want)
+            picked = _pick_logprobs(raw, chosen[w], k)
+            for j, i in enumerate(want):
+                kk = seqs[i].params.logprobs or 0
+                lps[i] = TokenLogprob(picked[j].token_id, picked[j].logprob, picked[j].top[:kk])
+        return tokens, lps
+
+    # ---- bookkeeping --------------------------------------------------------------------------------
+    def _emit_output(self, s: _Seq, out: Output, finish: str | None) -> None:
+        out.num_prompt_tokens, out.num_output_tokens = len(s.prompt), len(s.output)
+        out.finish_reason = finish
+        if finish is not None:
+            self._retire(s, finish)
+        self._outbox.append((s, out))
+
+    def _flush(self) -> None:
+        """Hand this step's outputs to their event loops: one cross-thread wake-up per loop, not per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Seq, Output | EngineError]]] = {}
+        for s, item in self._outbox:
+            by_loop.setdefault(s.group._loop, []).append((s, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop has closed: nobody is listening any more
+                for s, _ in items:
+                    s.cancelled = True
+
+    def _fail(self, s: _Seq, err: EngineError) -> None:
+        self._retire(s, "timeout" if err.status == 408 else "error")
+        self._outbox.append((s, err))
+
+    def _retire(self, s: _Seq, outcome: str) -> None:
+        """Record the outcome once and give back the row of `s`, moving the last row into the hole."""
+        if s.finish_reason is None:
+            s.finish_reason = outcome
+            now = time.monotonic()
+            self.metrics.requests.labels(outcome).inc()
+            self.metrics.e2e.observe(now - s.arrival)
+            if s.first_token_at is not None and len(s.output) > 1:
+                self.metrics.tpot.observe((now - s.first_token_at) / (len(s.output) - 1))
+        if s.row is None:
+            return
+        i, last = s.row, self._rows.pop()
+        if last is not s:
+            self._rows[i] = last
+            self.cache.move_row(last.row, i, last.length)
+            last.row = i
+        s.row = None
+
+    def _update_gauges(self) -> None:
+        self.metrics.running.set(len(self._rows))
+        self.metrics.waiting.set(self._pending)
+        self.metrics.kv_usage.set(len(self._rows) / self.args.max_num_seqs)
+
+
+def _deliver(items: list[tuple[_Seq, Output | EngineError]]) -> None:
+    """Runs in the event loop: route outputs to their request queues."""
+    for s, item in items:
+        s.group._queue.put_nowait((s.index, item))
+
+
+def _timeout_error(limit: float) -> EngineError:
+    return EngineError(
+        f"the request did not finish within the server's {limit:g} s request timeout",
+        408,
+        "timeout_error",
+        "request_timeout",
+    )
+
+
+def _pick_logprobs(lp: Tensor, targets: Tensor, k: int) -> list[TokenLogprob]:
+    """Logprob of `targets` (n,) under `lp` (n, V) plus the k best alternatives, on the host."""
+    chosen = lp.gather(1, targets[:, None])[:, 0].clamp(min=LOGPROB_FLOOR).tolist()
+    if k:
+        top_v, top_i = lp.topk(k, dim=-1)
+        top_v, top_i = top_v.clamp(min=LOGPROB_FLOOR).tolist(), top_i.tolist()
+    else:
+        top_v = top_i = [[] for _ in chosen]
+    return [
+        TokenLogprob(int(t), c, list(zip(ti, tv)))
+        for t, c, ti, tv in zip(targets.tolist(), chosen, top_i, top_v)
+    ]
