@@ -95,6 +95,9 @@ def run_ernie45(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int)
         from ernie45.quant import quantize_model
 
         quantize_model(model, dtype, progress=False)
+    from ernie45.fast import optimize_for_inference
+
+    optimize_for_inference(model)
     ids = torch.tensor([_prompt(model.config.vocab_size, prompt_len)])
     prefill, ttft, decode = [], [], []
     for _ in range(runs + 1):  # the first run warms up

@@ -147,6 +147,9 @@ def load_model(path: str | None, dtype: str, device: str, *, quantize: str | Non
             from ernie45.quant import quantize_model
 
             quantize_model(model, quantize, tokenizer=tokenizer, progress=False)
+        from ernie45.fast import optimize_for_inference
+
+        optimize_for_inference(model)
     return model, tokenizer
 
 
