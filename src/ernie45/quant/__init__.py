@@ -1,0 +1,305 @@
+"""Quantization as a module swap on a built model: wint8, wint4, llm.int8 (calibrated) and nf4.
+
+`quantize_model(model, "wint4")` replaces every `nn.Linear` except the MoE router (and `lm_head` unless asked)
+and records a `quantization_config` in `model.config`. `ernie45.checkpoint.save_checkpoint` then writes a
+checkpoint that `ernie45.load(dir)` reads with no flags: the loader calls `prepare_for_load`, which makes the
+same swap on the empty (meta-device) model before the tensors are assigned.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ernie45.errors import ErnieError
+
+MODES = ("wint8", "wint4", "llm.int8", "nf4")
+QUANT_METHOD = "ernie45"
+FORMAT_VERSION = 1
+
+__all__ = ["MODES", "QuantReport", "prepare_for_load", "quantize_model", "quantizable_linears"]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    rel_error: float  # ||W - dequant(Q)||_F / ||W||_F
+    outliers: int | None = None  # llm.int8: calibrated outlier columns
+    clip: float | None = None  # llm.int8: calibrated activation clip (0: none)
+
+
+@dataclass
+class QuantReport:
+    """What `quantize_model` did: per-layer weight error, outlier columns, bytes of the swapped layers."""
+
+    mode: str
+    layers: list[LayerReport] = field(default_factory=list)
+    bytes_before: int = 0  # the replaced Linear tensors, as they were
+    bytes_after: int = 0  # their quantized replacements
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self, worst: int = 5) -> str:
+        if not self.layers:
+            return f"{self.mode}: no layer was quantized"
+        errs = [r.rel_error for r in self.layers]
+        lines = [
+            f"mode {self.mode}: {len(self.layers)} Linear layers quantized",
+            f"quantized layers: {self.bytes_before / 1e6:.2f} MB -> {self.bytes_after / 1e6:.2f} MB "
+            f"({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller)",
+            f"weight error ||W-Wq||/||W||: mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}",
+        ]
+        if self.mode == "llm.int8":
+            with_out = [r for r in self.layers if r.outliers]
+            lines.append(
+                f"calibrated outlier columns: {sum(r.outliers or 0 for r in self.layers)} in "
+                f"{len(with_out)} layers"
+            )
+            lines += [
+                f"  {r.name}: {r.outliers} of {r.shape[1]} columns"
+                for r in sorted(with_out, key=lambda r: -(r.outliers or 0))[:worst]
+            ]
+        lines.append("largest weight errors:")
+        lines += [
+            f"  {r.name} {r.shape[0]}x{r.shape[1]}: {r.rel_error:.4f}"
+            for r in sorted(self.layers, key=lambda r: -r.rel_error)[:worst]
+        ]
+        return "\n".join(lines)
+
+
+def _skipped(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def quantizable_linears(model: nn.Module, modules_to_not_convert: Iterable[str] = ()) -> dict[str, nn.Linear]:
+    """Plain `nn.Linear` modules by name: never the router (`ernie45.model.Router` is a Linear subclass),
+    never embeddings or norms (not Linears), minus names equal to or ending in a skipped pattern."""
+    skip = list(modules_to_not_convert)
+    return {name: m for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)}
+
+
+def validate_options(
+    mode: str,
+    group_size: int = 128,
+    threshold: float = 6.0,
+    calib_method: str = "kl",
+    percentile: float = 99.99,
+) -> None:
+    """Reject bad options before any model is loaded."""
+    from ernie45.quant.calibrate import CALIB_METHODS
+    from ernie45.quant.linear import GROUP_SIZES
+
+    if mode not in MODES:
+        raise ErnieError(f"unknown quantization mode {mode!r}; choose from {', '.join(MODES)}")
+    if mode == "wint4" and group_size not in GROUP_SIZES:
+        raise ErnieError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if not threshold > 0:
+        raise ErnieError(f"outlier threshold must be > 0, got {threshold}")
+    if calib_method not in CALIB_METHODS:
+        raise ErnieError(
+            f"unknown calibration method {calib_method!r}; choose from {', '.join(CALIB_METHODS)}"
+        )
+    if not 50.0 < percentile <= 100.0:
+        raise ErnieError(f"percentile must be in (50, 100], got {percentile}")
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def quantize_model(
+    model: nn.Module,
+    mode: str,
+    *,
+    group_size: int | None = None,
+    threshold: float = 6.0,
+    calib: str | os.PathLike | Sequence[str] | None = None,
+    tokenizer=None,
+    calib_samples: int = 512,
+    calib_max_length: int = 512,
+    calib_method: str = "kl",
+    percentile: float = 99.99,
+    quantize_lm_head: bool = False,
+    skip: Sequence[str] = (),
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize `model` in place (module swap) and record `quantization_config` in `model.config`.
+
+    Args:
+        model: an `ErnieForCausalLM` (any dtype/device) that is not quantized yet.
+        mode: "wint8" (int8 weights, per output channel), "wint4" (int4 weights, one scale per `group_size`
+            input columns), "llm.int8" (int8 x int8 with float outlier columns) or "nf4" (bitsandbytes).
+        group_size: wint4: 64 or 128; None picks 128 when it divides every layer's width, else 64.
+        threshold: llm.int8 outlier threshold on |activation|.
+        calib: llm.int8 only: a .jsonl / text file or a list of strings; outlier columns and activation clips
+            then come from `calib_samples` samples (else outliers are found per batch, as bitsandbytes does).
+        tokenizer: encodes `calib` (default: the tokenizer saved next to the model).
+        calib_method: "kl" (default), "absmax" or "percentile" (`percentile` %) activation clip.
+        quantize_lm_head: also quantize the output head (unties it from the embeddings if tied).
+        skip: module names (or name suffixes, e.g. "down_proj") to leave in float.
+
+    Returns:
+        A QuantReport (per-layer weight error, outlier columns, bytes of the swapped layers).
+    """
+    from tqdm import tqdm
+
+    from ernie45.quant.linear import (
+        Int4Linear,
+        Int8Linear,
+        LLMInt8Linear,
+        check_group_size,
+        import_bitsandbytes,
+        nf4_linear_class,
+    )
+
+    validate_options(mode, 128 if group_size is None else group_size, threshold, calib_method, percentile)
+    config = model.config
+    if config.quantization_config:
+        raise ErnieError(
+            f"the model is already quantized ({config.quantization_config.get('mode')}); "
+            "quantize the original float checkpoint instead"
+        )
+    if calib is not None and mode != "llm.int8":
+        raise ErnieError(f"a calibration set is only used by llm.int8, not {mode}")
+    if mode == "nf4":
+        import_bitsandbytes()
+    not_convert = list(skip) + ([] if quantize_lm_head else ["lm_head"])
+    targets = quantizable_linears(model, not_convert)
+    if mode == "wint4":
+        if group_size is None:
+            group_size = 128 if all(m.in_features % 128 == 0 for m in targets.values()) else 64
+        for name, lin in targets.items():
+            check_group_size(group_size, lin.in_features, name)
+    dtype = model.dtype
+
+    stats = None
+    if mode == "llm.int8" and calib is not None:
+        from ernie45.quant.calibrate import collect_stats, load_calibration_samples
+
+        if tokenizer is None:
+            from ernie45.tokenizer import Tokenizer
+
+            src = getattr(model, "name_or_path", None)
+            if not src:
+                raise ErnieError("calibration needs a tokenizer: pass tokenizer=...")
+            tokenizer = Tokenizer.from_pretrained(src)
+        samples = load_calibration_samples(
+            calib, tokenizer, calib_samples, calib_max_length, config.bos_token_id
+        )
+        stats = collect_stats(model, samples, targets, calib_method, threshold, progress)
+
+    if quantize_lm_head and config.tie_word_embeddings and "lm_head" in targets:
+        config.tie_word_embeddings = False  # the head gets its own (quantized) tensor; embeddings stay float
+
+    report = QuantReport(mode)
+    outlier_counts: dict[str, int] = {}
+    nf4 = nf4_linear_class() if mode == "nf4" else None
+    with torch.no_grad():
+        for name, lin in tqdm(
+            targets.items(), desc=f"quantize {mode}", disable=not progress, file=sys.stderr, unit="layer"
+        ):
+            before = _nbytes((lin.weight, lin.bias))
+            outliers = clip = None
+            if mode == "wint8":
+                new = Int8Linear.from_float(lin, dtype)
+            elif mode == "wint4":
+                new = Int4Linear.from_float(lin, dtype, group_size)
+            elif mode == "llm.int8":
+                idx = stats[name].outliers(threshold) if stats is not None else None
+                clip = stats[name].clip(calib_method, threshold, percentile) if stats is not None else 0.0
+                new = LLMInt8Linear.from_float(lin, dtype, threshold, idx, clip)
+                outliers = int(new.outlier_idx.numel())
+                if outliers:
+                    outlier_counts[name] = outliers
+            else:
+                new = nf4.from_float(lin, dtype)
+            w = lin.weight.detach().float()
+            err = float((new.dequantize(torch.float32) - w).norm() / w.norm().clamp(min=1e-30))
+            report.layers.append(LayerReport(name, (lin.out_features, lin.in_features), err, outliers, clip))
+            report.bytes_before += before
+            report.bytes_after += _nbytes(new.state_dict().values())
+            new.train(lin.training)
+            _swap(model, name, new)
+
+    qc: dict = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "mode": mode,
+        "modules_to_not_convert": not_convert,
+    }
+    if mode == "wint4":
+        qc["group_size"] = group_size
+    elif mode == "llm.int8":
+        qc["threshold"] = threshold
+        qc["calibration"] = (
+            None
+            if stats is None
+            else {
+                "method": calib_method,
+                "samples": len(samples),
+                "max_length": calib_max_length,
+                **({"percentile": percentile} if calib_method == "percentile" else {}),
+            }
+        )
+        qc["outlier_columns"] = outlier_counts
+    elif mode == "nf4":
+        qc.update(quant_type="nf4", blocksize=64, double_quant=True)
+    config.quantization_config = qc
+    return report
+
+
+def prepare_for_load(model: nn.Module, quantization_config: dict) -> None:
+    """Swap the Linears of an empty (meta-device) model for quantized ones shaped like the checkpoint's tensors.
+
+    Called by `ernie45.checkpoint.load_checkpoint` before `load_state_dict(..., assign=True)`.
+    """
+    from ernie45.quant.linear import Int4Linear, Int8Linear, LLMInt8Linear, nf4_linear_class
+
+    qc = quantization_config
+    if not isinstance(qc, dict):
+        raise ErnieError("config.json: quantization_config must be an object")
+    method = qc.get("quant_method")
+    if method != QUANT_METHOD:
+        raise ErnieError(
+            f"config.json: quantization_config quant_method {method!r} is not an ernie45 format; "
+            "load the original float checkpoint and quantize it with `ernie45 quantize` or "
+            "--quantize"
+        )
+    if int(qc.get("format_version", 1)) > FORMAT_VERSION:
+        raise ErnieError(
+            f"this checkpoint uses quantization format {qc['format_version']}; "
+            f"this ernie45 reads up to {FORMAT_VERSION} (upgrade ernie45)"
+        )
+    mode = qc.get("mode")
+    if mode not in MODES:
+        raise ErnieError(
+            f"config.json: unknown quantization mode {mode!r}; expected one of {', '.join(MODES)}"
+        )
+    dtype = model.dtype
+    outliers = qc.get("outlier_columns") or {}
+    nf4 = nf4_linear_class() if mode == "nf4" else None
+    for name, lin in quantizable_linears(model, qc.get("modules_to_not_convert", ["lm_head"])).items():
+        args = (lin.in_features, lin.out_features, lin.bias is not None, dtype, "meta")
+        if mode == "wint8":
+            new = Int8Linear(*args)
+        elif mode == "wint4":
+            new = Int4Linear(*args, group_size=int(qc.get("group_size", 128)))
+        elif mode == "llm.int8":
+            new = LLMInt8Linear(
+                *args, threshold=float(qc.get("threshold", 6.0)), n_outliers=int(outliers.get(name, 0))
+            )
+        else:
+            new = nf4(*args)
+        _swap(model, name, new)

@@ -1,0 +1,379 @@
+"""Matrix-product kernels for the quantized Linears, chosen per device, dtype, shape and batch rows.
+
+Each operation has a fast kernel where PyTorch ships one and a pure-torch dequantise+matmul fallback that runs
+anywhere (CUDA, CPUs without AVX2, autograd). `bench_kernels()` measures them side by side; the rules in
+`choose_kernel` come from those measurements on a 2-core AVX-512 (AVX512-BF16, VNNI) CPU, one thread, bf16
+activations, weights streamed from memory (a 0.3B MLP projection, 3072x1024, ms per call):
+
+    rows  fp32 linear  bf16 linear  int8pack  int8 dequant  int4pack  int4 dequant  int8 x int8 (_int_mm)
+      1       0.92         0.66        0.46       0.67        0.17        5.0            0.36
+      8       1.84         0.84        1.00       0.85        0.61        5.4            0.58
+     64       5.97         2.59        5.67       2.66        4.74        7.2            1.53
+    256      19.0          7.8        21.9        8.6        18.7        12.8            5.1
+
+So: `torch._weight_int8pack_mm` for up to 4 rows (decoding) and dequantise + bf16 matmul above that;
+`aten._weight_int4pack_mm_for_cpu` up to 128 rows (its fp32-activation path is ~50x slower, so fp32 inputs run
+it in bf16: the int4 weight error is ~20x the bf16 rounding); `torch._int_mm` for LLM.int8().
+`_weight_int8pack_mm` (torch 2.13) reads out of bounds for bf16 inputs whose width is not a multiple of 32, and
+segfaults on weights that are not 16-byte aligned (a tensor memory-mapped from safetensors usually is not), hence
+the shape and alignment guards below, which no runtime probe could catch safely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KERNELS = {
+    "wint8": ("int8pack", "dequant"),
+    "wint4": ("int4pack", "dequant"),
+    "llm.int8": ("int_mm", "float"),
+}
+INT8PACK_MAX_ROWS = 4
+INT4PACK_MAX_ROWS = 128
+ALIGNMENT = 64  # bytes; `_weight_int8pack_mm` crashes on weights that are not 16-byte aligned (4+ rows)
+CPU_INT4_LAYOUT = "cpu_int4pack"  # the layout `_convert_weight_to_int4pack_for_cpu` produces
+ROWMAJOR_INT4_LAYOUT = "rowmajor"  # the on-disk layout: byte k//2 of row n = q[n, k] | q[n, k+1] << 4
+
+_forced: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def use_kernel(op: str, name: str) -> Iterator[None]:
+    """Force kernel `name` for `op` where its shape/device guards allow it (tests and benchmarks)."""
+    if op not in KERNELS or name not in KERNELS[op]:
+        raise ValueError(f"unknown kernel {name!r} for {op!r}; choose from {KERNELS.get(op)}")
+    prev = _forced.get(op)
+    _forced[op] = name
+    try:
+        yield
+    finally:
+        if prev is None:
+            _forced.pop(op, None)
+        else:
+            _forced[op] = prev
+
+
+def wants_autograd(x: Tensor) -> bool:
+    """The fused kernels have no backward; a frozen quantized base must still pass gradients to its input."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vector_isa() -> bool:
+    """True when ATen's CPU kernels were dispatched to AVX2/AVX-512 code (the int8/int4 fast paths need it)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+# ---- int4 layouts ---------------------------------------------------------------------------------
+def pack_int4_rowmajor(q: Tensor) -> Tensor:
+    """(N, K) integers in [0, 15] -> (N, K/2) uint8, low nibble = even column."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4_rowmajor(packed: Tensor) -> Tensor:
+    """(N, K/2) uint8 -> (N, K) uint8 in [0, 15]."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)  # (N, K/2, 2) -> (N, K)
+
+
+def to_cpu_int4_layout(packed: Tensor) -> Tensor:
+    """Row-major packed int4 -> the CPU kernel's layout (same shape and size, nibbles permuted)."""
+    q = unpack_int4_rowmajor(packed).to(torch.int32)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+
+
+def unpack_cpu_int4_layout(packed: Tensor) -> Tensor:
+    """The CPU kernel's packed int4 -> (N, K) uint8 in [0, 15], row-major.
+
+    The CPU layout (torch 2.13, verified by `_int4pack_probe`) stores each block of 64 rows as (K, 32) bytes
+    with row d in the low nibble and row d+32 in the high one; a tail of N % 64 rows is (K, tail/2) bytes
+    pairing rows 2d and 2d+1.
+    """
+    n, half = packed.shape
+    k = half * 2
+    full = n // 64 * 64
+    parts = []
+    if full:
+        b = packed[:full].reshape(full // 64, k, 32)  # (N/64, K, 32)
+        rows = torch.cat((b & 15, b >> 4), dim=2)  # (N/64, K, 64): rows d then d+32
+        parts.append(rows.permute(0, 2, 1).reshape(full, k))  # (N_full, K)
+    if n > full:
+        t = n - full
+        b = packed[full:].reshape(k, t // 2)  # (K, tail/2)
+        rows = torch.stack((b & 15, b >> 4), dim=2).reshape(k, t)  # (K, tail): rows 2d, 2d+1 interleaved
+        parts.append(rows.t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def from_cpu_int4_layout(packed: Tensor) -> Tensor:
+    """Inverse of `to_cpu_int4_layout`, so that a model running the CPU kernel still saves the portable layout."""
+    return pack_int4_rowmajor(unpack_cpu_int4_layout(packed))
+
+
+def dequantize_int4(
+    packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, layout: str, dtype: torch.dtype
+) -> Tensor:
+    """(N, K/2) packed + (N, K/g) scale/zero -> (N, K) weights: w = (q - 8) * scale + zero."""
+    q = unpack_cpu_int4_layout(packed) if layout == CPU_INT4_LAYOUT else unpack_int4_rowmajor(packed)
+    n, k = q.shape
+    s = scale.float()[..., None]  # (N, K/g, 1)
+    # fp32 in place: broadcasting bf16 arithmetic is ~4x slower on CPU, and rounding once at the end is exact-er
+    w = q.view(n, k // group_size, group_size).float().mul_(s).add_(zero.float()[..., None] - 8 * s)
+    return w.view(n, k).to(dtype)
+
+
+def int4_scales_and_zeros(scale: Tensor, zero: Tensor, dtype: torch.dtype) -> Tensor:
+    """(N, K/g) scale and zero -> the kernel's (K/g, N, 2) tensor."""
+    return torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous()
+
+
+# ---- availability probes (once per process) -------------------------------------------------------
+@functools.cache
+def _int8pack_probe(dtype: torch.dtype) -> bool:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (32, 64), generator=g, dtype=torch.int8)
+    s = torch.rand(32, generator=g).to(dtype)
+    x = torch.randn(3, 64, generator=g).to(dtype)
+    try:
+        y = torch._weight_int8pack_mm(x, w, s).float()
+    except (RuntimeError, NotImplementedError):
+        return False
+    ref = (x.float() @ w.float().t()) * s.float()
+    return bool(((y - ref).abs().max() <= 0.02 * ref.abs().max()).item())
+
+
+@functools.cache
+def _int4pack_probe() -> bool:
+    """The CPU int4 kernel runs, gives the dequantised product, and its layout is the one we can invert."""
+    g = torch.Generator().manual_seed(0)
+    n, k, gs = 80, 128, 64  # one full 64-row block plus a 16-row tail
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+    scale, zero = torch.rand(n, k // gs, generator=g) + 0.5, torch.randn(n, k // gs, generator=g)
+    try:
+        packed = to_cpu_int4_layout(pack_int4_rowmajor(q))
+        x = torch.randn(3, k, generator=g)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.bfloat16(), packed, gs, int4_scales_and_zeros(scale, zero, torch.bfloat16)
+        )
+    except (RuntimeError, NotImplementedError):
+        return False
+    if not torch.equal(unpack_int4_rowmajor(from_cpu_int4_layout(packed)).int(), q):
+        return False
+    ref = (
+        x.bfloat16().float()
+        @ dequantize_int4(pack_int4_rowmajor(q), scale, zero, gs, ROWMAJOR_INT4_LAYOUT, torch.float32).t()
+    )
+    return bool(((y.float() - ref).abs().max() <= 0.02 * ref.abs().max()).item())
+
+
+@functools.cache
+def _int_mm_probe(device_type: str) -> bool:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (32, 64), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+    try:
+        out = torch._int_mm(a.to(device_type), b.to(device_type).t()).cpu()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return torch.equal(out, a.int() @ b.int().t())
+
+
+# ---- choice ---------------------------------------------------------------------------------------
+def int4pack_usable(device: torch.device, n: int, k: int, group_size: int) -> bool:
+    """Whether a (n, k) int4 layer on `device` can keep its weight in the CPU kernel layout."""
+    return (
+        device.type == "cpu"
+        and cpu_vector_isa()
+        and n % 16 == 0
+        and k % group_size == 0
+        and group_size in (32, 64, 128, 256)
+        and _int4pack_probe()
+    )
+
+
+def choose_kernel(op: str, x: Tensor, n: int, k: int, group_size: int = 0) -> str:
+    """The kernel for `x` (rows, k) times an (n, k) quantized weight; see the module docstring."""
+    rows = x.numel() // max(k, 1)
+    forced = _forced.get(op)
+    dev = x.device
+    if op == "wint8":
+        fast = (
+            not wants_autograd(x)
+            and dev.type == "cpu"
+            and cpu_vector_isa()
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and n % 16 == 0
+            and k % 64 == 0
+            and _int8pack_probe(x.dtype)
+        )
+        if fast and (forced == "int8pack" or (forced is None and rows <= INT8PACK_MAX_ROWS)):
+            return "int8pack"
+        return "dequant"
+    if op == "wint4":
+        fast = not wants_autograd(x) and int4pack_usable(dev, n, k, group_size)
+        if fast and (forced == "int4pack" or (forced is None and rows <= INT4PACK_MAX_ROWS)):
+            return "int4pack"
+        return "dequant"
+    if op == "llm.int8":
+        if dev.type == "cuda":  # cuBLASLt int8 needs > 16 rows and multiples of 8
+            fast = rows > 16 and n % 8 == 0 and k % 8 == 0 and _int_mm_probe("cuda")
+        else:
+            fast = dev.type == "cpu" and _int_mm_probe("cpu")
+        return "int_mm" if fast and forced != "float" else "float"
+    raise ValueError(f"unknown op {op!r}")
+
+
+# ---- the operations -------------------------------------------------------------------------------
+def int8_weight_mm(x2: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    """(M, K) float x (N, K) int8 with per-row scale (N,) -> (M, N) in x's dtype (weight-only int8)."""
+    if (
+        choose_kernel("wint8", x2, weight.shape[0], weight.shape[1]) == "int8pack"
+        and weight.data_ptr() % ALIGNMENT == 0
+    ):
+        return torch._weight_int8pack_mm(x2.contiguous(), weight, scale.to(x2.dtype))
+    return F.linear(x2, weight.to(x2.dtype)) * scale.to(x2.dtype)
+
+
+def int4_weight_mm(
+    x2: Tensor,
+    packed: Tensor,
+    layout: str,
+    scale: Tensor,
+    zero: Tensor,
+    group_size: int,
+    scales_and_zeros: Tensor | None = None,
+) -> Tensor:
+    """(M, K) float x int4 (N, K/2) in `layout` with group scale/zero (N, K/g) -> (M, N) in x's dtype."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if layout == CPU_INT4_LAYOUT and choose_kernel("wint4", x2, n, k, group_size) == "int4pack":
+        kdtype = torch.bfloat16 if x2.dtype == torch.float32 else x2.dtype
+        sz = scales_and_zeros if scales_and_zeros is not None else int4_scales_and_zeros(scale, zero, kdtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(kdtype).contiguous(), packed, group_size, sz)
+        return out.to(x2.dtype)
+    return F.linear(x2, dequantize_int4(packed, scale, zero, group_size, layout, x2.dtype))
+
+
+def quantize_rows_int8(x2: Tensor, clip: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8 of activations (LLM.int8()): (M, K) -> int8 (M, K), step (M,) fp32.
+
+    With a calibrated `clip` > 0 a row's range is min(row absmax, clip): rare large inlier values saturate and
+    typical ones keep more resolution.
+    """
+    xf = x2.float()
+    amax = xf.abs().amax(dim=1)
+    if clip > 0:
+        amax = amax.clamp(max=clip)
+    step = amax.clamp(min=1e-12) / 127.0
+    q = (xf / step[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, step
+
+
+def int8_int8_mm(xq: Tensor, weight: Tensor) -> Tensor:
+    """(M, K) int8 x (N, K) int8 -> (M, N) int32 (exact in the `int_mm` kernel)."""
+    n, k = weight.shape
+    if choose_kernel("llm.int8", xq, n, k) == "int_mm":
+        return torch._int_mm(xq, weight.t())
+    # fp32 holds every partial sum exactly while |sum| < 2^24, i.e. for K up to ~1000 at full range.
+    return torch.matmul(xq.float(), weight.float().t()).round_().to(torch.int32)
+
+
+# ---- micro-benchmark ------------------------------------------------------------------------------
+def bench_kernels(
+    n: int = 3072,
+    k: int = 1024,
+    rows: tuple[int, ...] = (1, 8, 64),
+    copies: int = 16,
+    reps: int = 5,
+    threads: int | None = None,
+    group_size: int = 128,
+) -> list[dict]:
+    """Time every kernel on a (n, k) projection, cycling `copies` weights so they stream from memory.
+
+    Returns one dict per (op, kernel, dtype, rows): milliseconds per call (best of `reps`) and the weight bytes
+    read per second. Not a test: numbers depend on the machine and its load. Called by `ernie45 bench`.
+    """
+    from ernie45.quant.linear import quantize_int4_groupwise, quantize_int8_per_channel
+
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(n, k, generator=g) * 0.02 for _ in range(copies)]
+    bf16 = [w.bfloat16() for w in ws]
+    i8 = [quantize_int8_per_channel(w, torch.bfloat16) for w in ws]
+    cpu4 = int4pack_usable(torch.device("cpu"), n, k, group_size)
+    layout4 = CPU_INT4_LAYOUT if cpu4 else ROWMAJOR_INT4_LAYOUT
+    i4 = []
+    for w in ws:
+        packed, scale, zero = quantize_int4_groupwise(w, group_size, torch.bfloat16)
+        sz = int4_scales_and_zeros(scale, zero, torch.bfloat16)
+        i4.append((to_cpu_int4_layout(packed) if cpu4 else packed, scale, zero, sz))
+
+    def run_fp32(i: int, x: Tensor) -> Tensor:
+        return F.linear(x.float(), ws[i])
+
+    def run_bf16(i: int, x: Tensor) -> Tensor:
+        return F.linear(x, bf16[i])
+
+    def run_wint8(i: int, x: Tensor) -> Tensor:
+        return int8_weight_mm(x, i8[i][0], i8[i][1])
+
+    def run_wint4(i: int, x: Tensor) -> Tensor:
+        return int4_weight_mm(x, i4[i][0], layout4, i4[i][1], i4[i][2], group_size, i4[i][3])
+
+    def run_llm_int8(i: int, x: Tensor) -> Tensor:
+        xq, step = quantize_rows_int8(x)
+        return int8_int8_mm(xq, i8[i][0]).float() * step[:, None] * i8[i][1].float()
+
+    cases = [("fp32", "F.linear", 4.0, run_fp32), ("bf16", "F.linear", 2.0, run_bf16)]
+    cases += [("wint8", kern, 1.0, run_wint8) for kern in KERNELS["wint8"]]
+    cases += [("wint4", kern, 0.5, run_wint4) for kern in KERNELS["wint4"]]
+    cases += [("llm.int8", kern, 1.0, run_llm_int8) for kern in KERNELS["llm.int8"]]
+    results: list[dict] = []
+    prev_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for m in rows:
+                x = torch.randn(m, k, generator=g).bfloat16()
+                for op, kern, bytes_per_weight, fn in cases:
+                    forced = use_kernel(op, kern) if op in KERNELS else contextlib.nullcontext()
+                    with forced:
+                        if op in KERNELS and choose_kernel(op, x, n, k, group_size) != kern:
+                            continue  # not usable here (device, dtype or shape)
+                        fn(0, x)
+                        best = float("inf")
+                        for _ in range(reps):
+                            t0 = time.perf_counter()
+                            for i in range(copies):
+                                fn(i, x)
+                            best = min(best, (time.perf_counter() - t0) / copies)
+                    results.append(
+                        {
+                            "op": op,
+                            "kernel": kern,
+                            "dtype": "bfloat16" if op != "fp32" else "float32",
+                            "rows": m,
+                            "ms": best * 1e3,
+                            "gb_s": n * k * bytes_per_weight / best / 1e9,
+                            "shape": [n, k],
+                        }
+                    )
+    finally:
+        torch.set_num_threads(prev_threads)
+    return results
+
+
+def format_bench(results: list[dict]) -> str:
+    """A plain-text table of `bench_kernels()` results."""
+    lines = [f"{'op':<9} {'kernel':<9} {'dtype':<9} {'rows':>5} {'ms':>9} {'GB/s':>7}"]
+    for r in results:
+        lines.append(
+            f"{r['op']:<9} {r['kernel']:<9} {r['dtype']:<9} {r['rows']:>5} {r['ms']:>9.3f} {r['gb_s']:>7.1f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,539 @@
+"""Quantized Linear modules and the tensor quantizers behind them.
+
+- `Int8Linear` (wint8): weight-only int8, one scale per output channel.
+- `Int4Linear` (wint4): weight-only int4, asymmetric, one scale and zero per group of 64/128 input columns,
+  two values per byte.
+- `LLMInt8Linear` (llm.int8): LLM.int8() (Dettmers et al., 2022): int8 weights times per-token int8
+  activations, with outlier input columns computed in floating point.
+- `nf4_linear_class()` (nf4): a bitsandbytes `Linear4bit` (NF4, double quantization) for QLoRA bases.
+
+Every module keeps `in_features`, `out_features`, `bias` and a `weight` tensor, offers `dequantize()`, and
+passes gradients to its input (frozen base for LoRA). Float side tensors (scales, zeros, outlier weights) live
+in the model's dtype and are rounded to it before the integers are computed, so a reloaded checkpoint
+reproduces the in-memory model bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ernie45.errors import ErnieError
+from ernie45.quant import kernels
+
+GROUP_SIZES = (64, 128)
+# Shrinking a group's range trades clipping of its extremes for finer steps; per group we keep the ratio with
+# the smallest squared error (the clip search of AWQ / llama.cpp's k-quants, in its simplest form).
+INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
+
+
+# ---- tensor quantizers ----------------------------------------------------------------------------
+def quantize_int8_per_channel(w: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(N, K) float -> int8 (N, K) and scale (N,) in `dtype`, with w ~= q * scale (symmetric, absmax)."""
+    wf = w.detach().float()
+    scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(dtype).tiny).to(dtype)
+    q = (wf / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def check_group_size(group_size: int, in_features: int, name: str = "layer") -> None:
+    if group_size not in GROUP_SIZES:
+        raise ErnieError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if in_features % group_size:
+        leaf = name.rsplit(".", 1)[-1]
+        hint = (
+            "use --group-size 64"
+            if in_features % 64 == 0
+            else f"leave such layers in float with --skip {leaf} (Python: skip=[{leaf!r}])"
+        )
+        raise ErnieError(
+            f"{name}: input width {in_features} is not divisible by the group size {group_size}; {hint}"
+        )
+
+
+def quantize_int4_groupwise(w: Tensor, group_size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, K) float -> packed uint8 (N, K/2), scale and zero (N, K/g) in `dtype`; w ~= (q - 8) * scale + zero."""
+    n, k = w.shape
+    check_group_size(group_size, k)
+    wg = w.detach().float().view(n, k // group_size, group_size)  # (N, K/g, g)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    mid, half = (hi + lo) / 2, (hi - lo) / 2
+    tiny = torch.finfo(dtype).tiny
+    best_err = best_q = best_scale = best_zero = None
+    for r in INT4_CLIP_RATIOS:
+        scale = (half * r / 7.5).clamp(min=tiny).to(dtype)  # 15 steps across [mid - r*half, mid + r*half]
+        zero = (mid - half * r + 8 * scale.float()).to(dtype)
+        s, z = scale.float()[..., None], zero.float()[..., None]
+        q = ((wg - z) / s + 8).round_().clamp_(0, 15)
+        err = ((q - 8) * s + z - wg).square_().sum(dim=-1)  # (N, K/g)
+        if best_err is None:
+            best_err, best_q, best_scale, best_zero = err, q, scale, zero
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_q = torch.where(better[..., None], q, best_q)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    packed = kernels.pack_int4_rowmajor(best_q.view(n, k))
+    return packed, best_scale, best_zero
+
+
+# ---- modules --------------------------------------------------------------------------------------
+class QuantLinear(nn.Module):
+    """What every quantized Linear shares: sizes, an optional float bias, `dequantize()`."""
+
+    mode = ""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        if bias:
+            self.bias = nn.Parameter(
+                torch.empty(out_features, dtype=dtype, device=device), requires_grad=False
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.weight_scale.dtype
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The (out_features, in_features) float weight this module computes with (for merges and checks)."""
+        raise NotImplementedError
+
+    def _set_bias(self, linear: nn.Linear, dtype: torch.dtype) -> None:
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+
+    def _output(self, y2: Tensor, x: Tensor) -> Tensor:
+        if self.bias is not None:
+            y2 = y2 + self.bias.to(y2.dtype)
+        return y2.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+class Int8Linear(QuantLinear):
+    """Weight-only int8 with per-output-channel scales; activations stay in the model's dtype."""
+
+    mode = "wint8"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, dtype: torch.dtype | None = None) -> Int8Linear:
+        dtype = dtype or linear.weight.dtype
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, device="meta")
+        m.weight, m.weight_scale = quantize_int8_per_channel(linear.weight, dtype)
+        m._set_bias(linear, dtype)
+        return m
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        dtype = dtype or self.compute_dtype
+        return (self.weight.float() * self.weight_scale.float()[:, None]).to(dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if not self.weight.is_meta and self.weight.data_ptr() % kernels.ALIGNMENT:
+            self.weight = (
+                self.weight.clone()
+            )  # memory-mapped tensors are rarely aligned as the CPU kernel needs
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        return self._output(kernels.int8_weight_mm(x2, self.weight, self.weight_scale), x)
+
+
+class Int4Linear(QuantLinear):
+    """Weight-only int4, asymmetric per group; on AVX2/AVX-512 CPUs the weight is re-laid out for
+    `_weight_int4pack_mm_for_cpu` at the first forward (same bytes, permuted) and saved back row-major."""
+
+    mode = "wint4"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        group_size: int = 128,
+    ):
+        check_group_size(group_size, in_features)
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("weight_zero", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self._layout = kernels.ROWMAJOR_INT4_LAYOUT
+        self._kernel_sz: tuple[torch.dtype, Tensor] | None = None
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Linear, dtype: torch.dtype | None = None, group_size: int = 128
+    ) -> Int4Linear:
+        dtype = dtype or linear.weight.dtype
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, "meta", group_size)
+        m.weight, m.weight_scale, m.weight_zero = quantize_int4_groupwise(linear.weight, group_size, dtype)
+        m._set_bias(linear, dtype)
+        return m
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return kernels.dequantize_int4(
+            self.weight,
+            self.weight_scale,
+            self.weight_zero,
+            self.group_size,
+            self._layout,
+            dtype or self.compute_dtype,
+        )
+
+    def _to_rowmajor(self) -> None:
+        if self._layout != kernels.ROWMAJOR_INT4_LAYOUT:
+            self.weight = kernels.from_cpu_int4_layout(self.weight)
+            self._layout = kernels.ROWMAJOR_INT4_LAYOUT
+        self._kernel_sz = None
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() see the portable layout
+        self._to_rowmajor()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._layout != kernels.ROWMAJOR_INT4_LAYOUT:
+            destination[prefix + "weight"] = kernels.from_cpu_int4_layout(self.weight)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._to_rowmajor()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _kernel_inputs(self, x2: Tensor) -> Tensor | None:
+        """Switch to the CPU kernel layout once, and cache the kernel's (K/g, N, 2) scales for x's dtype."""
+        if kernels.wants_autograd(x2) or not kernels.int4pack_usable(
+            self.weight.device, self.out_features, self.in_features, self.group_size
+        ):
+            return None
+        kdtype = torch.bfloat16 if x2.dtype == torch.float32 else x2.dtype
+        with torch.inference_mode(False), torch.no_grad():  # cached tensors must outlive inference mode
+            if self._layout == kernels.ROWMAJOR_INT4_LAYOUT:
+                self.weight = kernels.to_cpu_int4_layout(self.weight)
+                self._layout = kernels.CPU_INT4_LAYOUT
+            if self._kernel_sz is None or self._kernel_sz[0] != kdtype:
+                self._kernel_sz = (
+                    kdtype,
+                    kernels.int4_scales_and_zeros(self.weight_scale, self.weight_zero, kdtype),
+                )
+        return self._kernel_sz[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        sz = self._kernel_inputs(x2)
+        y = kernels.int4_weight_mm(
+            x2, self.weight, self._layout, self.weight_scale, self.weight_zero, self.group_size, sz
+        )
+        return self._output(y, x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class LLMInt8Linear(QuantLinear):
+    """LLM.int8(): int8 weights (per output row) x int8 activations (per token), outlier columns in float.
+
+    Two kinds of outlier input columns are multiplied in float instead of int8:
+    - calibrated ones (`outlier_idx`): columns whose calibration absmax reached `threshold`; their weights are
+      kept in float (`weight_outlier`) and zeroed in the int8 matrix;
+    - per batch, like bitsandbytes `Linear8bitLt`: any other column holding a value with |x| >= threshold,
+      multiplied against its dequantised int8 weights (this alone is the uncalibrated mode).
+    `input_clip` (> 0 when calibrated) caps each token's activation range; 0 means the token's absmax.
+    """
+
+    mode = "llm.int8"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        threshold: float = 6.0,
+        n_outliers: int = 0,
+    ):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.threshold = float(threshold)
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
+        self.register_buffer("outlier_idx", torch.empty(n_outliers, dtype=torch.int64, device=device))
+        self.register_buffer(
+            "weight_outlier", torch.empty(out_features, n_outliers, dtype=dtype, device=device)
+        )
+        self.register_buffer("input_clip", torch.zeros(1, dtype=dtype, device=device))
+        self._clip: float | None = None
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        dtype: torch.dtype | None = None,
+        threshold: float = 6.0,
+        outliers: Tensor | None = None,
+        clip: float = 0.0,
+    ) -> LLMInt8Linear:
+        """`outliers`: calibrated outlier column indices (None: none); `clip`: calibrated activation cap."""
+        dtype = dtype or linear.weight.dtype
+        w = linear.weight.detach().float()
+        idx = torch.empty(0, dtype=torch.int64) if outliers is None else outliers.to(torch.int64).unique()
+        idx = idx.to(w.device)
+        m = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            dtype,
+            "meta",
+            threshold,
+            idx.numel(),
+        )
+        m.weight, m.weight_scale = quantize_int8_per_channel(w.index_fill(1, idx, 0.0), dtype)
+        m.outlier_idx = idx
+        m.weight_outlier = w[:, idx].to(dtype)
+        m.input_clip = torch.tensor([clip], dtype=dtype, device=w.device)
+        m._set_bias(linear, dtype)
+        return m
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._clip = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _clip_value(self) -> float:
+        if self._clip is None:  # one host read, not one per call (a sync on CUDA)
+            self._clip = float(self.input_clip.float().item())
+        return self._clip
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        w = self.weight.float() * self.weight_scale.float()[:, None]
+        if self.outlier_idx.numel():
+            w[:, self.outlier_idx] = self.weight_outlier.float()
+        return w.to(dtype or self.compute_dtype)
+
+    def _batch_outliers(self, x2: Tensor) -> Tensor:
+        """Columns of this batch with |x| >= threshold that are not calibrated outliers."""
+        hit = (x2.abs() >= self.threshold).any(dim=0)  # (K,)
+        if self.outlier_idx.numel():
+            hit[self.outlier_idx] = False
+        return hit.nonzero().squeeze(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if kernels.wants_autograd(x2):  # no gradient through rounding: differentiate the dequantised product
+            return self._output(F.linear(x2, self.dequantize(x.dtype)), x)
+        static, extra = self.outlier_idx, self._batch_outliers(x2)
+        x_in = x2
+        if static.numel():
+            x_in = x_in.index_fill(1, static, 0)
+        if extra.numel():
+            x_in = x_in.index_fill(1, extra, 0)
+        xq, step = kernels.quantize_rows_int8(x_in, self._clip_value())
+        acc = kernels.int8_int8_mm(xq, self.weight)  # (M, N) int32
+        y = (acc.float() * step[:, None] * self.weight_scale.float()).to(x.dtype)
+        if static.numel():
+            y = y + x2[:, static] @ self.weight_outlier.to(x.dtype).t()
+        if extra.numel():
+            w_extra = self.weight[:, extra].to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]  # (N, n)
+            y = y + x2[:, extra] @ w_extra.t()
+        return self._output(y, x)
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr() + f", threshold={self.threshold}, "
+            f"calibrated_outliers={self.outlier_idx.numel()}"
+        )
+
+
+# ---- NF4 through bitsandbytes (optional dependency) -----------------------------------------------
+NF4_BLOCKSIZE = 64
+NF4_NESTED_BLOCKSIZE = 256
+
+
+def import_bitsandbytes():
+    """Import bitsandbytes quietly (it logs a harmless 'kernels' warning at import) or say how to get it."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ErnieError("mode nf4 needs bitsandbytes: pip install 'ernie45[train]'") from None
+    return bitsandbytes
+
+
+@functools.cache
+def nf4_linear_class() -> type[nn.Module]:
+    """The NF4Linear class, built on first use so that bitsandbytes stays an optional import."""
+    bnb = import_bitsandbytes()
+    from bitsandbytes.functional import (
+        QuantState,
+        _convert_weight_packed_for_cpu_inverse,
+        create_dynamic_map,
+        get_4bit_type,
+        quantize_4bit,
+    )
+
+    class NF4Linear(bnb.nn.Linear4bit):
+        """bitsandbytes `Linear4bit` (NF4, double quantization, blocks of 64) with a fixed-shape state dict.
+
+        bitsandbytes serialises its statistics as a JSON blob whose length varies, which a meta-device model
+        cannot predict; here they are plain tensors: `weight` (packed, (N*K/2, 1) uint8), `weight_absmax`
+        (uint8 codes per block of 64), `weight_nested_absmax` and `weight_nested_offset` (model dtype). The
+        two code books are the fixed NF4 and dynamic maps. PEFT sees a `Linear4bit` and applies QLoRA as usual.
+        """
+
+        mode = "nf4"
+
+        def __init__(
+            self,
+            in_features: int,
+            out_features: int,
+            bias: bool = True,
+            dtype: torch.dtype = torch.float32,
+            device: torch.device | str | None = None,
+        ):
+            super().__init__(
+                in_features,
+                out_features,
+                bias=bias,
+                compute_dtype=dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            blocks = math.ceil(in_features * out_features / NF4_BLOCKSIZE)
+            self.weight = bnb.nn.Params4bit(
+                torch.empty((in_features * out_features + 1) // 2, 1, dtype=torch.uint8, device=device),
+                requires_grad=False,
+                blocksize=NF4_BLOCKSIZE,
+                compress_statistics=True,
+                quant_type="nf4",
+                module=self,
+                bnb_quantized=True,
+            )
+            if bias:
+                self.bias = nn.Parameter(
+                    torch.empty(out_features, dtype=dtype, device=device), requires_grad=False
+                )
+            self.register_buffer("weight_absmax", torch.empty(blocks, dtype=torch.uint8, device=device))
+            self.register_buffer(
+                "weight_nested_absmax",
+                torch.empty(math.ceil(blocks / NF4_NESTED_BLOCKSIZE), dtype=dtype, device=device),
+            )
+            self.register_buffer("weight_nested_offset", torch.empty(1, dtype=dtype, device=device))
+
+        @classmethod
+        def from_float(cls, linear: nn.Linear, dtype: torch.dtype | None = None) -> NF4Linear:
+            dtype = dtype or linear.weight.dtype
+            w = linear.weight.detach().to(dtype).contiguous()
+            m = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, w.device)
+            packed, qs = quantize_4bit(w, blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+            m.weight_absmax = qs.absmax
+            m.weight_nested_absmax = qs.state2.absmax.to(dtype)
+            m.weight_nested_offset = qs.offset.reshape(1).to(dtype)
+            m._set_packed(packed)
+            if linear.bias is not None:
+                m.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+            return m
+
+        @property
+        def stats_dtype(self) -> torch.dtype:
+            """The model dtype this layer was built for (its compute dtype may follow the input instead)."""
+            return self.weight_nested_offset.dtype
+
+        def _set_packed(self, packed: Tensor) -> None:
+            """Wrap packed NF4 bytes with the quant state rebuilt from the stored statistics."""
+            dev = packed.device
+            nested = QuantState(
+                absmax=self.weight_nested_absmax.float(),
+                code=create_dynamic_map(signed=True).to(dev),
+                blocksize=NF4_NESTED_BLOCKSIZE,
+                dtype=torch.float32,
+            )
+            qs = QuantState(
+                absmax=self.weight_absmax,
+                shape=torch.Size([self.out_features, self.in_features]),
+                dtype=self.stats_dtype,
+                blocksize=NF4_BLOCKSIZE,
+                code=get_4bit_type("nf4", device=dev),
+                quant_type="nf4",
+                offset=self.weight_nested_offset.float()[0],
+                state2=nested,
+            )
+            self.weight = bnb.nn.Params4bit(
+                packed,
+                requires_grad=False,
+                quant_state=qs,
+                blocksize=NF4_BLOCKSIZE,
+                compress_statistics=True,
+                quant_type="nf4",
+                module=self,
+                bnb_quantized=True,
+            )
+            self.quant_state = qs
+
+        def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+            self._restore_portable()
+            w = bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state)
+            return w.to(dtype or self.stats_dtype)
+
+        def _restore_portable(self) -> None:
+            """Undo bitsandbytes' CPU re-layout (done at its first no-grad forward) before reading the bytes."""
+            qs = getattr(self.weight, "quant_state", None)
+            if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+                data, _ = _convert_weight_packed_for_cpu_inverse(self.weight.data, qs)
+                self._set_packed(data.reshape(-1, 1))
+
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            self._restore_portable()
+            nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+
+        def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+            nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+            if prefix + "weight" in state_dict and not self.weight.is_meta:
+                self._set_packed(self.weight.data)
+
+        def extra_repr(self) -> str:
+            return (
+                f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, nf4, double quant"
+            )
+
+    return NF4Linear
