@@ -2,9 +2,9 @@
 
 Design. The model's `KVCache` is one preallocated tensor set whose rows share a single `length`, which suits
 static batches but not requests that join and leave at every step. So the engine keeps its own
-`SlotKVCache`: `max_num_seqs` rows of `max_model_len` positions per layer (the whole KV budget, allocated
-once), with a per-row length. It exposes the `update(layer, k, v)`, `length` and `max_len` that
-`ErnieForCausalLM.forward` and `Attention` use, so the model runs unchanged:
+`SlotKVCache` (`ernie45.serve.runner`): `max_num_seqs` rows of `max_model_len` positions per layer (the whole
+KV budget, allocated once), with a per-row length. It exposes the `update(layer, k, v)`, `length` and
+`max_len` that `ErnieForCausalLM.forward` and `Attention` use, so the model runs unchanged:
 
 - decode: the running sequences always occupy rows `0..n-1` (a finished row is filled by moving the last
   row into it), so the batch is a plain view of the cache. Each row writes its new key at its own
@@ -17,6 +17,10 @@ Every step admits waiting requests (up to a prompt-token budget) and prefills th
 step over every running sequence, so requests join and leave the batch at every step. Sampling reuses the
 pure processors of `ernie45.generation.sampling` per row (penalties) or per group of rows that share the
 same warper settings; text is produced by `ernie45.generation.streaming`'s incremental detokeniser.
+
+Every model call goes through a `ModelRunner`, which under tensor parallelism replays it on the other ranks.
+There, any error in a step is fatal (the ranks may no longer agree): the engine answers every request with
+503, refuses new ones and reports to `on_fatal`, whose owner stops the server.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +40,7 @@ from torch import Tensor
 from ernie45.generation import sampling
 from ernie45.generation.streaming import IncrementalDetokenizer, StopStringFilter
 from ernie45.serve.metrics import ServerMetrics
+from ernie45.serve.runner import ModelRunner
 
 log = logging.getLogger("ernie45.serve")
 
@@ -104,53 +109,6 @@ class Output:
     num_output_tokens: int = 0
 
 
-class SlotKVCache:
-    """`max_rows` rows of `max_len` cached keys/values per layer, each row with its own length (see above)."""
-
-    def __init__(self, model, max_rows: int, max_len: int):
-        cfg = model.config
-        shape = (max_rows, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [
-            torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.num_hidden_layers)
-        ]
-        self.v = [
-            torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.num_hidden_layers)
-        ]
-        self.max_len = max_len
-        self.length = 0  # read (and advanced) by the model: the shared "past" of the current call
-        self._rows = slice(0, 0)
-        self._pos: Tensor | None = None  # (n,) write position per row in decode mode
-        self._arange: Tensor | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def prepare_prefill(self, first_row: int, n: int) -> None:
-        """The next forward writes a fresh (right-padded) batch of n prompts into rows first_row.."""
-        self._rows, self._pos, self.length = slice(first_row, first_row + n), None, 0
-
-    def prepare_decode(self, positions: Tensor, total: int) -> None:
-        """The next forward writes one token per row 0..n-1 at `positions` (n,); keys span `total` columns."""
-        self._pos, self.length = positions, total - 1
-        self._arange = torch.arange(positions.shape[0], device=positions.device)
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self._pos is None:  # prefill: k (n, nKV, S, d) at positions 0..S-1
-            S = k.shape[2]
-            self.k[layer][self._rows, :, :S] = k
-            self.v[layer][self._rows, :, :S] = v
-            return k, v
-        n, total = k.shape[0], self.length + 1
-        self.k[layer][self._arange, :, self._pos] = k[:, :, 0]  # (n, nKV, d) scattered per row
-        self.v[layer][self._arange, :, self._pos] = v[:, :, 0]
-        return self.k[layer][:n, :, :total], self.v[layer][:n, :, :total]
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        for t in self.k + self.v:
-            t[dst, :, :length] = t[src, :, :length]
-
-
 class _Seq:
     """Engine-side state of one sequence (one choice of one HTTP request)."""
 
@@ -208,20 +166,30 @@ class RequestGroup:
 
 
 class Engine:
-    """Owns the model, the slot cache and the engine thread.
+    """Owns the model runner (model + slot cache) and the engine thread.
 
     Args:
-        model: an `ErnieForCausalLM` in eval mode.
+        model: an `ErnieForCausalLM` in eval mode (on rank 0, a tensor-parallel shard).
         tokenizer: the matching `ernie45.tokenizer.Tokenizer`.
         args: capacity and limits.
         metrics: Prometheus metrics to update (optional).
+        on_fatal: called (from the engine thread) when a tensor-parallel step fails and the engine stops.
     """
 
-    def __init__(self, model, tokenizer, args: EngineArgs, metrics: ServerMetrics | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        args: EngineArgs,
+        metrics: ServerMetrics | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ):
         self.model, self.tokenizer, self.args = model, tokenizer, args
         self.metrics = metrics or ServerMetrics()
         self.device = model.device
-        self.cache = SlotKVCache(model, args.max_num_seqs, args.max_model_len)
+        self.runner = ModelRunner(model, args.max_num_seqs, args.max_model_len)
+        self.on_fatal = on_fatal
+        self.failed: BaseException | None = None  # set when a tensor-parallel step failed; the engine is gone
         self.eos_ids = frozenset(model.config.eos_token_ids) | frozenset(tokenizer.stop_token_ids)
         self._incoming: queue.SimpleQueue[_Seq | None] = queue.SimpleQueue()
         self._waiting: deque[_Seq] = deque()
@@ -239,7 +207,7 @@ class Engine:
             "KV cache: %d slots x %d positions, %.1f MiB",
             args.max_num_seqs,
             args.max_model_len,
-            self.cache.nbytes / 2**20,
+            self.runner.cache.nbytes / 2**20,
         )
 
     # ---- public API (event-loop side) ------------------------------------------------------------
@@ -261,6 +229,8 @@ class Engine:
                 gen.manual_seed(p.seed % 2**64)
             group.seqs.append(_Seq(group, i, list(prompt), p, self.tokenizer, gen, deadline))
         with self._lock:  # the check and the enqueue are one step, so shutdown never strands a request
+            if self.failed is not None:
+                raise _rank_failed()
             if self._stopping:
                 raise EngineError("the server is shutting down", 503, "server_error", "shutting_down")
             if self._pending + len(prompts) > self.args.max_queue_len:
@@ -294,19 +264,47 @@ class Engine:
     # ---- engine thread -------------------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_num_threads(self._threads)
-        with torch.inference_mode():
-            while True:
-                self._pull(block=not self._rows and not self._waiting and not self._stopping)
-                if self._stopping and self._shutdown_step():
-                    return
-                try:
-                    self._step()
-                except Exception:  # a bug or an out-of-memory must not take the server down
-                    log.exception("engine step failed; failing the running requests")
-                    for s in list(self._rows):
-                        self._fail(s, EngineError("internal error during generation", 500))
-                self._flush()
-                self._update_gauges()
+        try:
+            with torch.inference_mode():
+                self._loop()
+        except Exception as e:  # only tensor-parallel errors get here: the ranks can no longer agree
+            self._die(e)
+
+    def _loop(self) -> None:
+        while True:
+            self._pull(block=not self._rows and not self._waiting and not self._stopping)
+            if self._stopping and self._shutdown_step():
+                self.runner.close()
+                return
+            if not self._rows and not self._waiting:
+                self.runner.heartbeat()
+            try:
+                self._step()
+            except Exception:  # a bug or an out-of-memory must not take a single-process server down
+                if self.runner.distributed:
+                    raise
+                log.exception("engine step failed; failing the running requests")
+                for s in list(self._rows):
+                    self._fail(s, EngineError("internal error during generation", 500))
+            self._flush()
+            self._update_gauges()
+
+    def _die(self, e: Exception) -> None:
+        """A tensor-parallel step failed (a rank died or timed out): answer everything with 503 and stop."""
+        log.error("a tensor-parallel step failed (%s: %s); stopping the server", type(e).__name__, e)
+        with self._lock:
+            self.failed, self._stopping = e, True
+        self._pull(block=False)
+        for s in self._rows:
+            s.row = None  # no row moves: the cache is abandoned, and a move would broadcast to a dead rank
+        for s in [*self._rows, *self._waiting]:
+            self._fail(s, _rank_failed())
+        self._rows, self._waiting = [], deque()
+        self._release_pending(self._pending)
+        self._flush()
+        self._update_gauges()
+        if self.on_fatal is not None:
+            self.on_fatal(e)
 
     def _step(self) -> None:
         self._reap(time.monotonic())
@@ -380,30 +378,18 @@ class Engine:
         return new
 
     def _prefill(self, new: list[_Seq]) -> None:
-        model, dev = self.model, self.device
         first_row = len(self._rows)
         lens = [len(s.prompt) for s in new]
-        S = max(lens)
-        ids = torch.full((len(new), S), model.config.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(new), S), dtype=torch.long)
-        for i, s in enumerate(new):
-            ids[i, : lens[i]] = torch.tensor(s.prompt)
-            mask[i, : lens[i]] = 1
-        attn = None if min(lens) == S else mask.to(dev)  # right padding needs a key mask
         now = time.monotonic()
         for i, s in enumerate(new):
             s.row, s.length = first_row + i, lens[i]
             self._rows.append(s)
             self.metrics.queue_time.observe(now - s.arrival)
         self.metrics.prompt_tokens.inc(sum(lens))
-        self.cache.prepare_prefill(first_row, len(new))
-        out = model(ids.to(dev), attention_mask=attn, cache=self.cache, logits_to_keep=1)
-        hidden = out.hidden_states  # (n, S, H)
-        last = hidden[torch.arange(len(new), device=dev), torch.tensor(lens, device=dev) - 1]  # (n, H)
-        logits = model.lm_head(last).float()  # (n, V)
+        logits = self.runner.prefill(first_row, [s.prompt for s in new])  # (n, V)
         for i, s in enumerate(new):
             if s.params.prompt_logprobs is not None:
-                s.prompt_lps = self._prompt_logprobs(hidden[i, : lens[i] - 1], s)
+                s.prompt_lps = self._prompt_logprobs(i, s)
         generate = [i for i, s in enumerate(new) if s.params.max_tokens > 0]
         for s in new:
             if s.params.max_tokens == 0:  # scoring only (echo with max_tokens=0): nothing to generate
@@ -412,30 +398,26 @@ class Engine:
         if generate:
             self._advance([new[i] for i in generate], logits[generate])
 
-    def _prompt_logprobs(self, hidden: Tensor, s: _Seq) -> list[TokenLogprob | None]:
-        """Logprob of each prompt token given the ones before it (entry 0 has no context: None)."""
+    def _prompt_logprobs(self, i: int, s: _Seq) -> list[TokenLogprob | None]:
+        """Logprob of each prompt token given the ones before it (entry 0 has no context: None).
+
+        `i` is the sequence's index in the prefill batch that just ran."""
         k = s.params.prompt_logprobs or 0
-        targets = torch.tensor(s.prompt[1:], device=hidden.device)
+        n = len(s.prompt) - 1
+        targets = torch.tensor(s.prompt[1:], device=self.device)
         res: list[TokenLogprob | None] = [None]
-        for start in range(0, hidden.shape[0], 512):  # bounded (512, V) logits at a time
-            lp = torch.log_softmax(self.model.lm_head(hidden[start : start + 512]).float(), dim=-1)
-            res.extend(_pick_logprobs(lp, targets[start : start + 512], k))
+        for start in range(0, n, 512):  # bounded (512, V) logits at a time
+            end = min(start + 512, n)
+            lp = torch.log_softmax(self.runner.prompt_logits(i, start, end), dim=-1)
+            res.extend(_pick_logprobs(lp, targets[start:end], k))
         return res
 
     def _decode(self) -> None:
-        rows, dev = self._rows, self.device
-        lengths = [s.length for s in rows]
-        total = max(lengths) + 1
-        pos = torch.tensor(lengths, device=dev)
-        tokens = torch.tensor([[s.output[-1]] for s in rows], device=dev)  # (n, 1)
-        attn = None
-        if min(lengths) != total - 1:
-            attn = (torch.arange(total, device=dev)[None, :] <= pos[:, None]).long()  # (n, T)
-        self.cache.prepare_decode(pos, total)
-        out = self.model(tokens, attention_mask=attn, position_ids=pos[:, None], cache=self.cache)
+        rows = self._rows
+        logits = self.runner.decode([s.output[-1] for s in rows], [s.length for s in rows])  # (n, V)
         for s in rows:
             s.length += 1
-        self._advance(list(rows), out.logits[:, -1].float())
+        self._advance(list(rows), logits)
 
     # ---- sampling ----------------------------------------------------------------------------------
     def _advance(self, seqs: list[_Seq], logits: Tensor) -> None:
@@ -574,7 +556,7 @@ class Engine:
         i, last = s.row, self._rows.pop()
         if last is not s:
             self._rows[i] = last
-            self.cache.move_row(last.row, i, last.length)
+            self.runner.move_row(last.row, i, last.length)
             last.row = i
         s.row = None
 
@@ -588,6 +570,12 @@ def _deliver(items: list[tuple[_Seq, Output | EngineError]]) -> None:
     """Runs in the event loop: route outputs to their request queues."""
     for s, item in items:
         s.group._queue.put_nowait((s.index, item))
+
+
+def _rank_failed() -> EngineError:
+    return EngineError(
+        "the server lost a tensor-parallel rank and is stopping", 503, "server_error", "rank_failed"
+    )
 
 
 def _timeout_error(limit: float) -> EngineError:

@@ -4,6 +4,9 @@ Endpoints follow OpenAI and vLLM (ECOSYSTEM.md §6.1): `/v1/chat/completions`, `
 streaming, `n`, stop strings, logprobs, token-id prompts with `echo` for lm-eval), `/v1/models`, `/health`
 (503 while the model loads), `/metrics` (Prometheus), `/tokenize`, `/detokenize` and `/tokenizer_info`
 (which lets lm-eval use the server's tokenizer). Errors use OpenAI's nested `{"error": {...}}` form.
+
+Under `torchrun ... serve --tp N`, rank 0 runs the HTTP front end and the engine; the other ranks only replay
+the engine's model calls (`ernie45.serve.runner`). Should a rank fail, rank 0 answers 503 and exits non-zero.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 import re
+import signal
 import threading
 import time
 import uuid
@@ -28,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ernie45.commands import add_parallel_args
 from ernie45.errors import ErnieError
 from ernie45.serve.engine import Engine, EngineArgs, EngineError, SamplingParams, TokenLogprob
 from ernie45.serve.metrics import ServerMetrics
@@ -83,7 +88,8 @@ class APIError(Exception):
 
 @dataclass
 class ModelSource:
-    """Where the model comes from: a checkpoint directory (loaded in the background) or a loaded model."""
+    """Where the model comes from: a checkpoint directory (loaded in the background) or a loaded model
+    (e.g. this rank's tensor-parallel shard)."""
 
     path: str | None = None
     dtype: str = "auto"
@@ -125,6 +131,13 @@ class _State:
                 "server_error",
                 code="model_loading",
             )
+        if self.engine.failed is not None:
+            raise APIError(
+                503,
+                "the server lost a tensor-parallel rank and is stopping",
+                "server_error",
+                code="rank_failed",
+            )
         return self.engine
 
     def token_str(self, tid: int) -> str:
@@ -161,6 +174,9 @@ def load_model(source: ModelSource):
         from ernie45.quant import quantize_model
 
         quantize_model(model, source.quantize, tokenizer=tokenizer, progress=False)
+    from ernie45.fast import optimize_for_inference
+
+    optimize_for_inference(model)
     return model, tokenizer
 
 
@@ -168,15 +184,16 @@ def load_model(source: ModelSource):
 def create_app(
     source: ModelSource,
     config: ServerConfig | None = None,
-    on_load_error: Callable[[BaseException], None] | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """The FastAPI app. With `source.model` set it serves that model at once; otherwise it loads
-    `source.path` in a background thread and answers 503 until ready (`on_load_error` hears of failures)."""
+    `source.path` in a background thread and answers 503 until ready. `on_fatal` hears of a failed load or
+    of a tensor-parallel engine that stopped (a lost rank): the server should then exit."""
     config = config or ServerConfig()
     st = _State(config)
 
     def start_engine(model, tokenizer) -> None:
-        engine = Engine(model, tokenizer, config.engine, st.metrics)
+        engine = Engine(model, tokenizer, config.engine, st.metrics, on_fatal=on_fatal)
         engine.start()
         st.tokenizer, st.engine = tokenizer, engine
         log.info(
@@ -191,8 +208,8 @@ def create_app(
             start_engine(*load_model(source))
         except BaseException as e:  # reported to the CLI, which stops the server
             log.error("could not load the model: %s", e)
-            if on_load_error is not None:
-                on_load_error(e)
+            if on_fatal is not None:
+                on_fatal(e)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -353,6 +370,8 @@ def _install_routes(app: FastAPI, st: _State) -> None:
     async def health() -> Response:
         if st.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
+        if st.engine.failed is not None:
+            return JSONResponse({"status": "failed"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -809,6 +828,8 @@ def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY,
     shutdown_timeout: float = 30.0,
     threads: int | None = None,
+    tp: int = 1,
+    ep: int = 1,
 ) -> None:
     """Serve a checkpoint over HTTP until interrupted (Ctrl-C / SIGTERM shut down gracefully).
 
@@ -821,7 +842,9 @@ def serve(
         request_timeout: seconds a request may take from arrival before it ends with an error.
         shutdown_timeout: seconds in-flight requests get to finish on shutdown.
         threads: CPU threads for the model; default all cores but one, which stays free for the HTTP loop
-            (spinning OpenMP workers otherwise starve it and every token waits).
+            (spinning OpenMP workers otherwise starve it and every token waits), shared among the ranks.
+        tp, ep: tensor- and expert-parallel sizes (run under `torchrun --nproc-per-node tp`): rank 0 serves
+            HTTP, the other ranks follow its engine.
     """
     import torch
     import uvicorn
@@ -841,8 +864,15 @@ def serve(
         raise ErnieError("--request-timeout must be > 0 and --shutdown-timeout >= 0")
     batched = max_num_batched_tokens or max(4096, max_model_len)
     _check_range("--max-num-batched-tokens", batched, max_model_len, 2**31)
+    parallel = tp > 1 or ep > 1
+    if parallel:
+        if quantize or adapter:
+            raise ErnieError("--tp/--ep cannot be combined with --quantize or --adapter yet")
+        from ernie45.parallel import check_split
+
+        check_split(mcfg, tp, ep)
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, ncpu - 1) if threads is None else threads
+    threads = max(1, (ncpu - 1) // tp) if threads is None else threads
     _check_range("--threads", threads, 1, 4096)
     torch.set_num_threads(threads)
     if adapter:
@@ -871,19 +901,33 @@ def serve(
         max_body_bytes=max_body_bytes,
         drain_timeout=min(shutdown_timeout, 10.0),
     )
+    source = ModelSource(path=path, dtype=dtype, device=device, quantize=quantize, adapter=adapter)
+    if parallel:
+        import torch.distributed as dist
+
+        from ernie45.parallel import init_distributed, load_parallel
+        from ernie45.tokenizer import Tokenizer
+
+        rank, world = init_distributed(device)
+        if world != tp:
+            raise ErnieError(f"--tp {tp} needs {tp} processes, but torchrun started {world}")
+        # Loaded before the HTTP side starts (no 503-while-loading phase), so that shutdown always finds an
+        # engine to drain and followers to release.
+        model = load_parallel(path, tp, ep, dtype=dtype, device=device)
+        if rank > 0:
+            _follow(model, config.engine, rank)
+            dist.destroy_process_group()
+            return
+        source = ModelSource(model=model, tokenizer=Tokenizer.from_pretrained(path))
     failure: list[BaseException] = []
     server: uvicorn.Server | None = None
 
-    def on_load_error(e: BaseException) -> None:
+    def on_fatal(e: BaseException) -> None:
         failure.append(e)
         if server is not None:
             server.should_exit = True
 
-    app = create_app(
-        ModelSource(path=path, dtype=dtype, device=device, quantize=quantize, adapter=adapter),
-        config,
-        on_load_error,
-    )
+    app = create_app(source, config, on_fatal)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -897,7 +941,30 @@ def serve(
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
         server.run()
     if failure:
-        raise ErnieError(f"could not load the model: {failure[0]}")
+        what = "a tensor-parallel rank failed" if parallel else "could not load the model"
+        raise ErnieError(f"{what}: {failure[0]}")
+    if parallel:
+        dist.destroy_process_group()
+
+
+def _follow(model, args: EngineArgs, rank: int) -> None:
+    """Ranks > 0: replay rank 0's engine steps on this rank's shard until rank 0 stops."""
+    import torch
+
+    from ernie45.serve.runner import ModelRunner
+
+    runner = ModelRunner(model, args.max_num_seqs, args.max_model_len)
+    # Rank 0 decides when to stop: on Ctrl-C / SIGTERM it drains its requests (which needs every rank), then
+    # releases the followers. If rank 0 is gone instead, the next collective fails and this rank exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    log.info("rank %d: following rank 0", rank)
+    try:
+        with torch.inference_mode():
+            runner.follow()
+    except RuntimeError as e:  # gloo reports a lost peer as a plain RuntimeError, NCCL as DistError
+        raise ErnieError(f"rank {rank} stopped: {e}") from None
+    log.info("rank %d: stopped", rank)
 
 
 def _check_range(flag: str, value: int, lo: int, hi: int) -> None:
@@ -939,6 +1006,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds in-flight requests get to finish on Ctrl-C / SIGTERM",
     )
+    add_parallel_args(p)
     return p
 
 
@@ -963,5 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
         threads=args.threads,
+        tp=args.tp,
+        ep=args.ep,
     )
     return 0
