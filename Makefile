@@ -27,8 +27,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PYTEST) -q -m "not slow" tests --ignore=tests/langchain_standard
 
+DEMO_PROMPT ?= 写一首题为《静夜思》的诗
+
 demo: $(STAMP)
-	$(BIN)/ernie45 chat --once "写一首题为《静夜思》的诗" --max-new-tokens 64
+	@echo ">>> $(DEMO_PROMPT)"
+	@echo "$(DEMO_PROMPT)" | $(BIN)/ernie45 chat --max-new-tokens 96 --seed 0
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

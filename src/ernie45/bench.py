@@ -77,6 +77,19 @@ def decode_bytes_per_token(cfg, dtype: str) -> float:
 
 
 # ---- one configuration per process ---------------------------------------------------------------------
+class _Clock:
+    """A streamer (HF protocol: put() with the prompt, then once per new token) that records timestamps."""
+
+    def __init__(self, stamps: list[float]):
+        self.stamps = stamps
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def _prompt(vocab: int, n: int) -> list[int]:
     import torch
 
@@ -107,17 +120,9 @@ def run_ernie45(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int)
             model(ids, cache=cache, logits_to_keep=1)
             prefill.append(prompt_len / (time.perf_counter() - t))
         stamps: list[float] = []
-
-        class _Clock:
-            def put(self, value):
-                stamps.append(time.perf_counter())
-
-            def end(self):
-                pass
-
         t0 = time.perf_counter()
         out = generate(model, ids, max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False,
-                       streamer=_Clock())
+                       streamer=_Clock(stamps))
         end = time.perf_counter()
         assert out.shape[1] == prompt_len + gen_len
         # put() is called with the prompt first, then once per new token (HF streamer protocol)
@@ -144,17 +149,9 @@ def run_transformers(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs:
             model(ids, logits_to_keep=1)
             prefill.append(prompt_len / (time.perf_counter() - t))
         stamps: list[float] = []
-
-        class _Clock(transformers.generation.streamers.BaseStreamer):
-            def put(self, value):
-                stamps.append(time.perf_counter())
-
-            def end(self):
-                pass
-
         t0 = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_len, min_new_tokens=gen_len,
-                       do_sample=False, streamer=_Clock(), pad_token_id=0)
+                       do_sample=False, streamer=_Clock(stamps), pad_token_id=0)
         end = time.perf_counter()
         first = stamps[1] if len(stamps) > 1 else end
         ttft.append(first - t0)

@@ -44,7 +44,7 @@ def optimize_for_inference(model: nn.Module) -> int:
     if not _can_pack(model):
         return 0
     swapped = 0
-    for name, mod in list(model.named_modules()):
+    for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):
             if type(child) is not nn.Linear or type(mod).__module__.startswith("peft"):
                 continue

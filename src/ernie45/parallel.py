@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ernie45.checkpoint import read_header, safetensors_files, _ST_DTYPES  # noqa: PLC2701
+from ernie45.checkpoint import _ST_DTYPES, read_header, safetensors_files  # noqa: PLC2701
 from ernie45.config import ErnieConfig
 from ernie45.errors import ErnieError
 
