@@ -287,11 +287,14 @@ def test_cpp_chat_template_matches_python(deployed, system):
     stop = list(
         dict.fromkeys(resolve_config(model).eos_token_ids + tok.stop_token_ids)
     )  # what `ernie45 chat` uses
-    seq = generate(model, [prompt], max_new_tokens=30, eos_token_id=stop)[0, len(prompt) :].tolist()
+    # greedy explicitly: the bundled model's generation_config.json samples by default
+    seq = generate(model, [prompt], max_new_tokens=30, eos_token_id=stop, do_sample=False, repetition_penalty=1.0)[
+        0, len(prompt) :
+    ].tolist()
     expected = seq[: next((i + 1 for i, t in enumerate(seq) if t in stop), len(seq))]
     args = ["--system", system] if system else []
     run = run_demo(
-        binary, str(export_dir), "--prompt", "你好", "--max-new-tokens", "30", "--print-ids", *args
+        binary, str(export_dir), "--prompt", "你好", "--max-new-tokens", "30", "--print-ids", "--temperature", "0", *args
     )
     assert demo_ids(run) == expected
 
@@ -300,53 +303,32 @@ def test_cpp_chat_template_matches_python(deployed, system):
 def test_cpp_top_p_sampling_draws_what_python_draws(deployed):
     model_dir, export_dir, binary = deployed
     model, tok = ernie45.load(model_dir, dtype="float32", device="cpu")
-    prompt = tok.encode(PROMPT)
-    seq = generate(
-        model,
-        [prompt],
-        max_new_tokens=24,
-        do_sample=True,
-        temperature=0.8,
-        top_p=0.9,
-        seed=3,
-        eos_token_id=[],
-    )[0, len(prompt) :].tolist()
-    run = run_demo(
-        binary,
-        str(export_dir),
-        "--raw",
-        "--prompt",
-        PROMPT,
-        "--max-new-tokens",
-        "24",
-        "--temperature",
-        "0.8",
-        "--top-p",
-        "0.9",
-        "--seed",
-        "3",
-        "--print-ids",
-    )
-    eos = set(resolve_config(model).eos_token_ids)
-    n = next((i + 1 for i, t in enumerate(seq) if t in eos), len(seq))
-    assert demo_ids(run) == seq[:n]
-    other = run_demo(
-        binary,
-        str(export_dir),
-        "--raw",
-        "--prompt",
-        PROMPT,
-        "--max-new-tokens",
-        "24",
-        "--temperature",
-        "0.8",
-        "--top-p",
-        "0.9",
-        "--seed",
-        "4",
-        "--print-ids",
-    )
-    assert demo_ids(other) != demo_ids(run)
+    ask = "写一首题为《静夜思》的诗"
+    prompt = tok.apply_chat_template([{"role": "user", "content": ask}], tokenize=True)
+    eos = list(dict.fromkeys(resolve_config(model).eos_token_ids + tok.stop_token_ids))
+
+    def python_ids(seed: int) -> list[int]:
+        seq = generate(
+            model,
+            [prompt],
+            max_new_tokens=24,
+            do_sample=True,
+            temperature=0.8,
+            top_p=0.9,
+            top_k=0,  # the C++ demo samples with temperature + top-p only (no top-k / repetition penalty)
+            repetition_penalty=1.0,
+            seed=seed,
+            eos_token_id=eos,
+        )[0, len(prompt) :].tolist()
+        return seq[: next((i + 1 for i, t in enumerate(seq) if t in eos), len(seq))]
+
+    def demo(seed: int) -> list[int]:
+        args = ["--prompt", ask, "--max-new-tokens", "24", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "0"]
+        return demo_ids(run_demo(binary, str(export_dir), *args, "--seed", str(seed), "--print-ids"))
+
+    assert demo(3) == python_ids(3)
+    assert demo(4) == python_ids(4)
+    assert demo(3) != demo(4)
 
 
 @pytest.mark.slow

@@ -165,11 +165,13 @@ def run_llama_cpp(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: in
 
     from ernie45.config import ErnieConfig
 
+    if dtype == "wint4":
+        raise ErnieError("ernie45 export-gguf writes f32/f16/bf16/q8_0; no q4_0 file to compare against")
     gguf = os.path.join(ckpt, f"bench-{_GGUF_TYPE[dtype]}.gguf")
     if not os.path.exists(gguf):
         from ernie45.convert.gguf_export import main as export_main
 
-        export_main([ckpt, gguf, "--outtype", _GGUF_TYPE[dtype] if dtype != "wint4" else "q8_0"])
+        export_main([ckpt, gguf, "--outtype", _GGUF_TYPE[dtype], "--quiet"])
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=prompt_len + gen_len + 8, n_threads=threads, n_batch=512,
                           verbose=False)
     vocab = ErnieConfig.from_pretrained(ckpt).vocab_size
