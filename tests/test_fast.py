@@ -31,6 +31,22 @@ def test_packed_bf16_is_bit_identical(name):
     assert torch.equal(tokens, ref_tokens)
 
 
-def test_noop_in_fp32():
-    m = build_model(preset("tiny"), torch.float32)
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_packed_fp32_matches_within_summation_order(name):
+    m = build_model(preset(name), torch.float32)
+    m.init_weights(seed=0)
+    m.eval()
+    ids = torch.randint(3, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = m(ids).logits
+        ref_tokens = generate(m, ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert optimize_for_inference(m) > 0
+        out = m(ids).logits
+        tokens = generate(m, ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_noop_in_fp16():
+    m = build_model(preset("tiny"), torch.float16)
     assert optimize_for_inference(m) == 0

@@ -214,9 +214,13 @@ def make_checkpoint(shape: str, directory: str) -> str:
     path = os.path.join(directory, f"ernie45-bench-{shape}")
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
+    from ernie45.models import bundled_path
+    from ernie45.tokenizer import Tokenizer
+
     model = build_model(ErnieConfig(**SHAPES[shape]), torch.float32)
     model.init_weights(seed=0)
-    save_checkpoint(model, path, max_shard_size="20GB")
+    # the bundled tokenizer rides along so GGUF export (llama.cpp) has a vocabulary to embed
+    save_checkpoint(model, path, max_shard_size="20GB", tokenizer=Tokenizer.from_pretrained(bundled_path()))
     return path
 
 
