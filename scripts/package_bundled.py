@@ -33,7 +33,8 @@ GENERATION = {
 def heldout_ppl(model, data_dirs: list[str]) -> dict[str, float]:
     """Perplexity (exp of the mean next-token loss) of every sample of each directory's train split."""
     from ernie45.data.shards import PackedDataset
-    from ernie45.train.pretrain import Dist, evaluate
+    from ernie45.train.distributed import Dist
+    from ernie45.train.pretrain import evaluate
 
     out = {}
     for d in data_dirs:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ernie45.errors import ErnieError
+from ernie45.train.distributed import Dist, all_reduce_sum, init_distributed
 from ernie45.train.schedule import SCHEDULES, lr_at
 
 CKPT_DIR = "checkpoints"
@@ -151,41 +152,13 @@ def make_batch(
 
 
 # ---- distributed ------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the `torchrun` process group (gloo on CPU, nccl on CUDA); a single process needs none."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
-
-
 def all_reduce_mean(tensors: list[torch.Tensor], d: Dist) -> None:
-    """Average tensors across ranks in place, through one flat buffer (one collective per step)."""
-    if d.world == 1 or not tensors:
+    """Average tensors across ranks in place (one flat all-reduce per step)."""
+    if d.world == 1:
         return
-    import torch.distributed as dist
-
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= d.world
-    off = 0
+    all_reduce_sum(tensors, d)
     for t in tensors:
-        t.copy_(flat[off : off + t.numel()].view_as(t))
-        off += t.numel()
+        t /= d.world
 
 
 # ---- model / optimizer ------------------------------------------------------------------------------
@@ -379,10 +352,7 @@ def pretrain(a: PretrainArgs) -> dict[str, Any]:
 
     _validate(a)
     device = resolve_device(a.device)
-    d = init_distributed(device)
-    if device.type == "cuda" and d.world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    d, device = init_distributed(device)
     if a.batch_size % d.world:
         raise ErnieError(
             f"--batch-size {a.batch_size} must be divisible by the number of processes ({d.world})"
