@@ -50,3 +50,120 @@ def test_packed_fp32_matches_within_summation_order(name):
 def test_noop_in_fp16():
     m = build_model(preset("tiny"), torch.float16)
     assert optimize_for_inference(m) == 0
+
+
+# ---- the C decode step (ernie45/csrc/decode.c) -------------------------------------------------------------
+def _native_or_skip():
+    from ernie45 import native
+
+    lib = native.load("decode")
+    if lib is None or lib.ernie_simd_width() < 256:
+        pytest.skip("no C compiler / no AVX2: the C decode step is not built here")
+    return lib
+
+
+def _quantized(name, dtype, mode):
+    m = build_model(preset(name), dtype)
+    m.init_weights(seed=0)
+    m.eval()
+    if mode:
+        from ernie45.quant import quantize_model
+
+        kw = {"group_size": 64, "skip": ["down_proj"] if name == "tiny-moe" else []} if mode == "wint4" else {}
+        quantize_model(m, mode, progress=False, quantize_lm_head=True, **kw)
+    return m
+
+
+@pytest.mark.parametrize("mode", [None, "wint8", "wint4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_c_decode_step_matches_pytorch(name, dtype, mode):
+    """Same K/V rows, logits and greedy tokens as the PyTorch forward, for dense/MoE, fp32/bf16, float/int8/int4."""
+    from ernie45.fast import FastDecoder
+
+    _native_or_skip()
+    m = _quantized(name, dtype, mode)
+    ids = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref_tokens = generate(m, ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        ref_cache = m.new_cache(1, 12)
+        m(ids, cache=ref_cache)
+        step = torch.tensor([[17]])
+        ref = m(step, cache=ref_cache).logits[:, -1].float()
+        dec = FastDecoder.attach(m)
+        assert dec is not None and m.fast_decoder is dec
+        cache = m.new_cache(1, 12)
+        m(ids, cache=cache)
+        out = dec(step, cache)
+        tokens = generate(m, ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    assert cache.length == ref_cache.length == 8
+    # fp32: summation order only. bf16: PyTorch's bf16 roundings are reproduced, so at most one bf16 step apart.
+    # fp32 int8/int4: the VNNI kernels quantise x to int16 (|error| <= max|x| / 65534), and PyTorch's int4
+    # kernel rounds activations to bf16.
+    tol = {(torch.float32, None): 1e-5, (torch.float32, "wint8"): 1e-4, (torch.float32, "wint4"): 5e-3}.get(
+        (dtype, mode), 1e-2)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    for layer in range(len(cache.k)):
+        torch.testing.assert_close(cache.k[layer][:, :, :8], ref_cache.k[layer][:, :, :8], atol=tol, rtol=tol)
+        torch.testing.assert_close(cache.v[layer][:, :, :8], ref_cache.v[layer][:, :, :8], atol=tol, rtol=tol)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_c_decode_on_the_bundled_model_gives_the_same_answer():
+    """The trained bundled model: 64 greedy tokens identical with and without the C step (bf16 and fp32)."""
+    from ernie45.checkpoint import load_checkpoint
+    from ernie45.models import bundled_path
+
+    _native_or_skip()
+    for dtype in ("bfloat16", "float32"):
+        m = load_checkpoint(bundled_path(), dtype=dtype, device="cpu")
+        ids = torch.tensor([[1, 100, 200, 300, 400, 500]])
+        ref = generate(m, ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        optimize_for_inference(m)
+        assert getattr(m, "fast_decoder", None) is not None
+        assert torch.equal(generate(m, ids, max_new_tokens=64, min_new_tokens=64, do_sample=False), ref)
+
+
+def test_c_decode_is_skipped_where_it_does_not_apply():
+    """Batches, left padding and sampling-free beam search go through PyTorch and still give its results."""
+    from ernie45.fast import FastDecoder
+
+    _native_or_skip()
+    m = _quantized("tiny", torch.float32, None)
+    ids = torch.randint(3, 1000, (2, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    ref = generate(m, ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    ref_beam = generate(m, ids[1:], max_new_tokens=6, num_beams=3, do_sample=False)
+    dec = FastDecoder.attach(m)
+    cache = m.new_cache(2, 8)
+    assert not dec.accepts(ids[:, :1], cache, None, None)
+    one = m.new_cache(1, 8)
+    assert not dec.accepts(ids[:1, :1], one, torch.tensor([[0, 1]]), None)
+    assert dec.accepts(ids[:1, :1], one, None, None)
+    assert torch.equal(generate(m, ids, attention_mask=mask, max_new_tokens=6, do_sample=False), ref)
+    assert torch.equal(generate(m, ids[1:], max_new_tokens=6, num_beams=3, do_sample=False), ref_beam)
+
+
+def test_relocated_weights_keep_values_and_ties():
+    from ernie45.fast import relocate_weights
+
+    m = _quantized("tiny", torch.bfloat16, None)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    relocate_weights(m)
+    assert m.lm_head.weight is m.model.embed_tokens.weight  # still tied
+    after = m.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_native_can_be_turned_off(monkeypatch):
+    from ernie45 import native
+
+    monkeypatch.setenv("ERNIE45_NATIVE", "0")
+    native.load.cache_clear()
+    try:
+        m = _quantized("tiny", torch.float32, None)
+        assert optimize_for_inference(m) > 0  # packing only
+        assert getattr(m, "fast_decoder", None) is None
+    finally:
+        monkeypatch.delenv("ERNIE45_NATIVE")
+        native.load.cache_clear()

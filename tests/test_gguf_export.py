@@ -1,5 +1,5 @@
 """`ernie45 export-gguf`: read back with `gguf.GGUFReader` — architecture, tensor names/shapes/types, metadata,
-exact (f32) or bounded (f16/bf16/q8_0) values, the embedded SentencePiece vocabulary — plus bad input, and
+exact (f32) or bounded (f16/bf16/q8_0/q4_0) values, the embedded SentencePiece vocabulary — plus bad input, and
 (optionally, when llama-cpp-python is installed) greedy generation in llama.cpp."""
 
 from __future__ import annotations
@@ -149,18 +149,19 @@ def test_shared_expert_width_and_the_upstream_formula():
     assert "add_expert_shared_feed_forward_length" not in w.kv and w.kv["add_expert_shared_count"] == 0
 
 
-@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0", "q4_0"])
 def test_lower_precision_types_and_dequantised_values(outtype, ckpts, tmp_path):
     model, src = ckpts["moe"]
     out = tmp_path / "m.gguf"
     export_gguf(src, out, outtype, progress=False)
     r = gguf.GGUFReader(out)
-    want_type = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[outtype]
+    want_type = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[outtype]
     exp = expected_tensors(model, "moe")
     ftype = {
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }[outtype]
     assert field(r, "general.file_type") == int(ftype)
     for t in r.tensors:
@@ -174,6 +175,21 @@ def test_lower_precision_types_and_dequantised_values(outtype, ckpts, tmp_path):
             assert np.array_equal(got, ref.astype(np.float16).astype(np.float32)), t.name
         elif outtype == "bf16":
             assert np.array_equal(got, torch.from_numpy(ref).to(torch.bfloat16).float().numpy()), t.name
+        elif outtype == "q4_0":
+            # bit for bit the gguf library's reference quantizer (ggml's quantize_row_q4_0_ref)
+            reference = gguf.quants.dequantize(gguf.quants.quantize(ref, Q.Q4_0), Q.Q4_0)
+            assert np.array_equal(got, reference), t.name
+            # per block of 32: d = (signed value of largest magnitude) / -8, q = clip(trunc(x / d + 8.5), 0, 15);
+            # the error is |d| / 2, or (x / d - 7) |d| where x / d > 7.5 is clipped to level 15 (at most |d|),
+            # plus the f16 rounding of d (2^-11 relative, times |q - 8| <= 8)
+            blocks, err = ref.reshape(-1, 32), np.abs(got - ref).reshape(-1, 32)
+            i = np.abs(blocks).argmax(axis=1)[:, None]
+            d = np.take_along_axis(blocks, i, axis=1) / -8
+            ratio = blocks / np.where(d == 0, 1, d)
+            bound = np.abs(d) * (0.5 + np.clip(ratio - 7.5, 0, None) + 2.0**-8 + 1e-5) + 1e-7
+            assert (err <= bound).all(), t.name
+            assert (err <= np.abs(d) * (1 + 2.0**-8) + 1e-7).all(), t.name
+            assert err.max() > 0  # it really is quantized
         else:  # Q8_0: per block of 32, error <= half a step of amax/127 plus the f16 rounding of the scale
             blocks, err = ref.reshape(-1, 32), np.abs(got - ref).reshape(-1, 32)
             amax = np.abs(blocks).max(axis=1, keepdims=True)
@@ -181,10 +197,15 @@ def test_lower_precision_types_and_dequantised_values(outtype, ckpts, tmp_path):
             assert err.max() > 0  # it really is quantized
 
 
-def test_q8_0_falls_back_to_f16_for_rows_not_multiple_of_32():
+def test_q8_0_and_q4_0_fall_back_to_f16_for_rows_not_multiple_of_32():
     assert tensor_qtype("blk.0.attn_q.weight", (64, 48), "q8_0") == Q.F16
     assert tensor_qtype("blk.0.attn_q.weight", (48, 64), "q8_0") == Q.Q8_0
     assert tensor_qtype("blk.0.ffn_gate_inp.weight", (6, 64), "q8_0") == Q.F32
+    assert tensor_qtype("blk.0.attn_q.weight", (64, 48), "q4_0") == Q.F16
+    assert tensor_qtype("blk.0.attn_q.weight", (48, 64), "q4_0") == Q.Q4_0
+    assert tensor_qtype("blk.0.ffn_gate_exps.weight", (6, 32, 64), "q4_0") == Q.Q4_0
+    assert tensor_qtype("blk.0.ffn_gate_inp.weight", (6, 64), "q4_0") == Q.F32
+    assert tensor_qtype("blk.0.attn_norm.weight", (64,), "q4_0") == Q.F32
     assert tensor_qtype("blk.0.exp_probs_b.bias", (6,), "bf16") == Q.F32
 
 

@@ -26,7 +26,7 @@ from ernie45.convert.paddle import open_as_hf
 from ernie45.convert.safetensors_io import TensorSource, output_file
 from ernie45.errors import ErnieError
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -54,12 +54,13 @@ def _types(outtype: str):
         "f16": (q.F16, f.MOSTLY_F16),
         "bf16": (q.BF16, f.MOSTLY_BF16),
         "q8_0": (q.Q8_0, f.MOSTLY_Q8_0),
+        "q4_0": (q.Q4_0, f.MOSTLY_Q4_0),
     }[outtype]
 
 
 def tensor_qtype(name: str, shape: tuple[int, ...], outtype: str) -> int:
-    """llama.cpp's rule: 1-D tensors, norms, the router and biases stay F32; Q8_0 falls back to F16 for rows
-    that are not a multiple of its 32-element block."""
+    """llama.cpp's rule: 1-D tensors, norms, the router and biases stay F32; Q8_0 and Q4_0 fall back to F16
+    for rows that are not a multiple of their 32-element block."""
     g = _gguf()
     q = g.GGMLQuantizationType
     if (
@@ -70,7 +71,7 @@ def tensor_qtype(name: str, shape: tuple[int, ...], outtype: str) -> int:
     ):
         return q.F32
     qtype = _types(outtype)[0]
-    if qtype == q.Q8_0 and shape[-1] % g.GGML_QUANT_SIZES[q.Q8_0][0]:
+    if qtype in (q.Q8_0, q.Q4_0) and shape[-1] % g.GGML_QUANT_SIZES[qtype][0]:
         return q.F16
     return qtype
 
@@ -132,7 +133,7 @@ def plan_tensors(config: ErnieConfig, hf: TensorSource, outtype: str) -> list[Pl
 
 
 def _encode(t: Tensor, qtype: int) -> np.ndarray:
-    """Tensor data in the GGUF type (bytes for Q8_0; bf16 bits as uint16)."""
+    """Tensor data in the GGUF type (bytes for Q8_0 / Q4_0; bf16 bits as uint16)."""
     g = _gguf()
     q = g.GGMLQuantizationType
     if qtype == q.F32:
@@ -260,7 +261,7 @@ def export_gguf(
     """Write `out` (GGUF) from an HF or Paddle checkpoint directory, atomically, plus `out.sha256`.
 
     Args:
-        outtype: f32 | f16 | bf16 | q8_0 for the 2-D weights (norms, router and biases stay f32).
+        outtype: f32 | f16 | bf16 | q8_0 | q4_0 for the 2-D weights (norms, router and biases stay f32).
         verify: read the file back (tensor table, checksum) before publishing it.
     Returns:
         the output path.

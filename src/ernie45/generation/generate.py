@@ -166,7 +166,11 @@ def decode_step(
     """One cached forward for the newest tokens (B, 1) -> next-token logits (B, V).
 
     A plain function of tensors and the cache, so that benchmarks can time it and `torch.compile` can wrap it.
+    Batch-1 steps go to the model's C decoder when `ernie45.fast.optimize_for_inference` attached one.
     """
+    fast = getattr(model, "fast_decoder", None)
+    if fast is not None and fast.accepts(tokens, cache, attention_mask, position_ids):
+        return fast(tokens, cache)
     return model(tokens, attention_mask=attention_mask, position_ids=position_ids, cache=cache).logits[:, -1]
 
 

@@ -176,7 +176,7 @@ def load_model(source: ModelSource):
         quantize_model(model, source.quantize, tokenizer=tokenizer, progress=False)
     from ernie45.fast import optimize_for_inference
 
-    optimize_for_inference(model)
+    optimize_for_inference(model, native=False)  # the batching engine runs its own (PyTorch) decode step
     return model, tokenizer
 
 

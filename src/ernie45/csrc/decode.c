@@ -1,0 +1,777 @@
+/* One batch-1 decode step of ERNIE 4.5 (dense and MoE) on CPU, in one call.
+ *
+ * Why C: at batch 1 every token streams every weight once, so a step is a chain of GEMVs bound by memory
+ * bandwidth, plus ~25 small element-wise ops per layer. In PyTorch each of those ops costs framework overhead,
+ * and PyTorch has no bandwidth-bound bf16 / int8 / int4 GEMV on CPU (see bench/PROFILE.md). Here the whole
+ * step runs without returning to Python, with fused dequantising GEMVs that read each weight byte once.
+ *
+ * Numerics follow ernie45.model exactly, op by op: activations are computed in fp32 and, for a bf16 model,
+ * rounded to bf16 wherever the PyTorch forward materialises a bf16 tensor (so greedy tokens match it).
+ * Threads: OpenMP from the same libgomp that PyTorch loads (one thread pool in the process).
+ * Weights are read in place from the PyTorch tensors (pointers set up by ernie45/fast.py).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_I4 = 3 };
+#define MAX_HEAD_DIM 512
+
+typedef struct {
+    int kind, out, in, group; /* group: int4 group size (columns) */
+    const void *w;            /* F32 float[out][in]; BF16 uint16[out][in]; I8 int8[out][in]; I4 uint8[out][in/2] */
+    const float *scale;       /* I8 [out]; I4 [out][in/group] */
+    const float *zb;          /* I4 [out][in/group]: zero - 8 * scale, so w = q * scale + zb */
+    const float *bias;        /* [out] or NULL */
+} Linear;
+
+typedef struct {
+    const float *ln1, *ln2;
+    Linear q, k, v, o;
+    int is_moe;
+    Linear gate, up, down;                    /* dense MLP */
+    int n_experts, top_k;
+    float norm_min;
+    const float *router, *corr;               /* [E][H] fp32, [E] fp32 */
+    const Linear *experts;                    /* [E][3]: gate, up, down */
+    int has_shared;
+    Linear sgate, sup, sdown;
+} Layer;
+
+typedef struct {
+    int hidden, n_layers, n_heads, n_kv, head_dim, vocab, bf16, n_threads;
+    float eps, theta;
+    const void *embed; /* [vocab][hidden] in the model dtype (bf16 when bf16 != 0) */
+    const float *norm;
+    Linear head;
+    const Layer *layers;
+    int max_width;     /* widest Linear input or output (scratch sizing) */
+    int max_experts;   /* top_k + shared slots */
+    void *scratch;     /* owned, from ernie_prepare */
+    int scratch_len;   /* attention scores capacity per head */
+    float *scores;
+} Model;
+
+/* ---- per-part wall time, for `ernie45 bench` and bench/PROFILE.md ---------------------------------- */
+enum { P_ATTN_PROJ, P_ATTN, P_MLP, P_ROUTER, P_HEAD, P_OTHER, P_N };
+static double prof[P_N];
+static double tick(double *t0, int part) {
+    double t = omp_get_wtime();
+    prof[part] += t - *t0;
+    return *t0 = t;
+}
+
+/* seconds spent per part since the last reset: attention projections, attention (RoPE, cache, softmax),
+ * MLP / expert GEMVs, router (MoE gate + top-k), lm_head, everything else */
+void ernie_profile(double *out, int reset) {
+    for (int i = 0; i < P_N; i++) {
+        out[i] = prof[i];
+        if (reset) prof[i] = 0.0;
+    }
+}
+
+/* ---- bf16 helpers ------------------------------------------------------------------------------ */
+static inline float bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline uint16_t f2bf(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static inline float rb(float f) { return bf2f(f2bf(f)); }
+
+/* ---- dot products: one weight row against an fp32 vector ------------------------------------------ */
+#if defined(__AVX512F__)
+static inline float hsum(__m512 a) { return _mm512_reduce_add_ps(a); }
+
+/* exp of 16 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial), within ~1 ulp of
+ * libm on the ranges used here (softmax inputs <= 0, SiLU); scalar expf per element cost ~15 % of a decode step */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.72283f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* round 16 fp32 lanes to bf16 precision (nearest even), kept as fp32 */
+static inline __m512 rb16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+}
+#endif
+
+static void round_vec(float *x, int n, int on) {
+    if (!on) return;
+    int i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, rb16(_mm512_loadu_ps(x + i)));
+#endif
+    for (; i < n; i++) x[i] = rb(x[i]);
+}
+
+static float dot_f32(const float *w, const float *x, int n) {
+    int i = 0;
+    float s = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+    s = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+#pragma omp simd reduction(+ : s)
+    for (int j = i; j < n; j++) s += w[j] * x[j];
+    return s;
+}
+
+#if defined(__AVX512F__)
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+#endif
+
+/* bf16 row against fp32 x: widen each weight to fp32 (exact) and FMA */
+static float dot_bf16x(const uint16_t *w, const float *x, int n) {
+    int i = 0;
+    float s = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(load_bf16x16(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(load_bf16x16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(load_bf16x16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(load_bf16x16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(load_bf16x16(w + i), _mm512_loadu_ps(x + i), a0);
+    s = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+#pragma omp simd reduction(+ : s)
+    for (int j = i; j < n; j++) s += bf2f(w[j]) * x[j];
+    return s;
+}
+
+/* bf16 weight row; xb = x in bf16 (exact: in a bf16 model x holds bf16 values). AVX512-BF16 multiplies
+ * bf16 pairs directly (products are exact in fp32, like the widening path). */
+static float dot_bf16(const uint16_t *w, const float *x, const uint16_t *xb, int n) {
+#if defined(__AVX512BF16__)
+    int i = 0;
+    float s = 0.f;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 128 <= n; i += 128) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(xb + i));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(xb + i + 32));
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + i + 64), (__m512bh)_mm512_loadu_si512(xb + i + 64));
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + i + 96), (__m512bh)_mm512_loadu_si512(xb + i + 96));
+    }
+    for (; i + 32 <= n; i += 32)
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(xb + i));
+    s = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    return s + (i < n ? dot_bf16x(w + i, x + i, n - i) : 0.f);
+#else
+    (void)xb;
+    return dot_bf16x(w, x, n);
+#endif
+}
+
+static float dot_i8(const int8_t *w, const float *x, int n) {
+    int i = 0;
+    float s = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#define I8X16(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(I8X16(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(I8X16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(I8X16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(I8X16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(I8X16(w + i), _mm512_loadu_ps(x + i), a0);
+#undef I8X16
+    s = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+#pragma omp simd reduction(+ : s)
+    for (int j = i; j < n; j++) s += (float)w[j] * x[j];
+    return s;
+}
+
+/* int4 row: byte j of a 32-column chunk holds column 2j (low nibble) and 2j+1 (high nibble). xp is x with each
+ * 32-column chunk reordered as [even columns, odd columns]; xg holds the per-group sums of x. */
+static float dot_i4(const uint8_t *w, const float *xp, const float *xg, const float *scale, const float *zb,
+                    int n, int group) {
+    int ng = n / group;
+    float extra = 0.f, s = 0.f;
+#if defined(__AVX512F__)
+    if (group % 32 == 0) {
+        const __m512i m15 = _mm512_set1_epi32(15);
+        __m512 acc = _mm512_setzero_ps();
+        for (int gi = 0; gi < ng; gi++) {
+            const uint8_t *p = w + (size_t)gi * group / 2;
+            const float *xq = xp + (size_t)gi * group;
+            __m512 ga = _mm512_setzero_ps(), gb = ga;
+            for (int c = 0; c < group; c += 32) {
+                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + c / 2)));
+                __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, m15));
+                __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+                ga = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xq + c), ga);
+                gb = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xq + c + 16), gb);
+            }
+            acc = _mm512_fmadd_ps(_mm512_add_ps(ga, gb), _mm512_set1_ps(scale[gi]), acc);
+            extra += zb[gi] * xg[gi];
+        }
+        return hsum(acc) + extra;
+    }
+#endif
+    for (int gi = 0; gi < ng; gi++) {
+        float g = 0.f;
+        for (int c = 0; c < group; c += 32) {
+            const uint8_t *p = w + ((size_t)gi * group + c) / 2;
+            const float *xq = xp + (size_t)gi * group + c;
+            for (int j = 0; j < 16; j++) g += (float)(p[j] & 15) * xq[j] + (float)(p[j] >> 4) * xq[16 + j];
+        }
+        s += g * scale[gi];
+        extra += zb[gi] * xg[gi];
+    }
+    return s + extra;
+}
+
+/* With AVX512-VNNI the int8/int4 rows are multiplied in integers: x is quantised once per GEMV to int16 with
+ * one scale (x ~= xq * xs, error <= |x|max / 65534, finer than x's own bf16 rounding for all but its smallest
+ * entries), weights are widened to int16, and VPDPWSSD multiplies and adds 32 pairs per instruction: about a
+ * third of the instructions of the widen-to-fp32 path, which is compute-bound on a CPU core (12 G weights/s). */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_VNNI16 1
+static float dot_i8_vnni(const int8_t *w, const int16_t *xq, int n) {
+    __m512 f = _mm512_setzero_ps();
+    int i = 0;
+    while (i + 32 <= n) { /* int32 lanes stay exact for 4096 columns: 128 * 2 * 127 * 32767 < 2^31 */
+        int end = i + 4096 < n ? i + 4096 : n;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+        for (; i + 64 <= end; i += 64) {
+            a0 = _mm512_dpwssd_epi32(a0, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i))),
+                                     _mm512_loadu_si512(xq + i));
+            a1 = _mm512_dpwssd_epi32(a1, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i + 32))),
+                                     _mm512_loadu_si512(xq + i + 32));
+        }
+        for (; i + 32 <= end; i += 32)
+            a0 = _mm512_dpwssd_epi32(a0, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i))),
+                                     _mm512_loadu_si512(xq + i));
+        f = _mm512_add_ps(f, _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)));
+    }
+    float s = hsum(f);
+    for (; i < n; i++) s += (float)w[i] * (float)xq[i];
+    return s;
+}
+
+/* int4 row against xq permuted per 64 columns as [32 even columns, 32 odd columns]; xg = per-group sums of x
+ * (float, exact x), for the zero-point term. */
+static float dot_i4_vnni(const uint8_t *w, const int16_t *xq, float xs, const float *xg, const float *scale,
+                         const float *zb, int n, int group) {
+    const __m512i m15 = _mm512_set1_epi16(15);
+    __m512 acc = _mm512_setzero_ps();
+    float extra = 0.f;
+    int ng = n / group;
+    for (int gi = 0; gi < ng; gi++) {
+        const uint8_t *p = w + (size_t)gi * group / 2;
+        const int16_t *xg16 = xq + (size_t)gi * group;
+        __m512i a = _mm512_setzero_si512();
+        for (int c = 0; c < group; c += 64) {
+            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + c / 2)));
+            a = _mm512_dpwssd_epi32(a, _mm512_and_si512(b, m15), _mm512_loadu_si512(xg16 + c));
+            a = _mm512_dpwssd_epi32(a, _mm512_srli_epi16(b, 4), _mm512_loadu_si512(xg16 + c + 32));
+        }
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(scale[gi] * xs), acc);
+        extra += zb[gi] * xg[gi];
+    }
+    return hsum(acc) + extra;
+}
+#endif
+
+/* ---- GEMV over several Linears at once (one parallel region; rows split evenly over threads) ------- */
+typedef struct {
+    const Linear *L;
+    const float *x;
+    float *y;
+    /* prepared forms of x, filled by prep() */
+    const uint16_t *xb;
+    const float *xp, *xg;
+    const int16_t *xq; /* VNNI path: x quantised to int16 (int4: permuted), x ~= xq * xs */
+    float xs;
+} Job;
+
+#define MAX_JOBS 64
+
+typedef struct {
+    uint16_t *xb;
+    float *xp, *xg;
+} PrepBuf;
+
+static void prep(Job *j, PrepBuf *buf, const Job *prev) {
+    const Linear *L = j->L;
+    int n = L->in;
+    if (prev && prev->x == j->x && prev->L->kind == L->kind && prev->L->group == L->group) {
+        j->xb = prev->xb, j->xp = prev->xp, j->xg = prev->xg, j->xq = prev->xq, j->xs = prev->xs;
+        return;
+    }
+#if defined(HAVE_VNNI16)
+    if ((L->kind == W_I8 && n % 32 == 0) || (L->kind == W_I4 && L->group % 64 == 0)) {
+        float mx = 0.f;
+        for (int i = 0; i < n; i++) mx = fabsf(j->x[i]) > mx ? fabsf(j->x[i]) : mx;
+        float xs = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / xs;
+        int16_t *xq = (int16_t *)buf->xb;
+        if (L->kind == W_I8) {
+            for (int i = 0; i < n; i++) xq[i] = (int16_t)lrintf(j->x[i] * inv);
+        } else {
+            for (int c = 0; c < n; c += 64)
+                for (int t = 0; t < 32; t++) {
+                    xq[c + t] = (int16_t)lrintf(j->x[c + 2 * t] * inv);
+                    xq[c + 32 + t] = (int16_t)lrintf(j->x[c + 2 * t + 1] * inv);
+                }
+            for (int gi = 0; gi < n / L->group; gi++) {
+                float s = 0.f;
+                for (int c = 0; c < L->group; c++) s += j->x[gi * L->group + c];
+                buf->xg[gi] = s;
+            }
+            j->xg = buf->xg;
+        }
+        j->xq = xq, j->xs = xs;
+        return;
+    }
+#endif
+    j->xq = NULL;
+    if (L->kind == W_BF16) {
+        for (int i = 0; i < n; i++) buf->xb[i] = f2bf(j->x[i]);
+        j->xb = buf->xb;
+    } else if (L->kind == W_I4) {
+        for (int c = 0; c + 32 <= n; c += 32)
+            for (int t = 0; t < 16; t++) {
+                buf->xp[c + t] = j->x[c + 2 * t];
+                buf->xp[c + 16 + t] = j->x[c + 2 * t + 1];
+            }
+        for (int gi = 0; gi < n / L->group; gi++) {
+            float s = 0.f;
+            for (int c = 0; c < L->group; c++) s += j->x[gi * L->group + c];
+            buf->xg[gi] = s;
+        }
+        j->xp = buf->xp, j->xg = buf->xg;
+    }
+}
+
+static inline float row_dot(const Job *j, int r) {
+    const Linear *L = j->L;
+    int n = L->in;
+    float y;
+    switch (L->kind) {
+    case W_F32: y = dot_f32((const float *)L->w + (size_t)r * n, j->x, n); break;
+    case W_BF16: y = dot_bf16((const uint16_t *)L->w + (size_t)r * n, j->x, j->xb, n); break;
+    case W_I8:
+#if defined(HAVE_VNNI16)
+        if (j->xq) {
+            y = dot_i8_vnni((const int8_t *)L->w + (size_t)r * n, j->xq, n) * (j->xs * L->scale[r]);
+            break;
+        }
+#endif
+        y = dot_i8((const int8_t *)L->w + (size_t)r * n, j->x, n) * L->scale[r];
+        break;
+    default: {
+        int ng = n / L->group;
+#if defined(HAVE_VNNI16)
+        if (j->xq) {
+            y = dot_i4_vnni((const uint8_t *)L->w + (size_t)r * (n / 2), j->xq, j->xs, j->xg,
+                            L->scale + (size_t)r * ng, L->zb + (size_t)r * ng, n, L->group);
+            break;
+        }
+#endif
+        y = dot_i4((const uint8_t *)L->w + (size_t)r * (n / 2), j->xp, j->xg, L->scale + (size_t)r * ng,
+                   L->zb + (size_t)r * ng, n, L->group);
+    }
+    }
+    return L->bias ? y + L->bias[r] : y;
+}
+
+static PrepBuf *prep_bufs(const Model *m) { return (PrepBuf *)m->scratch; }
+
+static void gemv_multi(const Model *m, Job *jobs, int nj, int bf16) {
+    PrepBuf *bufs = prep_bufs(m);
+    long total = 0;
+    for (int j = 0; j < nj; j++) {
+        prep(&jobs[j], &bufs[j], j ? &jobs[j - 1] : NULL);
+        total += jobs[j].L->out;
+    }
+#pragma omp parallel num_threads(m->n_threads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        long r0 = total * t / nt, r1 = total * (t + 1) / nt, base = 0;
+        for (int j = 0; j < nj && base < r1; j++) {
+            long out = jobs[j].L->out;
+            long a = r0 > base ? r0 - base : 0, b = r1 - base < out ? r1 - base : out;
+            /* one row at a time: a single sequential stream per thread is what the hardware prefetcher
+             * follows best (measured: interleaving 4 rows cut bf16 GEMV bandwidth from ~44 to ~24 GB/s) */
+            for (long r = a; r < b; r++) jobs[j].y[r] = row_dot(&jobs[j], (int)r);
+            base += out;
+        }
+    }
+    for (int j = 0; j < nj; j++) round_vec(jobs[j].y, jobs[j].L->out, bf16);
+}
+
+static void gemv(const Model *m, const Linear *L, const float *x, float *y) {
+    Job j = {L, x, y, NULL, NULL, NULL, NULL, 1.f};
+    gemv_multi(m, &j, 1, m->bf16);
+}
+
+/* ---- element-wise pieces ------------------------------------------------------------------------ */
+static void rmsnorm(const Model *m, const float *x, const float *w, float *out) {
+    int n = m->hidden;
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / n) + m->eps);
+    for (int i = 0; i < n; i++) {
+        float t = x[i] * r;
+        if (m->bf16) t = rb(t); /* xf.to(x.dtype) before the weight multiply */
+        out[i] = m->bf16 ? rb(w[i] * t) : w[i] * t;
+    }
+}
+
+/* cos/sin of the position's angle for each (even, odd) pair, computed once per step for all layers */
+static void rope_table(const Model *m, int pos, float *cs, float *sn) {
+    int d = m->head_dim;
+    for (int i = 0; i < d / 2; i++) {
+        float inv = 1.0f / powf(m->theta, (float)(2 * i) / (float)d);
+        float f = (float)pos * inv;
+        cs[i] = cosf(f), sn[i] = sinf(f);
+    }
+}
+
+static void rope(const Model *m, float *x, int n_heads, const float *cs, const float *sn) {
+    int d = m->head_dim;
+    for (int h = 0; h < n_heads; h++)
+        for (int i = 0; i < d / 2; i++) {
+            float *p = x + (size_t)h * d + 2 * i;
+            float x0 = p[0], x1 = p[1];
+            p[0] = x0 * cs[i] - x1 * sn[i];
+            p[1] = x1 * cs[i] + x0 * sn[i];
+        }
+    round_vec(x, n_heads * d, m->bf16);
+}
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+static void swiglu(const Model *m, const float *g, const float *u, float *a, int n) {
+    int i = 0;
+#if defined(__AVX512F__)
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= n; i += 16) {
+        __m512 gv = _mm512_loadu_ps(g + i);
+        __m512 sv = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        if (m->bf16) sv = rb16(sv);
+        __m512 av = _mm512_mul_ps(sv, _mm512_loadu_ps(u + i));
+        _mm512_storeu_ps(a + i, m->bf16 ? rb16(av) : av);
+    }
+#endif
+    for (; i < n; i++) {
+        float s = silu(g[i]);
+        if (m->bf16) s = rb(s);
+        a[i] = m->bf16 ? rb(s * u[i]) : s * u[i];
+    }
+}
+
+static void add_into(const Model *m, float *x, const float *y, int n) {
+    for (int i = 0; i < n; i++) x[i] = m->bf16 ? rb(x[i] + y[i]) : x[i] + y[i];
+}
+
+/* Query heads h0..h1 (all reading kv head kvh) against cache rows 0..T-1: each K/V row is widened to fp32
+ * once and used by every head of the group (GQA), and exp is vectorised. */
+static void attend_group(const Model *m, const float *q, const void *kc, const void *vc, int T, int max_len,
+                         int kvh, int h0, int h1, float *out) {
+    int d = m->head_dim, bf = m->bf16;
+    float scale = 1.0f / sqrtf((float)d), row[MAX_HEAD_DIM];
+    for (int t = 0; t < T; t++) {
+        size_t off = ((size_t)kvh * max_len + t) * d;
+        const float *k = (const float *)kc + off;
+        if (bf) {
+            const uint16_t *kb = (const uint16_t *)kc + off;
+            for (int i = 0; i < d; i++) row[i] = bf2f(kb[i]);
+            k = row;
+        }
+        for (int h = h0; h < h1; h++) {
+            float s = dot_f32(k, q + (size_t)h * d, d);
+            m->scores[(size_t)h * m->scratch_len + t] = bf ? rb(rb(s) * scale) : s * scale;
+        }
+    }
+    for (int h = h0; h < h1; h++) { /* softmax in fp32, as `scores.float().softmax(-1)` */
+        float *sc = m->scores + (size_t)h * m->scratch_len, mx = -INFINITY, sum = 0.f;
+        for (int t = 0; t < T; t++) mx = sc[t] > mx ? sc[t] : mx;
+        int t = 0;
+#if defined(__AVX512F__)
+        __m512 acc = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);
+        for (; t + 16 <= T; t += 16) {
+            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + t), vmx));
+            _mm512_storeu_ps(sc + t, e);
+            acc = _mm512_add_ps(acc, e);
+        }
+        sum = hsum(acc);
+#endif
+        for (; t < T; t++) sum += (sc[t] = expf(sc[t] - mx));
+        for (t = 0; t < T; t++) sc[t] = bf ? rb(sc[t] / sum) : sc[t] / sum;
+        float *oh = out + (size_t)h * d;
+        for (int i = 0; i < d; i++) oh[i] = 0.f;
+    }
+    for (int t = 0; t < T; t++) {
+        size_t off = ((size_t)kvh * max_len + t) * d;
+        const float *v = (const float *)vc + off;
+        if (bf) {
+            const uint16_t *vb = (const uint16_t *)vc + off;
+            for (int i = 0; i < d; i++) row[i] = bf2f(vb[i]);
+            v = row;
+        }
+        for (int h = h0; h < h1; h++) {
+            float p = m->scores[(size_t)h * m->scratch_len + t], *oh = out + (size_t)h * d;
+#pragma omp simd
+            for (int i = 0; i < d; i++) oh[i] += p * v[i];
+        }
+    }
+    for (int h = h0; h < h1; h++) round_vec(out + (size_t)h * d, d, bf);
+}
+
+static void attention(const Model *m, const float *q, const void *kc, const void *vc, int T, int max_len,
+                      float *out) {
+    int group = m->n_heads / m->n_kv, split = m->n_threads / m->n_kv;
+    split = split < 1 ? 1 : split > group ? group : split; /* enough tasks for every thread */
+#pragma omp parallel for num_threads(m->n_threads) schedule(static)
+    for (int task = 0; task < m->n_kv * split; task++) {
+        int kvh = task / split, part = task % split;
+        attend_group(m, q, kc, vc, T, max_len, kvh, kvh * group + group * part / split,
+                     kvh * group + group * (part + 1) / split, out);
+    }
+}
+
+static void store_kv(const Model *m, void *cache, const float *src, int pos, int max_len) {
+    int d = m->head_dim;
+    for (int h = 0; h < m->n_kv; h++) {
+        size_t off = ((size_t)h * max_len + pos) * d;
+        if (m->bf16) {
+            uint16_t *c = (uint16_t *)cache + off;
+            for (int i = 0; i < d; i++) c[i] = f2bf(src[(size_t)h * d + i]);
+        } else {
+            memcpy((float *)cache + off, src + (size_t)h * d, sizeof(float) * d);
+        }
+    }
+}
+
+/* ---- scratch -------------------------------------------------------------------------------------- */
+typedef struct {
+    float *x, *n, *q, *k, *v, *att, *o, *blk, *g, *u, *a, *y, *probs;
+} Act;
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* 512 when built with AVX-512 kernels (what the Python side checks before preferring this path) */
+int ernie_simd_width(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX2__)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
+int ernie_prepare(Model *m, int max_len) {
+    if (m->scratch && m->scratch_len >= max_len) return 0;
+    free(m->scratch);
+    int W = m->max_width, S = m->max_experts, qd = m->n_heads * m->head_dim;
+    size_t prep = (size_t)MAX_JOBS * align64(sizeof(PrepBuf));
+    size_t per_job = align64(W * 2) + align64(W * 4) + align64(W * 4);
+    size_t act = sizeof(float) * ((size_t)W * 4 + (size_t)qd * 4 + (size_t)S * W * 4 + 4096 + 64);
+    size_t scores = sizeof(float) * (size_t)m->n_heads * max_len;
+    size_t total = prep + MAX_JOBS * per_job + act + scores + 64 * 32;
+    char *p = aligned_alloc(64, align64(total));
+    if (!p) return -1;
+    m->scratch = p;
+    m->scratch_len = max_len;
+    PrepBuf *bufs = (PrepBuf *)p;
+    char *q = p + prep;
+    for (int j = 0; j < MAX_JOBS; j++) {
+        bufs[j].xb = (uint16_t *)q, q += align64(W * 2);
+        bufs[j].xp = (float *)q, q += align64(W * 4);
+        bufs[j].xg = (float *)q, q += align64(W * 4);
+    }
+    m->scores = (float *)q;
+    return 0;
+}
+
+void ernie_release(Model *m) {
+    free(m->scratch);
+    m->scratch = NULL;
+    m->scratch_len = 0;
+}
+
+static Act carve(const Model *m) {
+    int W = m->max_width, S = m->max_experts, qd = m->n_heads * m->head_dim;
+    float *p = m->scores + (size_t)m->n_heads * m->scratch_len;
+    p = (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
+    Act a;
+    a.x = p, p += W;
+    a.n = p, p += W;
+    a.q = p, p += qd;
+    a.k = p, p += qd;
+    a.v = p, p += qd;
+    a.att = p, p += qd;
+    a.o = p, p += W;
+    a.blk = p, p += W;
+    a.g = p, p += (size_t)S * W;
+    a.u = p, p += (size_t)S * W;
+    a.a = p, p += (size_t)S * W;
+    a.y = p, p += (size_t)S * W;
+    a.probs = p;
+    return a;
+}
+
+/* ---- MoE block ---------------------------------------------------------------------------------- */
+static void moe(const Model *m, const Layer *L, Act *A, float *out, double *t0) {
+    int H = m->hidden, E = L->n_experts, K = L->top_k;
+    float *probs = A->probs, mx = -INFINITY, sum = 0.f;
+    for (int e = 0; e < E; e++) { /* fp32 router on the (bf16-valued) normed input */
+        probs[e] = dot_f32(L->router + (size_t)e * H, A->n, H);
+        mx = probs[e] > mx ? probs[e] : mx;
+    }
+    for (int e = 0; e < E; e++) sum += (probs[e] = expf(probs[e] - mx));
+    for (int e = 0; e < E; e++) probs[e] /= sum;
+    int sel[64];
+    float w[64], wsum = 0.f;
+    for (int k = 0; k < K; k++) { /* top-k of probs + correction bias (selection only) */
+        int best = -1;
+        float bv = -INFINITY;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int j = 0; j < k; j++) taken |= sel[j] == e;
+            float v = probs[e] + (L->corr ? L->corr[e] : 0.f);
+            if (!taken && (best < 0 || v > bv)) best = e, bv = v;
+        }
+        sel[k] = best;
+        w[k] = probs[best];
+        wsum += w[k];
+    }
+    float denom = wsum > L->norm_min ? wsum : L->norm_min;
+    for (int k = 0; k < K; k++) w[k] = m->bf16 ? rb(w[k] / denom) : w[k] / denom;
+    for (int a = 1; a < K; a++) /* experts run (and accumulate) in id order, as the PyTorch loop does */
+        for (int b = a; b > 0 && sel[b - 1] > sel[b]; b--) {
+            int ti = sel[b]; sel[b] = sel[b - 1]; sel[b - 1] = ti;
+            float tw = w[b]; w[b] = w[b - 1]; w[b - 1] = tw;
+        }
+    Job jobs[MAX_JOBS];
+    int nj = 0, S = K + (L->has_shared ? 1 : 0), W = m->max_width;
+    tick(t0, P_ROUTER);
+    for (int s = 0; s < S; s++) {
+        const Linear *g = s < K ? &L->experts[sel[s] * 3] : &L->sgate;
+        const Linear *u = s < K ? &L->experts[sel[s] * 3 + 1] : &L->sup;
+        jobs[nj++] = (Job){g, A->n, A->g + (size_t)s * W, NULL, NULL, NULL, NULL, 1.f};
+        jobs[nj++] = (Job){u, A->n, A->u + (size_t)s * W, NULL, NULL, NULL, NULL, 1.f};
+    }
+    gemv_multi(m, jobs, nj, m->bf16);
+    nj = 0;
+    for (int s = 0; s < S; s++) {
+        const Linear *dn = s < K ? &L->experts[sel[s] * 3 + 2] : &L->sdown;
+        int I = dn->in;
+        swiglu(m, A->g + (size_t)s * W, A->u + (size_t)s * W, A->a + (size_t)s * W, I);
+        jobs[nj++] = (Job){dn, A->a + (size_t)s * W, A->y + (size_t)s * W, NULL, NULL, NULL, NULL, 1.f};
+    }
+    gemv_multi(m, jobs, nj, m->bf16);
+    for (int i = 0; i < H; i++) out[i] = 0.f;
+    for (int s = 0; s < K; s++) {
+        const float *y = A->y + (size_t)s * W;
+        for (int i = 0; i < H; i++) {
+            float t = m->bf16 ? rb(y[i] * w[s]) : y[i] * w[s];
+            out[i] = m->bf16 ? rb(out[i] + t) : out[i] + t;
+        }
+    }
+    if (L->has_shared) add_into(m, out, A->y + (size_t)K * W, H);
+    tick(t0, P_MLP);
+}
+
+/* ---- the step ------------------------------------------------------------------------------------ */
+/* Feed `token` at position `pos` (= cache rows already filled), write K/V row `pos` of every layer into
+ * kc[l]/vc[l] ((n_kv, max_len, head_dim), model dtype) and the next-token logits (vocab floats) into `logits`. */
+int ernie_step(Model *m, int token, int pos, int max_len, void **kc, void **vc, float *logits) {
+    if (token < 0 || token >= m->vocab || pos < 0 || pos >= max_len || m->head_dim > MAX_HEAD_DIM) return -2;
+    if (ernie_prepare(m, max_len)) return -1;
+    Act A = carve(m);
+    int H = m->hidden;
+    float cs[MAX_HEAD_DIM / 2], sn[MAX_HEAD_DIM / 2];
+    rope_table(m, pos, cs, sn);
+    if (m->bf16) {
+        const uint16_t *e = (const uint16_t *)m->embed + (size_t)token * H;
+        for (int i = 0; i < H; i++) A.x[i] = bf2f(e[i]);
+    } else {
+        memcpy(A.x, (const float *)m->embed + (size_t)token * H, sizeof(float) * H);
+    }
+    double t0 = omp_get_wtime();
+    for (int l = 0; l < m->n_layers; l++) {
+        const Layer *L = &m->layers[l];
+        rmsnorm(m, A.x, L->ln1, A.n);
+        tick(&t0, P_OTHER);
+        Job qkv[3] = {{&L->q, A.n, A.q, NULL, NULL, NULL, NULL, 1.f}, {&L->k, A.n, A.k, NULL, NULL, NULL, NULL, 1.f},
+                      {&L->v, A.n, A.v, NULL, NULL, NULL, NULL, 1.f}};
+        gemv_multi(m, qkv, 3, m->bf16);
+        tick(&t0, P_ATTN_PROJ);
+        rope(m, A.q, m->n_heads, cs, sn);
+        rope(m, A.k, m->n_kv, cs, sn);
+        store_kv(m, kc[l], A.k, pos, max_len);
+        store_kv(m, vc[l], A.v, pos, max_len);
+        attention(m, A.q, kc[l], vc[l], pos + 1, max_len, A.att);
+        tick(&t0, P_ATTN);
+        gemv(m, &L->o, A.att, A.o);
+        tick(&t0, P_ATTN_PROJ);
+        add_into(m, A.x, A.o, H);
+        rmsnorm(m, A.x, L->ln2, A.n);
+        tick(&t0, P_OTHER);
+        if (L->is_moe) {
+            moe(m, L, &A, A.blk, &t0);
+        } else {
+            Job gu[2] = {{&L->gate, A.n, A.g, NULL, NULL, NULL, NULL, 1.f}, {&L->up, A.n, A.u, NULL, NULL, NULL, NULL, 1.f}};
+            gemv_multi(m, gu, 2, m->bf16);
+            swiglu(m, A.g, A.u, A.a, L->gate.out);
+            gemv(m, &L->down, A.a, A.blk);
+            tick(&t0, P_MLP);
+        }
+        add_into(m, A.x, A.blk, H);
+    }
+    rmsnorm(m, A.x, m->norm, A.n);
+    tick(&t0, P_OTHER);
+    gemv(m, &m->head, A.n, logits);
+    tick(&t0, P_HEAD);
+    return 0;
+}
+
+/* y = L x for one Linear (kernel tests and `ernie45 bench --kernels`); m supplies threads and scratch. */
+int ernie_gemv(Model *m, const Linear *L, const float *x, float *y) {
+    if (ernie_prepare(m, 1)) return -1;
+    gemv(m, L, x, y);
+    return 0;
+}
