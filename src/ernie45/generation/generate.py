@@ -240,7 +240,7 @@ def _decode(
         tokens = torch.where(unfinished, sampler(scores), pad_t)  # finished rows get padding
         seq[:, cur] = tokens
         if eos_t is not None:
-            unfinished &= ~torch.isin(tokens, eos_t)
+            unfinished &= ~(tokens[:, None] == eos_t).any(-1)
         token_list = tokens.tolist()  # the one host sync of the step
         for i, t in enumerate(token_list):
             if finished[i]:

@@ -71,8 +71,8 @@ def apply_no_repeat_ngram(scores: Tensor, input_ids: Tensor, ngram_size: int) ->
 
 def suppress_tokens(scores: Tensor, token_ids: Tensor) -> Tensor:
     """Set the scores of `token_ids` to -inf (min_new_tokens keeps EOS out until enough tokens exist)."""
-    vocab = torch.arange(scores.shape[-1], device=scores.device)
-    return torch.where(torch.isin(vocab, token_ids), -math.inf, scores)
+    ids = token_ids[token_ids < scores.shape[-1]]  # (isin over the whole vocabulary costs ~0.2 ms per step)
+    return scores.index_fill(-1, ids, -math.inf)
 
 
 # ---- warpers (sampling only) -------------------------------------------------------------------------
