@@ -167,3 +167,28 @@ def test_native_can_be_turned_off(monkeypatch):
     finally:
         monkeypatch.delenv("ERNIE45_NATIVE")
         native.load.cache_clear()
+
+
+def test_without_a_compiler_decoding_falls_back_to_pytorch(monkeypatch, tmp_path, caplog):
+    """No compiler, or one that fails: no C step, no exception, the oneDNN path, same tokens."""
+    from ernie45 import native
+
+    monkeypatch.setenv("ERNIE45_CACHE", str(tmp_path))  # nothing cached: every load must build
+    ids = torch.tensor([[5, 6, 7]])
+    ref = generate(_quantized("tiny", torch.float32, None), ids, max_new_tokens=6, do_sample=False)
+    try:
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+        native.load.cache_clear()
+        assert native.load("decode") is None
+        monkeypatch.setattr(native, "_compiler", lambda: "cc")
+        monkeypatch.setattr(native, "CFLAGS", [*native.CFLAGS, "-fno-such-flag-for-the-test"])
+        native.load.cache_clear()
+        with caplog.at_level("WARNING", logger="ernie45"):
+            m = _quantized("tiny", torch.float32, None)
+            assert optimize_for_inference(m) > 0
+        assert getattr(m, "fast_decoder", None) is None
+        assert "could not build the C decode kernels" in caplog.text
+        assert not list(tmp_path.rglob("*.so"))  # nothing half-written left in the cache
+        assert torch.equal(generate(m, ids, max_new_tokens=6, do_sample=False), ref)
+    finally:
+        native.load.cache_clear()

@@ -102,15 +102,16 @@ def decode_bytes_per_token(cfg, dtype: str) -> float:
     q8_0/q4_0 files do (its tied token embedding doubles as the output matrix)."""
     H, d = cfg.hidden_size, cfg.head_dim
     attn = H * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    n = 0
+    n, router = 0, 0.0
     for i in range(cfg.num_hidden_layers):
         if cfg.is_moe_layer(i):
-            mlp = 3 * H * cfg.moe_intermediate_size * (cfg.moe_k + cfg.moe_num_shared_experts) + H * cfg.moe_num_experts
+            mlp = 3 * H * cfg.moe_intermediate_size * (cfg.moe_k + cfg.moe_num_shared_experts)
+            router += H * cfg.moe_num_experts * 4.0  # the router stays fp32
         else:
             mlp = 3 * H * cfg.intermediate_size
         n += attn + mlp
     head_bytes = cfg.vocab_size * H * _BYTES[dtype]
-    return n * _BYTES[dtype] + head_bytes
+    return n * _BYTES[dtype] + head_bytes + router
 
 
 # ---- one configuration per process ---------------------------------------------------------------------
@@ -321,6 +322,22 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    flags = ""
+    if name:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            have = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+        isa = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in have] or (
+            ["avx2"] if "avx2" in have else [])
+        flags = f" ({', '.join(isa)})" if isa else ""
+    return (name or platform.processor() or platform.machine()) + flags
+
+
 def _csv(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]
@@ -355,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     rows = bench(shapes, dtypes, ["ernie45", *peers], a.prompt_len, a.gen_len, a.runs, a.threads, a.workdir)
-    meta = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", torch=torch.__version__,
+    meta = dict(machine=f"{_cpu_name()}, {os.cpu_count()} cores", torch=torch.__version__,
                 threads=a.threads or os.cpu_count(), bandwidth_gbs=rows[0]["bandwidth_gbs"] if rows else 0.0,
                 prompt_len=a.prompt_len, gen_len=a.gen_len, runs=a.runs, date=time.strftime("%Y-%m-%d"))
     from ernie45.utils import atomic_write_text

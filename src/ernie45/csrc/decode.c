@@ -113,6 +113,23 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* lane i of the result = the sum of the 16 lanes of v[i] (a transpose-and-add tree: 45 instructions instead of
+ * 16 separate horizontal sums) */
+static inline __m512 sum16(const __m512 *v) {
+    __m512 w[8], u[4];
+    for (int k = 0; k < 8; k++)
+        w[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; k++)
+        u[k] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                               _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                               _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 /* round 16 fp32 lanes to bf16 precision (nearest even), kept as fp32 */
 static inline __m512 rb16(__m512 v) {
     __m512i u = _mm512_castps_si512(v);
@@ -511,7 +528,55 @@ static void attend_group(const Model *m, const float *q, const void *kc, const v
                          int kvh, int h0, int h1, float *out) {
     int d = m->head_dim, bf = m->bf16;
     float scale = 1.0f / sqrtf((float)d), row[MAX_HEAD_DIM];
-    for (int t = 0; t < T; t++) {
+    int t0 = 0;
+#if defined(__AVX512F__)
+    if (d % 16 == 0 && d <= 256) { /* Q K^T 16 positions at a time: K block widened once, 16 dots reduced together */
+        static __thread float kblk[16 * 256];
+#if defined(__AVX512BF16__)
+        if (bf) { /* bf16 cache: multiply bf16 pairs straight from the cache (q holds bf16 values) */
+            static __thread uint16_t qb[16 * 256];
+            for (int h = h0; h < h1; h++)
+                for (int i = 0; i < d; i++) qb[(h - h0) * d + i] = f2bf(q[(size_t)h * d + i]);
+            for (; t0 + 16 <= T && h1 - h0 <= 16; t0 += 16) {
+                const uint16_t *kb = (const uint16_t *)kc + ((size_t)kvh * max_len + t0) * d;
+                for (int h = h0; h < h1; h++) {
+                    __m512 v[16];
+                    for (int k = 0; k < 16; k++) v[k] = _mm512_setzero_ps();
+                    for (int c = 0; c < d; c += 32) {
+                        __m512bh qv = (__m512bh)_mm512_loadu_si512(qb + (h - h0) * d + c);
+                        for (int k = 0; k < 16; k++)
+                            v[k] = _mm512_dpbf16_ps(v[k], (__m512bh)_mm512_loadu_si512(kb + k * d + c), qv);
+                    }
+                    __m512 r = sum16(v);
+                    r = rb16(_mm512_mul_ps(rb16(r), _mm512_set1_ps(scale)));
+                    _mm512_storeu_ps(m->scores + (size_t)h * m->scratch_len + t0, r);
+                }
+            }
+        }
+#endif
+        for (; t0 + 16 <= T; t0 += 16) {
+            for (int k = 0; k < 16; k++) {
+                size_t off = ((size_t)kvh * max_len + t0 + k) * d;
+                for (int c = 0; c < d; c += 16)
+                    _mm512_storeu_ps(kblk + k * d + c, bf ? load_bf16x16((const uint16_t *)kc + off + c)
+                                                          : _mm512_loadu_ps((const float *)kc + off + c));
+            }
+            for (int h = h0; h < h1; h++) {
+                const float *qh = q + (size_t)h * d;
+                __m512 v[16];
+                for (int k = 0; k < 16; k++) v[k] = _mm512_setzero_ps();
+                for (int c = 0; c < d; c += 16) {
+                    __m512 qv = _mm512_loadu_ps(qh + c);
+                    for (int k = 0; k < 16; k++) v[k] = _mm512_fmadd_ps(_mm512_loadu_ps(kblk + k * d + c), qv, v[k]);
+                }
+                __m512 r = sum16(v), vs = _mm512_set1_ps(scale);
+                r = bf ? rb16(_mm512_mul_ps(rb16(r), vs)) : _mm512_mul_ps(r, vs);
+                _mm512_storeu_ps(m->scores + (size_t)h * m->scratch_len + t0, r);
+            }
+        }
+    }
+#endif
+    for (int t = t0; t < T; t++) {
         size_t off = ((size_t)kvh * max_len + t) * d;
         const float *k = (const float *)kc + off;
         if (bf) {
@@ -550,11 +615,33 @@ static void attend_group(const Model *m, const float *q, const void *kc, const v
             for (int c = 0; c < d; c += 16) {
                 __m512 acc[8];
                 for (int k = 0; k < 8; k++) acc[k] = _mm512_setzero_ps();
-                for (int t = 0; t < T; t++) {
-                    size_t off = ((size_t)kvh * max_len + t) * d + c;
-                    __m512 v = bf ? load_bf16x16((const uint16_t *)vc + off) : _mm512_loadu_ps((const float *)vc + off);
-                    for (int k = 0; k < 8; k++)
-                        if (k < nb) acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(ps[(size_t)k * m->scratch_len + t]), v, acc[k]);
+                if (nb == 8) { /* the GQA group of the 0.3B / 21B shapes: accumulators stay in registers */
+                    __m512 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6],
+                           a7 = acc[7];
+                    const size_t L = m->scratch_len;
+                    for (int t = 0; t < T; t++) {
+                        size_t off = ((size_t)kvh * max_len + t) * d + c;
+                        __m512 v = bf ? load_bf16x16((const uint16_t *)vc + off)
+                                      : _mm512_loadu_ps((const float *)vc + off);
+                        a0 = _mm512_fmadd_ps(_mm512_set1_ps(ps[t]), v, a0);
+                        a1 = _mm512_fmadd_ps(_mm512_set1_ps(ps[L + t]), v, a1);
+                        a2 = _mm512_fmadd_ps(_mm512_set1_ps(ps[2 * L + t]), v, a2);
+                        a3 = _mm512_fmadd_ps(_mm512_set1_ps(ps[3 * L + t]), v, a3);
+                        a4 = _mm512_fmadd_ps(_mm512_set1_ps(ps[4 * L + t]), v, a4);
+                        a5 = _mm512_fmadd_ps(_mm512_set1_ps(ps[5 * L + t]), v, a5);
+                        a6 = _mm512_fmadd_ps(_mm512_set1_ps(ps[6 * L + t]), v, a6);
+                        a7 = _mm512_fmadd_ps(_mm512_set1_ps(ps[7 * L + t]), v, a7);
+                    }
+                    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6,
+                    acc[7] = a7;
+                } else {
+                    for (int t = 0; t < T; t++) {
+                        size_t off = ((size_t)kvh * max_len + t) * d + c;
+                        __m512 v = bf ? load_bf16x16((const uint16_t *)vc + off)
+                                      : _mm512_loadu_ps((const float *)vc + off);
+                        for (int k = 0; k < nb; k++)
+                            acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(ps[(size_t)k * m->scratch_len + t]), v, acc[k]);
+                    }
                 }
                 for (int k = 0; k < nb; k++) _mm512_storeu_ps(out + (size_t)(hb + k) * d + c, acc[k]);
             }
