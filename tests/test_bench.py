@@ -36,7 +36,7 @@ def test_floor_counts_every_weight_read_once(shape, dtype):
 
 def test_bench_writes_rows_and_table(tmp_path, capsys):
     out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
-    rc = bench_main(["--shape", "tiny", "--dtype", "fp32,wint8", "--vs", "transformers", "--runs", "1",
+    rc = bench_main(["--shape", "tiny", "--dtype", "fp32,wint8", "--vs", "transformers", "--runs", "1", "--rounds", "2",
                      "--prompt-len", "16", "--gen-len", "4", "--threads", "1", "--workdir", str(tmp_path / "w"),
                      "--json", str(out_json), "--out", str(out_md)])
     assert rc == 0
@@ -47,9 +47,9 @@ def test_bench_writes_rows_and_table(tmp_path, capsys):
         r = rows[key]
         assert all(f in r for f in FIELDS), r
         assert r["shape"] == "tiny" and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["peak_rss_mb"] > 0
-        assert 0 < r["ttft_s"] < 60
+        assert 0 < r["ttft_s"] < 60 and r["rounds"] == 2  # engines took turns twice; the row is the median
     assert "skipped" in rows[("transformers", "wint8")]  # transformers has no wint8
-    assert data["meta"]["bandwidth_gbs"] > 0 and data["meta"]["prompt_len"] == 16
+    assert data["meta"]["bandwidth_gbs"] > 0 and data["meta"]["prompt_len"] == 16 and data["meta"]["rounds"] == 2
     table = out_md.read_text()
     ratio = rows[("ernie45", "fp32")]["decode_tok_s"] / rows[("transformers", "fp32")]["decode_tok_s"]
     assert "| tiny | fp32 | transformers |" in table and f"{ratio:.2f}×" in table
@@ -61,6 +61,7 @@ def test_bench_writes_rows_and_table(tmp_path, capsys):
     (["--shape", "7b"], "unknown shape '7b'"),
     (["--vs", "vllm"], "unknown peer 'vllm'"),
     (["--gen-len", "1"], "--gen-len"),
+    (["--rounds", "0"], "--rounds"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message):
     with pytest.raises(ErnieError, match=message):

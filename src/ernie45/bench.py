@@ -261,8 +261,14 @@ def make_checkpoint(shape: str, directory: str) -> str:
 
 
 def bench(shapes: list[str], dtypes: list[str], engines: list[str], prompt_len: int = 512, gen_len: int = 128,
-          runs: int = 3, threads: int | None = None, workdir: str | None = None) -> list[dict[str, Any]]:
-    """Run every (shape, dtype, engine) in its own process and return the result rows."""
+          runs: int = 3, threads: int | None = None, workdir: str | None = None,
+          rounds: int = 1) -> list[dict[str, Any]]:
+    """Run every (shape, dtype, engine) in its own process and return the result rows.
+
+    With `rounds` > 1 the engines of a (shape, dtype) take turns, round after round, and each row reports the
+    median over rounds: on a shared machine whose memory bandwidth drifts over minutes, interleaving keeps the
+    comparison side by side.
+    """
     from ernie45.config import ErnieConfig
 
     threads = threads or os.cpu_count() or 1
@@ -275,20 +281,37 @@ def bench(shapes: list[str], dtypes: list[str], engines: list[str], prompt_len: 
         cfg = ErnieConfig(**SHAPES[shape])
         for dtype in dtypes:
             floor = bw * 1e9 / decode_bytes_per_token(cfg, dtype)
+            results: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
+            skipped: dict[str, str] = {}
+            for rnd in range(rounds):
+                for engine in engines:
+                    if engine in skipped:
+                        continue
+                    spec = dict(engine=engine, ckpt=ckpt, dtype=dtype, prompt_len=prompt_len, gen_len=gen_len,
+                                runs=runs, threads=threads)
+                    r = subprocess.run([sys.executable, "-m", "ernie45.bench", "--worker", json.dumps(spec)],
+                                       capture_output=True, text=True)
+                    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+                    row = dict(engine=engine, shape=shape, dtype=dtype, floor_decode_tok_s=floor, bandwidth_gbs=bw)
+                    if r.returncode == 0 and last.startswith("{"):
+                        row.update(json.loads(last))
+                        results[engine].append(row)
+                    else:
+                        skipped[engine] = (r.stderr.strip().splitlines() or ["failed"])[-1][:200]
+                        row["skipped"] = skipped[engine]
+                    tag = f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""
+                    print(_fmt_row(row) + tag, file=sys.stderr, flush=True)
             for engine in engines:
-                spec = dict(engine=engine, ckpt=ckpt, dtype=dtype, prompt_len=prompt_len, gen_len=gen_len,
-                            runs=runs, threads=threads)
-                row = dict(engine=engine, shape=shape, dtype=dtype, floor_decode_tok_s=floor, bandwidth_gbs=bw)
-                r = subprocess.run([sys.executable, "-m", "ernie45.bench", "--worker", json.dumps(spec)],
-                                   capture_output=True, text=True)
-                last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
-                if r.returncode == 0 and last.startswith("{"):
-                    row.update(json.loads(last))
-                else:
-                    msg = (r.stderr.strip().splitlines() or ["failed"])[-1]
-                    row["skipped"] = msg[:200]
+                got = results[engine]
+                if engine in skipped and not got:
+                    rows.append(dict(engine=engine, shape=shape, dtype=dtype, floor_decode_tok_s=floor,
+                                     bandwidth_gbs=bw, skipped=skipped[engine]))
+                    continue
+                row = dict(got[0], rounds=len(got))
+                for key in ("prefill_tok_s", "decode_tok_s", "ttft_s"):
+                    row[key] = statistics.median(g[key] for g in got)
+                row["peak_rss_mb"] = max(g["peak_rss_mb"] for g in got)
                 rows.append(row)
-                print(_fmt_row(row), file=sys.stderr, flush=True)
     return rows
 
 
@@ -303,7 +326,8 @@ def _fmt_row(r: dict[str, Any]) -> str:
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"Machine: {meta['machine']}; {meta['threads']} threads; torch {meta['torch']}; measured read bandwidth "
              f"{meta['bandwidth_gbs']:.1f} GB/s; prompt {meta['prompt_len']} tokens, {meta['gen_len']} generated, "
-             f"median of {meta['runs']} runs, {meta['date']}.", "",
+             f"median of {meta['runs']} runs" + (f" in each of {meta['rounds']} interleaved rounds (median over rounds)"
+                                                if meta.get("rounds", 1) > 1 else "") + f", {meta['date']}.", "",
              "| shape | dtype | engine | prefill tok/s | decode tok/s | vs ernie45 | % of floor | TTFT ms | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     ours = {(r["shape"], r["dtype"]): r for r in rows if r["engine"] == "ernie45" and "skipped" not in r}
@@ -354,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vs", default="transformers", help="peers: comma list of transformers, llama.cpp, or none")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--runs", type=int, default=3, help="measured runs per configuration (after one warm-up)")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per process (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="processes per configuration, the engines taking turns; rows report the median")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--json", dest="json_out", default=None, help="write the result rows as JSON here")
     p.add_argument("--out", default=None, help="write a Markdown table here (e.g. bench/results.md)")
@@ -367,14 +393,16 @@ def main(argv: list[str] | None = None) -> int:
     shapes = _csv(a.shape, tuple(SHAPES), "shape")
     dtypes = _csv(a.dtype, DTYPES, "dtype")
     peers = [] if a.vs == "none" else _csv(a.vs, ENGINES[1:], "peer")
-    if a.prompt_len < 1 or a.gen_len < 2 or a.runs < 1:
-        raise ErnieError("--prompt-len must be >= 1, --gen-len >= 2 and --runs >= 1")
+    if a.prompt_len < 1 or a.gen_len < 2 or a.runs < 1 or a.rounds < 1:
+        raise ErnieError("--prompt-len must be >= 1, --gen-len >= 2, --runs >= 1 and --rounds >= 1")
     import torch
 
-    rows = bench(shapes, dtypes, ["ernie45", *peers], a.prompt_len, a.gen_len, a.runs, a.threads, a.workdir)
+    rows = bench(shapes, dtypes, ["ernie45", *peers], a.prompt_len, a.gen_len, a.runs, a.threads, a.workdir,
+                 a.rounds)
     meta = dict(machine=f"{_cpu_name()}, {os.cpu_count()} cores", torch=torch.__version__,
                 threads=a.threads or os.cpu_count(), bandwidth_gbs=rows[0]["bandwidth_gbs"] if rows else 0.0,
-                prompt_len=a.prompt_len, gen_len=a.gen_len, runs=a.runs, date=time.strftime("%Y-%m-%d"))
+                prompt_len=a.prompt_len, gen_len=a.gen_len, runs=a.runs, rounds=a.rounds,
+                date=time.strftime("%Y-%m-%d"))
     from ernie45.utils import atomic_write_text
 
     if a.json_out:
