@@ -192,3 +192,25 @@ def test_without_a_compiler_decoding_falls_back_to_pytorch(monkeypatch, tmp_path
         assert torch.equal(generate(m, ids, max_new_tokens=6, do_sample=False), ref)
     finally:
         native.load.cache_clear()
+
+
+def test_kernels_build_from_an_empty_cache(monkeypatch, tmp_path):
+    """First use compiles csrc/decode.c into the cache (atomically), later loads reuse the file."""
+    import shutil
+
+    from ernie45 import native
+
+    if native._compiler() is None or shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("ERNIE45_CACHE", str(tmp_path))
+    native.load.cache_clear()
+    try:
+        lib = native.load("decode")
+        assert lib is not None and lib.ernie_simd_width() in (0, 256, 512)
+        built = list((tmp_path / "native").glob("decode-*.so"))
+        assert len(built) == 1 and not [p for p in (tmp_path / "native").iterdir() if p not in built]
+        mtime = built[0].stat().st_mtime_ns
+        native.load.cache_clear()
+        assert native.load("decode") is not None and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    finally:
+        native.load.cache_clear()
