@@ -214,3 +214,21 @@ def test_kernels_build_from_an_empty_cache(monkeypatch, tmp_path):
         assert native.load("decode") is not None and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
     finally:
         native.load.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv, head_dim", [(32, 1, 16), (4, 2, 24), (6, 3, 32)])
+def test_c_decode_other_attention_shapes(dtype, heads, kv, head_dim):
+    """Groups wider than 16 query heads, head_dim not a multiple of 16, odd GQA ratios: same greedy tokens."""
+    from ernie45.fast import FastDecoder
+
+    _native_or_skip()
+    cfg = preset("tiny")
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = heads, kv, head_dim
+    m = build_model(cfg, dtype)
+    m.init_weights(seed=0)
+    m.eval()
+    ids = torch.randint(3, 1000, (1, 20), generator=torch.Generator().manual_seed(1))
+    ref = generate(m, ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert FastDecoder.attach(m) is not None
+    assert torch.equal(generate(m, ids, max_new_tokens=20, min_new_tokens=20, do_sample=False), ref)

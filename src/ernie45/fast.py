@@ -137,6 +137,8 @@ class FastDecoder:
         from ernie45.model import MoE
 
         cfg = model.config
+        if cfg.head_dim > 512:
+            raise Unsupported("head_dim > 512")
         self._lib, self._keep = lib, []
         self.bf16 = model.dtype == torch.bfloat16
         self.vocab = cfg.vocab_size

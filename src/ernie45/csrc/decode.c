@@ -533,11 +533,11 @@ static void attend_group(const Model *m, const float *q, const void *kc, const v
     if (d % 16 == 0 && d <= 256) { /* Q K^T 16 positions at a time: K block widened once, 16 dots reduced together */
         static __thread float kblk[16 * 256];
 #if defined(__AVX512BF16__)
-        if (bf) { /* bf16 cache: multiply bf16 pairs straight from the cache (q holds bf16 values) */
+        if (bf && h1 - h0 <= 16) { /* bf16 cache: multiply bf16 pairs straight from the cache (q holds bf16 values) */
             static __thread uint16_t qb[16 * 256];
             for (int h = h0; h < h1; h++)
                 for (int i = 0; i < d; i++) qb[(h - h0) * d + i] = f2bf(q[(size_t)h * d + i]);
-            for (; t0 + 16 <= T && h1 - h0 <= 16; t0 += 16) {
+            for (; t0 + 16 <= T; t0 += 16) {
                 const uint16_t *kb = (const uint16_t *)kc + ((size_t)kvh * max_len + t0) * d;
                 for (int h = h0; h < h1; h++) {
                     __m512 v[16];
