@@ -196,11 +196,9 @@ def test_without_a_compiler_decoding_falls_back_to_pytorch(monkeypatch, tmp_path
 
 def test_kernels_build_from_an_empty_cache(monkeypatch, tmp_path):
     """First use compiles csrc/decode.c into the cache (atomically), later loads reuse the file."""
-    import shutil
-
     from ernie45 import native
 
-    if native._compiler() is None or shutil.which("cc") is None and shutil.which("gcc") is None:
+    if native._compiler() is None:
         pytest.skip("no C compiler")
     monkeypatch.setenv("ERNIE45_CACHE", str(tmp_path))
     native.load.cache_clear()

@@ -347,19 +347,15 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        name = ""
-    flags = ""
-    if name:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            have = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-        isa = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in have] or (
-            ["avx2"] if "avx2" in have else [])
-        flags = f" ({', '.join(isa)})" if isa else ""
-    return (name or platform.processor() or platform.machine()) + flags
+    """CPU model and the vector extensions that decide the kernels, e.g. "AMD EPYC (avx512f, avx512_bf16)"."""
+    from ernie45.device import cpu_info
+
+    info = cpu_info()
+    have = set(info.get("flags", "").split())
+    isa = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in have] or (
+        ["avx2"] if "avx2" in have else [])
+    name = info.get("model name") or platform.processor() or platform.machine()
+    return name + (f" ({', '.join(isa)})" if isa else "")
 
 
 def _csv(value: str, allowed: tuple[str, ...], what: str) -> list[str]:

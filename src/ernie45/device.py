@@ -13,14 +13,26 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AVX512-BF16 or AMX (oneDNN then runs bf16 matmuls natively)."""
+@functools.cache
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ("model name", "flags", ...); empty where there is none."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+        pass
+    return info
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX (oneDNN then runs bf16 matmuls natively)."""
+    flags = cpu_info().get("flags", "").split()
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

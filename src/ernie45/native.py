@@ -34,14 +34,10 @@ def _cache_dir() -> Path:
 
 
 def _cpu_signature() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor() + platform.machine()
+    from ernie45.device import cpu_info
+
+    info = cpu_info()
+    return info.get("flags") or info.get("Features") or platform.processor() + platform.machine()
 
 
 def _compiler() -> str | None:

@@ -349,6 +349,16 @@ typedef struct {
     float *xp, *xg;
 } PrepBuf;
 
+/* per-group sums of x, for int4's zero-point term (w = q * scale + zb) */
+static const float *group_sums(const float *x, int n, int group, float *out) {
+    for (int gi = 0; gi < n / group; gi++) {
+        float s = 0.f;
+        for (int c = 0; c < group; c++) s += x[gi * group + c];
+        out[gi] = s;
+    }
+    return out;
+}
+
 static void prep(Job *j, PrepBuf *buf, const Job *prev) {
     const Linear *L = j->L;
     int n = L->in;
@@ -370,12 +380,7 @@ static void prep(Job *j, PrepBuf *buf, const Job *prev) {
                     xq[c + t] = (int16_t)lrintf(j->x[c + 2 * t] * inv);
                     xq[c + 32 + t] = (int16_t)lrintf(j->x[c + 2 * t + 1] * inv);
                 }
-            for (int gi = 0; gi < n / L->group; gi++) {
-                float s = 0.f;
-                for (int c = 0; c < L->group; c++) s += j->x[gi * L->group + c];
-                buf->xg[gi] = s;
-            }
-            j->xg = buf->xg;
+            j->xg = group_sums(j->x, n, L->group, buf->xg);
         }
         j->xq = xq, j->xs = xs;
         return;
@@ -391,12 +396,7 @@ static void prep(Job *j, PrepBuf *buf, const Job *prev) {
                 buf->xp[c + t] = j->x[c + 2 * t];
                 buf->xp[c + 16 + t] = j->x[c + 2 * t + 1];
             }
-        for (int gi = 0; gi < n / L->group; gi++) {
-            float s = 0.f;
-            for (int c = 0; c < L->group; c++) s += j->x[gi * L->group + c];
-            buf->xg[gi] = s;
-        }
-        j->xp = buf->xp, j->xg = buf->xg;
+        j->xp = buf->xp, j->xg = group_sums(j->x, n, L->group, buf->xg);
     }
 }
 
