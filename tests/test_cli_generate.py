@@ -364,10 +364,17 @@ def test_docs_commands_run(ckpt, capsys, guide):
             left, body = body.split("|", 1)
             stdin = shlex.split(left)[1] + "\n"
         argv = shlex.split(body)
+        env = {}
+        while "=" in argv[0]:  # VAR=value prefixes
+            key, _, value = argv.pop(0).partition("=")
+            env[key] = value
         assert argv[0] == "ernie45"
         if argv[1] in ("generate", "chat") and "--max-new-tokens" not in argv:
             argv += ["--max-new-tokens", "16"]  # keep the test fast; the defaults are 128 / 512
-        rc, out, err = _run(argv[1:], capsys, stdin=stdin)
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            rc, out, err = _run(argv[1:], capsys, stdin=stdin)
         assert rc == 0, (body, err)
         assert out.strip() or argv[1] == "generate"
         ran += 1

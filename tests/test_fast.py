@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ernie45 import native
 from ernie45.checkpoint import build_model
 from ernie45.config import preset
 from ernie45.fast import PackedLinear, _can_pack, optimize_for_inference
@@ -53,13 +54,24 @@ def test_noop_in_fp16():
 
 
 # ---- the C decode step (ernie45/csrc/decode.c) -------------------------------------------------------------
-def _native_or_skip():
-    from ernie45 import native
+# every ISA level this machine can execute (native, and on x86-64 the AVX2 and generic builds): each kernel test
+# runs once per level, so an AVX-512 machine also checks the AVX2 kernels and the plain C reference loops
+ISAS = native.levels()
 
-    lib = native.load("decode")
-    if lib is None or lib.ernie_simd_width() < 256:
-        pytest.skip("no C compiler / no AVX2: the C decode step is not built here")
+
+def _native_or_skip(isa="native"):
+    lib = native.load("decode", isa)
+    if lib is None or (isa == "native" and lib.ernie_simd_width() < 256):
+        pytest.skip(f"no C compiler, or no {isa} build: the C decode step is not built here")
     return lib
+
+
+@pytest.fixture
+def two_threads():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(prev)
 
 
 def _quantized(name, dtype, mode):
@@ -74,14 +86,16 @@ def _quantized(name, dtype, mode):
     return m
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("mode", [None, "wint8", "wint4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
-def test_c_decode_step_matches_pytorch(name, dtype, mode):
-    """Same K/V rows, logits and greedy tokens as the PyTorch forward, for dense/MoE, fp32/bf16, float/int8/int4."""
+def test_c_decode_step_matches_pytorch(name, dtype, mode, isa, two_threads):
+    """Same K/V rows, logits and greedy tokens as the PyTorch forward, for dense/MoE, fp32/bf16, float/int8/int4,
+    with the kernels of every ISA level the machine runs."""
     from ernie45.fast import FastDecoder
 
-    _native_or_skip()
+    _native_or_skip(isa)
     m = _quantized(name, dtype, mode)
     ids = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -90,7 +104,7 @@ def test_c_decode_step_matches_pytorch(name, dtype, mode):
         m(ids, cache=ref_cache)
         step = torch.tensor([[17]])
         ref = m(step, cache=ref_cache).logits[:, -1].float()
-        dec = FastDecoder.attach(m)
+        dec = FastDecoder.attach(m, isa=isa)
         assert dec is not None and m.fast_decoder is dec
         cache = m.new_cache(1, 12)
         m(ids, cache=cache)
@@ -159,14 +173,14 @@ def test_native_can_be_turned_off(monkeypatch):
     from ernie45 import native
 
     monkeypatch.setenv("ERNIE45_NATIVE", "0")
-    native.load.cache_clear()
+    native.cache_clear()
     try:
         m = _quantized("tiny", torch.float32, None)
         assert optimize_for_inference(m) > 0  # packing only
         assert getattr(m, "fast_decoder", None) is None
     finally:
         monkeypatch.delenv("ERNIE45_NATIVE")
-        native.load.cache_clear()
+        native.cache_clear()
 
 
 def test_without_a_compiler_decoding_falls_back_to_pytorch(monkeypatch, tmp_path, caplog):
@@ -178,11 +192,11 @@ def test_without_a_compiler_decoding_falls_back_to_pytorch(monkeypatch, tmp_path
     ref = generate(_quantized("tiny", torch.float32, None), ids, max_new_tokens=6, do_sample=False)
     try:
         monkeypatch.setattr(native, "_compiler", lambda: None)
-        native.load.cache_clear()
+        native.cache_clear()
         assert native.load("decode") is None
         monkeypatch.setattr(native, "_compiler", lambda: "cc")
         monkeypatch.setattr(native, "CFLAGS", [*native.CFLAGS, "-fno-such-flag-for-the-test"])
-        native.load.cache_clear()
+        native.cache_clear()
         with caplog.at_level("WARNING", logger="ernie45"):
             m = _quantized("tiny", torch.float32, None)
             assert optimize_for_inference(m) > 0
@@ -191,7 +205,7 @@ def test_without_a_compiler_decoding_falls_back_to_pytorch(monkeypatch, tmp_path
         assert not list(tmp_path.rglob("*.so"))  # nothing half-written left in the cache
         assert torch.equal(generate(m, ids, max_new_tokens=6, do_sample=False), ref)
     finally:
-        native.load.cache_clear()
+        native.cache_clear()
 
 
 def test_kernels_build_from_an_empty_cache(monkeypatch, tmp_path):
@@ -201,26 +215,27 @@ def test_kernels_build_from_an_empty_cache(monkeypatch, tmp_path):
     if native._compiler() is None:
         pytest.skip("no C compiler")
     monkeypatch.setenv("ERNIE45_CACHE", str(tmp_path))
-    native.load.cache_clear()
+    native.cache_clear()
     try:
         lib = native.load("decode")
         assert lib is not None and lib.ernie_simd_width() in (0, 256, 512)
         built = list((tmp_path / "native").glob("decode-*.so"))
         assert len(built) == 1 and not [p for p in (tmp_path / "native").iterdir() if p not in built]
         mtime = built[0].stat().st_mtime_ns
-        native.load.cache_clear()
+        native.cache_clear()
         assert native.load("decode") is not None and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
     finally:
-        native.load.cache_clear()
+        native.cache_clear()
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv, head_dim", [(32, 1, 16), (4, 2, 24), (6, 3, 32)])
-def test_c_decode_other_attention_shapes(dtype, heads, kv, head_dim):
+def test_c_decode_other_attention_shapes(dtype, heads, kv, head_dim, isa):
     """Groups wider than 16 query heads, head_dim not a multiple of 16, odd GQA ratios: same greedy tokens."""
     from ernie45.fast import FastDecoder
 
-    _native_or_skip()
+    _native_or_skip(isa)
     cfg = preset("tiny")
     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = heads, kv, head_dim
     m = build_model(cfg, dtype)
@@ -228,5 +243,104 @@ def test_c_decode_other_attention_shapes(dtype, heads, kv, head_dim):
     m.eval()
     ids = torch.randint(3, 1000, (1, 20), generator=torch.Generator().manual_seed(1))
     ref = generate(m, ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
-    assert FastDecoder.attach(m) is not None
+    assert FastDecoder.attach(m, isa=isa) is not None
     assert torch.equal(generate(m, ids, max_new_tokens=20, min_new_tokens=20, do_sample=False), ref)
+
+
+def _textured(name, dtype, mode, group_size=64):
+    """A random model whose every part matters: norms away from 1, Linear biases, a correction bias that changes
+    which experts are selected, widths that fill whole vectors (hidden 256, head_dim 64, GQA 4:1)."""
+    moe = dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=128, moe_num_shared_experts=1,
+               moe_layer_start_index=1) if name == "tiny-moe" else {}
+    cfg = preset(name, hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+                 head_dim=64, num_hidden_layers=3, use_bias=True, **moe)
+    m = build_model(cfg, dtype)
+    m.init_weights(seed=0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for pname, p in m.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif pname.endswith((".bias", "e_score_correction_bias")):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    m.eval()
+    if mode:
+        from ernie45.quant import quantize_model
+
+        kw = {"group_size": group_size} if mode == "wint4" else {}
+        quantize_model(m, mode, progress=False, quantize_lm_head=True, **kw)
+    return m
+
+
+@pytest.mark.parametrize("mode, group_size", [(None, 0), ("wint8", 0), ("wint4", 64), ("wint4", 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_c_decode_long_context(name, dtype, mode, group_size, two_threads):
+    """Past 1,024 cached positions, with biases, non-trivial norms and correction biases, 2 threads: the C step's
+    logits equal the PyTorch forward's and greedy decoding gives the same tokens, at every ISA level."""
+    from ernie45.fast import FastDecoder
+
+    m = _textured(name, dtype, mode, group_size)
+    if name == "tiny-moe":
+        assert m.model.layers[1].mlp.moe_statics.e_score_correction_bias.abs().sum() > 0
+    ids = torch.randint(3, 1000, (1, 1040), generator=torch.Generator().manual_seed(4))
+    step = torch.tensor([[29]])
+    with torch.inference_mode():
+        ref_tokens = generate(m, ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        prefilled = m.new_cache(1, 1100)
+        m(ids, cache=prefilled)
+        ref = m(step, cache=prefilled).logits[:, -1].float()
+    tol = {(torch.float32, None): 1e-4, (torch.float32, "wint8"): 1e-3}.get((dtype, mode), 2e-2)
+    ran = 0
+    for isa in ISAS:
+        if native.load("decode", isa) is None:
+            continue
+        dec = FastDecoder.attach(m, isa=isa)
+        assert dec is not None
+        with torch.inference_mode():
+            cache = m.new_cache(1, 1100)
+            m(ids, cache=cache)  # the forward is PyTorch; only generate() hands decode steps to the decoder
+            out = dec(step, cache)
+            tokens = generate(m, ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        torch.testing.assert_close(out, ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol, msg=isa)
+        assert torch.equal(tokens, ref_tokens), isa
+        ran += 1
+    if not ran:
+        pytest.skip("no C compiler: the C decode step is not built here")
+
+
+def test_isa_levels_follow_the_machine():
+    """The levels offered are the ones this CPU executes, and each library says what it was built for."""
+    from ernie45.device import cpu_info
+
+    flags = set(cpu_info().get("flags", "").split())
+    assert ISAS[0] == "native"
+    assert ("avx2" in ISAS) == ({"avx2", "fma", "f16c", "bmi2", "movbe"} <= flags)
+    for isa in ISAS:
+        lib = native.load("decode", isa)
+        if lib is None:
+            continue
+        name = lib.ernie_isa().decode()
+        if isa == "avx2":
+            assert lib.ernie_simd_width() == 256 and name.startswith("avx2+fma")
+        elif isa == "generic":
+            assert lib.ernie_simd_width() == 0 and name == "generic"
+        else:
+            assert name.startswith("avx512") == ("avx512f" in flags)
+            assert ("+bf16" in name) == ("avx512_bf16" in flags)
+
+
+def test_isa_env_var_picks_the_build(monkeypatch):
+    """ERNIE45_ISA=avx2 makes the process use the x86-64-v3 kernels; an unknown level is a clear error."""
+    from ernie45.errors import ErnieError
+    from ernie45.fast import FastDecoder
+
+    if "avx2" not in ISAS or native.load("decode", "avx2") is None:
+        pytest.skip("this CPU does not execute x86-64-v3 code (or no compiler)")
+    monkeypatch.setenv("ERNIE45_ISA", "x86-64-v3")
+    m = _quantized("tiny", torch.float32, None)
+    dec = FastDecoder.attach(m)
+    assert dec is not None and dec.isa.startswith("avx2")
+    monkeypatch.setenv("ERNIE45_ISA", "avx3000")
+    with pytest.raises(ErnieError, match="ERNIE45_ISA"):
+        native.load("decode")

@@ -29,6 +29,7 @@ from torch import nn
 
 import ernie45
 from ernie45.cli import main as cli_main
+from ernie45.device import cpu_has_fast_bf16
 from ernie45.errors import ErnieError
 from ernie45.quant import MODES, kernels, prepare_for_load, quantizable_linears, quantize_model
 from ernie45.quant.calibrate import collect_stats, kl_clip, load_calibration_samples, percentile_clip
@@ -162,12 +163,29 @@ def test_quantized_linear_output_error(mode, bound):
     assert rel(y, y_deq) <= {"llm.int8": 0.012, "wint4": 0.01}.get(mode, 2e-3)
 
 
+def expected_kernel(mode: str, x: torch.Tensor, n: int, k: int, group_size: int) -> str:
+    """The kernel `choose_kernel` must pick, from what this machine reports (no assumption about its ISA)."""
+    rows = x.shape[0]
+    if mode == "wint8":
+        pack = x.dtype == torch.bfloat16 and kernels.cpu_vector_isa() and kernels._int8pack_probe(x.dtype)
+        return "int8pack" if pack and rows <= kernels.INT8PACK_MAX_ROWS else "dequant"
+    if mode == "wint4":
+        # above INT4PACK_MAX_ROWS only a native bf16 dequant + matmul beats the int4 kernel
+        native_bf16_fallback = x.dtype == torch.bfloat16 and cpu_has_fast_bf16()
+        wins = rows <= kernels.INT4PACK_MAX_ROWS or not native_bf16_fallback
+        return "int4pack" if kernels.int4pack_usable(x.device, n, k, group_size) and wins else "dequant"
+    return "int_mm" if kernels._int_mm_probe("cpu") else "float"
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 80, 200])
-def test_fast_kernels_agree_with_fallbacks(dtype, rows):
+def test_fast_kernels_agree_with_fallbacks(dtype, rows, isa, monkeypatch):
+    monkeypatch.setenv("ERNIE45_ISA", isa)
     lin = gaussian_linear(n_in=256, n_out=128)
     x = torch.randn(rows, 256).to(dtype)
-    cpu_isa = kernels.cpu_vector_isa()
+    # the fallback multiplies in fp32 wherever bf16 matmuls would be emulated
+    assert kernels.matmul_dtype(x) == (dtype if cpu_has_fast_bf16() else torch.float32)
     for mode, fallback in (("wint8", "dequant"), ("wint4", "dequant"), ("llm.int8", "float")):
         q = make_quant(mode, lin, dtype)
         with torch.no_grad():
@@ -175,6 +193,7 @@ def test_fast_kernels_agree_with_fallbacks(dtype, rows):
                 y_ref = q(x)
             y = q(x)
             chosen = kernels.choose_kernel(mode, x, 128, 256, 64)
+        assert chosen == expected_kernel(mode, x, 128, 256, 64), (mode, chosen)
         if mode == "llm.int8":  # integer products: exact whichever kernel
             assert torch.equal(y, y_ref)
         else:
@@ -182,12 +201,63 @@ def test_fast_kernels_agree_with_fallbacks(dtype, rows):
                 mode,
                 chosen,
             )
-        if cpu_isa and mode == "wint8":
-            assert chosen == (
-                "int8pack" if dtype == torch.bfloat16 and rows <= kernels.INT8PACK_MAX_ROWS else "dequant"
-            )
-        if cpu_isa and mode == "wint4":
-            assert chosen == ("int4pack" if rows <= kernels.INT4PACK_MAX_ROWS else "dequant")
+
+
+def test_tiled_mm_holds_one_tile_of_float_weights():
+    """`tiled_mm` asks for (and so holds in float) at most `rows` weight rows at a time, last tile short."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(7, 96, generator=g), torch.randn(200, 96, generator=g)
+    asked = []
+
+    def weight_rows(i, j):
+        asked.append((i, j))
+        return w[i:j]
+
+    y = kernels.tiled_mm(x, 200, weight_rows, torch.float32, rows=64)
+    assert asked == [(0, 64), (64, 128), (128, 192), (192, 200)]
+    torch.testing.assert_close(y, x @ w.t(), rtol=1e-6, atol=1e-5)
+    assert kernels.tile_rows(103_424, 1024) * 1024 <= kernels.TILE_WEIGHTS  # a 0.3B lm_head: 1024-row tiles
+    assert kernels.tile_rows(48, 64) == 64 and kernels.tile_rows(5000, 1 << 20) == 64  # whole int4 blocks
+
+
+@pytest.fixture
+def avx2_cpu(monkeypatch):
+    """Act as an AVX2-only CPU: no fast bf16 (ERNIE45_ISA) and no CPU int4 kernel; tiles of 64 output rows."""
+    monkeypatch.setenv("ERNIE45_ISA", "avx2")
+    monkeypatch.setattr(kernels, "_int4pack_probe", lambda: False)
+    monkeypatch.setattr(kernels, "TILE_WEIGHTS", 64 * 256)
+    tiles = []
+    real = kernels.tiled_mm
+
+    def spy(x2, n, weight_rows, dtype, rows=None):
+        def record(i, j):
+            w = weight_rows(i, j)
+            tiles.append((tuple(w.shape), w.dtype))
+            return w
+
+        return real(x2, n, record, dtype, rows)
+
+    monkeypatch.setattr(kernels, "tiled_mm", spy)
+    return tiles
+
+
+@pytest.mark.parametrize("mode", ["wint8", "wint4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_without_fast_bf16_dequantises_fp32_tiles(mode, dtype, avx2_cpu):
+    assert not cpu_has_fast_bf16()
+    lin = gaussian_linear(n_in=256, n_out=200)  # 200 output rows: three tiles of 64 and one of 8
+    q = make_quant(mode, lin, dtype)
+    x = torch.randn(2, 40, 256).to(dtype)  # 80 rows: prefill
+    assert kernels.choose_kernel(mode, x.view(-1, 256), 200, 256, 64) == "dequant"
+    with torch.no_grad():
+        y = q(x)
+    assert y.dtype == dtype and y.shape == (2, 40, 200)
+    assert avx2_cpu == [((64, 256), torch.float32)] * 3 + [((8, 256), torch.float32)]
+    ref = F.linear(x.float(), q.dequantize(torch.float32), q.bias.float()).to(dtype)  # the whole weight, fp32
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-3)  # one bf16 ulp
+    torch.testing.assert_close(y, ref, **tol)
+    if mode == "wint4":
+        assert q._layout == kernels.ROWMAJOR_INT4_LAYOUT  # no int4 kernel: the portable layout stays
 
 
 def test_int8pack_guard_rejects_unaligned_weights():

@@ -4,6 +4,11 @@ The same random-weight checkpoint runs through ernie45 and each installed peer (
 llama.cpp via llama-cpp-python on a GGUF exported by ernie45). Every configuration runs in its own process
 (so peak RSS and allocator state do not leak between rows); each row reports the median of several runs and
 its ratio to the memory-bandwidth floor, which the bench measures on the machine it runs on.
+
+`--isa native,avx2` repeats every row at each x86 instruction-set level: the worker process runs with
+`ERNIE45_ISA=<level>` (ernie45's C kernels) and, below native, with PyTorch's ATen / oneDNN / MKL capped at the same
+level, so an AVX-512 machine also measures what an AVX2-only CPU would get. llama.cpp fixes its level when it is
+compiled, so each non-native level needs its own llama-cpp-python build (`--llama-cpp avx2=DIR`).
 """
 
 from __future__ import annotations
@@ -34,8 +39,80 @@ SHAPES: dict[str, dict[str, Any]] = {
 ENGINES = ("ernie45", "transformers", "llama.cpp")
 DTYPES = ("fp32", "bf16", "wint8", "wint4")
 _BYTES = {"fp32": 4.0, "bf16": 2.0, "wint8": 1.0, "wint4": 0.5}
-_TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "wint8": "bfloat16", "wint4": "bfloat16"}
+_TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}  # wint8/wint4: the worker's resolve_dtype("auto")
+_ACT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _GGUF_TYPE = {"fp32": "f32", "bf16": "f16", "wint8": "q8_0", "wint4": "q4_0"}
+
+
+# ---- instruction-set levels ----------------------------------------------------------------------------
+# what the worker's environment gets, before torch is imported: the library kernels capped at the same level
+_ISA_ENV = {
+    "native": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "generic": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+_ISA_VARS = ("ERNIE45_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+_ISA_MEANING = {"avx2": "x86-64-v3 kernels, AVX-512 off, on this CPU",
+                "generic": "x86-64-v2 kernels (SSE4.2), AVX off, on this CPU"}
+
+
+def normalize_isa(value: str) -> str:
+    """`native` / `avx2` / `generic`, with the aliases x86-64-v3 = avx2 and x86-64-v2 = generic (the names
+    `ernie45.device.isa_level()` accepts in ERNIE45_ISA, which the worker process gets)."""
+    from ernie45.device import ISA_LEVELS
+
+    level = ISA_LEVELS.get(value.strip().lower())
+    if level is None:
+        raise ErnieError(f"unknown ISA level {value!r}; choose from native, avx2 (x86-64-v3), generic (x86-64-v2)")
+    return level
+
+
+def check_isa(level: str) -> None:
+    """ErnieError unless this CPU can execute `level` (its /proc/cpuinfo flags)."""
+    from ernie45 import native
+    from ernie45.device import cpu_info
+
+    if not native.can_execute(level):
+        flags = set(cpu_info().get("flags", "").split())
+        missing = [f for f in native.NEEDS[level] if f not in flags] or ["an x86-64 CPU"]
+        raise ErnieError(f"this CPU cannot run the {level} level (it needs {', '.join(native.NEEDS[level])}; "
+                         f"missing: {', '.join(missing)})")
+
+
+def isa_env(level: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The worker's environment for `level`: ERNIE45_ISA plus the ATen / oneDNN / MKL caps (none for native,
+    where caps inherited from the caller are dropped so native means this CPU's best)."""
+    env = dict(os.environ if base is None else base)
+    for key in _ISA_VARS[1:]:
+        env.pop(key, None)
+    env.update(_ISA_ENV[level], ERNIE45_ISA=level)
+    return env
+
+
+def _isa_meaning(level: str) -> str:
+    if level != "native":
+        return _ISA_MEANING[level]
+    from ernie45.device import cpu_info
+
+    have = set(cpu_info().get("flags", "").split())
+    best = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in have] or (
+        ["avx2"] if "avx2" in have else [])
+    return "the best kernels this CPU runs" + (f" ({', '.join(best)})" if best else "")
+
+
+def parse_llama_cpp(values: list[str] | None) -> dict[str, str]:
+    """`--llama-cpp LEVEL=DIR` options → {level: absolute DIR}; DIR must hold a `llama_cpp` package."""
+    dirs: dict[str, str] = {}
+    for value in values or []:
+        level, sep, path = value.partition("=")
+        if not sep or not path:
+            raise ErnieError(f"--llama-cpp wants LEVEL=DIR (e.g. avx2=./llama-avx2), got {value!r}")
+        level = normalize_isa(level)
+        if not os.path.isdir(os.path.join(path, "llama_cpp")):
+            raise ErnieError(f"--llama-cpp {value}: {path} does not exist or holds no llama_cpp/ package "
+                             "(build one with pip install --target DIR llama-cpp-python)")
+        dirs[level] = os.path.abspath(path)
+    return dirs
 
 
 # ---- measurements -----------------------------------------------------------------------------------
@@ -141,7 +218,13 @@ def run_ernie45(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int)
     from ernie45.checkpoint import load_checkpoint
     from ernie45.generation import generate
 
-    model = load_checkpoint(ckpt, dtype=_TORCH_DTYPE[dtype], device="cpu")
+    if dtype in _TORCH_DTYPE:
+        act = getattr(torch, _TORCH_DTYPE[dtype])
+    else:  # quantized weights: activations in what `auto` picks here, at this process's ISA level
+        from ernie45.device import resolve_dtype
+
+        act = resolve_dtype("auto", torch.device("cpu"))
+    model = load_checkpoint(ckpt, dtype=act, device="cpu")
     if dtype in ("wint8", "wint4"):
         from ernie45.quant import quantize_model
 
@@ -168,7 +251,7 @@ def run_ernie45(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int)
         ttft.append(first - t0)
         decode.append((gen_len - 1) / (end - first))
     return dict(prefill_tok_s=statistics.median(prefill[1:]), ttft_s=statistics.median(ttft[1:]),
-                decode_tok_s=statistics.median(decode[1:]))
+                decode_tok_s=statistics.median(decode[1:]), act_dtype=_ACT.get(str(act)[6:], str(act)))
 
 
 def run_transformers(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int) -> dict[str, Any]:
@@ -198,8 +281,13 @@ def run_transformers(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs:
                 decode_tok_s=statistics.median(decode[1:]))
 
 
-def run_llama_cpp(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int, threads: int) -> dict[str, Any]:
-    import llama_cpp  # noqa: F401  (optional peer)
+def run_llama_cpp(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int, threads: int,
+                  llama_dir: str | None = None) -> dict[str, Any]:
+    if llama_dir:  # a llama-cpp-python built for this ISA level; numpy stays the environment's own
+        import numpy  # noqa: F401
+
+        sys.path.insert(0, llama_dir)
+    import llama_cpp  # (optional peer)
 
     from ernie45.config import ErnieConfig
 
@@ -225,7 +313,8 @@ def run_llama_cpp(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: in
             llm.eval([tok])
         decode.append((gen_len - 1) / (time.perf_counter() - t))
     return dict(prefill_tok_s=statistics.median(prefill[1:]), ttft_s=statistics.median(ttft[1:]),
-                decode_tok_s=statistics.median(decode[1:]))
+                decode_tok_s=statistics.median(decode[1:]),
+                llama_cpp_version=getattr(llama_cpp, "__version__", "unknown"))
 
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -234,8 +323,13 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     fn = {"ernie45": run_ernie45, "transformers": run_transformers}.get(spec["engine"])
     args = (spec["ckpt"], spec["dtype"], spec["prompt_len"], spec["gen_len"], spec["runs"])
-    res = run_llama_cpp(*args, spec["threads"]) if spec["engine"] == "llama.cpp" else fn(*args)
+    if spec["engine"] == "llama.cpp":
+        res = run_llama_cpp(*args, spec["threads"], spec.get("llama_dir"))
+    else:
+        res = fn(*args)
     res["peak_rss_mb"] = peak_rss_mb()
+    res["env"] = {k: os.environ.get(k) for k in _ISA_VARS}  # what this process ran under
+    res["aten_capability"] = torch.backends.cpu.get_cpu_capability()
     return res
 
 
@@ -262,15 +356,22 @@ def make_checkpoint(shape: str, directory: str) -> str:
 
 def bench(shapes: list[str], dtypes: list[str], engines: list[str], prompt_len: int = 512, gen_len: int = 128,
           runs: int = 3, threads: int | None = None, workdir: str | None = None,
-          rounds: int = 1) -> list[dict[str, Any]]:
-    """Run every (shape, dtype, engine) in its own process and return the result rows.
+          rounds: int = 1, isas: list[str] | None = None,
+          llama_dirs: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run every (shape, dtype, isa, engine) in its own process and return the result rows.
 
-    With `rounds` > 1 the engines of a (shape, dtype) take turns, round after round, and each row reports the
+    With `rounds` > 1 the engines of a (shape, dtype, isa) take turns, round after round, and each row reports the
     median over rounds: on a shared machine whose memory bandwidth drifts over minutes, interleaving keeps the
-    comparison side by side.
+    comparison side by side. `isas` are ISA levels (default: ERNIE45_ISA's, else native); `llama_dirs` maps a
+    level to a directory holding a llama_cpp package built for it (native falls back to the installed one).
     """
     from ernie45.config import ErnieConfig
+    from ernie45.device import isa_level
 
+    isas = [normalize_isa(i) for i in (isas or [isa_level()])]
+    for level in isas:
+        check_isa(level)
+    llama_dirs = llama_dirs or {}
     threads = threads or os.cpu_count() or 1
     workdir = workdir or os.path.join(tempfile.gettempdir(), "ernie45-bench")
     os.makedirs(workdir, exist_ok=True)
@@ -281,44 +382,66 @@ def bench(shapes: list[str], dtypes: list[str], engines: list[str], prompt_len: 
         cfg = ErnieConfig(**SHAPES[shape])
         for dtype in dtypes:
             floor = bw * 1e9 / decode_bytes_per_token(cfg, dtype)
-            results: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
-            skipped: dict[str, str] = {}
-            for rnd in range(rounds):
-                for engine in engines:
-                    if engine in skipped:
-                        continue
-                    spec = dict(engine=engine, ckpt=ckpt, dtype=dtype, prompt_len=prompt_len, gen_len=gen_len,
-                                runs=runs, threads=threads)
-                    r = subprocess.run([sys.executable, "-m", "ernie45.bench", "--worker", json.dumps(spec)],
-                                       capture_output=True, text=True)
-                    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
-                    row = dict(engine=engine, shape=shape, dtype=dtype, floor_decode_tok_s=floor, bandwidth_gbs=bw)
-                    if r.returncode == 0 and last.startswith("{"):
-                        row.update(json.loads(last))
-                        results[engine].append(row)
-                    else:
-                        skipped[engine] = (r.stderr.strip().splitlines() or ["failed"])[-1][:200]
-                        row["skipped"] = skipped[engine]
-                    tag = f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""
-                    print(_fmt_row(row) + tag, file=sys.stderr, flush=True)
-            for engine in engines:
-                got = results[engine]
-                if engine in skipped and not got:
-                    rows.append(dict(engine=engine, shape=shape, dtype=dtype, floor_decode_tok_s=floor,
-                                     bandwidth_gbs=bw, skipped=skipped[engine]))
-                    continue
-                row = dict(got[0], rounds=len(got))
-                for key in ("prefill_tok_s", "decode_tok_s", "ttft_s"):
-                    row[key] = statistics.median(g[key] for g in got)
-                row["peak_rss_mb"] = max(g["peak_rss_mb"] for g in got)
-                rows.append(row)
+            for isa in isas:
+                rows += _bench_group(ckpt, shape, dtype, isa, engines, floor, bw, prompt_len, gen_len, runs, threads,
+                                     rounds, llama_dirs.get(isa))
     return rows
 
 
+def _bench_group(ckpt: str, shape: str, dtype: str, isa: str, engines: list[str], floor: float, bw: float,
+                 prompt_len: int, gen_len: int, runs: int, threads: int, rounds: int,
+                 llama_dir: str | None) -> list[dict[str, Any]]:
+    """The rows of one (shape, dtype, isa): the engines take turns for `rounds` rounds, each in its own process."""
+    base = dict(shape=shape, dtype=dtype, isa=isa, floor_decode_tok_s=floor, bandwidth_gbs=bw)
+    results: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
+    skipped: dict[str, str] = {}
+    if "llama.cpp" in engines and isa != "native" and not llama_dir:
+        skipped["llama.cpp"] = f"no llama.cpp built for {isa}: pass --llama-cpp {isa}=DIR"
+        print(_fmt_row(dict(engine="llama.cpp", **base, skipped=skipped["llama.cpp"])), file=sys.stderr, flush=True)
+    env = isa_env(isa)
+    for rnd in range(rounds):
+        for engine in engines:
+            if engine in skipped:
+                continue
+            spec = dict(engine=engine, ckpt=ckpt, dtype=dtype, prompt_len=prompt_len, gen_len=gen_len, runs=runs,
+                        threads=threads, llama_dir=llama_dir if engine == "llama.cpp" else None)
+            r = subprocess.run([sys.executable, "-m", "ernie45.bench", "--worker", json.dumps(spec)],
+                               capture_output=True, text=True, env=env)
+            last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+            row = dict(engine=engine, **base)
+            if r.returncode == 0 and last.startswith("{"):
+                row.update(json.loads(last))
+                results[engine].append(row)
+            else:
+                skipped[engine] = (r.stderr.strip().splitlines() or ["failed"])[-1][:200]
+                row["skipped"] = skipped[engine]
+            tag = f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""
+            print(_fmt_row(row) + tag, file=sys.stderr, flush=True)
+    rows = []
+    for engine in engines:
+        got = results[engine]
+        if engine in skipped and not got:
+            rows.append(dict(engine=engine, **base, skipped=skipped[engine]))
+            continue
+        row = dict(got[0], rounds=len(got))
+        for key in ("prefill_tok_s", "decode_tok_s", "ttft_s"):
+            row[key] = statistics.median(g[key] for g in got)
+        row["peak_rss_mb"] = max(g["peak_rss_mb"] for g in got)
+        rows.append(row)
+    return rows
+
+
+def _dtype_cell(r: dict[str, Any]) -> str:
+    """`wint4`, or `wint4 (fp32 act)` where a quantized row's activations are not bf16."""
+    act = r.get("act_dtype")
+    return f"{r['dtype']} ({act} act)" if r["dtype"] in ("wint8", "wint4") and act and act != "bf16" else r["dtype"]
+
+
 def _fmt_row(r: dict[str, Any]) -> str:
+    head = f"{r['shape']:>5} {_dtype_cell(r):>5} {r.get('isa', 'native'):>7} {r['engine']:>12}"
     if "skipped" in r:
-        return f"{r['shape']:>5} {r['dtype']:>5} {r['engine']:>12}  skipped: {r['skipped']}"
-    return (f"{r['shape']:>5} {r['dtype']:>5} {r['engine']:>12}  prefill {r['prefill_tok_s']:8.1f} tok/s  "
+        return f"{head}  skipped: {r['skipped']}"
+    return (f"{head}  prefill {r['prefill_tok_s']:8.1f} tok/s  "
             f"decode {r['decode_tok_s']:6.1f} tok/s ({r['decode_tok_s'] / r['floor_decode_tok_s']:.0%} of floor)  "
             f"TTFT {r['ttft_s'] * 1e3:7.1f} ms  RSS {r['peak_rss_mb']:6.0f} MB")
 
@@ -327,22 +450,32 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"Machine: {meta['machine']}; {meta['threads']} threads; torch {meta['torch']}; measured read bandwidth "
              f"{meta['bandwidth_gbs']:.1f} GB/s; prompt {meta['prompt_len']} tokens, {meta['gen_len']} generated, "
              f"median of {meta['runs']} runs" + (f" in each of {meta['rounds']} interleaved rounds (median over rounds)"
-                                                if meta.get("rounds", 1) > 1 else "") + f", {meta['date']}.", "",
-             "| shape | dtype | engine | prefill tok/s | decode tok/s | vs ernie45 | % of floor | TTFT ms | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    ours = {(r["shape"], r["dtype"]): r for r in rows if r["engine"] == "ernie45" and "skipped" not in r}
+                                                if meta.get("rounds", 1) > 1 else "") + f", {meta['date']}."]
+    if meta.get("isa"):
+        lines.append("ISA levels: " + "; ".join(f"{k} = {v}" for k, v in meta["isa"].items()) + ".")
+    lines += ["",
+              "| shape | dtype | isa | engine | prefill tok/s | decode tok/s | vs ernie45 | % of floor | TTFT ms "
+              "| peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    key = lambda r: (r["shape"], r["dtype"], r.get("isa", "native"))  # noqa: E731
+    ours = {key(r): r for r in rows if r["engine"] == "ernie45" and "skipped" not in r}
     for r in rows:
+        cells = f"| {r['shape']} | {_dtype_cell(r)} | {r.get('isa', 'native')} | {r['engine']} |"
         if "skipped" in r:
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r['engine']} | — | — | — | — | — | skipped: "
-                         f"{r['skipped'][:60]} |")
+            lines.append(f"{cells} — | — | — | — | — | skipped: {r['skipped'][:60]} |")
             continue
-        o = ours.get((r["shape"], r["dtype"]))
+        o = ours.get(key(r))
         ratio = f"{o['decode_tok_s'] / r['decode_tok_s']:.2f}×" if o and r["engine"] != "ernie45" else "—"
-        lines.append(f"| {r['shape']} | {r['dtype']} | {r['engine']} | {r['prefill_tok_s']:.0f} | "
-                     f"{r['decode_tok_s']:.1f} | {ratio} | {r['decode_tok_s'] / r['floor_decode_tok_s']:.0%} | "
-                     f"{r['ttft_s'] * 1e3:.0f} | {r['peak_rss_mb']:.0f} |")
+        lines.append(f"{cells} {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {ratio} | "
+                     f"{r['decode_tok_s'] / r['floor_decode_tok_s']:.0%} | {r['ttft_s'] * 1e3:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
     lines.append("")
-    lines.append("`vs ernie45` is ernie45's decode tokens/s divided by the peer's (> 1 means ernie45 is faster).")
+    lines.append("`vs ernie45` is ernie45's decode tokens/s divided by the peer's of the same shape, dtype and isa "
+                 "(> 1 means ernie45 is faster).")
+    builds = {r.get("isa", "native"): r["llama_cpp_version"] for r in rows if r.get("llama_cpp_version")}
+    if builds:
+        lines.append("llama.cpp: " + "; ".join(f"llama-cpp-python {v} built for {k}" for k, v in builds.items())
+                     + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -381,6 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", dest="json_out", default=None, help="write the result rows as JSON here")
     p.add_argument("--out", default=None, help="write a Markdown table here (e.g. bench/results.md)")
     p.add_argument("--workdir", default=None, help="where the random checkpoints are cached")
+    p.add_argument("--isa", default=argparse.SUPPRESS,
+                   help="comma list of ISA levels to run every row at: native (this CPU's best), avx2 (x86-64-v3: "
+                        "ernie45's kernels and PyTorch's ATen/oneDNN/MKL capped at AVX2, AVX-512 off), generic "
+                        "(x86-64-v2, SSE4.2) (default: $ERNIE45_ISA, else native)")
+    p.add_argument("--llama-cpp", dest="llama_cpp", action="append", default=None, metavar="LEVEL=DIR",
+                   help="llama.cpp for an ISA level: DIR holds a llama_cpp package built for LEVEL (pip install "
+                        "--target DIR); repeatable. Without one, a non-native level's llama.cpp rows are skipped; "
+                        "native uses the installed llama_cpp")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -391,13 +532,27 @@ def main(argv: list[str] | None = None) -> int:
     peers = [] if a.vs == "none" else _csv(a.vs, ENGINES[1:], "peer")
     if a.prompt_len < 1 or a.gen_len < 2 or a.runs < 1 or a.rounds < 1:
         raise ErnieError("--prompt-len must be >= 1, --gen-len >= 2, --runs >= 1 and --rounds >= 1")
+    from ernie45.device import isa_level
+
+    levels = getattr(a, "isa", None) or isa_level()  # isa_level: ERNIE45_ISA, the level ernie45 runs at here
+    isas = list(dict.fromkeys(normalize_isa(v) for v in levels.split(",") if v.strip()))
+    if not isas:
+        raise ErnieError("--isa wants a comma list of native, avx2, generic")
+    for level in isas:
+        check_isa(level)
+    llama_dirs = parse_llama_cpp(a.llama_cpp)
+    for level in llama_dirs:
+        if level not in isas:
+            print(f"note: --llama-cpp {level}=... is unused: --isa does not include {level}", file=sys.stderr)
     import torch
 
     rows = bench(shapes, dtypes, ["ernie45", *peers], a.prompt_len, a.gen_len, a.runs, a.threads, a.workdir,
-                 a.rounds)
+                 a.rounds, isas, llama_dirs)
     meta = dict(machine=f"{_cpu_name()}, {os.cpu_count()} cores", torch=torch.__version__,
                 threads=a.threads or os.cpu_count(), bandwidth_gbs=rows[0]["bandwidth_gbs"] if rows else 0.0,
                 prompt_len=a.prompt_len, gen_len=a.gen_len, runs=a.runs, rounds=a.rounds,
+                isa={level: _isa_meaning(level) for level in isas},
+                llama_cpp={r["isa"]: r["llama_cpp_version"] for r in rows if r.get("llama_cpp_version")},
                 date=time.strftime("%Y-%m-%d"))
     from ernie45.utils import atomic_write_text
 

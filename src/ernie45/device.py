@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -10,9 +11,11 @@ from ernie45.errors import ErnieError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+# ERNIE45_ISA values (and the x86-64 microarchitecture level names) -> the level ernie45 behaves as
+ISA_LEVELS = {"native": "native", "avx2": "avx2", "x86-64-v3": "avx2", "generic": "generic",
+              "x86-64-v2": "generic"}
 
 
-@functools.lru_cache(maxsize=1)
 @functools.cache
 def cpu_info() -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo ("model name", "flags", ...); empty where there is none."""
@@ -29,8 +32,24 @@ def cpu_info() -> dict[str, str]:
     return info
 
 
+def isa_level() -> str:
+    """The ISA level ernie45 behaves as: "native" (the CPU's own), "avx2" or "generic", from `ERNIE45_ISA`.
+
+    Lets a machine act like an older CPU (kernel choice, dtype="auto", the C kernels' build), so that the
+    paths taken on CPUs without AVX-512 can be tested and timed anywhere. Read on every call: tests change it.
+    """
+    value = os.environ.get("ERNIE45_ISA", "").strip().lower() or "native"
+    if value not in ISA_LEVELS:
+        raise ErnieError(f"ERNIE45_ISA={value!r} is not an ISA level; use native, avx2 (x86-64-v3) or "
+                         "generic (x86-64-v2)")
+    return ISA_LEVELS[value]
+
+
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AVX512-BF16 or AMX (oneDNN then runs bf16 matmuls natively)."""
+    """True on CPUs with AVX512-BF16 or AMX (oneDNN then runs bf16 matmuls natively); elsewhere PyTorch emulates
+    bf16 matmuls ~4x slower than fp32, so no path should feed them. False whenever `ERNIE45_ISA` lowers the ISA."""
+    if isa_level() != "native":
+        return False
     flags = cpu_info().get("flags", "").split()
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 

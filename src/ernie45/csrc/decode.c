@@ -9,13 +9,18 @@
  * rounded to bf16 wherever the PyTorch forward materialises a bf16 tensor (so greedy tokens match it).
  * Threads: OpenMP from the same libgomp that PyTorch loads (one thread pool in the process).
  * Weights are read in place from the PyTorch tensors (pointers set up by ernie45/fast.py).
+ *
+ * ISA levels (ernie45/native.py builds one library per level): AVX-512 (+BF16, +VNNI where present), AVX2 + FMA
+ * (x86-64-v3, + AVX-VNNI where present) and the plain C loops (x86-64-v2 or any other CPU), which are also the
+ * scalar reference of every vector kernel. The AVX-512 and AVX2 kernels are one source over a thin vector
+ * layer (`vf`: VW fp32 lanes, `vi`: int32 lanes fed by int16 pairs) below.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -57,6 +62,21 @@ typedef struct {
     float *scores;
 } Model;
 
+/* The KV layout every attention kernel reads: per layer a pool of pages (num_blocks, n_kv, block_size, head_dim)
+ * in the model dtype and a block table; position t of kv head h lives in page table[t / block_size], row
+ * t % block_size. The contiguous cache (n_kv, max_len, head_dim) is the one-page case: block_size = max_len,
+ * table = {0}. */
+typedef struct {
+    void *base;
+    const int32_t *table;
+    int block_size;
+} KV;
+
+static inline size_t kv_row(const Model *m, const KV *c, int kvh, int t) {
+    return (((size_t)c->table[t / c->block_size] * m->n_kv + kvh) * c->block_size + t % c->block_size) *
+           m->head_dim;
+}
+
 /* ---- per-part wall time, for `ernie45 bench` and bench/PROFILE.md ---------------------------------- */
 enum { P_ATTN_PROJ, P_ATTN, P_MLP, P_ROUTER, P_HEAD, P_OTHER, P_N };
 static double prof[P_N];
@@ -91,31 +111,51 @@ static inline uint16_t f2bf(float f) { /* round to nearest even, as torch does *
 }
 static inline float rb(float f) { return bf2f(f2bf(f)); }
 
-/* ---- dot products: one weight row against an fp32 vector ------------------------------------------ */
+/* ---- the vector layer ------------------------------------------------------------------------------ */
 #if defined(__AVX512F__)
-static inline float hsum(__m512 a) { return _mm512_reduce_add_ps(a); }
-
-/* exp of 16 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial), within ~1 ulp of
- * libm on the ranges used here (softmax inputs <= 0, SiLU); scalar expf per element cost ~15 % of a decode step */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.72283f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+#define VW 16
+typedef __m512 vf;
+#define vzero _mm512_setzero_ps
+#define vset1 _mm512_set1_ps
+#define vload _mm512_loadu_ps
+#define vstore _mm512_storeu_ps
+#define vfma _mm512_fmadd_ps
+#define vadd _mm512_add_ps
+#define vsub _mm512_sub_ps
+#define vmul _mm512_mul_ps
+#define vdiv _mm512_div_ps
+#define vmin _mm512_min_ps
+#define vmax _mm512_max_ps
+#define vfnma _mm512_fnmadd_ps
+static inline float vhsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vf vload_bf16(const uint16_t *p) { /* VW bf16 -> fp32 (exact) */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-
-/* lane i of the result = the sum of the 16 lanes of v[i] (a transpose-and-add tree: 45 instructions instead of
+static inline vf vload_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+/* VW bytes -> low and high nibbles as fp32 */
+static inline void vload_nibbles(const uint8_t *p, vf *lo, vf *hi) {
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+/* round VW fp32 lanes to bf16 precision (nearest even), kept as fp32 */
+static inline vf vrb(vf v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+}
+/* exp of VW lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial), within ~1 ulp of
+ * libm on the ranges used here (softmax inputs <= 0, SiLU); scalar expf per element cost ~15 % of a decode step */
+#define EXP_LO -87.33654f
+#define EXP_HI 88.72283f
+static inline vf vpow2n(vf p, vf n) { return _mm512_scalef_ps(p, n); } /* p * 2^n */
+static inline vf vround(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* lane i of the result = the sum of the VW lanes of v[i] (a transpose-and-add tree: 45 instructions instead of
  * 16 separate horizontal sums) */
-static inline __m512 sum16(const __m512 *v) {
+static inline vf vsum_lanes(const vf *v) {
     __m512 w[8], u[4];
     for (int k = 0; k < 8; k++)
         w[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
@@ -129,65 +169,152 @@ static inline __m512 sum16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
+#if defined(__AVX512BW__)
+/* int16 dot products: a vi holds VW int32 sums, each of two int16 x int16 products (2 * VW int16 per operand) */
+#define HAVE_XQ16 1
+typedef __m512i vi;
+#define vi_zero _mm512_setzero_si512
+#define vi_add _mm512_add_epi32
+static inline vi vi_load16(const int16_t *p) { return _mm512_loadu_si512(p); }
+static inline vi vi_i8to16(const int8_t *p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vi vi_u8to16(const uint8_t *p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vi vi_lo4(vi b) { return _mm512_and_si512(b, _mm512_set1_epi16(15)); }
+static inline vi vi_hi4(vi b) { return _mm512_srli_epi16(b, 4); }
+static inline vf vi_tof(vi a) { return _mm512_cvtepi32_ps(a); }
+#if defined(__AVX512VNNI__)
+static inline vi vi_dp(vi acc, vi a, vi b) { return _mm512_dpwssd_epi32(acc, a, b); }
+#else
+static inline vi vi_dp(vi acc, vi a, vi b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+#endif
+#endif
 
-/* round 16 fp32 lanes to bf16 precision (nearest even), kept as fp32 */
-static inline __m512 rb16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+typedef __m256 vf;
+#define vzero _mm256_setzero_ps
+#define vset1 _mm256_set1_ps
+#define vload _mm256_loadu_ps
+#define vstore _mm256_storeu_ps
+#define vfma _mm256_fmadd_ps
+#define vadd _mm256_add_ps
+#define vsub _mm256_sub_ps
+#define vmul _mm256_mul_ps
+#define vdiv _mm256_div_ps
+#define vmin _mm256_min_ps
+#define vmax _mm256_max_ps
+#define vfnma _mm256_fnmadd_ps
+static inline float vhsum(vf a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline vf vload_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline vf vload_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline void vload_nibbles(const uint8_t *p, vf *lo, vf *hi) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+static inline vf vrb(vf v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+}
+/* no scalef: 2^n is built in the exponent field, so n must stay in [-126, 127] */
+#define EXP_LO -87.0f
+#define EXP_HI 88.0f
+static inline vf vpow2n(vf p, vf n) {
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+static inline vf vround(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vsum_lanes(const vf *v) {
+    __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3])); /* [v0..v3 | v0..v3] halves */
+    __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+#define HAVE_XQ16 1
+typedef __m256i vi;
+#define vi_zero _mm256_setzero_si256
+#define vi_add _mm256_add_epi32
+static inline vi vi_load16(const int16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline vi vi_i8to16(const int8_t *p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); }
+static inline vi vi_u8to16(const uint8_t *p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)); }
+static inline vi vi_lo4(vi b) { return _mm256_and_si256(b, _mm256_set1_epi16(15)); }
+static inline vi vi_hi4(vi b) { return _mm256_srli_epi16(b, 4); }
+static inline vf vi_tof(vi a) { return _mm256_cvtepi32_ps(a); }
+#if defined(__AVXVNNI__)
+static inline vi vi_dp(vi acc, vi a, vi b) { return _mm256_dpwssd_avx_epi32(acc, a, b); }
+#else
+static inline vi vi_dp(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+#endif
+#endif
+
+#if defined(VW)
+static inline vf vexp(vf x) {
+    x = vmin(vmax(x, vset1(EXP_LO)), vset1(EXP_HI));
+    vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+    vf r = vfnma(n, vset1(0.693359375f), x);
+    r = vfnma(n, vset1(-2.12194440e-4f), r);
+    vf p = vset1(1.9875691500E-4f);
+    p = vfma(p, r, vset1(1.3981999507E-3f));
+    p = vfma(p, r, vset1(8.3334519073E-3f));
+    p = vfma(p, r, vset1(4.1665795894E-2f));
+    p = vfma(p, r, vset1(1.6666665459E-1f));
+    p = vfma(p, r, vset1(5.0000001201E-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
+    return vpow2n(p, n);
 }
 #endif
 
 static void round_vec(float *x, int n, int on) {
     if (!on) return;
     int i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, rb16(_mm512_loadu_ps(x + i)));
+#if defined(VW)
+    for (; i + VW <= n; i += VW) vstore(x + i, vrb(vload(x + i)));
 #endif
     for (; i < n; i++) x[i] = rb(x[i]);
 }
 
+/* ---- dot products: one weight row against an fp32 vector ------------------------------------------ */
 static float dot_f32(const float *w, const float *x, int n) {
     int i = 0;
     float s = 0.f;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+#if defined(VW)
+    vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 4 * VW <= n; i += 4 * VW) {
+        a0 = vfma(vload(w + i), vload(x + i), a0);
+        a1 = vfma(vload(w + i + VW), vload(x + i + VW), a1);
+        a2 = vfma(vload(w + i + 2 * VW), vload(x + i + 2 * VW), a2);
+        a3 = vfma(vload(w + i + 3 * VW), vload(x + i + 3 * VW), a3);
     }
-    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-    s = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; i + VW <= n; i += VW) a0 = vfma(vload(w + i), vload(x + i), a0);
+    s = vhsum(vadd(vadd(a0, a1), vadd(a2, a3)));
 #endif
 #pragma omp simd reduction(+ : s)
     for (int j = i; j < n; j++) s += w[j] * x[j];
     return s;
 }
 
-#if defined(__AVX512F__)
-static inline __m512 load_bf16x16(const uint16_t *p) {
-    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
-#endif
-
 /* bf16 row against fp32 x: widen each weight to fp32 (exact) and FMA */
 static float dot_bf16x(const uint16_t *w, const float *x, int n) {
     int i = 0;
     float s = 0.f;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(load_bf16x16(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(load_bf16x16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(load_bf16x16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(load_bf16x16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+#if defined(VW)
+    vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 4 * VW <= n; i += 4 * VW) {
+        a0 = vfma(vload_bf16(w + i), vload(x + i), a0);
+        a1 = vfma(vload_bf16(w + i + VW), vload(x + i + VW), a1);
+        a2 = vfma(vload_bf16(w + i + 2 * VW), vload(x + i + 2 * VW), a2);
+        a3 = vfma(vload_bf16(w + i + 3 * VW), vload(x + i + 3 * VW), a3);
     }
-    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(load_bf16x16(w + i), _mm512_loadu_ps(x + i), a0);
-    s = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; i + VW <= n; i += VW) a0 = vfma(vload_bf16(w + i), vload(x + i), a0);
+    s = vhsum(vadd(vadd(a0, a1), vadd(a2, a3)));
 #endif
 #pragma omp simd reduction(+ : s)
     for (int j = i; j < n; j++) s += bf2f(w[j]) * x[j];
@@ -209,7 +336,7 @@ static float dot_bf16(const uint16_t *w, const float *x, const uint16_t *xb, int
     }
     for (; i + 32 <= n; i += 32)
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(xb + i));
-    s = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    s = vhsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     return s + (i < n ? dot_bf16x(w + i, x + i, n - i) : 0.f);
 #else
     (void)xb;
@@ -220,18 +347,16 @@ static float dot_bf16(const uint16_t *w, const float *x, const uint16_t *xb, int
 static float dot_i8(const int8_t *w, const float *x, int n) {
     int i = 0;
     float s = 0.f;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-#define I8X16(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(I8X16(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(I8X16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(I8X16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(I8X16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+#if defined(VW)
+    vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 4 * VW <= n; i += 4 * VW) {
+        a0 = vfma(vload_i8(w + i), vload(x + i), a0);
+        a1 = vfma(vload_i8(w + i + VW), vload(x + i + VW), a1);
+        a2 = vfma(vload_i8(w + i + 2 * VW), vload(x + i + 2 * VW), a2);
+        a3 = vfma(vload_i8(w + i + 3 * VW), vload(x + i + 3 * VW), a3);
     }
-    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(I8X16(w + i), _mm512_loadu_ps(x + i), a0);
-#undef I8X16
-    s = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; i + VW <= n; i += VW) a0 = vfma(vload_i8(w + i), vload(x + i), a0);
+    s = vhsum(vadd(vadd(a0, a1), vadd(a2, a3)));
 #endif
 #pragma omp simd reduction(+ : s)
     for (int j = i; j < n; j++) s += (float)w[j] * x[j];
@@ -244,25 +369,23 @@ static float dot_i4(const uint8_t *w, const float *xp, const float *xg, const fl
                     int n, int group) {
     int ng = n / group;
     float extra = 0.f, s = 0.f;
-#if defined(__AVX512F__)
+#if defined(VW)
     if (group % 32 == 0) {
-        const __m512i m15 = _mm512_set1_epi32(15);
-        __m512 acc = _mm512_setzero_ps();
+        vf acc = vzero();
         for (int gi = 0; gi < ng; gi++) {
             const uint8_t *p = w + (size_t)gi * group / 2;
             const float *xq = xp + (size_t)gi * group;
-            __m512 ga = _mm512_setzero_ps(), gb = ga;
-            for (int c = 0; c < group; c += 32) {
-                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + c / 2)));
-                __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, m15));
-                __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-                ga = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xq + c), ga);
-                gb = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xq + c + 16), gb);
-            }
-            acc = _mm512_fmadd_ps(_mm512_add_ps(ga, gb), _mm512_set1_ps(scale[gi]), acc);
+            vf ga = vzero(), gb = ga, lo, hi;
+            for (int c = 0; c < group; c += 32)
+                for (int k = 0; k < 16; k += VW) {
+                    vload_nibbles(p + c / 2 + k, &lo, &hi);
+                    ga = vfma(lo, vload(xq + c + k), ga);
+                    gb = vfma(hi, vload(xq + c + 16 + k), gb);
+                }
+            acc = vfma(vadd(ga, gb), vset1(scale[gi]), acc);
             extra += zb[gi] * xg[gi];
         }
-        return hsum(acc) + extra;
+        return vhsum(acc) + extra;
     }
 #endif
     for (int gi = 0; gi < ng; gi++) {
@@ -270,6 +393,7 @@ static float dot_i4(const uint8_t *w, const float *xp, const float *xg, const fl
         for (int c = 0; c < group; c += 32) {
             const uint8_t *p = w + ((size_t)gi * group + c) / 2;
             const float *xq = xp + (size_t)gi * group + c;
+#pragma omp simd reduction(+ : g)
             for (int j = 0; j < 16; j++) g += (float)(p[j] & 15) * xq[j] + (float)(p[j] >> 4) * xq[16 + j];
         }
         s += g * scale[gi];
@@ -278,55 +402,54 @@ static float dot_i4(const uint8_t *w, const float *xp, const float *xg, const fl
     return s + extra;
 }
 
-/* With AVX512-VNNI the int8/int4 rows are multiplied in integers: x is quantised once per GEMV to int16 with
- * one scale (x ~= xq * xs, error <= |x|max / 65534, finer than x's own bf16 rounding for all but its smallest
- * entries), weights are widened to int16, and VPDPWSSD multiplies and adds 32 pairs per instruction: about a
- * third of the instructions of the widen-to-fp32 path, which is compute-bound on a CPU core (12 G weights/s). */
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define HAVE_VNNI16 1
-static float dot_i8_vnni(const int8_t *w, const int16_t *xq, int n) {
-    __m512 f = _mm512_setzero_ps();
+/* The int8/int4 rows are multiplied in integers where the ISA has int16 dot products (VPDPWSSD with
+ * AVX512-VNNI / AVX-VNNI, else VPMADDWD + VPADDD): x is quantised once per GEMV to int16 with one scale
+ * (x ~= xq * xs, error <= |x|max / 65534, finer than x's own bf16 rounding for all but its smallest entries) and
+ * weights are widened to int16: about a third of the instructions of the widen-to-fp32 path, which is
+ * compute-bound on a CPU core. */
+#if defined(HAVE_XQ16)
+/* int32 lanes stay exact over I8_BLOCK columns: each of the two accumulators' lanes adds I8_BLOCK / (2 VW)
+ * products of |127 * 32767|, and 2 * 256 * 4.2e6 < 2^31 */
+#define I8_BLOCK (256 * VW)
+static float dot_i8_x16(const int8_t *w, const int16_t *xq, int n) {
+    vf f = vzero();
     int i = 0;
-    while (i + 32 <= n) { /* int32 lanes stay exact for 4096 columns: 128 * 2 * 127 * 32767 < 2^31 */
-        int end = i + 4096 < n ? i + 4096 : n;
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0;
-        for (; i + 64 <= end; i += 64) {
-            a0 = _mm512_dpwssd_epi32(a0, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i))),
-                                     _mm512_loadu_si512(xq + i));
-            a1 = _mm512_dpwssd_epi32(a1, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i + 32))),
-                                     _mm512_loadu_si512(xq + i + 32));
+    while (i + 2 * VW <= n) {
+        int end = i + I8_BLOCK < n ? i + I8_BLOCK : n;
+        vi a0 = vi_zero(), a1 = a0;
+        for (; i + 4 * VW <= end; i += 4 * VW) {
+            a0 = vi_dp(a0, vi_i8to16(w + i), vi_load16(xq + i));
+            a1 = vi_dp(a1, vi_i8to16(w + i + 2 * VW), vi_load16(xq + i + 2 * VW));
         }
-        for (; i + 32 <= end; i += 32)
-            a0 = _mm512_dpwssd_epi32(a0, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i))),
-                                     _mm512_loadu_si512(xq + i));
-        f = _mm512_add_ps(f, _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)));
+        for (; i + 2 * VW <= end; i += 2 * VW) a0 = vi_dp(a0, vi_i8to16(w + i), vi_load16(xq + i));
+        f = vadd(f, vi_tof(vi_add(a0, a1)));
     }
-    float s = hsum(f);
+    float s = vhsum(f);
     for (; i < n; i++) s += (float)w[i] * (float)xq[i];
     return s;
 }
 
 /* int4 row against xq permuted per 64 columns as [32 even columns, 32 odd columns]; xg = per-group sums of x
  * (float, exact x), for the zero-point term. */
-static float dot_i4_vnni(const uint8_t *w, const int16_t *xq, float xs, const float *xg, const float *scale,
-                         const float *zb, int n, int group) {
-    const __m512i m15 = _mm512_set1_epi16(15);
-    __m512 acc = _mm512_setzero_ps();
+static float dot_i4_x16(const uint8_t *w, const int16_t *xq, float xs, const float *xg, const float *scale,
+                        const float *zb, int n, int group) {
+    vf acc = vzero();
     float extra = 0.f;
     int ng = n / group;
     for (int gi = 0; gi < ng; gi++) {
         const uint8_t *p = w + (size_t)gi * group / 2;
         const int16_t *xg16 = xq + (size_t)gi * group;
-        __m512i a = _mm512_setzero_si512();
-        for (int c = 0; c < group; c += 64) {
-            __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(p + c / 2)));
-            a = _mm512_dpwssd_epi32(a, _mm512_and_si512(b, m15), _mm512_loadu_si512(xg16 + c));
-            a = _mm512_dpwssd_epi32(a, _mm512_srli_epi16(b, 4), _mm512_loadu_si512(xg16 + c + 32));
-        }
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(scale[gi] * xs), acc);
+        vi a = vi_zero();
+        for (int c = 0; c < group; c += 64)
+            for (int k = 0; k < 32; k += 2 * VW) { /* 2 VW bytes = 2 VW even + 2 VW odd columns */
+                vi b = vi_u8to16(p + c / 2 + k);
+                a = vi_dp(a, vi_lo4(b), vi_load16(xg16 + c + k));
+                a = vi_dp(a, vi_hi4(b), vi_load16(xg16 + c + 32 + k));
+            }
+        acc = vfma(vi_tof(a), vset1(scale[gi] * xs), acc);
         extra += zb[gi] * xg[gi];
     }
-    return hsum(acc) + extra;
+    return vhsum(acc) + extra;
 }
 #endif
 
@@ -338,7 +461,7 @@ typedef struct {
     /* prepared forms of x, filled by prep() */
     const uint16_t *xb;
     const float *xp, *xg;
-    const int16_t *xq; /* VNNI path: x quantised to int16 (int4: permuted), x ~= xq * xs */
+    const int16_t *xq; /* int16 path: x quantised to int16 (int4: permuted), x ~= xq * xs */
     float xs;
 } Job;
 
@@ -366,7 +489,7 @@ static void prep(Job *j, PrepBuf *buf, const Job *prev) {
         j->xb = prev->xb, j->xp = prev->xp, j->xg = prev->xg, j->xq = prev->xq, j->xs = prev->xs;
         return;
     }
-#if defined(HAVE_VNNI16)
+#if defined(HAVE_XQ16)
     if ((L->kind == W_I8 && n % 32 == 0) || (L->kind == W_I4 && L->group % 64 == 0)) {
         float mx = 0.f;
         for (int i = 0; i < n; i++) mx = fabsf(j->x[i]) > mx ? fabsf(j->x[i]) : mx;
@@ -408,9 +531,9 @@ static inline float row_dot(const Job *j, int r) {
     case W_F32: y = dot_f32((const float *)L->w + (size_t)r * n, j->x, n); break;
     case W_BF16: y = dot_bf16((const uint16_t *)L->w + (size_t)r * n, j->x, j->xb, n); break;
     case W_I8:
-#if defined(HAVE_VNNI16)
+#if defined(HAVE_XQ16)
         if (j->xq) {
-            y = dot_i8_vnni((const int8_t *)L->w + (size_t)r * n, j->xq, n) * (j->xs * L->scale[r]);
+            y = dot_i8_x16((const int8_t *)L->w + (size_t)r * n, j->xq, n) * (j->xs * L->scale[r]);
             break;
         }
 #endif
@@ -418,10 +541,10 @@ static inline float row_dot(const Job *j, int r) {
         break;
     default: {
         int ng = n / L->group;
-#if defined(HAVE_VNNI16)
+#if defined(HAVE_XQ16)
         if (j->xq) {
-            y = dot_i4_vnni((const uint8_t *)L->w + (size_t)r * (n / 2), j->xq, j->xs, j->xg,
-                            L->scale + (size_t)r * ng, L->zb + (size_t)r * ng, n, L->group);
+            y = dot_i4_x16((const uint8_t *)L->w + (size_t)r * (n / 2), j->xq, j->xs, j->xg,
+                           L->scale + (size_t)r * ng, L->zb + (size_t)r * ng, n, L->group);
             break;
         }
 #endif
@@ -462,6 +585,7 @@ static void gemv(const Model *m, const Linear *L, const float *x, float *y) {
     gemv_multi(m, &j, 1, m->bf16);
 }
 
+
 /* ---- element-wise pieces ------------------------------------------------------------------------ */
 static void rmsnorm(const Model *m, const float *x, const float *w, float *out) {
     int n = m->hidden;
@@ -501,14 +625,14 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 static void swiglu(const Model *m, const float *g, const float *u, float *a, int n) {
     int i = 0;
-#if defined(__AVX512F__)
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (; i + 16 <= n; i += 16) {
-        __m512 gv = _mm512_loadu_ps(g + i);
-        __m512 sv = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-        if (m->bf16) sv = rb16(sv);
-        __m512 av = _mm512_mul_ps(sv, _mm512_loadu_ps(u + i));
-        _mm512_storeu_ps(a + i, m->bf16 ? rb16(av) : av);
+#if defined(VW)
+    const vf one = vset1(1.0f);
+    for (; i + VW <= n; i += VW) {
+        vf gv = vload(g + i);
+        vf sv = vdiv(gv, vadd(one, vexp(vsub(vzero(), gv))));
+        if (m->bf16) sv = vrb(sv);
+        vf av = vmul(sv, vload(u + i));
+        vstore(a + i, m->bf16 ? vrb(av) : av);
     }
 #endif
     for (; i < n; i++) {
@@ -522,128 +646,130 @@ static void add_into(const Model *m, float *x, const float *y, int n) {
     for (int i = 0; i < n; i++) x[i] = m->bf16 ? rb(x[i] + y[i]) : x[i] + y[i];
 }
 
-/* Query heads h0..h1 (all reading kv head kvh) against cache rows 0..T-1: each K/V row is widened to fp32
- * once and used by every head of the group (GQA), and exp is vectorised. */
-static void attend_group(const Model *m, const float *q, const void *kc, const void *vc, int T, int max_len,
-                         int kvh, int h0, int h1, float *out) {
+/* ---- attention over the cache --------------------------------------------------------------------- */
+/* Query heads h0..h1 (all reading kv head kvh) against positions 0..T-1: each K/V row is widened to fp32 once
+ * and used by every head of the group (GQA), and exp is vectorised. */
+static void attend_group(const Model *m, const float *q, const KV *kc, const KV *vc, int T, int kvh, int h0,
+                         int h1, float *out) {
     int d = m->head_dim, bf = m->bf16;
     float scale = 1.0f / sqrtf((float)d), row[MAX_HEAD_DIM];
+    const size_t L = m->scratch_len;
     int t0 = 0;
-#if defined(__AVX512F__)
-    if (d % 16 == 0 && d <= 256) { /* Q K^T 16 positions at a time: K block widened once, 16 dots reduced together */
-        static __thread float kblk[16 * 256];
+#if defined(VW)
+    if (d % VW == 0 && d <= 256) { /* Q K^T VW positions at a time: K block widened once, VW dots reduced together */
+        static __thread float kblk[VW * 256];
 #if defined(__AVX512BF16__)
         if (bf && h1 - h0 <= 16) { /* bf16 cache: multiply bf16 pairs straight from the cache (q holds bf16 values) */
             static __thread uint16_t qb[16 * 256];
             for (int h = h0; h < h1; h++)
                 for (int i = 0; i < d; i++) qb[(h - h0) * d + i] = f2bf(q[(size_t)h * d + i]);
             for (; t0 + 16 <= T; t0 += 16) {
-                const uint16_t *kb = (const uint16_t *)kc + ((size_t)kvh * max_len + t0) * d;
+                const uint16_t *kr[16];
+                for (int k = 0; k < 16; k++) kr[k] = (const uint16_t *)kc->base + kv_row(m, kc, kvh, t0 + k);
                 for (int h = h0; h < h1; h++) {
                     __m512 v[16];
                     for (int k = 0; k < 16; k++) v[k] = _mm512_setzero_ps();
                     for (int c = 0; c < d; c += 32) {
                         __m512bh qv = (__m512bh)_mm512_loadu_si512(qb + (h - h0) * d + c);
                         for (int k = 0; k < 16; k++)
-                            v[k] = _mm512_dpbf16_ps(v[k], (__m512bh)_mm512_loadu_si512(kb + k * d + c), qv);
+                            v[k] = _mm512_dpbf16_ps(v[k], (__m512bh)_mm512_loadu_si512(kr[k] + c), qv);
                     }
-                    __m512 r = sum16(v);
-                    r = rb16(_mm512_mul_ps(rb16(r), _mm512_set1_ps(scale)));
-                    _mm512_storeu_ps(m->scores + (size_t)h * m->scratch_len + t0, r);
+                    __m512 r = vsum_lanes(v);
+                    r = vrb(_mm512_mul_ps(vrb(r), _mm512_set1_ps(scale)));
+                    _mm512_storeu_ps(m->scores + h * L + t0, r);
                 }
             }
         }
 #endif
-        for (; t0 + 16 <= T; t0 += 16) {
-            for (int k = 0; k < 16; k++) {
-                size_t off = ((size_t)kvh * max_len + t0 + k) * d;
-                for (int c = 0; c < d; c += 16)
-                    _mm512_storeu_ps(kblk + k * d + c, bf ? load_bf16x16((const uint16_t *)kc + off + c)
-                                                          : _mm512_loadu_ps((const float *)kc + off + c));
+        for (; t0 + VW <= T; t0 += VW) {
+            for (int k = 0; k < VW; k++) {
+                size_t off = kv_row(m, kc, kvh, t0 + k);
+                for (int c = 0; c < d; c += VW)
+                    vstore(kblk + k * d + c, bf ? vload_bf16((const uint16_t *)kc->base + off + c)
+                                                : vload((const float *)kc->base + off + c));
             }
             for (int h = h0; h < h1; h++) {
                 const float *qh = q + (size_t)h * d;
-                __m512 v[16];
-                for (int k = 0; k < 16; k++) v[k] = _mm512_setzero_ps();
-                for (int c = 0; c < d; c += 16) {
-                    __m512 qv = _mm512_loadu_ps(qh + c);
-                    for (int k = 0; k < 16; k++) v[k] = _mm512_fmadd_ps(_mm512_loadu_ps(kblk + k * d + c), qv, v[k]);
+                vf v[VW];
+                for (int k = 0; k < VW; k++) v[k] = vzero();
+                for (int c = 0; c < d; c += VW) {
+                    vf qv = vload(qh + c);
+                    for (int k = 0; k < VW; k++) v[k] = vfma(vload(kblk + k * d + c), qv, v[k]);
                 }
-                __m512 r = sum16(v), vs = _mm512_set1_ps(scale);
-                r = bf ? rb16(_mm512_mul_ps(rb16(r), vs)) : _mm512_mul_ps(r, vs);
-                _mm512_storeu_ps(m->scores + (size_t)h * m->scratch_len + t0, r);
+                vf r = vsum_lanes(v), vs = vset1(scale);
+                r = bf ? vrb(vmul(vrb(r), vs)) : vmul(r, vs);
+                vstore(m->scores + h * L + t0, r);
             }
         }
     }
 #endif
     for (int t = t0; t < T; t++) {
-        size_t off = ((size_t)kvh * max_len + t) * d;
-        const float *k = (const float *)kc + off;
+        size_t off = kv_row(m, kc, kvh, t);
+        const float *k = (const float *)kc->base + off;
         if (bf) {
-            const uint16_t *kb = (const uint16_t *)kc + off;
+            const uint16_t *kb = (const uint16_t *)kc->base + off;
             for (int i = 0; i < d; i++) row[i] = bf2f(kb[i]);
             k = row;
         }
         for (int h = h0; h < h1; h++) {
             float s = dot_f32(k, q + (size_t)h * d, d);
-            m->scores[(size_t)h * m->scratch_len + t] = bf ? rb(rb(s) * scale) : s * scale;
+            m->scores[h * L + t] = bf ? rb(rb(s) * scale) : s * scale;
         }
     }
     for (int h = h0; h < h1; h++) { /* softmax in fp32, as `scores.float().softmax(-1)` */
-        float *sc = m->scores + (size_t)h * m->scratch_len, mx = -INFINITY, sum = 0.f;
+        float *sc = m->scores + h * L, mx = -INFINITY, sum = 0.f;
         for (int t = 0; t < T; t++) mx = sc[t] > mx ? sc[t] : mx;
         int t = 0;
-#if defined(__AVX512F__)
-        __m512 acc = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);
-        for (; t + 16 <= T; t += 16) {
-            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + t), vmx));
-            _mm512_storeu_ps(sc + t, e);
-            acc = _mm512_add_ps(acc, e);
+#if defined(VW)
+        vf acc = vzero(), vmx = vset1(mx);
+        for (; t + VW <= T; t += VW) {
+            vf e = vexp(vsub(vload(sc + t), vmx));
+            vstore(sc + t, e);
+            acc = vadd(acc, e);
         }
-        sum = hsum(acc);
+        sum = vhsum(acc);
 #endif
         for (; t < T; t++) sum += (sc[t] = expf(sc[t] - mx));
         for (t = 0; t < T; t++) sc[t] = bf ? rb(sc[t] / sum) : sc[t] / sum;
         float *oh = out + (size_t)h * d;
         for (int i = 0; i < d; i++) oh[i] = 0.f;
     }
-#if defined(__AVX512F__)
-    if (d % 16 == 0) { /* P @ V with up to 8 heads' accumulators in registers, 16 dimensions at a time */
+#if defined(VW)
+    if (d % VW == 0) { /* P @ V with up to 8 heads' accumulators in registers, VW dimensions at a time */
         for (int hb = h0; hb < h1; hb += 8) {
             int nb = h1 - hb < 8 ? h1 - hb : 8;
-            const float *ps = m->scores + (size_t)hb * m->scratch_len;
-            for (int c = 0; c < d; c += 16) {
-                __m512 acc[8];
-                for (int k = 0; k < 8; k++) acc[k] = _mm512_setzero_ps();
-                if (nb == 8) { /* the GQA group of the 0.3B / 21B shapes: accumulators stay in registers */
-                    __m512 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6],
+            const float *ps = m->scores + hb * L;
+            for (int c = 0; c < d; c += VW) {
+                vf acc[8];
+                for (int k = 0; k < 8; k++) acc[k] = vzero();
+                for (int t = 0; t < T;) { /* page by page: the rows of a page are contiguous */
+                    int run = vc->block_size - t % vc->block_size;
+                    run = run < T - t ? run : T - t;
+                    size_t off = kv_row(m, vc, kvh, t) + c;
+                    if (nb == 8) { /* the GQA group of the 0.3B / 21B shapes: accumulators stay in registers */
+                        vf a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6],
                            a7 = acc[7];
-                    const size_t L = m->scratch_len;
-                    for (int t = 0; t < T; t++) {
-                        size_t off = ((size_t)kvh * max_len + t) * d + c;
-                        __m512 v = bf ? load_bf16x16((const uint16_t *)vc + off)
-                                      : _mm512_loadu_ps((const float *)vc + off);
-                        a0 = _mm512_fmadd_ps(_mm512_set1_ps(ps[t]), v, a0);
-                        a1 = _mm512_fmadd_ps(_mm512_set1_ps(ps[L + t]), v, a1);
-                        a2 = _mm512_fmadd_ps(_mm512_set1_ps(ps[2 * L + t]), v, a2);
-                        a3 = _mm512_fmadd_ps(_mm512_set1_ps(ps[3 * L + t]), v, a3);
-                        a4 = _mm512_fmadd_ps(_mm512_set1_ps(ps[4 * L + t]), v, a4);
-                        a5 = _mm512_fmadd_ps(_mm512_set1_ps(ps[5 * L + t]), v, a5);
-                        a6 = _mm512_fmadd_ps(_mm512_set1_ps(ps[6 * L + t]), v, a6);
-                        a7 = _mm512_fmadd_ps(_mm512_set1_ps(ps[7 * L + t]), v, a7);
-                    }
-                    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6,
-                    acc[7] = a7;
-                } else {
-                    for (int t = 0; t < T; t++) {
-                        size_t off = ((size_t)kvh * max_len + t) * d + c;
-                        __m512 v = bf ? load_bf16x16((const uint16_t *)vc + off)
-                                      : _mm512_loadu_ps((const float *)vc + off);
-                        for (int k = 0; k < nb; k++)
-                            acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(ps[(size_t)k * m->scratch_len + t]), v, acc[k]);
+                        for (int e = t + run; t < e; t++, off += d) {
+                            vf v = bf ? vload_bf16((const uint16_t *)vc->base + off) : vload((const float *)vc->base + off);
+                            a0 = vfma(vset1(ps[t]), v, a0);
+                            a1 = vfma(vset1(ps[L + t]), v, a1);
+                            a2 = vfma(vset1(ps[2 * L + t]), v, a2);
+                            a3 = vfma(vset1(ps[3 * L + t]), v, a3);
+                            a4 = vfma(vset1(ps[4 * L + t]), v, a4);
+                            a5 = vfma(vset1(ps[5 * L + t]), v, a5);
+                            a6 = vfma(vset1(ps[6 * L + t]), v, a6);
+                            a7 = vfma(vset1(ps[7 * L + t]), v, a7);
+                        }
+                        acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6,
+                        acc[7] = a7;
+                    } else {
+                        for (int e = t + run; t < e; t++, off += d) {
+                            vf v = bf ? vload_bf16((const uint16_t *)vc->base + off) : vload((const float *)vc->base + off);
+                            for (int k = 0; k < nb; k++) acc[k] = vfma(vset1(ps[k * L + t]), v, acc[k]);
+                        }
                     }
                 }
-                for (int k = 0; k < nb; k++) _mm512_storeu_ps(out + (size_t)(hb + k) * d + c, acc[k]);
+                for (int k = 0; k < nb; k++) vstore(out + (size_t)(hb + k) * d + c, acc[k]);
             }
         }
         for (int h = h0; h < h1; h++) round_vec(out + (size_t)h * d, d, bf);
@@ -651,15 +777,15 @@ static void attend_group(const Model *m, const float *q, const void *kc, const v
     }
 #endif
     for (int t = 0; t < T; t++) {
-        size_t off = ((size_t)kvh * max_len + t) * d;
-        const float *v = (const float *)vc + off;
+        size_t off = kv_row(m, vc, kvh, t);
+        const float *v = (const float *)vc->base + off;
         if (bf) {
-            const uint16_t *vb = (const uint16_t *)vc + off;
+            const uint16_t *vb = (const uint16_t *)vc->base + off;
             for (int i = 0; i < d; i++) row[i] = bf2f(vb[i]);
             v = row;
         }
         for (int h = h0; h < h1; h++) {
-            float p = m->scores[(size_t)h * m->scratch_len + t], *oh = out + (size_t)h * d;
+            float p = m->scores[h * L + t], *oh = out + (size_t)h * d;
 #pragma omp simd
             for (int i = 0; i < d; i++) oh[i] += p * v[i];
         }
@@ -667,27 +793,26 @@ static void attend_group(const Model *m, const float *q, const void *kc, const v
     for (int h = h0; h < h1; h++) round_vec(out + (size_t)h * d, d, bf);
 }
 
-static void attention(const Model *m, const float *q, const void *kc, const void *vc, int T, int max_len,
-                      float *out) {
+static void attention(const Model *m, const float *q, const KV *kc, const KV *vc, int T, float *out) {
     int group = m->n_heads / m->n_kv, split = m->n_threads / m->n_kv;
     split = split < 1 ? 1 : split > group ? group : split; /* enough tasks for every thread */
 #pragma omp parallel for num_threads(m->n_threads) schedule(static)
     for (int task = 0; task < m->n_kv * split; task++) {
         int kvh = task / split, part = task % split;
-        attend_group(m, q, kc, vc, T, max_len, kvh, kvh * group + group * part / split,
-                     kvh * group + group * (part + 1) / split, out);
+        attend_group(m, q, kc, vc, T, kvh, kvh * group + group * part / split, kvh * group + group * (part + 1) / split,
+                     out);
     }
 }
 
-static void store_kv(const Model *m, void *cache, const float *src, int pos, int max_len) {
+static void store_kv(const Model *m, const KV *c, const float *src, int pos) {
     int d = m->head_dim;
     for (int h = 0; h < m->n_kv; h++) {
-        size_t off = ((size_t)h * max_len + pos) * d;
+        size_t off = kv_row(m, c, h, pos);
         if (m->bf16) {
-            uint16_t *c = (uint16_t *)cache + off;
-            for (int i = 0; i < d; i++) c[i] = f2bf(src[(size_t)h * d + i]);
+            uint16_t *p = (uint16_t *)c->base + off;
+            for (int i = 0; i < d; i++) p[i] = f2bf(src[(size_t)h * d + i]);
         } else {
-            memcpy((float *)cache + off, src + (size_t)h * d, sizeof(float) * d);
+            memcpy((float *)c->base + off, src + (size_t)h * d, sizeof(float) * d);
         }
     }
 }
@@ -699,15 +824,35 @@ typedef struct {
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-/* 512 when built with AVX-512 kernels (what the Python side checks before preferring this path) */
+/* the vector width of the kernels built: 512 (AVX-512), 256 (AVX2 + FMA) or 0 (the plain C loops) */
 int ernie_simd_width(void) {
-#if defined(__AVX512F__)
-    return 512;
-#elif defined(__AVX2__)
-    return 256;
+#if defined(VW)
+    return VW * 32;
 #else
     return 0;
 #endif
+}
+
+/* the instruction sets the kernels were built for, e.g. "avx512+vnni+bf16", "avx2+fma", "generic" */
+const char *ernie_isa(void) {
+    return
+#if defined(__AVX512F__)
+        "avx512"
+#if defined(__AVX512VNNI__)
+        "+vnni"
+#endif
+#if defined(__AVX512BF16__)
+        "+bf16"
+#endif
+#elif defined(VW)
+        "avx2+fma"
+#if defined(__AVXVNNI__)
+        "+avxvnni"
+#endif
+#else
+        "generic"
+#endif
+        ;
 }
 
 int ernie_prepare(Model *m, int max_len) {
@@ -825,9 +970,11 @@ static void moe(const Model *m, const Layer *L, Act *A, float *out, double *t0) 
 
 /* ---- the step ------------------------------------------------------------------------------------ */
 /* Feed `token` at position `pos` (= cache rows already filled), write K/V row `pos` of every layer into
- * kc[l]/vc[l] ((n_kv, max_len, head_dim), model dtype) and the next-token logits (vocab floats) into `logits`. */
+ * kc[l]/vc[l] ((n_kv, max_len, head_dim), model dtype: the one-page case of `KV`) and the next-token logits
+ * (vocab floats) into `logits`. */
 int ernie_step(Model *m, int token, int pos, int max_len, void **kc, void **vc, float *logits) {
     if (token < 0 || token >= m->vocab || pos < 0 || pos >= max_len || m->head_dim > MAX_HEAD_DIM) return -2;
+    static const int32_t one_page = 0; /* the contiguous cache is page 0 of block_size max_len */
     if (ernie_prepare(m, max_len)) return -1;
     Act A = carve(m);
     int H = m->hidden;
@@ -850,9 +997,10 @@ int ernie_step(Model *m, int token, int pos, int max_len, void **kc, void **vc, 
         tick(&t0, P_ATTN_PROJ);
         rope(m, A.q, m->n_heads, cs, sn);
         rope(m, A.k, m->n_kv, cs, sn);
-        store_kv(m, kc[l], A.k, pos, max_len);
-        store_kv(m, vc[l], A.v, pos, max_len);
-        attention(m, A.q, kc[l], vc[l], pos + 1, max_len, A.att);
+        KV kl = {kc[l], &one_page, max_len}, vl = {vc[l], &one_page, max_len};
+        store_kv(m, &kl, A.k, pos);
+        store_kv(m, &vl, A.v, pos);
+        attention(m, A.q, &kl, &vl, pos + 1, A.att);
         tick(&t0, P_ATTN);
         gemv(m, &L->o, A.att, A.o);
         tick(&t0, P_ATTN_PROJ);
@@ -881,5 +1029,50 @@ int ernie_step(Model *m, int token, int pos, int max_len, void **kc, void **vc, 
 int ernie_gemv(Model *m, const Linear *L, const float *x, float *y) {
     if (ernie_prepare(m, 1)) return -1;
     gemv(m, L, x, y);
+    return 0;
+}
+
+/* ---- dequantisation for prefill ------------------------------------------------------------------------- */
+/* Rows r0..r1 of L widened to fp32 into out ((r1 - r0) x in, row-major): prefill on CPUs without bf16 matmul
+ * hardware multiplies fp32 tiles with MKL instead of PyTorch's emulated bf16, and this writes each tile in one
+ * pass over the weights (the same values as ernie45.quant.kernels' dequantisation: q * scale + zb). */
+int ernie_dequant(const Linear *L, int r0, int r1, float *out, int n_threads) {
+    int n = L->in;
+    if (r0 < 0 || r1 > L->out || r0 > r1 || (L->kind == W_I4 && (L->group <= 0 || n % L->group || n % 2)))
+        return -2;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int r = r0; r < r1; r++) {
+        float *o = out + (size_t)(r - r0) * n;
+        switch (L->kind) {
+        case W_F32: memcpy(o, (const float *)L->w + (size_t)r * n, sizeof(float) * n); break;
+        case W_BF16: {
+            const uint16_t *w = (const uint16_t *)L->w + (size_t)r * n;
+#pragma omp simd
+            for (int k = 0; k < n; k++) o[k] = bf2f(w[k]);
+            break;
+        }
+        case W_I8: {
+            const int8_t *w = (const int8_t *)L->w + (size_t)r * n;
+            float s = L->scale[r];
+#pragma omp simd
+            for (int k = 0; k < n; k++) o[k] = (float)w[k] * s;
+            break;
+        }
+        default: {
+            const uint8_t *w = (const uint8_t *)L->w + (size_t)r * (n / 2);
+            int g = L->group, ng = n / g;
+            for (int gi = 0; gi < ng; gi++) {
+                float s = L->scale[(size_t)r * ng + gi], z = L->zb[(size_t)r * ng + gi];
+                const uint8_t *p = w + (size_t)gi * g / 2;
+                float *og = o + (size_t)gi * g;
+#pragma omp simd
+                for (int j = 0; j < g / 2; j++) {
+                    og[2 * j] = (float)(p[j] & 15) * s + z;
+                    og[2 * j + 1] = (float)(p[j] >> 4) * s + z;
+                }
+            }
+        }
+        }
+    }
     return 0;
 }

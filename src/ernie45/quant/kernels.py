@@ -14,6 +14,24 @@ activations, weights streamed from memory (a 0.3B MLP projection, 3072x1024, ms 
 So: `torch._weight_int8pack_mm` for up to 4 rows (decoding) and dequantise + bf16 matmul above that;
 `aten._weight_int4pack_mm_for_cpu` up to 128 rows (its fp32-activation path is ~50x slower, so fp32 inputs run
 it in bf16: the int4 weight error is ~20x the bf16 rounding); `torch._int_mm` for LLM.int8().
+
+CPUs without AVX512-BF16/AMX (AVX2-only ones, AVX-512 ones before Cooper Lake / Zen 4) emulate bf16 matmuls, so
+there the fallback multiplies in fp32 (`matmul_dtype`), and always one tile of output rows at a time
+(`tiled_mm`: at most TILE_WEIGHTS weights in float, never a whole fp32 copy of a 103k-row lm_head). The same
+CPU acting as an AVX2-only one (ERNIE45_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2), one thread, same projection, bf16 activations:
+
+    rows  fp32 linear  bf16 linear  int8pack  int8 bf16 dequant  int8 fp32 tiles  int4 bf16 dequant  int4 fp32 tiles
+      1       0.73         0.27       0.26          0.57              0.34              2.80              1.66
+      4       1.39         0.97       0.47          1.24              0.77              3.36              2.13
+     64       4.49        14.6        5.32         16.3               4.59             17.6               6.23
+    512      30.5        117         42.4         120                31.0             116                31.7
+
+int8pack with fp32 inputs is unvectorised there (2.0 ms at 1 row, 1076 ms at 512), hence bf16/fp16 only; AVX2
+has no int4 kernel (`_int4pack_probe` fails). Where it exists but bf16 is emulated (ATEN_CPU_CAPABILITY=avx512
+ONEDNN_MAX_CPU_ISA=AVX512_CORE), 512 rows take 19.4 ms in int4pack against 33.9 in fp32 tiles (natively: 22.9
+against 35.1, and 11.8 for the bf16 dequant), so int4pack also takes every row count that the fallback would
+multiply in fp32.
 `_weight_int8pack_mm` (torch 2.13) reads out of bounds for bf16 inputs whose width is not a multiple of 32, and
 segfaults on weights that are not 16-byte aligned (a tensor memory-mapped from safetensors usually is not), hence
 the shape and alignment guards below, which no runtime probe could catch safely.
@@ -24,11 +42,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ernie45.device import cpu_has_fast_bf16
 
 KERNELS = {
     "wint8": ("int8pack", "dequant"),
@@ -38,6 +58,7 @@ KERNELS = {
 INT8PACK_MAX_ROWS = 4
 INT4PACK_MAX_ROWS = 128
 ALIGNMENT = 64  # bytes; `_weight_int8pack_mm` crashes on weights that are not 16-byte aligned (4+ rows)
+TILE_WEIGHTS = 1 << 20  # weights per dequantised tile: 4 MB in fp32 (1024 rows of a 1024-wide layer)
 CPU_INT4_LAYOUT = "cpu_int4pack"  # the layout `_convert_weight_to_int4pack_for_cpu` produces
 ROWMAJOR_INT4_LAYOUT = "rowmajor"  # the on-disk layout: byte k//2 of row n = q[n, k] | q[n, k+1] << 4
 
@@ -218,7 +239,9 @@ def choose_kernel(op: str, x: Tensor, n: int, k: int, group_size: int = 0) -> st
         return "dequant"
     if op == "wint4":
         fast = not wants_autograd(x) and int4pack_usable(dev, n, k, group_size)
-        if fast and (forced == "int4pack" or (forced is None and rows <= INT4PACK_MAX_ROWS)):
+        # above INT4PACK_MAX_ROWS the fallback wins only where it multiplies in native bf16
+        wins = rows <= INT4PACK_MAX_ROWS or matmul_dtype(x) == torch.float32
+        if fast and (forced == "int4pack" or (forced is None and wins)):
             return "int4pack"
         return "dequant"
     if op == "llm.int8":
@@ -231,6 +254,47 @@ def choose_kernel(op: str, x: Tensor, n: int, k: int, group_size: int = 0) -> st
 
 
 # ---- the operations -------------------------------------------------------------------------------
+def matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the dequantising fallback multiplies in: x's, except fp32 for bf16/fp16 on CPUs that would
+    emulate the low-precision matmul (no AVX512-BF16/AMX: ~4x slower than fp32, see the table above)."""
+    if x.dtype == torch.float32 or x.device.type != "cpu" or cpu_has_fast_bf16():
+        return x.dtype
+    return torch.float32
+
+
+def tile_rows(n: int, k: int) -> int:
+    """Output rows per dequantised tile: ~TILE_WEIGHTS weights, a multiple of 64 (whole CPU int4 blocks)."""
+    return max(64, min(n, TILE_WEIGHTS // max(k, 1)) // 64 * 64)
+
+
+def tiled_mm(
+    x2: Tensor, n: int, weight_rows: Callable[[int, int], Tensor], dtype: torch.dtype, rows: int | None = None
+) -> Tensor:
+    """(M, K) x an (n, K) weight that `weight_rows(i, j)` dequantises rows i:j of, in `dtype` -> (M, n) in
+    `dtype`. Only one tile of `rows` (default `tile_rows`) output rows is ever held in float, so a quantized
+    103k-row lm_head never becomes a whole fp32 matrix."""
+    rows = rows or tile_rows(n, x2.shape[-1])
+    xc = x2.to(dtype)
+    if _onednn_fp32(xc):  # a single tile: no output copy
+        if rows >= n:
+            return torch.ops.mkldnn._linear_pointwise(xc, weight_rows(0, n), None, "none", [], "")
+    out = torch.empty(x2.shape[0], n, dtype=dtype, device=x2.device)
+    for i in range(0, n, rows):
+        j = min(n, i + rows)
+        if _onednn_fp32(xc):
+            out[:, i:j] = torch.ops.mkldnn._linear_pointwise(xc, weight_rows(i, j), None, "none", [], "")
+        else:
+            torch.mm(xc, weight_rows(i, j).t(), out=out[:, i:j])
+    return out
+
+
+def _onednn_fp32(x: Tensor) -> bool:
+    """oneDNN's fp32 linear on a plain (unpacked) weight: 13.9 against MKL's 16.2 ms for 512 rows x a 3072x1024
+    weight, 2 threads, capped at AVX2 (and it takes the weight as stored, no transpose)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 def int8_weight_mm(x2: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     """(M, K) float x (N, K) int8 with per-row scale (N,) -> (M, N) in x's dtype (weight-only int8)."""
     if (
@@ -238,7 +302,17 @@ def int8_weight_mm(x2: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
         and weight.data_ptr() % ALIGNMENT == 0
     ):
         return torch._weight_int8pack_mm(x2.contiguous(), weight, scale.to(x2.dtype))
-    return F.linear(x2, weight.to(x2.dtype)) * scale.to(x2.dtype)
+    if wants_autograd(x2):
+        return F.linear(x2, weight.to(x2.dtype)) * scale.to(x2.dtype)
+    dtype = matmul_dtype(x2)
+    n, k = weight.shape
+    rows = None
+    if dtype == torch.float32 and x2.device.type == "cpu":
+        from ernie45.fast import W_I8, dequant_rows  # the same widening in one pass of the C kernel
+
+        rows = dequant_rows(W_I8, weight, n, k, torch.ones(n))
+    y = tiled_mm(x2, n, rows or (lambda i, j: weight[i:j].to(dtype)), dtype)
+    return y.mul_(scale.to(dtype)).to(x2.dtype)
 
 
 def int4_weight_mm(
@@ -257,7 +331,19 @@ def int4_weight_mm(
         sz = scales_and_zeros if scales_and_zeros is not None else int4_scales_and_zeros(scale, zero, kdtype)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(kdtype).contiguous(), packed, group_size, sz)
         return out.to(x2.dtype)
-    return F.linear(x2, dequantize_int4(packed, scale, zero, group_size, layout, x2.dtype))
+    if wants_autograd(x2):
+        return F.linear(x2, dequantize_int4(packed, scale, zero, group_size, layout, x2.dtype))
+    dtype = matmul_dtype(x2)
+
+    def weight_rows(i: int, j: int) -> Tensor:
+        return dequantize_int4(packed[i:j], scale[i:j], zero[i:j], group_size, layout, dtype)
+
+    if dtype == torch.float32 and layout == ROWMAJOR_INT4_LAYOUT and x2.device.type == "cpu":
+        from ernie45.fast import W_I4, dequant_rows  # the same values in one pass of the C kernel
+
+        s = scale.float()
+        weight_rows = dequant_rows(W_I4, packed, n, k, s, zero.float() - 8 * s, group_size) or weight_rows
+    return tiled_mm(x2, n, weight_rows, dtype).to(x2.dtype)
 
 
 def quantize_rows_int8(x2: Tensor, clip: float = 0.0) -> tuple[Tensor, Tensor]:

@@ -173,8 +173,9 @@ class Int8Linear(QuantLinear):
 
 
 class Int4Linear(QuantLinear):
-    """Weight-only int4, asymmetric per group; on AVX2/AVX-512 CPUs the weight is re-laid out for
-    `_weight_int4pack_mm_for_cpu` at the first forward (same bytes, permuted) and saved back row-major."""
+    """Weight-only int4, asymmetric per group; where PyTorch's CPU int4 kernel runs (`int4pack_usable`: AVX-512
+    builds, not AVX2-only CPUs) the weight is re-laid out for `_weight_int4pack_mm_for_cpu` at the first forward
+    (same bytes, permuted) and saved back row-major."""
 
     mode = "wint4"
 
