@@ -92,12 +92,17 @@ def isa_env(level: str, base: dict[str, str] | None = None) -> dict[str, str]:
 def _isa_meaning(level: str) -> str:
     if level != "native":
         return _ISA_MEANING[level]
+    best = _vector_flags()
+    return "the best kernels this CPU runs" + (f" ({', '.join(best)})" if best else "")
+
+
+def _vector_flags() -> list[str]:
+    """The cpuinfo flags that decide the kernels: the AVX-512 / AMX ones present, else avx2 if present."""
     from ernie45.device import cpu_info
 
     have = set(cpu_info().get("flags", "").split())
-    best = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in have] or (
+    return [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in have] or (
         ["avx2"] if "avx2" in have else [])
-    return "the best kernels this CPU runs" + (f" ({', '.join(best)})" if best else "")
 
 
 def parse_llama_cpp(values: list[str] | None) -> dict[str, str]:
@@ -483,11 +488,8 @@ def _cpu_name() -> str:
     """CPU model and the vector extensions that decide the kernels, e.g. "AMD EPYC (avx512f, avx512_bf16)"."""
     from ernie45.device import cpu_info
 
-    info = cpu_info()
-    have = set(info.get("flags", "").split())
-    isa = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in have] or (
-        ["avx2"] if "avx2" in have else [])
-    name = info.get("model name") or platform.processor() or platform.machine()
+    isa = _vector_flags()
+    name = cpu_info().get("model name") or platform.processor() or platform.machine()
     return name + (f" ({', '.join(isa)})" if isa else "")
 
 
@@ -514,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", dest="json_out", default=None, help="write the result rows as JSON here")
     p.add_argument("--out", default=None, help="write a Markdown table here (e.g. bench/results.md)")
     p.add_argument("--workdir", default=None, help="where the random checkpoints are cached")
-    p.add_argument("--isa", default=argparse.SUPPRESS,
+    p.add_argument("--isa", default=None,
                    help="comma list of ISA levels to run every row at: native (this CPU's best), avx2 (x86-64-v3: "
                         "ernie45's kernels and PyTorch's ATen/oneDNN/MKL capped at AVX2, AVX-512 off), generic "
                         "(x86-64-v2, SSE4.2) (default: $ERNIE45_ISA, else native)")
@@ -534,12 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ErnieError("--prompt-len must be >= 1, --gen-len >= 2, --runs >= 1 and --rounds >= 1")
     from ernie45.device import isa_level
 
-    levels = getattr(a, "isa", None) or isa_level()  # isa_level: ERNIE45_ISA, the level ernie45 runs at here
+    levels = a.isa or isa_level()  # isa_level: ERNIE45_ISA, the level ernie45 runs at here
     isas = list(dict.fromkeys(normalize_isa(v) for v in levels.split(",") if v.strip()))
     if not isas:
         raise ErnieError("--isa wants a comma list of native, avx2, generic")
-    for level in isas:
-        check_isa(level)
     llama_dirs = parse_llama_cpp(a.llama_cpp)
     for level in llama_dirs:
         if level not in isas:

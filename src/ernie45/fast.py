@@ -203,6 +203,7 @@ class FastDecoder:
         if cfg.head_dim > 512:
             raise Unsupported("head_dim > 512")
         self._lib, self._keep = lib, []
+        self.isa = lib.ernie_isa().decode()  # what the kernels were built for, e.g. "avx2+fma"
         self.bf16 = model.dtype == torch.bfloat16
         self.vocab = cfg.vocab_size
         inner = model.model
@@ -319,7 +320,6 @@ class FastDecoder:
         except Unsupported as e:
             log.info("C decode step not used: %s", e)
             return None
-        dec.isa = lib.ernie_isa().decode()
         model.fast_decoder = dec
         return dec
 
@@ -433,17 +433,14 @@ def dequant_rows(kind: int, weight: Tensor, out_features: int, in_features: int,
     lib = native.load("decode")
     if lib is None or weight.device.type != "cpu" or not weight.is_contiguous():
         return None
-    lib.ernie_dequant.argtypes = [ctypes.POINTER(_Linear), c_int, c_int, c_void_p, c_int]
-    keep = [t.contiguous() if t is not None else None for t in (scale, zb)]
+    scale, zb = (t.contiguous() if t is not None else None for t in (scale, zb))
     L = _Linear(kind=kind, out=out_features, in_=in_features, group=group, w=weight.data_ptr(),
-                scale=keep[0].data_ptr() if keep[0] is not None else None,
-                zb=keep[1].data_ptr() if keep[1] is not None else None)
+                scale=scale.data_ptr() if scale is not None else None, zb=zb.data_ptr() if zb is not None else None)
 
-    def weight_rows(i: int, j: int) -> Tensor:
+    def weight_rows(i: int, j: int, keep=(scale, zb)) -> Tensor:  # `keep`: the scales outlive L's pointers
         out = torch.empty(j - i, in_features)
-        if lib.ernie_dequant(ctypes.byref(L), i, j, out.data_ptr(), torch.get_num_threads()) != 0:
+        if lib.ernie_dequant(ctypes.addressof(L), i, j, out.data_ptr(), torch.get_num_threads()) != 0:
             raise RuntimeError("C dequantisation failed")
-        _ = keep  # the scales stay alive as long as this closure
         return out
 
     return weight_rows

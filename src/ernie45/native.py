@@ -130,6 +130,8 @@ def _load(name: str, isa: str) -> ctypes.CDLL | None:
         log.warning("could not load %s (%s); using the PyTorch path", out, e)
         return None
     lib.ernie_isa.restype = ctypes.c_char_p
+    # (const Linear *, row0, row1, float *out, threads): the Linear struct is ernie45.fast._Linear
+    lib.ernie_dequant.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 

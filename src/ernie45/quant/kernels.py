@@ -275,13 +275,13 @@ def tiled_mm(
     103k-row lm_head never becomes a whole fp32 matrix."""
     rows = rows or tile_rows(n, x2.shape[-1])
     xc = x2.to(dtype)
-    if _onednn_fp32(xc):  # a single tile: no output copy
-        if rows >= n:
-            return torch.ops.mkldnn._linear_pointwise(xc, weight_rows(0, n), None, "none", [], "")
+    onednn = _onednn_fp32(xc)
+    if onednn and rows >= n:  # a single tile: no output copy
+        return torch.ops.mkldnn._linear_pointwise(xc, weight_rows(0, n), None, "none", [], "")
     out = torch.empty(x2.shape[0], n, dtype=dtype, device=x2.device)
     for i in range(0, n, rows):
         j = min(n, i + rows)
-        if _onednn_fp32(xc):
+        if onednn:
             out[:, i:j] = torch.ops.mkldnn._linear_pointwise(xc, weight_rows(i, j), None, "none", [], "")
         else:
             torch.mm(xc, weight_rows(i, j).t(), out=out[:, i:j])
