@@ -1,4 +1,5 @@
-"""`ernie45 bench` on the tiny shape: the JSON rows and Markdown table it writes, the bytes-per-token floor, errors."""
+"""`ernie45 bench` on the tiny shape: the JSON rows and Markdown table it writes, the bytes-per-token floor, errors;
+the a3b shape and its `--layers`, and the streaming random-checkpoint writer."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from ernie45.checkpoint import build_model
 from ernie45.config import ErnieConfig
 from ernie45.errors import ErnieError
 
-FIELDS = ("engine", "shape", "dtype", "prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "floor_decode_tok_s")
+FIELDS = ("engine", "shape", "dtype", "prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mb",
+          "floor_decode_tok_s")
 
 
 @pytest.mark.parametrize("shape", ["0.3b", "moe"])
@@ -50,13 +52,19 @@ def test_bench_writes_rows_and_table(tmp_path, capsys, monkeypatch):
         assert all(f in r for f in FIELDS), r
         assert r["shape"] == "tiny" and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["peak_rss_mb"] > 0
         assert 0 < r["ttft_s"] < 60 and r["rounds"] == 2  # engines took turns twice; the row is the median
+        assert 0 < r["load_s"] < 120
     assert "skipped" in rows[("transformers", "wint8")]  # transformers has no wint8
     assert data["meta"]["bandwidth_gbs"] > 0 and data["meta"]["prompt_len"] == 16 and data["meta"]["rounds"] == 2
     assert all(r["isa"] == "native" for r in data["rows"]) and rows[("ernie45", "fp32")]["env"]["ERNIE45_ISA"] == "native"
     table = out_md.read_text()
     ratio = rows[("ernie45", "fp32")]["decode_tok_s"] / rows[("transformers", "fp32")]["decode_tok_s"]
     assert "| tiny | fp32 | native | transformers |" in table and f"{ratio:.2f}×" in table
+    assert "| TTFT ms | load s | peak RSS MB |" in table
     assert table in capsys.readouterr().out
+    # the wint8 row loaded a checkpoint quantized once into the workdir, output head included (like q8_0 GGUF)
+    qdir = tmp_path / "w" / "ernie45-bench-tiny-wint8"
+    qc = ErnieConfig.from_pretrained(qdir).quantization_config
+    assert qc["mode"] == "wint8" and "lm_head" not in qc["modules_to_not_convert"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -194,7 +202,8 @@ def test_markdown_compares_within_one_isa():
 
     def row(engine, isa, decode, dtype="fp32", **kw):
         return dict(engine=engine, shape="tiny", dtype=dtype, isa=isa, prefill_tok_s=100.0, decode_tok_s=decode,
-                    ttft_s=0.01, peak_rss_mb=300.0, floor_decode_tok_s=1000.0, bandwidth_gbs=10.0, **kw)
+                    ttft_s=0.001, load_s=2.5, peak_rss_mb=300.0, floor_decode_tok_s=1000.0, bandwidth_gbs=10.0,
+                    **kw)
 
     rows = [row("ernie45", "native", 100.0), row("llama.cpp", "native", 50.0, llama_cpp_version="0.3.1"),
             row("ernie45", "avx2", 60.0), row("llama.cpp", "avx2", 40.0, llama_cpp_version="0.3.36"),
@@ -207,6 +216,8 @@ def test_markdown_compares_within_one_isa():
     md = to_markdown(rows, meta)
     lines = md.splitlines()
     assert "| shape | dtype | isa | engine |" in md
+    assert "| load s | peak RSS MB |" in lines[3]
+    assert next(ln for ln in lines if "| native | ernie45 |" in ln).endswith("| 1 | 2.5 | 300 |")  # TTFT, load, RSS
     assert "ISA levels: native = the best kernels this CPU runs; avx2 = x86-64-v3 kernels, AVX-512 off, on this CPU." in md
     assert next(ln for ln in lines if "| native | llama.cpp |" in ln).split(" | ")[6] == "2.00×"
     assert next(ln for ln in lines if "| avx2 | llama.cpp |" in ln).split(" | ")[6] == "1.50×"
@@ -214,3 +225,141 @@ def test_markdown_compares_within_one_isa():
     assert "| tiny | wint4 (fp32 act) | avx2 | ernie45 |" in md and "| tiny | wint4 | native | ernie45 |" in md
     assert ("llama.cpp: llama-cpp-python 0.3.1 built for native; llama-cpp-python 0.3.36 built for avx2; "
             "llama-cpp-python 0.3.36 built for generic.") in md
+
+
+# ---- the a3b shape and --layers --------------------------------------------------------------------------
+def test_a3b_shape_is_ernie_45_21b_a3b():
+    from ernie45.bench import shape_config
+
+    cfg = shape_config("a3b")
+    assert cfg.model_type == "ernie4_5_moe" and cfg.is_moe
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (2560, 20, 4, 128)
+    assert cfg.intermediate_size == 12288 and cfg.vocab_size == 103424 and cfg.tie_word_embeddings
+    assert (cfg.moe_num_experts, cfg.moe_k, cfg.moe_intermediate_size, cfg.moe_num_shared_experts) == (64, 6, 1536, 2)
+    assert cfg.rope_theta == 500000.0 and cfg.moe_layer_start_index == 1
+    # default: 3 layers, one dense and two MoE
+    assert cfg.num_hidden_layers == 3 and cfg.moe_layer_end_index == 2
+    assert [cfg.is_moe_layer(i) for i in range(3)] == [False, True, True]
+    # the same layer shapes as the library's 21B-A3B preset
+    from ernie45.config import preset
+
+    full = preset("21b-a3b")
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "moe_num_experts", "moe_k", "moe_intermediate_size", "moe_num_shared_experts", "vocab_size"):
+        assert getattr(cfg, key) == getattr(full, key), key
+
+
+def test_layers_sets_depth_and_moe_end():
+    from ernie45.bench import checkpoint_name, shape_config
+
+    for n in (1, 2, 5, 28):
+        cfg = shape_config("a3b", n)
+        assert cfg.num_hidden_layers == n and cfg.moe_layer_end_index == n - 1
+        assert [cfg.is_moe_layer(i) for i in range(n)] == [i >= 1 for i in range(n)]
+    full = shape_config("a3b", 28)
+    # the whole model: ~21.8B parameters, ~3B active per token
+    model = build_model(full, torch.bfloat16, meta=True)
+    total = sum(p.numel() for p in model.parameters())
+    assert 21.7e9 < total < 21.9e9
+    assert checkpoint_name("a3b") == "ernie45-bench-a3b-3l" and checkpoint_name("a3b", 28) == "ernie45-bench-a3b-28l"
+    assert checkpoint_name("tiny") == "ernie45-bench-tiny"
+    assert shape_config("tiny", 7).num_hidden_layers == SHAPES["tiny"]["num_hidden_layers"]  # a3b only
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shape", "a3b", "--layers", "0"], r"--layers must be in 1\.\.28 for a3b, got 0"),
+    (["--shape", "a3b", "--layers", "29"], r"--layers must be in 1\.\.28"),
+    (["--shape", "tiny", "--layers", "4"], "--layers applies to --shape a3b only"),
+])
+def test_bad_layers_are_one_line_errors(argv, message):
+    with pytest.raises(ErnieError, match=message):
+        bench_main(argv + ["--vs", "none"])
+
+
+def _small_a3b(**kw):
+    """The a3b layout (dense first layer, routed + shared experts, tied head) at a tenth of the width."""
+    from ernie45.bench import shape_config
+
+    cfg = shape_config("a3b", 3)
+    return cfg.replace(vocab_size=512, hidden_size=64, intermediate_size=192, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, moe_num_experts=8, moe_k=2, moe_intermediate_size=32, **kw)
+
+
+def test_streaming_generator_writes_a_loadable_bf16_checkpoint(tmp_path):
+    from ernie45.bench import init_std, write_random_checkpoint
+    from ernie45.checkpoint import load_checkpoint, read_header
+
+    cfg = _small_a3b()
+    path = write_random_checkpoint(cfg, str(tmp_path / "ckpt"), "bfloat16", seed=3, max_shard_size="200KB")
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").is_file()  # sharded on the way
+    assert (tmp_path / "ckpt" / "tokenizer.model").is_file()
+    saved = ErnieConfig.from_pretrained(path)
+    assert saved.to_dict() == cfg.replace(torch_dtype="bfloat16").to_dict()
+    # stored as the model holds it: bf16 weights, fp32 router and correction bias, no separate (tied) lm_head
+    stored = {}
+    for f in sorted((tmp_path / "ckpt").glob("*.safetensors")):
+        header, _ = read_header(str(f))
+        stored.update({k: v for k, v in header.items() if k != "__metadata__"})
+    assert "lm_head.weight" not in stored
+    assert stored["model.layers.1.mlp.gate.weight"]["dtype"] == "F32"
+    assert stored["model.layers.2.mlp.moe_statics.e_score_correction_bias"]["dtype"] == "F32"
+    assert stored["model.layers.1.mlp.experts.7.down_proj.weight"]["dtype"] == "BF16"
+    assert stored["model.layers.1.mlp.shared_experts.up_proj.weight"]["shape"] == [64, 64]  # 2 shared x 32
+    model = load_checkpoint(path, dtype="bfloat16", device="cpu")
+    ref = build_model(cfg, torch.bfloat16, meta=True)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    sd = model.state_dict()
+    assert torch.equal(sd["model.norm.weight"], torch.ones(64, dtype=torch.bfloat16))
+    assert not sd["model.layers.1.mlp.moe_statics.e_score_correction_bias"].any()
+    w = sd["model.layers.1.mlp.experts.0.gate_proj.weight"].float()
+    assert abs(w.std().item() - init_std(cfg)) < 0.1 * init_std(cfg) and abs(w.mean().item()) < 0.005
+    assert not torch.equal(w, sd["model.layers.1.mlp.experts.1.gate_proj.weight"].float())  # own stream each
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
+    # seeded: the same config and seed write the same bytes
+    again = write_random_checkpoint(cfg, str(tmp_path / "again"), "bfloat16", seed=3, tokenizer=False,
+                                    max_shard_size="200KB")
+    for f in sorted((tmp_path / "ckpt").glob("*.safetensors")):
+        assert (Path(again) / f.name).read_bytes() == f.read_bytes()
+
+
+def test_streaming_generator_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """Each tensor is produced, written and dropped (a 42 GB a3b must fit a 24 GB machine): when the next one is
+    made, at most the previous one is still referenced (by the writer's loop variable)."""
+    import gc
+    import weakref
+
+    import ernie45.bench as bench
+    from ernie45.bench import write_random_checkpoint
+
+    alive: list[weakref.ref] = []
+    most = 0
+    real = bench.random_tensor
+
+    def tracked(spec, std, seed, chunk=1 << 22):
+        nonlocal most
+        gc.collect()
+        most = max(most, sum(r() is not None for r in alive))
+        t = real(spec, std, seed, chunk=64)  # a small chunk: the fill loop runs many times
+        alive.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(bench, "random_tensor", tracked)
+    write_random_checkpoint(_small_a3b(), str(tmp_path / "c"), "bfloat16", tokenizer=False)
+    assert len(alive) > 50 and most <= 1
+
+
+def test_make_checkpoint_is_cached_per_shape_and_layers(tmp_path, monkeypatch):
+    import ernie45.bench as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "write_random_checkpoint",
+                        lambda cfg, path, dtype, **kw: calls.append((cfg.num_hidden_layers, dtype))
+                        or (Path(path).mkdir(parents=True) or (Path(path) / "config.json").write_text("{}")))
+    a = bench.make_checkpoint("a3b", str(tmp_path), 2)
+    assert bench.make_checkpoint("a3b", str(tmp_path), 2) == a  # cached
+    b = bench.make_checkpoint("a3b", str(tmp_path), 4)
+    t = bench.make_checkpoint("tiny", str(tmp_path))
+    assert a != b and calls == [(2, "bfloat16"), (4, "bfloat16"), (2, "float32")]  # a3b is bf16 on disk
+    assert Path(t).name == "ernie45-bench-tiny"

@@ -21,7 +21,7 @@ def test_packed_bf16_is_bit_identical(name):
     with torch.no_grad():
         ref = m(ids).logits
         ref_tokens = generate(m, ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-        n = optimize_for_inference(m)
+        n = optimize_for_inference(m, native=False)  # packing is for where no C decoder runs
         out = m(ids).logits
         tokens = generate(m, ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     linears = sum(isinstance(x, PackedLinear) for x in m.modules())
@@ -41,11 +41,20 @@ def test_packed_fp32_matches_within_summation_order(name):
     with torch.no_grad():
         ref = m(ids).logits
         ref_tokens = generate(m, ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-        assert optimize_for_inference(m) > 0
+        assert optimize_for_inference(m, native=False) > 0
         out = m(ids).logits
         tokens = generate(m, ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens, ref_tokens)
+
+
+def test_no_packed_copy_beside_the_c_decoder():
+    """The C decoder reads the plain weights: packing them too would hold a second copy."""
+    _native_or_skip()
+    m = build_model(preset("tiny"), torch.float32)
+    m.init_weights(seed=0)
+    assert optimize_for_inference(m) == 0
+    assert m.fast_decoder is not None and not any(isinstance(x, PackedLinear) for x in m.modules())
 
 
 def test_noop_in_fp16():
@@ -344,3 +353,108 @@ def test_isa_env_var_picks_the_build(monkeypatch):
     monkeypatch.setenv("ERNIE45_ISA", "avx3000")
     with pytest.raises(ErnieError, match="ERNIE45_ISA"):
         native.load("decode")
+
+
+# ---- quantization scales read in place (one copy of the weights) ----------------------------------------------
+def _c_linears(dec):
+    """Every `_Linear` struct the decoder hands the C step: per layer's attention, MLP / experts, and lm_head."""
+    import ctypes
+
+    from ernie45.fast import _Layer, _Linear
+
+    n = dec._m.n_layers
+    layers = ctypes.cast(dec._m.layers, ctypes.POINTER(_Layer * n)).contents
+    out = [dec._m.head]
+    for L in layers:
+        out += [L.q, L.k, L.v, L.o]
+        if L.is_moe:
+            experts = ctypes.cast(L.experts, ctypes.POINTER(_Linear * (3 * L.n_experts))).contents
+            out += list(experts)
+            if L.has_shared:
+                out += [L.sgate, L.sup, L.sdown]
+        else:
+            out += [L.gate, L.up, L.down]
+    return out
+
+
+@pytest.mark.parametrize("dtype, mode", [(torch.bfloat16, "wint4"), (torch.float32, "wint4"),
+                                         (torch.bfloat16, "wint8"), (torch.float32, "wint8")])
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_c_decoder_reads_quantization_scales_in_place(name, dtype, mode):
+    """The C step reads each Int8Linear / Int4Linear's own weight_scale and weight_zero (no fp32 copies of them,
+    no zero - 8 * scale tensor), in the model's dtype."""
+    from ernie45.fast import W_I4, W_I8, FastDecoder
+    from ernie45.quant.linear import Int4Linear, Int8Linear
+
+    _native_or_skip()
+    m = _quantized(name, dtype, mode)
+    dec = FastDecoder.attach(m)
+    assert dec is not None
+    qtype, kind = (Int4Linear, W_I4) if mode == "wint4" else (Int8Linear, W_I8)
+    mods = [x for x in m.modules() if type(x) is qtype]
+    want = {(x.weight_scale.data_ptr(), x.weight_zero.data_ptr() if mode == "wint4" else None) for x in mods}
+    structs = [L for L in _c_linears(dec) if L.kind == kind]
+    assert len(structs) == len(mods) > 0
+    assert {(L.scale, L.zero) for L in structs} == want
+    assert all(L.sdt == (dtype == torch.bfloat16) for L in structs)
+    for x in mods:
+        assert x.weight_scale.dtype == dtype
+    # nothing the decoder keeps alive is a widened copy of the scales or a zero - 8 * scale tensor
+    own = {p for pair in want for p in pair if p}
+    kept = [t for t in dec._keep if isinstance(t, torch.Tensor)]
+    assert own <= {t.data_ptr() for t in kept}
+    for x in mods:
+        s = x.weight_scale.float()
+        derived = [s] + ([x.weight_zero.float() - 8 * s] if mode == "wint4" else [])
+        assert not any(t.data_ptr() not in own and t.shape == d.shape and torch.equal(t.float(), d)
+                       for t in kept for d in derived)
+
+
+def _random_quantized(mode, dtype, out_features=40, in_features=256, group_size=64):
+    """An Int8Linear / Int4Linear (row-major) with random codes, scales over a wide range and zeros of both signs,
+    so zero - 8 * scale needs its fp32 rounding."""
+    from ernie45.quant.linear import Int4Linear, Int8Linear
+
+    g = torch.Generator().manual_seed(11)
+    lin = torch.nn.Linear(in_features, out_features, bias=False)
+    if mode == "wint4":
+        q = Int4Linear.from_float(lin, dtype, group_size=group_size)
+        q._to_rowmajor()
+        q.weight = torch.randint(0, 256, q.weight.shape, generator=g, dtype=torch.uint8)
+        shape = q.weight_scale.shape
+        q.weight_scale = (torch.rand(shape, generator=g) * 10 ** torch.randint(-4, 2, shape, generator=g)).to(dtype)
+        q.weight_zero = (torch.randn(shape, generator=g) * 0.3).to(dtype)
+    else:
+        q = Int8Linear.from_float(lin, dtype)
+        q.weight = torch.randint(-127, 128, q.weight.shape, generator=g, dtype=torch.int8)
+        shape = q.weight_scale.shape
+        q.weight_scale = (torch.rand(shape, generator=g) * 10 ** torch.randint(-4, 2, shape, generator=g)).to(dtype)
+    return q
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode, group_size", [("wint8", 0), ("wint4", 64), ("wint4", 128)])
+def test_dequant_rows_is_bit_identical_to_pytorch(mode, group_size, dtype, isa):
+    """`dequant_rows` (the C kernel, scales and zeros read in their own dtype) gives the module's
+    `dequantize(torch.float32)` bit for bit, for all rows and for a tile of rows."""
+    from ernie45.fast import W_I4, W_I8, dequant_rows
+
+    _native_or_skip(isa)
+    q = _random_quantized(mode, dtype, group_size=group_size or 64)
+    n, k = q.out_features, q.in_features
+    if mode == "wint4":
+        rows = dequant_rows(W_I4, q.weight, n, k, q.weight_scale, q.weight_zero, group_size, isa=isa)
+    else:
+        rows = dequant_rows(W_I8, q.weight, n, k, q.weight_scale, isa=isa)
+    assert rows is not None
+    ref = q.dequantize(torch.float32)
+    assert torch.equal(rows(0, n), ref)
+    assert torch.equal(rows(3, 17), ref[3:17])
+    if dtype == torch.bfloat16:  # other dtypes are widened to fp32 first (exact): the same values
+        half = (q.weight_scale.half(), q.weight_zero.half()) if mode == "wint4" else (q.weight_scale.half(), None)
+        rows = dequant_rows(W_I4 if mode == "wint4" else W_I8, q.weight, n, k, *half, group_size, isa=isa)
+        q.weight_scale = half[0]
+        if mode == "wint4":
+            q.weight_zero = half[1]
+        assert torch.equal(rows(0, n), q.dequantize(torch.float32))

@@ -341,3 +341,25 @@ def test_llama_cpp_greedy_matches_ernie45(kind, ckpts, tmp_path):
         if len(got) == 16:
             break
     assert got == want
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_quantized_checkpoint_exports_its_dequantized_weights(kind, ckpts, tmp_path):
+    """A wint8 checkpoint exports the float weights it stands for (here f32: exactly its dequantization)."""
+    from ernie45.checkpoint import load_checkpoint
+    from ernie45.quant.cli import quantize_checkpoint
+
+    _, src = ckpts[kind]
+    q = tmp_path / "q"
+    quantize_checkpoint(src, q, "wint8", quantize_lm_head=True, progress=False)
+    out = tmp_path / "q.gguf"
+    assert cli(["export-gguf", str(q), str(out), "--outtype", "f32", "--quiet"]) == 0
+    got = {t.name: dequantized(t) for t in gguf.GGUFReader(out).tensors}
+    m = load_checkpoint(str(q), dtype="float32", device="cpu")
+    layers = m.model.layers
+    assert np.array_equal(got["blk.0.attn_q.weight"], layers[0].self_attn.q_proj.dequantize(torch.float32).numpy())
+    assert np.array_equal(got["output.weight"], m.lm_head.dequantize(torch.float32).numpy())
+    assert np.array_equal(got["token_embd.weight"], m.model.embed_tokens.weight.numpy())
+    if kind == "moe":
+        e1 = layers[1].mlp.experts[1].gate_proj.dequantize(torch.float32).numpy()
+        assert np.array_equal(got["blk.1.ffn_gate_exps.weight"][1], e1)

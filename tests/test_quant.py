@@ -689,16 +689,17 @@ def test_cli_errors_and_interrupted_run(ckpts, tmp_path, tokenizer_dir, monkeypa
     assert "--out must differ from --model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
-    import ernie45.checkpoint
+    import ernie45.convert.safetensors_io
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ernie45.checkpoint, "write_safetensors_shards", interrupted)
-    assert (
-        cli_main(["quantize", "--model", dense, "--mode", "wint8", "--out", str(tmp_path / "o"), "--quiet"])
-        == 130
-    )
+    monkeypatch.setattr(ernie45.convert.safetensors_io, "write_shards", interrupted)  # both paths write with it
+    for mode in ("wint8", "nf4"):  # streamed, in memory
+        assert (
+            cli_main(["quantize", "--model", dense, "--mode", mode, "--out", str(tmp_path / "o"), "--quiet"])
+            == 130
+        )
     assert sorted(os.listdir(tmp_path)) == ["odd"]  # no output, no temporary directory left behind
 
 

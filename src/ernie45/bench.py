@@ -9,6 +9,12 @@ its ratio to the memory-bandwidth floor, which the bench measures on the machine
 `ERNIE45_ISA=<level>` (ernie45's C kernels) and, below native, with PyTorch's ATen / oneDNN / MKL capped at the same
 level, so an AVX-512 machine also measures what an AVX2-only CPU would get. llama.cpp fixes its level when it is
 compiled, so each non-native level needs its own llama-cpp-python build (`--llama-cpp avx2=DIR`).
+
+`--shape a3b` is ERNIE-4.5-21B-A3B's layers (one dense layer, then MoE layers of 64 experts top-6 + 2 shared), with
+its 103,424-token vocabulary; `--layers N` sets how many (default 3, 28 is the whole model). Its checkpoint is bf16 on
+disk, like the released one, and is written tensor by tensor, so the full model can be generated on a machine with
+less memory than the model. The wint8/wint4 rows of ernie45 load a checkpoint quantized once into the work
+directory, as llama.cpp loads a q8_0/q4_0 GGUF; every row reports its load time beside its peak RSS.
 """
 
 from __future__ import annotations
@@ -35,7 +41,15 @@ SHAPES: dict[str, dict[str, Any]] = {
                 moe_layer_end_index=7, tie_word_embeddings=True),
     "tiny": dict(model_type="ernie4_5", vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    # ERNIE-4.5-21B-A3B's layers: layer 0 dense (FFN 12288), then MoE (64 experts of 1536, top-6, 2 shared);
+    # `--layers N` keeps the first N of its 28 (default 3: one dense and two MoE layers)
+    "a3b": dict(model_type="ernie4_5_moe", vocab_size=103424, hidden_size=2560, intermediate_size=12288,
+                num_hidden_layers=3, num_attention_heads=20, num_key_value_heads=4, head_dim=128, moe_num_experts=64,
+                moe_k=6, moe_intermediate_size=1536, moe_num_shared_experts=2, moe_layer_start_index=1,
+                moe_layer_end_index=2, tie_word_embeddings=True, rope_theta=500000.0),
 }
+FULL_LAYERS = {"a3b": 28}  # shapes whose depth `--layers` sets: the released model's layer count
+DISK_DTYPE = {"a3b": "bfloat16"}  # how a shape's random checkpoint is stored (default float32)
 ENGINES = ("ernie45", "transformers", "llama.cpp")
 DTYPES = ("fp32", "bf16", "wint8", "wint4")
 _BYTES = {"fp32": 4.0, "bf16": 2.0, "wint8": 1.0, "wint4": 0.5}
@@ -178,6 +192,21 @@ def _native_bandwidth_gbs(threads: int, n: int) -> float:
     return per * n / best / 1e9
 
 
+def shape_config(shape: str, layers: int | None = None):
+    """The ErnieConfig of a bench shape; `layers` (a3b only) keeps the first N layers, the MoE range ending at the
+    last one."""
+    from ernie45.config import ErnieConfig
+
+    if shape not in SHAPES:
+        raise ErnieError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    spec = dict(SHAPES[shape])
+    if shape in FULL_LAYERS and layers is not None:
+        if not 1 <= layers <= FULL_LAYERS[shape]:
+            raise ErnieError(f"--layers must be in 1..{FULL_LAYERS[shape]} for {shape}, got {layers}")
+        spec.update(num_hidden_layers=layers, moe_layer_end_index=layers - 1)
+    return ErnieConfig(**spec)
+
+
 def decode_bytes_per_token(cfg, dtype: str) -> float:
     """Weight bytes read per decode token: every projection once (only the K routed + shared experts of a MoE
     layer), the lm_head, one embedding row. The bench quantizes lm_head too in wint8/wint4, as llama.cpp's
@@ -218,9 +247,13 @@ def _prompt(vocab: int, n: int) -> list[int]:
 
 
 def run_ernie45(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int) -> dict[str, Any]:
+    """`ckpt` is the float checkpoint for fp32/bf16 and, for wint8/wint4, the checkpoint `quantized_checkpoint`
+    wrote (the output head quantized too, like q8_0 / q4_0 GGUF files): loading is all this process does."""
     import torch
 
+    from ernie45 import native
     from ernie45.checkpoint import load_checkpoint
+    from ernie45.fast import optimize_for_inference
     from ernie45.generation import generate
 
     if dtype in _TORCH_DTYPE:
@@ -229,14 +262,13 @@ def run_ernie45(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int)
         from ernie45.device import resolve_dtype
 
         act = resolve_dtype("auto", torch.device("cpu"))
+    native.load("decode")  # a first-ever run compiles the C kernels: an install cost, not a load cost
+    t_load = time.perf_counter()
     model = load_checkpoint(ckpt, dtype=act, device="cpu")
-    if dtype in ("wint8", "wint4"):
-        from ernie45.quant import quantize_model
-
-        quantize_model(model, dtype, progress=False, quantize_lm_head=True)  # like q8_0 / q4_0 GGUF files
-    from ernie45.fast import optimize_for_inference
-
+    if dtype in ("wint8", "wint4") and (model.config.quantization_config or {}).get("mode") != dtype:
+        raise ErnieError(f"{ckpt} is not a {dtype} checkpoint")
     optimize_for_inference(model)
+    load_s = time.perf_counter() - t_load
     ids = torch.tensor([_prompt(model.config.vocab_size, prompt_len)])
     prefill, ttft, decode = [], [], []
     for _ in range(runs + 1):  # the first run warms up
@@ -256,7 +288,7 @@ def run_ernie45(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int)
         ttft.append(first - t0)
         decode.append((gen_len - 1) / (end - first))
     return dict(prefill_tok_s=statistics.median(prefill[1:]), ttft_s=statistics.median(ttft[1:]),
-                decode_tok_s=statistics.median(decode[1:]), act_dtype=_ACT.get(str(act)[6:], str(act)))
+                decode_tok_s=statistics.median(decode[1:]), load_s=load_s, act_dtype=_ACT.get(str(act)[6:], str(act)))
 
 
 def run_transformers(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int) -> dict[str, Any]:
@@ -265,8 +297,10 @@ def run_transformers(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs:
 
     if dtype not in ("fp32", "bf16"):
         raise ErnieError("transformers runs fp32 and bf16 only in this bench")
+    t_load = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, _TORCH_DTYPE[dtype]))
     model.eval()
+    load_s = time.perf_counter() - t_load
     ids = torch.tensor([_prompt(model.config.vocab_size, prompt_len)])
     prefill, ttft, decode = [], [], []
     for _ in range(runs + 1):
@@ -283,7 +317,7 @@ def run_transformers(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs:
         ttft.append(first - t0)
         decode.append((gen_len - 1) / (end - first))
     return dict(prefill_tok_s=statistics.median(prefill[1:]), ttft_s=statistics.median(ttft[1:]),
-                decode_tok_s=statistics.median(decode[1:]))
+                decode_tok_s=statistics.median(decode[1:]), load_s=load_s)
 
 
 def run_llama_cpp(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int, threads: int,
@@ -296,13 +330,13 @@ def run_llama_cpp(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: in
 
     from ernie45.config import ErnieConfig
 
-    gguf = os.path.join(ckpt, f"bench-{_GGUF_TYPE[dtype]}.gguf")
-    if not os.path.exists(gguf):
-        from ernie45.convert.gguf_export import main as export_main
-
-        export_main([ckpt, gguf, "--outtype", _GGUF_TYPE[dtype], "--quiet"])
+    gguf = gguf_path(ckpt, dtype)
+    if not os.path.exists(gguf):  # normally written beforehand (`prepare`), so that its memory is not this row's
+        export_gguf(ckpt, dtype)
+    t_load = time.perf_counter()
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=prompt_len + gen_len + 8, n_threads=threads, n_batch=512,
                           verbose=False)
+    load_s = time.perf_counter() - t_load
     vocab = ErnieConfig.from_pretrained(ckpt).vocab_size
     ids = _prompt(vocab, prompt_len)
     prefill, ttft, decode = [], [], []
@@ -318,7 +352,7 @@ def run_llama_cpp(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: in
             llm.eval([tok])
         decode.append((gen_len - 1) / (time.perf_counter() - t))
     return dict(prefill_tok_s=statistics.median(prefill[1:]), ttft_s=statistics.median(ttft[1:]),
-                decode_tok_s=statistics.median(decode[1:]),
+                decode_tok_s=statistics.median(decode[1:]), load_s=load_s,
                 llama_cpp_version=getattr(llama_cpp, "__version__", "unknown"))
 
 
@@ -338,39 +372,161 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-# ---- orchestration ---------------------------------------------------------------------------------
-def make_checkpoint(shape: str, directory: str) -> str:
-    """Write (once) a random-weight fp32 checkpoint of `shape`, with a tiny tokenizer for tools that want one."""
+# ---- the random checkpoints ----------------------------------------------------------------------------
+def init_std(config) -> float:
+    """The std of the random normal weights: config.json's `initializer_range` (ERNIE 4.5 ships 0.02, the default
+    of `ErnieForCausalLM.init_weights` too)."""
+    return float(getattr(config, "initializer_range", None) or config.extra.get("initializer_range", 0.02))
+
+
+def checkpoint_specs(config, dtype):
+    """The tensors of `config`'s checkpoint, in file order, as `TensorSpec`s: what `save_checkpoint` would write
+    for a model of `dtype` (per-expert tensors, the tied lm_head omitted, router and correction bias fp32). Built
+    on the meta device, so nothing is allocated."""
+    from ernie45.checkpoint import build_model, checkpoint_state_dict
+    from ernie45.convert.safetensors_io import TensorSpec
+
+    model = build_model(config, dtype, meta=True)
+    return [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in checkpoint_state_dict(model).items()]
+
+
+def random_tensor(spec, std: float, seed: int, chunk: int = 1 << 22):
+    """One tensor of the random checkpoint: norms 1, biases and the MoE correction bias 0, everything else (the
+    router included) normal(0, std) drawn from its own seeded generator, `chunk` values at a time (the fp32 draws of
+    the whole tensor are never held)."""
     import torch
 
-    from ernie45.checkpoint import build_model, save_checkpoint
-    from ernie45.config import ErnieConfig
+    if spec.name.endswith("norm.weight"):
+        return torch.ones(spec.shape, dtype=spec.dtype)
+    if spec.name.endswith(".bias") or "e_score_correction_bias" in spec.name:
+        return torch.zeros(spec.shape, dtype=spec.dtype)
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(spec.shape, dtype=spec.dtype)
+    flat = out.view(-1)
+    draw = torch.empty(min(chunk, flat.numel()), dtype=torch.float32)
+    for i in range(0, flat.numel(), chunk):
+        n = min(chunk, flat.numel() - i)
+        d = draw[:n].normal_(0.0, std, generator=g)
+        flat[i:i + n].copy_(d)
+    return out
 
-    path = os.path.join(directory, f"ernie45-bench-{shape}")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    from ernie45.models import bundled_path
-    from ernie45.tokenizer import Tokenizer
 
-    model = build_model(ErnieConfig(**SHAPES[shape]), torch.float32)
-    model.init_weights(seed=0)
-    # the bundled tokenizer rides along so GGUF export (llama.cpp) has a vocabulary to embed
-    save_checkpoint(model, path, max_shard_size="20GB", tokenizer=Tokenizer.from_pretrained(bundled_path()))
+def write_random_checkpoint(config, path: str, dtype: str = "float32", seed: int = 0, tokenizer: bool = True,
+                            max_shard_size: str | int = "5GB", progress: bool = False) -> str:
+    """Write a random-weight checkpoint of `config` (an ErnieConfig) to `path`, atomically, one tensor in memory at a
+    time (`write_shards`): the model is never built, so a checkpoint larger than the machine's memory can be written.
+
+    `dtype` is how the weights are stored ("float32" or "bfloat16"; router and correction bias stay fp32).
+    `tokenizer`: add the bundled tokenizer, for tools that need one (GGUF export embeds a vocabulary).
+    """
+    import torch
+
+    from ernie45.convert.safetensors_io import output_directory, write_shards
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise ErnieError(f"a random checkpoint is stored as float32 or bfloat16, not {dtype!r}")
+    specs = checkpoint_specs(config, torch_dtype)
+    index = {s.name: i for i, s in enumerate(specs)}
+    std = init_std(config)
+    with output_directory(path, overwrite=True) as tmp:
+        write_shards(tmp, specs, lambda spec: random_tensor(spec, std, seed * 1_000_003 + index[spec.name]),
+                     max_shard_size=max_shard_size, progress=progress)
+        config.replace(torch_dtype=dtype).save(tmp)
+        gen = {"_from_model_config": True, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+               "pad_token_id": config.pad_token_id}
+        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump(gen, f, indent=2)
+        if tokenizer:
+            from ernie45.models import bundled_path
+            from ernie45.tokenizer import Tokenizer
+
+            Tokenizer.from_pretrained(bundled_path()).save_pretrained(tmp)
     return path
 
 
+def checkpoint_name(shape: str, layers: int | None = None) -> str:
+    """The cache directory name of a shape's checkpoint: `ernie45-bench-a3b-3l` for a layered shape."""
+    if shape in FULL_LAYERS:
+        return f"ernie45-bench-{shape}-{shape_config(shape, layers).num_hidden_layers}l"
+    return f"ernie45-bench-{shape}"
+
+
+def make_checkpoint(shape: str, directory: str, layers: int | None = None) -> str:
+    """Write (once; cached in `directory` by shape and layer count) the random-weight checkpoint of `shape`: fp32 on
+    disk, or bf16 for a3b (as the released checkpoint), with the bundled tokenizer."""
+    path = os.path.join(directory, checkpoint_name(shape, layers))
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    write_random_checkpoint(shape_config(shape, layers), path, DISK_DTYPE.get(shape, "float32"),
+                            progress=sys.stderr.isatty())
+    return path
+
+
+def quantized_path(ckpt: str, mode: str) -> str:
+    return f"{ckpt.rstrip(os.sep)}-{mode}"
+
+
+def quantized_checkpoint(ckpt: str, mode: str) -> str:
+    """`ckpt` quantized to `mode` (wint8 / wint4) with its output head, written once beside it."""
+    out = quantized_path(ckpt, mode)
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        from ernie45.quant.cli import quantize_checkpoint
+
+        quantize_checkpoint(ckpt, out, mode, quantize_lm_head=True, progress=False, overwrite=True)
+    return out
+
+
+def gguf_path(ckpt: str, dtype: str) -> str:
+    return os.path.join(ckpt, f"bench-{_GGUF_TYPE[dtype]}.gguf")
+
+
+def export_gguf(ckpt: str, dtype: str) -> str:
+    """The GGUF llama.cpp runs for `dtype` (f32 / f16 / q8_0 / q4_0), exported once into the checkpoint."""
+    path = gguf_path(ckpt, dtype)
+    if not os.path.exists(path):
+        from ernie45.convert.gguf_export import export_gguf as export
+
+        export(ckpt, path, _GGUF_TYPE[dtype], progress=False)
+    return path
+
+
+def _prepare(spec: dict[str, Any]) -> str:
+    if spec["what"] == "quantize":
+        return quantized_checkpoint(spec["ckpt"], spec["dtype"])
+    return export_gguf(spec["ckpt"], spec["dtype"])
+
+
+def prepare(what: str, ckpt: str, dtype: str) -> tuple[str | None, str]:
+    """Run `quantized_checkpoint` / `export_gguf` in a process of its own (its memory is nobody's row): (path, "")
+    or (None, the reason it failed)."""
+    r = subprocess.run([sys.executable, "-m", "ernie45.bench", "--prepare",
+                        json.dumps(dict(what=what, ckpt=ckpt, dtype=dtype))], capture_output=True, text=True)
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    if r.returncode == 0 and last:
+        return last, ""
+    return None, (r.stderr.strip().splitlines() or [f"{what} failed"])[-1][:200]
+
+
+def _llama_cpp_installed(llama_dir: str | None) -> bool:
+    import importlib.util
+
+    return bool(llama_dir) or importlib.util.find_spec("llama_cpp") is not None
+
+
+# ---- orchestration ---------------------------------------------------------------------------------
 def bench(shapes: list[str], dtypes: list[str], engines: list[str], prompt_len: int = 512, gen_len: int = 128,
           runs: int = 3, threads: int | None = None, workdir: str | None = None,
           rounds: int = 1, isas: list[str] | None = None,
-          llama_dirs: dict[str, str] | None = None) -> list[dict[str, Any]]:
+          llama_dirs: dict[str, str] | None = None, layers: int | None = None) -> list[dict[str, Any]]:
     """Run every (shape, dtype, isa, engine) in its own process and return the result rows.
 
     With `rounds` > 1 the engines of a (shape, dtype, isa) take turns, round after round, and each row reports the
     median over rounds: on a shared machine whose memory bandwidth drifts over minutes, interleaving keeps the
     comparison side by side. `isas` are ISA levels (default: ERNIE45_ISA's, else native); `llama_dirs` maps a
     level to a directory holding a llama_cpp package built for it (native falls back to the installed one).
+    `layers`: the depth of the a3b shape (default 3).
     """
-    from ernie45.config import ErnieConfig
     from ernie45.device import isa_level
 
     isas = [normalize_isa(i) for i in (isas or [isa_level()])]
@@ -383,33 +539,52 @@ def bench(shapes: list[str], dtypes: list[str], engines: list[str], prompt_len: 
     bw = measure_bandwidth_gbs(threads)
     rows = []
     for shape in shapes:
-        ckpt = make_checkpoint(shape, workdir)
-        cfg = ErnieConfig(**SHAPES[shape])
+        cfg = shape_config(shape, layers)
+        ckpt = make_checkpoint(shape, workdir, layers)
         for dtype in dtypes:
             floor = bw * 1e9 / decode_bytes_per_token(cfg, dtype)
+            # what the engines load, written once beforehand, each in a process of its own
+            sources: dict[str, str] = {e: ckpt for e in engines}
+            failed: dict[str, str] = {}
+            if "ernie45" in engines and dtype in ("wint8", "wint4"):
+                path, why = prepare("quantize", ckpt, dtype)
+                if path:
+                    sources["ernie45"] = path
+                else:
+                    failed["ernie45"] = f"quantizing the checkpoint failed: {why}"
+            if "llama.cpp" in engines and any(_llama_cpp_installed(llama_dirs.get(i)) for i in isas):
+                path, why = prepare("gguf", ckpt, dtype)
+                if not path:
+                    failed["llama.cpp"] = f"GGUF export failed: {why}"
             for isa in isas:
-                rows += _bench_group(ckpt, shape, dtype, isa, engines, floor, bw, prompt_len, gen_len, runs, threads,
-                                     rounds, llama_dirs.get(isa))
+                rows += _bench_group(sources, shape, dtype, isa, engines, floor, bw, prompt_len, gen_len, runs,
+                                     threads, rounds, llama_dirs.get(isa), failed, cfg.num_hidden_layers)
     return rows
 
 
-def _bench_group(ckpt: str, shape: str, dtype: str, isa: str, engines: list[str], floor: float, bw: float,
-                 prompt_len: int, gen_len: int, runs: int, threads: int, rounds: int,
-                 llama_dir: str | None) -> list[dict[str, Any]]:
-    """The rows of one (shape, dtype, isa): the engines take turns for `rounds` rounds, each in its own process."""
+def _bench_group(sources: dict[str, str], shape: str, dtype: str, isa: str, engines: list[str], floor: float,
+                 bw: float, prompt_len: int, gen_len: int, runs: int, threads: int, rounds: int,
+                 llama_dir: str | None, failed: dict[str, str] | None = None,
+                 layers: int | None = None) -> list[dict[str, Any]]:
+    """The rows of one (shape, dtype, isa): the engines take turns for `rounds` rounds, each in its own process.
+    `sources`: the checkpoint each engine loads; `failed`: engines whose preparation failed (skipped)."""
     base = dict(shape=shape, dtype=dtype, isa=isa, floor_decode_tok_s=floor, bandwidth_gbs=bw)
+    if layers is not None:
+        base["layers"] = layers
     results: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
-    skipped: dict[str, str] = {}
+    skipped: dict[str, str] = dict(failed or {})
     if "llama.cpp" in engines and isa != "native" and not llama_dir:
         skipped["llama.cpp"] = f"no llama.cpp built for {isa}: pass --llama-cpp {isa}=DIR"
-        print(_fmt_row(dict(engine="llama.cpp", **base, skipped=skipped["llama.cpp"])), file=sys.stderr, flush=True)
+    for engine in engines:
+        if engine in skipped:
+            print(_fmt_row(dict(engine=engine, **base, skipped=skipped[engine])), file=sys.stderr, flush=True)
     env = isa_env(isa)
     for rnd in range(rounds):
         for engine in engines:
             if engine in skipped:
                 continue
-            spec = dict(engine=engine, ckpt=ckpt, dtype=dtype, prompt_len=prompt_len, gen_len=gen_len, runs=runs,
-                        threads=threads, llama_dir=llama_dir if engine == "llama.cpp" else None)
+            spec = dict(engine=engine, ckpt=sources[engine], dtype=dtype, prompt_len=prompt_len, gen_len=gen_len,
+                        runs=runs, threads=threads, llama_dir=llama_dir if engine == "llama.cpp" else None)
             r = subprocess.run([sys.executable, "-m", "ernie45.bench", "--worker", json.dumps(spec)],
                                capture_output=True, text=True, env=env)
             last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
@@ -429,11 +604,16 @@ def _bench_group(ckpt: str, shape: str, dtype: str, isa: str, engines: list[str]
             rows.append(dict(engine=engine, **base, skipped=skipped[engine]))
             continue
         row = dict(got[0], rounds=len(got))
-        for key in ("prefill_tok_s", "decode_tok_s", "ttft_s"):
+        for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s"):
             row[key] = statistics.median(g[key] for g in got)
         row["peak_rss_mb"] = max(g["peak_rss_mb"] for g in got)
         rows.append(row)
     return rows
+
+
+def _shape_cell(r: dict[str, Any]) -> str:
+    """`tiny`, or `a3b (3 layers)` for a shape whose depth `--layers` sets."""
+    return f"{r['shape']} ({r['layers']} layers)" if r["shape"] in FULL_LAYERS and r.get("layers") else r["shape"]
 
 
 def _dtype_cell(r: dict[str, Any]) -> str:
@@ -443,12 +623,16 @@ def _dtype_cell(r: dict[str, Any]) -> str:
 
 
 def _fmt_row(r: dict[str, Any]) -> str:
-    head = f"{r['shape']:>5} {_dtype_cell(r):>5} {r.get('isa', 'native'):>7} {r['engine']:>12}"
+    head = f"{_shape_cell(r):>5} {_dtype_cell(r):>5} {r.get('isa', 'native'):>7} {r['engine']:>12}"
     if "skipped" in r:
         return f"{head}  skipped: {r['skipped']}"
     return (f"{head}  prefill {r['prefill_tok_s']:8.1f} tok/s  "
             f"decode {r['decode_tok_s']:6.1f} tok/s ({r['decode_tok_s'] / r['floor_decode_tok_s']:.0%} of floor)  "
-            f"TTFT {r['ttft_s'] * 1e3:7.1f} ms  RSS {r['peak_rss_mb']:6.0f} MB")
+            f"TTFT {r['ttft_s'] * 1e3:7.1f} ms  load {_load_cell(r):>5} s  RSS {r['peak_rss_mb']:6.0f} MB")
+
+
+def _load_cell(r: dict[str, Any]) -> str:
+    return f"{r['load_s']:.1f}" if r.get("load_s") is not None else "—"
 
 
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -460,23 +644,25 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append("ISA levels: " + "; ".join(f"{k} = {v}" for k, v in meta["isa"].items()) + ".")
     lines += ["",
               "| shape | dtype | isa | engine | prefill tok/s | decode tok/s | vs ernie45 | % of floor | TTFT ms "
-              "| peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| load s | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     key = lambda r: (r["shape"], r["dtype"], r.get("isa", "native"))  # noqa: E731
     ours = {key(r): r for r in rows if r["engine"] == "ernie45" and "skipped" not in r}
     for r in rows:
-        cells = f"| {r['shape']} | {_dtype_cell(r)} | {r.get('isa', 'native')} | {r['engine']} |"
+        cells = f"| {_shape_cell(r)} | {_dtype_cell(r)} | {r.get('isa', 'native')} | {r['engine']} |"
         if "skipped" in r:
-            lines.append(f"{cells} — | — | — | — | — | skipped: {r['skipped'][:60]} |")
+            lines.append(f"{cells} — | — | — | — | — | — | skipped: {r['skipped'][:60]} |")
             continue
         o = ours.get(key(r))
         ratio = f"{o['decode_tok_s'] / r['decode_tok_s']:.2f}×" if o and r["engine"] != "ernie45" else "—"
         lines.append(f"{cells} {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {ratio} | "
                      f"{r['decode_tok_s'] / r['floor_decode_tok_s']:.0%} | {r['ttft_s'] * 1e3:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} |")
+                     f"{_load_cell(r)} | {r['peak_rss_mb']:.0f} |")
     lines.append("")
     lines.append("`vs ernie45` is ernie45's decode tokens/s divided by the peer's of the same shape, dtype and isa "
-                 "(> 1 means ernie45 is faster).")
+                 "(> 1 means ernie45 is faster). `load s` runs from the start of loading to a model ready to "
+                 "generate (ernie45's wint8/wint4 rows load a checkpoint quantized beforehand, as llama.cpp loads its "
+                 "q8_0/q4_0 GGUF; llama.cpp maps the file and reads pages as they are first used).")
     builds = {r.get("isa", "native"): r["llama_cpp_version"] for r in rows if r.get("llama_cpp_version")}
     if builds:
         lines.append("llama.cpp: " + "; ".join(f"llama-cpp-python {v} built for {k}" for k, v in builds.items())
@@ -515,7 +701,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--json", dest="json_out", default=None, help="write the result rows as JSON here")
     p.add_argument("--out", default=None, help="write a Markdown table here (e.g. bench/results.md)")
-    p.add_argument("--workdir", default=None, help="where the random checkpoints are cached")
+    p.add_argument("--layers", type=int, default=None,
+                   help="layers of the a3b shape: 3 (default) = one dense and two MoE layers, 28 = the whole "
+                        "ERNIE-4.5-21B-A3B")
+    p.add_argument("--workdir", default=None,
+                   help="where the random checkpoints (and their quantized copies and GGUF files) are cached")
     p.add_argument("--isa", default=None,
                    help="comma list of ISA levels to run every row at: native (this CPU's best), avx2 (x86-64-v3: "
                         "ernie45's kernels and PyTorch's ATen/oneDNN/MKL capped at AVX2, AVX-512 off), generic "
@@ -525,11 +715,21 @@ def main(argv: list[str] | None = None) -> int:
                         "--target DIR); repeatable. Without one, a non-native level's llama.cpp rows are skipped; "
                         "native uses the installed llama_cpp")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(_worker(json.loads(a.worker))))
         return 0
+    if a.prepare:
+        print(_prepare(json.loads(a.prepare)))
+        return 0
     shapes = _csv(a.shape, tuple(SHAPES), "shape")
+    if a.layers is not None:
+        layered = [s for s in shapes if s in FULL_LAYERS]
+        if not layered:
+            raise ErnieError(f"--layers applies to --shape {', '.join(FULL_LAYERS)} only")
+        for shape in layered:
+            shape_config(shape, a.layers)  # checks the range
     dtypes = _csv(a.dtype, DTYPES, "dtype")
     peers = [] if a.vs == "none" else _csv(a.vs, ENGINES[1:], "peer")
     if a.prompt_len < 1 or a.gen_len < 2 or a.runs < 1 or a.rounds < 1:
@@ -547,10 +747,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     rows = bench(shapes, dtypes, ["ernie45", *peers], a.prompt_len, a.gen_len, a.runs, a.threads, a.workdir,
-                 a.rounds, isas, llama_dirs)
+                 a.rounds, isas, llama_dirs, a.layers)
     meta = dict(machine=f"{_cpu_name()}, {os.cpu_count()} cores", torch=torch.__version__,
                 threads=a.threads or os.cpu_count(), bandwidth_gbs=rows[0]["bandwidth_gbs"] if rows else 0.0,
                 prompt_len=a.prompt_len, gen_len=a.gen_len, runs=a.runs, rounds=a.rounds,
+                layers={s: shape_config(s, a.layers).num_hidden_layers for s in shapes if s in FULL_LAYERS},
                 isa={level: _isa_meaning(level) for level in isas},
                 llama_cpp={r["isa"]: r["llama_cpp_version"] for r in rows if r.get("llama_cpp_version")},
                 date=time.strftime("%Y-%m-%d"))

@@ -1,17 +1,24 @@
 """Load and save Hugging Face-layout ERNIE 4.5 checkpoints (safetensors, single file or sharded).
 
-Loading memory-maps the files: when the requested dtype equals the stored one, parameters are views into the
-mapping (no copy), so peak RSS stays near the checkpoint size. Router weights and the correction bias stay fp32;
-`mtp*` keys (the multi-token-prediction head) are ignored, as transformers does.
+The one loading pipeline: config -> model built on the meta device (quantized Linears swapped in for a
+quantized checkpoint) -> a placement per tensor (its dtype and final storage: on CPU, the weights the decode
+step streams get one huge-page arena in reading order) -> one pass over the shards in file order that reads
+every tensor straight into that storage with positional reads. Nothing is memory-mapped, so no file page is
+counted twice and nothing of the files stays resident after loading: the process holds one copy of the weights.
+Router weights and the correction bias stay fp32; `mtp*` keys (the multi-token-prediction head) are ignored,
+as transformers does. `CheckpointReader` is also what quantization, conversion and tensor-parallel loading read
+with.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -19,13 +26,15 @@ from torch import Tensor
 from ernie45.config import ErnieConfig
 from ernie45.errors import ErnieError
 
-_ST_DTYPES = {
+ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "U16": torch.uint16, "BOOL": torch.bool,
 }
 _FP32_KEYS = ("mlp.gate.weight", "e_score_correction_bias")
 _IGNORED_PREFIXES = ("model.mtp", "mtp")
+READ_CHUNK = 16 << 20  # bytes per read when a tensor is converted on the way in (a bounded bounce buffer)
+ARENA_MIN_BYTES = 1 << 16  # smaller tensors (norms, biases, scales) are not worth an arena slot
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -82,65 +91,176 @@ def read_header(file: str) -> tuple[dict, int]:
         try:
             begin, end = info["data_offsets"]
             dtype = info["dtype"]
+            shape = [int(s) for s in info["shape"]]
         except (KeyError, TypeError, ValueError):
             raise ErnieError(f"{file}: malformed entry for tensor {name!r}") from None
-        if dtype not in _ST_DTYPES:
+        if dtype not in ST_DTYPES:
             raise ErnieError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * ST_DTYPES[dtype].itemsize or begin < 0 or min(shape, default=0) < 0:
+            raise ErnieError(f"{file}: tensor {name!r} has a size that does not match its shape")
         if data_start + end > size:
             raise ErnieError(f"{file} is truncated (tensor {name!r} ends past the end of the file)")
     return header, data_start
 
 
-def iter_tensors(file: str, names: set[str] | None = None) -> Iterator[tuple[str, Tensor]]:
-    """Yield (name, tensor) from one safetensors file as zero-copy views of a private memory map."""
-    header, data_start = read_header(file)
-    entries = [(k, v) for k, v in header.items() if k != "__metadata__" and (names is None or k in names)]
-    if not entries:
-        return
-    with open(file, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: tensors may be modified
-    for name, info in entries:
-        begin, end = info["data_offsets"]
-        dtype = _ST_DTYPES[info["dtype"]]
-        shape = info["shape"]
-        numel = 1
-        for s in shape:
-            numel *= s
-        if numel == 0:
-            t = torch.empty(shape, dtype=dtype)
-        else:
-            t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=data_start + begin).view(shape)
-        yield name, t
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where a tensor's bytes are: `file` at absolute byte `offset`, row-major, `dtype` x `shape`."""
+
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def row_bytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape[1:]:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.row_bytes * (self.shape[0] if self.shape else 1)
+
+    def rows_entry(self, start: int, end: int) -> TensorEntry:
+        """Rows start:end of dim 0 (a view of the same bytes)."""
+        return TensorEntry(self.file, self.dtype, (end - start, *self.shape[1:]), self.offset + start * self.row_bytes)
+
+
+def _preadv_into(fd: int, buf: Tensor, offset: int, file: str) -> None:
+    """Fill the contiguous CPU tensor `buf` with the bytes at `offset` of `fd` (short reads retried)."""
+    view = memoryview(buf.view(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:done + (1 << 30)]], offset + done)
+        if n <= 0:
+            raise ErnieError(f"{file} is truncated (read past its end)")
+        done += n
+
+
+class CheckpointReader:
+    """The tensors of a safetensors checkpoint (file or directory), read with positional reads, no mapping.
+
+    A mapping keeps every page it touched resident (and counted in the process's RSS) while it lives; plain
+    reads go through the page cache, which the kernel drops under pressure, so a reader holds only what it
+    returns. Entries are keyed by the names the model uses (`normalise=True`): MTP tensors are dropped, and the
+    fused expert tensors of transformers' in-memory layout are split per expert (row ranges of the same bytes).
+    """
+
+    def __init__(self, path: str | os.PathLike, normalise: bool = True):
+        self._fds: dict[str, int] = {}
+        self.path = os.fspath(path)
+        self.files = safetensors_files(self.path)
+        self.entries: dict[str, TensorEntry] = {}
+        self.metadata: dict[str, str] = {}
+        for file in self.files:
+            header, start = read_header(file)
+            self.metadata.update(header.get("__metadata__") or {})
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if name in self.entries:
+                    raise ErnieError(f"tensor {name!r} appears in both {self.entries[name].file} and {file}")
+                self.entries[name] = TensorEntry(file, ST_DTYPES[info["dtype"]], tuple(info["shape"]),
+                                                 start + info["data_offsets"][0])
+        if normalise:
+            self.entries = _normalise_entries(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def _fd(self, file: str) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        return self._fds[file]
+
+    def read(self, name: str, out: Tensor | None = None, rows: tuple[int, int] | None = None,
+             dtype: torch.dtype | None = None) -> Tensor:
+        """Tensor `name` (or rows start:end of its dim 0) read into `out`, or into a new CPU tensor of `dtype`
+        (default: as stored). A different dtype (or a non-CPU `out`) converts through a bounded buffer."""
+        e = self.entries[name]
+        if rows is not None:
+            e = e.rows_entry(*rows)
+        if out is None:
+            out = torch.empty(e.shape, dtype=dtype or e.dtype)
+        if tuple(out.shape) != e.shape:
+            raise ErnieError(f"tensor {name}: {tuple(out.shape)} requested, the checkpoint has {e.shape}")
+        if e.nbytes == 0:
+            return out
+        fd = self._fd(e.file)
+        if out.dtype == e.dtype and out.device.type == "cpu" and out.is_contiguous():
+            _preadv_into(fd, out, e.offset, e.file)
+            return out
+        flat = out.view(out.shape[0] if out.dim() else 1, -1)  # (rows, row elements)
+        step = max(1, READ_CHUNK // max(e.row_bytes, 1))
+        buf = torch.empty(min(step, flat.shape[0]) * e.row_bytes, dtype=torch.uint8)
+        for r in range(0, flat.shape[0], step):
+            k = min(step, flat.shape[0] - r)
+            chunk = buf[: k * e.row_bytes]
+            _preadv_into(fd, chunk, e.offset + r * e.row_bytes, e.file)
+            flat[r:r + k].copy_(chunk.view(e.dtype).view(k, -1))
+        return out
+
+    def cols(self, name: str, start: int, end: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Columns start:end of the 2-D tensor `name` (read a bounded block of rows at a time)."""
+        e = self.entries[name]
+        n_rows, n_cols = e.shape
+        out = torch.empty(n_rows, end - start, dtype=dtype or e.dtype)
+        step = max(1, READ_CHUNK // max(e.row_bytes, 1))
+        for r in range(0, n_rows, step):
+            k = min(step, n_rows - r)
+            out[r:r + k] = self.read(name, rows=(r, r + k))[:, start:end]
+        return out
 
 
 def read_state_dict(path: str, names: set[str] | None = None) -> dict[str, Tensor]:
-    """All tensors of a checkpoint (or just `names`), memory-mapped, keyed by checkpoint names."""
-    sd: dict[str, Tensor] = {}
-    for file in safetensors_files(path):
-        sd.update(iter_tensors(file, names))
-    return sd
+    """All tensors of a checkpoint (or just `names`) as stored, keyed by checkpoint names (for tools and tests)."""
+    with CheckpointReader(path, normalise=False) as reader:
+        return {n: reader.read(n) for n in reader.entries if names is None or n in names}
 
 
-def _normalise_keys(sd: dict[str, Tensor], config: ErnieConfig) -> dict[str, Tensor]:
+def _normalise_entries(entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
     """Drop MTP keys; accept transformers' fused in-memory expert layout too (split it per expert)."""
-    out: dict[str, Tensor] = {}
-    for k, v in sd.items():
+    out: dict[str, TensorEntry] = {}
+    for k, e in entries.items():
         if k.startswith(_IGNORED_PREFIXES):
             continue
-        if k.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, H): rows [0:I] gate, [I:2I] up
+        if k.endswith("mlp.experts.gate_up_proj") and len(e.shape) == 3:  # (E, 2I, H): rows [0:I] gate, [I:2I] up
             base = k[: -len("gate_up_proj")]
-            inter = v.shape[1] // 2
-            for e in range(v.shape[0]):
-                out[f"{base}{e}.gate_proj.weight"] = v[e, :inter]
-                out[f"{base}{e}.up_proj.weight"] = v[e, inter:]
-        elif k.endswith("mlp.experts.down_proj"):  # (E, H, I)
+            n_exp, two_i, _ = e.shape
+            flat = TensorEntry(e.file, e.dtype, (n_exp * two_i, e.shape[2]), e.offset)
+            inter = two_i // 2
+            for x in range(n_exp):
+                out[f"{base}{x}.gate_proj.weight"] = flat.rows_entry(x * two_i, x * two_i + inter)
+                out[f"{base}{x}.up_proj.weight"] = flat.rows_entry(x * two_i + inter, (x + 1) * two_i)
+        elif k.endswith("mlp.experts.down_proj") and len(e.shape) == 3:  # (E, H, I)
             base = k[: -len("down_proj")]
-            for e in range(v.shape[0]):
-                out[f"{base}{e}.down_proj.weight"] = v[e]
+            n_exp, h, _ = e.shape
+            flat = TensorEntry(e.file, e.dtype, (n_exp * h, e.shape[2]), e.offset)
+            for x in range(n_exp):
+                out[f"{base}{x}.down_proj.weight"] = flat.rows_entry(x * h, (x + 1) * h)
         elif k.endswith("mlp.gate.moe_statics.e_score_correction_bias"):
-            out[k.replace("mlp.gate.moe_statics", "mlp.moe_statics")] = v
+            out[k.replace("mlp.gate.moe_statics", "mlp.moe_statics")] = e
         else:
-            out[k] = v
+            out[k] = e
     return out
 
 
@@ -160,10 +280,96 @@ def build_model(config: ErnieConfig, dtype: torch.dtype = torch.float32, device:
     return model
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
-                    device: str | torch.device = "auto"):
-    """Load an HF-layout checkpoint directory into an ErnieForCausalLM (eval mode).
+def hugepage_buffer(nbytes: int) -> Tensor | None:
+    """A uint8 tensor of `nbytes` on a 2 MiB boundary, backed by transparent huge pages (None if unsupported)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    buf = mmap.mmap(-1, nbytes + (2 << 20), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        return None
+    arena = torch.frombuffer(buf, dtype=torch.uint8)  # views of it keep `buf` alive
+    off = (-arena.data_ptr()) % (2 << 20)
+    return arena[off:off + nbytes]
 
+
+def release_pages(t: Tensor, arenas: list[tuple[int, int]]) -> int:
+    """Return the whole pages under `t` to the system when `t` lies in one of `arenas` (buffers from
+    `hugepage_buffer`) and nothing else will read it: for a weight replaced by another copy (e.g. pre-packed).
+    Reading those bytes afterwards gives zeros. Returns the bytes released."""
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    if not any(a <= lo and hi <= b for a, b in arenas):
+        return 0
+    start, end = (lo + 4095) // 4096 * 4096, hi // 4096 * 4096
+    if end <= start:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if libc.madvise(start, end - start, mmap.MADV_DONTNEED) != 0:
+        return 0
+    return end - start
+
+
+def decode_stream_names(model) -> list[str]:
+    """State-dict names of the large weights a decode step streams, in the order it reads them (embedding,
+    each layer's projections and experts, lm_head): the tensors worth a huge-page arena slot."""
+    from torch import nn
+
+    from ernie45.quant import kernels
+    from ernie45.quant.linear import Int4Linear, Int8Linear
+
+    names, seen = [], set()
+    inner = model.model
+    mods = [("model.embed_tokens", inner.embed_tokens)]
+    mods += [(f"model.layers.{n}" if n else "model.layers", m) for n, m in inner.layers.named_modules()]
+    mods.append(("lm_head", model.lm_head))
+    for prefix, mod in mods:
+        w = getattr(mod, "weight", None)
+        plain = type(mod) in (nn.Linear, nn.Embedding, Int8Linear) or type(mod).__name__ == "UpcastLinear"
+        if w is None or not (plain or (type(mod) is Int4Linear and mod._layout == kernels.ROWMAJOR_INT4_LAYOUT)):
+            continue
+        if w.numel() * w.element_size() >= ARENA_MIN_BYTES and id(w) not in seen:
+            seen.add(id(w))
+            names.append(f"{prefix}.weight")
+    return names
+
+
+def _allocate(model, plan: dict[str, tuple[torch.dtype, tuple[int, ...]]], dev: torch.device) -> dict[str, Tensor]:
+    """Final storage for every planned tensor: on CPU one huge-page arena holds the decode-streamed weights in
+    reading order (batch-1 decode streams them once per token; 4 KiB pages cost ~15-20 % of the bandwidth in
+    TLB misses), everything else gets its own tensor."""
+    out: dict[str, Tensor] = {}
+    if dev.type == "cpu":
+        names = [n for n in decode_stream_names(model) if n in plan]
+        sizes = [(_numel(plan[n][1]) * plan[n][0].itemsize + 4095) // 4096 * 4096 for n in names]
+        arena = hugepage_buffer(sum(sizes)) if names else None
+        if arena is not None:
+            off = 0
+            for n, size in zip(names, sizes):
+                dtype, shape = plan[n]
+                out[n] = arena[off:off + _numel(shape) * dtype.itemsize].view(dtype).view(shape)
+                off += size
+            model.weight_arenas = [(arena.data_ptr(), arena.data_ptr() + arena.numel())]
+    for n, (dtype, shape) in plan.items():
+        if n not in out:
+            out[n] = torch.empty(shape, dtype=dtype, device=dev)
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
+                    device: str | torch.device = "auto", quantize: str | None = None):
+    """Load an HF-layout checkpoint directory into an ErnieForCausalLM (eval mode), one copy of each weight.
+
+    `quantize`: quantize a float checkpoint while loading ("wint8", "wint4" or uncalibrated "llm.int8", as
+    `ernie45.quant.quantize_model` would, bit for bit), one tensor at a time: the float model is never held.
     Raises ErnieError naming every missing, unexpected or mis-shaped tensor.
     """
     from ernie45.device import resolve_device, resolve_dtype
@@ -172,24 +378,48 @@ def load_checkpoint(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
     config = ErnieConfig.from_pretrained(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    files = safetensors_files(path)
-    model = build_model(config, dt, dev, meta=True)
-    if config.quantization_config:
-        from ernie45.quant import prepare_for_load
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(CheckpointReader(path))
+        if quantize:
+            from ernie45.quant.stream import StreamQuantizer
 
-        prepare_for_load(model, config.quantization_config)
-    sd: dict[str, Tensor] = {}
-    for file in files:
-        sd.update(iter_tensors(file))
-    sd = _normalise_keys(sd, config)
+            source = stack.enter_context(StreamQuantizer(reader, config, quantize, dtype=dt))
+            config = source.config
+            plan = {s.name: (s.dtype, s.shape) for s in source.specs}
+            order = list(plan)
+        model = build_model(config, dt, dev, meta=True)
+        if config.quantization_config:
+            from ernie45.quant import prepare_for_load
+
+            prepare_for_load(model, config.quantization_config)
+        if not quantize:
+            plan = _plan(model, reader, config, dt, path)
+            order = sorted(plan, key=lambda n: (reader.entries[n].file, reader.entries[n].offset))  # file order
+        storage = _allocate(model, plan, dev)
+        for name in order:
+            if quantize:
+                storage[name].copy_(source.tensor(name))
+            else:
+                reader.read(name, out=storage[name])
+    model.load_state_dict(storage, strict=False, assign=True)
+    model.tie_weights()
+    _materialise_buffers(model, dev)
+    model.eval()
+    model.requires_grad_(False)
+    model.name_or_path = path
+    return model
+
+
+def _plan(model, reader: CheckpointReader, config: ErnieConfig, dt: torch.dtype,
+          path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """{state-dict name: (dtype, shape)} of every tensor to read; ErnieError listing every mismatch."""
+    entries = reader.entries
     expected = model.state_dict()
     tied = config.tie_word_embeddings
-    missing = [k for k in expected if k not in sd and not (tied and k == "lm_head.weight")]
-    unexpected = [k for k in sd if k not in expected]
-    if tied and "lm_head.weight" in sd and "lm_head.weight" not in expected:
-        unexpected.remove("lm_head.weight")
-    bad_shape = [f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k].shape)})"
-                 for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    missing = [k for k in expected if k not in entries and not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in entries if k not in expected and not (tied and k == "lm_head.weight")]
+    bad_shape = [f"{k} {entries[k].shape} (expected {tuple(expected[k].shape)})"
+                 for k in expected if k in entries and entries[k].shape != tuple(expected[k].shape)]
     problems = []
     if missing:
         problems.append(f"missing tensors: {_short(missing)}")
@@ -199,26 +429,19 @@ def load_checkpoint(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
         problems.append(f"unexpected tensors: {_short(unexpected)}")
     if problems:
         raise ErnieError(f"checkpoint {path} does not match its config.json — " + "; ".join(problems))
-    new_sd = {}
+    plan = {}
     for k, ref in expected.items():
-        if k not in sd:
+        if k not in entries or (tied and k == "lm_head.weight"):
             continue
-        t = sd[k]
-        target = torch.float32 if k.endswith(_FP32_KEYS) else (ref.dtype if not ref.is_floating_point() else dt)
-        if ref.is_floating_point() or t.is_floating_point():
-            t = t.to(device=dev, dtype=target if t.is_floating_point() else t.dtype)
+        stored = entries[k].dtype
+        if k.endswith(_FP32_KEYS) and stored.is_floating_point:
+            target = torch.float32
+        elif ref.is_floating_point() and stored.is_floating_point:
+            target = dt
         else:
-            t = t.to(dev)
-        new_sd[k] = t
-    if tied:
-        new_sd.pop("lm_head.weight", None)
-    model.load_state_dict(new_sd, strict=False, assign=True)
-    model.tie_weights()
-    _materialise_buffers(model, dev)
-    model.eval()
-    model.requires_grad_(False)
-    model.name_or_path = path
-    return model
+            target = stored if not ref.is_floating_point() else ref.dtype
+        plan[k] = (target, tuple(ref.shape))
+    return plan
 
 
 def _materialise_buffers(model, device) -> None:
@@ -267,33 +490,12 @@ def checkpoint_state_dict(model) -> dict[str, Tensor]:
 
 
 def write_safetensors_shards(sd: dict[str, Tensor], directory: str, max_shard_size: str | int = "2GB") -> None:
-    """Write `sd` as model.safetensors, or as shards + model.safetensors.index.json when larger than the limit."""
-    from safetensors.torch import save_file
+    """Write `sd` as model.safetensors, or as shards + model.safetensors.index.json when larger than the limit
+    (the streaming writer of `ernie45.convert.safetensors_io`: tensors may share storage, e.g. an arena)."""
+    from ernie45.convert.safetensors_io import TensorSpec, write_shards
 
-    limit = parse_size(max_shard_size)
-    shards: list[dict[str, Tensor]] = [{}]
-    cur = 0
-    for k, v in sd.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and cur + nbytes > limit:
-            shards.append({})
-            cur = 0
-        shards[-1][k] = v
-        cur += nbytes
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    if len(shards) == 1:
-        save_file({k: v.detach().contiguous().cpu() for k, v in shards[0].items()},
-                  os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    n = len(shards)
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, os.path.join(directory, name),
-                  metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
+    write_shards(directory, specs, lambda spec: sd[spec.name].detach().cpu(), max_shard_size, progress=False)
 
 
 def save_checkpoint(model, out_dir: str | os.PathLike, max_shard_size: str | int = "2GB", tokenizer=None,

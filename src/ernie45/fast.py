@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import mmap
 from collections.abc import Callable
 from ctypes import c_float, c_int, c_void_p
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ernie45.checkpoint import hugepage_buffer, release_pages
 from ernie45.device import cpu_has_fast_bf16
 from ernie45.quant.kernels import tiled_mm
 
@@ -97,30 +97,19 @@ def optimize_for_inference(model: nn.Module, native: bool = True, pack: bool | N
     """Make CPU inference fast; returns how many Linears were swapped (pre-packed, or upcast to fp32 maths).
 
     `native`: attach a `FastDecoder` as `model.fast_decoder` (the C kernels; `ernie45.generation` uses it for
-    batch-1 decode steps) when a C compiler is available. `pack`: also pre-pack fp32/bf16 Linears for oneDNN,
-    which makes prefill ~1.6x faster in bf16 but, next to the C decoder, keeps a second copy of those weights;
-    by default (None) it packs when that copy fits in a quarter of the available memory. bf16 models on CPUs
-    without fast bf16 get `UpcastLinear`s instead (no copy; `pack` is moot there). A no-op on CUDA and in fp16.
+    batch-1 decode steps) when a C compiler is available. `pack`: pre-pack fp32/bf16 Linears for oneDNN. By
+    default (None) it packs only where no C decoder runs: next to it a packed Linear is a second copy of the
+    weight (the decoder reads the plain one), and prefill gains little from packing (0.3B shape, 512 tokens,
+    2 threads: within a few % either way in fp32 and bf16). A packed Linear's plain weight is released. bf16
+    models on CPUs without fast bf16 get `UpcastLinear`s instead (no copy). A no-op on CUDA and in fp16.
     The model becomes inference-only: call this last.
     """
     decoder = FastDecoder.attach(model) if native else None
     if _needs_upcast(model):
         return upcast_linears(model)
     if pack is None:
-        pack = decoder is None or _float_linear_bytes(model) < _available_memory() / 4
+        pack = decoder is None
     return pack_linears(model) if pack else 0
-
-
-def _float_linear_bytes(model: nn.Module) -> int:
-    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        return 0
 
 
 def _plain_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -135,15 +124,23 @@ def _plain_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Swap every plain fp32/bf16 Linear for a `PackedLinear`; quantized, LoRA and router layers stay."""
+    """Swap every plain fp32/bf16 Linear for a `PackedLinear`; quantized, LoRA and router layers stay.
+
+    The plain weight is dropped (its arena pages returned to the system) unless something else uses it: the C
+    decoder, or a tied embedding."""
     if not _can_pack(model):
         return 0
+    dec = getattr(model, "fast_decoder", None)
+    used = {t.data_ptr() for t in dec._keep if isinstance(t, Tensor)} if dec is not None else set()
+    used.add(model.model.embed_tokens.weight.data_ptr())
     swapped = 0
     for mod, name, child in _plain_linears(model):
         try:
             setattr(mod, name, PackedLinear(child))
         except RuntimeError:  # oneDNN refused this shape/CPU: keep the plain Linear
             continue
+        if child.weight.data_ptr() not in used:
+            release_pages(child.weight, getattr(model, "weight_arenas", []))
         swapped += 1
     return swapped
 
@@ -163,8 +160,12 @@ W_F32, W_BF16, W_I8, W_I4 = 0, 1, 2, 3
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("kind", c_int), ("out", c_int), ("in_", c_int), ("group", c_int), ("w", c_void_p),
-                ("scale", c_void_p), ("zb", c_void_p), ("bias", c_void_p)]
+    # scale / zero: the quantized module's own tensors, read in place in their dtype `sdt` (_SDT)
+    _fields_ = [("kind", c_int), ("out", c_int), ("in_", c_int), ("group", c_int), ("sdt", c_int), ("w", c_void_p),
+                ("scale", c_void_p), ("zero", c_void_p), ("bias", c_void_p)]
+
+
+_SDT = {torch.float32: 0, torch.bfloat16: 1}  # Linear.sdt: the dtype of the scales and zeros the C kernels read
 
 
 class _Layer(ctypes.Structure):
@@ -203,6 +204,7 @@ class FastDecoder:
         if cfg.head_dim > 512:
             raise Unsupported("head_dim > 512")
         self._lib, self._keep = lib, []
+        self.int4_modules: list[nn.Module] = []  # kept row-major for C once attached (`Int4Linear.keep_rowmajor`)
         self.isa = lib.ernie_isa().decode()  # what the kernels were built for, e.g. "avx2+fma"
         self.bf16 = model.dtype == torch.bfloat16
         self.vocab = cfg.vocab_size
@@ -242,10 +244,11 @@ class FastDecoder:
         if embed.dtype != model.dtype or not embed.is_contiguous():
             raise Unsupported("embedding dtype/layout")
         self._keep.append(embed)
+        widths.append(model.lm_head.in_features)  # the logits go to the caller's buffer: no vocab-wide scratch
         m = _Model(hidden=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
                    n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab=cfg.vocab_size, bf16=int(self.bf16),
                    n_threads=1, eps=cfg.rms_norm_eps, theta=cfg.rope_theta, embed=embed.data_ptr(),
-                   norm=self._f32(inner.norm.weight), head=self._linear(model.lm_head, widths),
+                   norm=self._f32(inner.norm.weight), head=self._linear(model.lm_head, []),
                    layers=ctypes.addressof(layers), max_width=max(widths), max_experts=slots)
         self._m = m
         lib.ernie_step.argtypes = [ctypes.POINTER(_Model), c_int, c_int, c_int, ctypes.POINTER(c_void_p),
@@ -264,8 +267,17 @@ class FastDecoder:
         self._keep.append(t)
         return t.data_ptr()
 
+    def _in_place(self, *tensors: Tensor) -> int:
+        """`Linear.sdt` for a quantized module's scale (and zero) tensors, which the kernels read in place (no
+        copy): one dtype of `_SDT`, on the CPU, contiguous; else `Unsupported`."""
+        dtype = tensors[0].dtype
+        if dtype not in _SDT or any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()
+                                    for t in tensors):
+            raise Unsupported("quantization scale dtype/layout")
+        self._keep.extend(tensors)
+        return _SDT[dtype]
+
     def _linear(self, mod: nn.Module, widths: list[int]) -> _Linear:
-        from ernie45.quant import kernels
         from ernie45.quant.linear import Int4Linear, Int8Linear
 
         want = torch.bfloat16 if self.bf16 else torch.float32
@@ -277,17 +289,22 @@ class FastDecoder:
             L.kind = W_BF16 if self.bf16 else W_F32
         elif type(mod) is Int8Linear:
             w, L.kind = mod.weight, W_I8
-            L.scale = self._f32(mod.weight_scale)
+            if tuple(mod.weight_scale.shape) != (mod.out_features,):
+                raise Unsupported("int8 scale shape")
+            L.sdt = self._in_place(mod.weight_scale)
+            L.scale = mod.weight_scale.data_ptr()
         elif type(mod) is Int4Linear:
+            mod._to_rowmajor()  # back from PyTorch's kernel layout, in the module: one copy, which C reads
             w = mod.weight
-            if mod._layout != kernels.ROWMAJOR_INT4_LAYOUT:
-                w = kernels.from_cpu_int4_layout(w).contiguous()
+            self.int4_modules.append(mod)
             L.kind, L.group = W_I4, mod.group_size
-            if mod.group_size % 32:
+            if mod.group_size % 32 or mod.in_features % mod.group_size:
                 raise Unsupported("int4 group size")
-            scale = mod.weight_scale.detach().float()
-            L.scale = self._f32(scale)
-            L.zb = self._f32(mod.weight_zero.detach().float() - 8 * scale)
+            groups = (mod.out_features, mod.in_features // mod.group_size)
+            if tuple(mod.weight_scale.shape) != groups or tuple(mod.weight_zero.shape) != groups:
+                raise Unsupported("int4 scale/zero shape")
+            L.sdt = self._in_place(mod.weight_scale, mod.weight_zero)
+            L.scale, L.zero = mod.weight_scale.data_ptr(), mod.weight_zero.data_ptr()
         else:
             raise Unsupported(type(mod).__name__)
         if w.device.type != "cpu" or not w.is_contiguous():
@@ -315,11 +332,14 @@ class FastDecoder:
         if lib is None or (lib.ernie_simd_width() < 256 and isa == "native"):
             return None
         try:
-            relocate_weights(model)
             dec = cls(model, lib)
         except Unsupported as e:
             log.info("C decode step not used: %s", e)
             return None
+        for mod in dec.int4_modules:
+            mod.keep_rowmajor = True
+        if relocate_weights(model):  # weights that were not loaded into an arena (e.g. quantized after loading)
+            dec = cls(model, lib)
         model.fast_decoder = dec
         return dec
 
@@ -373,31 +393,22 @@ def _decode_order_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return out
 
 
-def hugepage_buffer(nbytes: int) -> Tensor | None:
-    """A uint8 tensor of `nbytes` on a 2 MiB boundary, backed by transparent huge pages (None if unsupported)."""
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
-        return None
-    buf = mmap.mmap(-1, nbytes + (2 << 20), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:
-        return None
-    arena = torch.frombuffer(buf, dtype=torch.uint8)  # views of it keep `buf` alive
-    off = (-arena.data_ptr()) % (2 << 20)
-    return arena[off:off + nbytes]
-
-
 def relocate_weights(model: nn.Module) -> int:
     """Move the weights the decode step streams into one buffer backed by transparent huge pages, laid out in
-    reading order; returns its size in bytes (0 where huge pages are unavailable).
+    reading order; returns its size in bytes (0 where huge pages are unavailable or nothing needed moving).
 
     Batch-1 decode streams every weight once per token; with 4 KiB pages the TLB misses cost ~15-20 % of the
-    read bandwidth on the development machine (measured: 26 vs 32 tok/s in bf16). Tensors are swapped one at a
-    time (`.data` for parameters, so tied weights stay tied), so peak memory grows by one tensor, not the model.
+    read bandwidth on the development machine (measured: 26 vs 32 tok/s in bf16). `load_checkpoint` already
+    reads weights into such an arena; this moves only what is elsewhere (e.g. layers quantized after loading).
+    Tensors are swapped one at a time (`.data` for parameters, so tied weights stay tied), so peak memory grows
+    by one tensor, not the model.
     """
+    arenas = getattr(model, "weight_arenas", [])
     slots, seen = [], {}
     for mod, name in _decode_order_tensors(model):
         t = getattr(mod, name)
+        if any(lo <= t.data_ptr() < hi for lo, hi in arenas):
+            continue
         if t.data_ptr() not in seen:
             seen[t.data_ptr()] = len(slots)
             slots.append([t, []])
@@ -407,6 +418,7 @@ def relocate_weights(model: nn.Module) -> int:
     arena = hugepage_buffer(total) if total else None
     if arena is None:
         return 0
+    model.weight_arenas = [*arenas, (arena.data_ptr(), arena.data_ptr() + arena.numel())]
     off = 0
     with torch.no_grad():
         for (t, users), size in zip(slots, sizes):
@@ -424,20 +436,30 @@ def relocate_weights(model: nn.Module) -> int:
 
 
 def dequant_rows(kind: int, weight: Tensor, out_features: int, in_features: int, scale: Tensor | None = None,
-                 zb: Tensor | None = None, group: int = 0) -> Callable[[int, int], Tensor] | None:
+                 zero: Tensor | None = None, group: int = 0,
+                 isa: str | None = None) -> Callable[[int, int], Tensor] | None:
     """A `weight_rows(i, j)` for `ernie45.quant.kernels.tiled_mm` that widens rows i:j to fp32 with the C kernel
     `ernie_dequant` (one pass, both cores, the same values as the PyTorch dequantisation, ~6x faster), or None
-    where the C kernels are not built. int4 weights must be row-major; `zb` = zero - 8 * scale (fp32)."""
+    where the C kernels are not built. int4 weights must be row-major, w = (q - 8) * scale + zero; int8
+    w = q * scale. `scale` and `zero` are read in place when fp32 or bf16 (one dtype) and contiguous, else
+    widened to fp32 (exact, so the same values). `isa`: the kernels' ISA level (default `ERNIE45_ISA`)."""
     from ernie45 import native
 
-    lib = native.load("decode")
+    lib = native.load("decode", isa)
     if lib is None or weight.device.type != "cpu" or not weight.is_contiguous():
         return None
-    scale, zb = (t.contiguous() if t is not None else None for t in (scale, zb))
+    if scale is not None:
+        if scale.device.type != "cpu" or (zero is not None and zero.device.type != "cpu"):
+            return None
+        if scale.dtype not in _SDT or (zero is not None and zero.dtype != scale.dtype):
+            scale, zero = scale.float(), None if zero is None else zero.float()
+        scale, zero = scale.contiguous(), None if zero is None else zero.contiguous()
     L = _Linear(kind=kind, out=out_features, in_=in_features, group=group, w=weight.data_ptr(),
-                scale=scale.data_ptr() if scale is not None else None, zb=zb.data_ptr() if zb is not None else None)
+                sdt=_SDT[scale.dtype] if scale is not None else 0,
+                scale=scale.data_ptr() if scale is not None else None,
+                zero=zero.data_ptr() if zero is not None else None)
 
-    def weight_rows(i: int, j: int, keep=(scale, zb)) -> Tensor:  # `keep`: the scales outlive L's pointers
+    def weight_rows(i: int, j: int, keep=(weight, scale, zero)) -> Tensor:  # `keep`: the tensors outlive L
         out = torch.empty(j - i, in_features)
         if lib.ernie_dequant(ctypes.addressof(L), i, j, out.data_ptr(), torch.get_num_threads()) != 0:
             raise RuntimeError("C dequantisation failed")

@@ -26,7 +26,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ernie45.checkpoint import _ST_DTYPES, read_header, safetensors_files  # noqa: PLC2701
 from ernie45.config import ErnieConfig
 from ernie45.errors import ErnieError
 
@@ -229,52 +228,9 @@ def shard_model(model: nn.Module, tp: int, ep: int, rank: int) -> _Plan:
     return plan
 
 
-# ---- slice reader ------------------------------------------------------------------------------------
-class SliceReader:
-    """Reads row ranges or column ranges of checkpoint tensors with plain file reads (no mapping), so a
-    rank's memory holds only its own slices plus one bounded read buffer."""
-
-    CHUNK = 4 << 20
-
-    def __init__(self, path: str):
-        self.where: dict[str, tuple[str, torch.dtype, list[int], int]] = {}
-        for file in safetensors_files(path):
-            header, start = read_header(file)
-            for name, info in header.items():
-                if name != "__metadata__":
-                    self.where[name] = (file, _ST_DTYPES[info["dtype"]], info["shape"], start + info["data_offsets"][0])
-
-    def _read(self, file: str, offset: int, nbytes: int) -> Tensor:
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        with open(file, "rb") as f:
-            f.seek(offset)
-            f.readinto(memoryview(buf.numpy()))
-        return buf
-
-    def rows(self, name: str, ranges: list[tuple[int, int]]) -> Tensor:
-        file, dtype, shape, off = self.where[name]
-        row_bytes = dtype.itemsize
-        for s in shape[1:]:
-            row_bytes *= s
-        parts = [self._read(file, off + a * row_bytes, (b - a) * row_bytes).view(dtype).view(b - a, *shape[1:])
-                 for a, b in ranges]
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-    def cols(self, name: str, start: int, end: int) -> Tensor:
-        file, dtype, shape, off = self.where[name]
-        n_rows, n_cols = shape
-        out = torch.empty(n_rows, end - start, dtype=dtype)
-        step = max(1, self.CHUNK // (n_cols * dtype.itemsize))
-        for r in range(0, n_rows, step):
-            k = min(step, n_rows - r)
-            chunk = self._read(file, off + r * n_cols * dtype.itemsize, k * n_cols * dtype.itemsize)
-            out[r:r + k] = chunk.view(dtype).view(k, n_cols)[:, start:end]
-        return out
-
-
 def load_parallel(path: str, tp: int, ep: int = 1, dtype: str | torch.dtype = "auto", device: str = "auto"):
     """Load this rank's shard of a checkpoint. Call inside an initialised process group (see init_distributed)."""
-    from ernie45.checkpoint import build_model
+    from ernie45.checkpoint import CheckpointReader, build_model
     from ernie45.device import resolve_device, resolve_dtype
     from ernie45.models import resolve_model_path
 
@@ -290,20 +246,21 @@ def load_parallel(path: str, tp: int, ep: int = 1, dtype: str | torch.dtype = "a
     model = build_model(config, dt, dev, meta=True)
     with torch.device("meta"):  # the swapped-in shard modules are filled by assign below
         plan = shard_model(model, tp, ep, rank)
-    reader = SliceReader(path)
+    reader = CheckpointReader(path)
     sd = {}
     for name, ref in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied below to the same vocab shard as the embedding
         src, kind, ranges = plan.specs.get(name, (name, "full", []))
-        if src not in reader.where:
+        if src not in reader:
             raise ErnieError(f"checkpoint {path} is missing tensor {src}")
         if kind == "rows":
-            t = reader.rows(src, ranges)
+            parts = [reader.read(src, rows=r) for r in ranges]
+            t = torch.cat(parts) if len(parts) > 1 else parts[0]
         elif kind == "cols":
             t = reader.cols(src, *ranges[0])
         else:
-            t = reader.rows(src, [(0, reader.where[src][2][0])])
+            t = reader.read(src)
         if tuple(t.shape) != tuple(ref.shape):
             raise ErnieError(f"tensor {src}: slice shape {tuple(t.shape)} does not match {tuple(ref.shape)}")
         keep32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))

@@ -138,12 +138,15 @@ def load_model(path: str | None, dtype: str, device: str, *, quantize: str | Non
         with spinner(f"loading {path} (tensor parallel {tp})"):
             return load_parallel(path, tp, ep, dtype=dtype, device=device), Tokenizer.from_pretrained(path)
     with spinner(f"loading {path}"):
-        model, tokenizer = ernie45.load(path, dtype=dtype, device=device)
+        from ernie45.quant.stream import STREAM_MODES
+
+        stream = quantize in STREAM_MODES and not adapter  # quantized tensor by tensor while loading
+        model, tokenizer = ernie45.load(path, dtype=dtype, device=device, quantize=quantize if stream else None)
         if adapter:
             from ernie45.train.lora import load_adapter
 
             load_adapter(model, adapter)
-        if quantize:
+        if quantize and not stream:
             from ernie45.quant import quantize_model
 
             quantize_model(model, quantize, tokenizer=tokenizer, progress=False)

@@ -1,5 +1,6 @@
 """`ernie45 info DIR`: what a checkpoint is, without loading its weights (reads config.json and the
-safetensors headers only)."""
+safetensors headers only). `--memory` predicts the resident memory of an inference run before anything is loaded:
+the weights as they will be held, the KV cache and the runtime's own overhead."""
 
 from __future__ import annotations
 
@@ -10,9 +11,21 @@ import os
 from collections import Counter
 from typing import Any
 
+from ernie45.errors import ErnieError
 
-def checkpoint_info(path: str) -> dict[str, Any]:
-    """Config summary, parameter counts (total and, for MoE, active per token), stored dtypes and files."""
+# Resident memory of the runtime itself, beside the weights and the KV cache: the Python interpreter, torch (with
+# oneDNN / MKL), ernie45 with its compiled C kernels, the tokenizer and the decode scratch buffers. Measured as the
+# VmHWM (peak RSS) of processes that import everything and run a tiny model: `ernie45 generate` with 128 new tokens
+# on the bundled ernie-tiny and ernie-tiny-moe in fp32, bf16, auto, wint8 and wint4 (torch 2.13 CPU, x86-64 with
+# AVX-512, 2 threads) peaked at 326-342 MiB, 354 MiB with the HTTP server modules imported as well, of which the
+# models' own weights and cache are under 25 MiB. Rounded up to 400 MiB.
+RUNTIME_OVERHEAD_BYTES = 400 * 2**20
+DEFAULT_MAX_MODEL_LEN = 4096  # as `ernie45 serve`: min(the context window, 4096)
+
+
+def checkpoint_info(path: str, dtype: str = "auto") -> dict[str, Any]:
+    """Config summary, parameter counts (total and, for MoE, active per token), stored dtypes, files, and the KV
+    cache bytes per token in the run dtype `dtype` (auto: what loading picks on this CPU)."""
     from ernie45.checkpoint import read_header, safetensors_files
     from ernie45.config import ErnieConfig
     from ernie45.models import resolve_model_path
@@ -57,6 +70,9 @@ def checkpoint_info(path: str) -> dict[str, Any]:
             moe_layers=sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)),
             active_parameters=total - routed + routed * cfg.moe_k // cfg.moe_num_experts,
         )
+    dt = run_dtype(dtype)
+    info["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(cfg, dt)
+    info["kv_cache_dtype"] = str(dt).replace("torch.", "")
     if cfg.quantization_config:
         info["quantization_config"] = cfg.quantization_config
     info["files"] = {
@@ -65,6 +81,136 @@ def checkpoint_info(path: str) -> dict[str, Any]:
         if not f.startswith(".") and os.path.isfile(os.path.join(path, f))
     }
     return info
+
+
+def kv_cache_bytes_per_token(config, dtype) -> int:
+    """Bytes one cached position takes across all layers: keys and values, kv_heads x head_dim each, per layer."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
+def run_dtype(dtype: str = "auto"):
+    """The float dtype an inference run on the CPU holds its weights, activations and cache in (`auto`: what the
+    loader picks, bf16 where this CPU runs it fast, else fp32)."""
+    import torch
+
+    from ernie45.device import resolve_dtype
+
+    return resolve_dtype(dtype, torch.device("cpu"))
+
+
+def quantization_config_for(model, mode: str) -> dict[str, Any]:
+    """The `quantization_config` `ernie45.quant.quantize_model(model, mode)` would record with its defaults (the
+    output head left in float, wint4's group size 128 where it divides every width, else 64); raises the
+    ErnieError it would raise (an unknown mode, a width no group size divides)."""
+    from ernie45.quant import FORMAT_VERSION, QUANT_METHOD, quantizable_linears, validate_options
+
+    validate_options(mode)
+    not_convert = ["lm_head"]
+    qc: dict[str, Any] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "mode": mode,
+                          "modules_to_not_convert": not_convert}
+    if mode == "wint4":
+        from ernie45.quant.linear import check_group_size
+
+        targets = quantizable_linears(model, not_convert)
+        group = 128 if all(m.in_features % 128 == 0 for m in targets.values()) else 64
+        for name, lin in targets.items():
+            check_group_size(group, lin.in_features, name)
+        qc["group_size"] = group
+    elif mode == "llm.int8":  # uncalibrated: outlier columns are found per batch, none is stored
+        qc.update(threshold=6.0, calibration=None, outlier_columns={})
+    elif mode == "nf4":
+        qc.update(quant_type="nf4", blocksize=64, double_quant=True)
+    return qc
+
+
+def weight_bytes(config, dtype, quantize: str | None = None) -> int:
+    """Bytes of the weights as a run holds them: one copy of every parameter and buffer of the model built on the
+    meta device (nothing is allocated) in `dtype`, the router and correction bias fp32, a tied lm_head once, and
+    quantized layers at their quantized sizes — the checkpoint's `quantization_config`, or `quantize`'s."""
+    import itertools
+
+    from ernie45.checkpoint import build_model
+
+    model = build_model(config, dtype, meta=True)
+    qc = config.quantization_config
+    if quantize:
+        if qc:
+            raise ErnieError(f"the checkpoint is already quantized ({qc.get('mode')}); --quantize applies to a "
+                             "float checkpoint")
+        qc = quantization_config_for(model, quantize)
+    if qc:
+        from ernie45.quant import prepare_for_load
+
+        prepare_for_load(model, qc)
+    seen: set[int] = set()
+    total = 0
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) not in seen:  # parameters() already drops the tied lm_head; guard against shared buffers too
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def memory_estimate(path: str, quantize: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
+                    max_num_seqs: int = 1) -> dict[str, Any]:
+    """Predicted resident memory of an inference run of `path`: weights (`weight_bytes`) + KV cache
+    (`max_num_seqs` sequences of `max_model_len` positions, default min(context window, 4096)) + the runtime's
+    fixed overhead (`RUNTIME_OVERHEAD_BYTES`). Nothing is loaded."""
+    from ernie45.config import ErnieConfig
+    from ernie45.models import resolve_model_path
+
+    if quantize is not None:
+        from ernie45.quant import validate_options
+
+        validate_options(quantize)
+    if max_model_len is not None and max_model_len <= 0:
+        raise ErnieError(f"--max-model-len must be positive, got {max_model_len}")
+    if max_num_seqs <= 0:
+        raise ErnieError(f"--max-num-seqs must be positive, got {max_num_seqs}")
+    cfg = ErnieConfig.from_pretrained(resolve_model_path(path))
+    if max_model_len is None:
+        max_model_len = min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+    elif max_model_len > cfg.max_position_embeddings:
+        raise ErnieError(f"--max-model-len {max_model_len} exceeds the model's context window "
+                         f"({cfg.max_position_embeddings})")
+    dt = run_dtype(dtype)
+    weights = weight_bytes(cfg, dt, quantize)
+    per_token = kv_cache_bytes_per_token(cfg, dt)
+    kv = per_token * max_model_len * max_num_seqs
+    qc = cfg.quantization_config
+    return {
+        "dtype": str(dt).replace("torch.", ""),
+        "quantization": quantize or (qc.get("mode") if qc else None),
+        "weights_bytes": weights,
+        "kv_cache_bytes_per_token": per_token,
+        "max_model_len": max_model_len,
+        "max_num_seqs": max_num_seqs,
+        "kv_cache_bytes": kv,
+        "overhead_bytes": RUNTIME_OVERHEAD_BYTES,
+        "total_bytes": weights + kv + RUNTIME_OVERHEAD_BYTES,
+    }
+
+
+def _binary(n: float) -> str:
+    for suffix in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or suffix == "GiB":
+            return f"{n:.0f} {suffix}" if suffix == "B" else f"{n:.2f} {suffix}"
+        n /= 1024
+    return f"{n}"
+
+
+def format_memory(mem: dict[str, Any]) -> str:
+    q = f", {mem['quantization']} weights" if mem["quantization"] else ""
+    rows = [
+        ("weights", mem["weights_bytes"], f"one copy, {mem['dtype']}{q}"),
+        ("KV cache", mem["kv_cache_bytes"], f"{mem['max_num_seqs']} x {mem['max_model_len']:,} positions x "
+                                            f"{mem['kv_cache_bytes_per_token']:,} B per token"),
+        ("runtime overhead", mem["overhead_bytes"], "Python, torch, ernie45, C kernels, scratch"),
+        ("total", mem["total_bytes"], "predicted peak resident memory"),
+    ]
+    lines = ["memory (predicted, before loading)"]
+    lines += [f"  {name:<18} {_binary(n):>11}  {note}" for name, n, note in rows]
+    return "\n".join(lines)
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -82,22 +228,51 @@ def format_info(info: dict[str, Any]) -> str:
             continue
         if k in ("parameters", "active_parameters"):
             v = f"{v:,} ({_human(v)})"
+        elif k == "kv_cache_bytes_per_token":
+            v = f"{v:,} ({info.get('kv_cache_dtype')})"
+        elif k in ("kv_cache_dtype", "memory"):
+            continue
         lines.append(f"  {k:<24} {v}")
     lines.append(
         "  stored dtypes            " + ", ".join(f"{d}: {_human(n)}" for d, n in info["dtypes"].items())
     )
     lines.append("  files")
     lines += [f"    {name:<38} {_human(size, 'B'):>9}" for name, size in info["files"].items()]
+    if "memory" in info:
+        lines.append(format_memory(info["memory"]))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="ernie45 info", description="Show a checkpoint's config, parameter count, dtypes and files."
+        prog="ernie45 info",
+        description="Show a checkpoint's config, parameter count, dtypes and files; with --memory, predict the "
+        "resident memory of an inference run before loading it.",
     )
     p.add_argument("model", metavar="DIR", help="checkpoint directory or bundled model name")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--memory", action="store_true",
+                   help="predict resident memory: weights as held + KV cache + runtime overhead (implied by "
+                        "--quantize, --max-model-len, --max-num-seqs)")
+    p.add_argument("--quantize", default=None, metavar="MODE",
+                   help="predict for weights quantized on loading: wint8, wint4, llm.int8 or nf4 (as generate / "
+                        "serve --quantize; the output head stays float)")
+    p.add_argument("--dtype", default="auto",
+                   help="run dtype: auto (what loading picks on this CPU: bf16 where it is fast, else fp32), "
+                        "float32, bfloat16 or float16")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help=f"positions cached per sequence (default: min(context window, {DEFAULT_MAX_MODEL_LEN}))")
+    p.add_argument("--max-num-seqs", type=int, default=None, metavar="S",
+                   help="sequences cached at once (default 1: generate / chat; ernie45 serve allocates its "
+                        "--max-num-seqs, default 8)")
     args = p.parse_args(argv)
-    info = checkpoint_info(args.model)
+    memory = args.memory or any(v is not None for v in (args.quantize, args.max_model_len, args.max_num_seqs))
+    mem = None
+    if memory:  # options are checked before anything is read
+        mem = memory_estimate(args.model, args.quantize, args.dtype, args.max_model_len,
+                              1 if args.max_num_seqs is None else args.max_num_seqs)
+    info = checkpoint_info(args.model, args.dtype)
+    if mem is not None:
+        info["memory"] = mem
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0

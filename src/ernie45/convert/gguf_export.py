@@ -258,7 +258,8 @@ def export_gguf(
     verify: bool = False,
     progress: bool = True,
 ) -> str:
-    """Write `out` (GGUF) from an HF or Paddle checkpoint directory, atomically, plus `out.sha256`.
+    """Write `out` (GGUF) from an HF or Paddle checkpoint directory (or an ernie45 wint8/wint4 one, whose
+    weights are dequantized and re-encoded), atomically, plus `out.sha256`.
 
     Args:
         outtype: f32 | f16 | bf16 | q8_0 | q4_0 for the 2-D weights (norms, router and biases stay f32).
@@ -275,7 +276,7 @@ def export_gguf(
         raise ErnieError(f"{out} is a directory; give the path of the .gguf file to write")
     if os.path.exists(out) and not overwrite:
         raise ErnieError(f"{out} exists (pass --overwrite to replace it)")
-    config, hf = open_as_hf(src)
+    config, hf = open_as_hf(src, dequantize=True)
     for i in range(config.num_hidden_layers):
         # llama.cpp: MoE iff i >= leading_dense_block_count and (i + 1) % step == 0 (no end index)
         llama_moe = (

@@ -361,9 +361,10 @@ def _to_hf(paddle_name: str) -> str:
 
 
 def open_checkpoint(
-    path: str | os.PathLike, expect: str | None = None
+    path: str | os.PathLike, expect: str | None = None, quantized_ok: bool = False
 ) -> tuple[str, ErnieConfig, SafetensorsReader]:
-    """Open a checkpoint directory of either layout: (layout, config, reader)."""
+    """Open a checkpoint directory of either layout: (layout, config, reader). A quantized (ernie45)
+    checkpoint is refused unless `quantized_ok`."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ErnieError(f"checkpoint not found: {path}")
@@ -377,15 +378,53 @@ def open_checkpoint(
             f"not {LABEL[expect]}; use --from {layout}"
         )
     config = read_config(path, layout)
-    if config.quantization_config:
+    if config.quantization_config and not quantized_ok:
         raise ErnieError(f"{path} is a quantized checkpoint; convert or export the unquantized model")
     return layout, config, reader
 
 
-def open_as_hf(path: str | os.PathLike) -> tuple[ErnieConfig, TensorSource]:
-    """Any ERNIE checkpoint (HF or Paddle) as HF-named, per-expert tensors."""
-    layout, config, reader = open_checkpoint(path)
+def open_as_hf(path: str | os.PathLike, dequantize: bool = False) -> tuple[ErnieConfig, TensorSource]:
+    """Any ERNIE checkpoint (HF or Paddle) as HF-named, per-expert tensors. `dequantize`: also accept an
+    ernie45 wint8/wint4 checkpoint, presented as the float checkpoint its quantized weights stand for."""
+    layout, config, reader = open_checkpoint(path, quantized_ok=dequantize)
+    if config.quantization_config:
+        return dequantized_view(reader, config)
     return config, (paddle_to_hf(reader, config) if layout == "paddle" else hf_view(reader))
+
+
+def dequantized_view(reader: SafetensorsReader, config: ErnieConfig) -> tuple[ErnieConfig, TensorSource]:
+    """A wint8/wint4 checkpoint as float tensors (one Linear dequantised at a time, in the scales' dtype) and
+    its config without `quantization_config`: what `ernie45 export-gguf` re-quantizes from."""
+    from ernie45.quant import kernels
+
+    qc = config.quantization_config
+    mode = qc.get("mode")
+    if mode not in ("wint8", "wint4"):
+        raise ErnieError(f"a {mode} checkpoint cannot be dequantized for export; export the float checkpoint")
+    group = int(qc.get("group_size", 128))
+    out = MappedSource()
+    specs = reader.specs
+    for name, spec in specs.items():
+        module, _, leaf = name.rpartition(".")
+        quantized = f"{module}.weight_scale" in specs
+        if quantized and leaf != "weight":
+            continue  # scales and zeros are folded into the weight
+        if not quantized:
+            out.add(name, spec.dtype, spec.shape, lambda n=name: reader.get(n))
+            continue
+        dtype = specs[f"{module}.weight_scale"].dtype
+        n_out = spec.shape[0]
+        n_in = spec.shape[1] * (2 if mode == "wint4" else 1)
+
+        def make(m=module) -> Tensor:
+            w, s = reader.get(f"{m}.weight"), reader.get(f"{m}.weight_scale")
+            if mode == "wint8":
+                return (w.float() * s.float()[:, None]).to(s.dtype)
+            z = reader.get(f"{m}.weight_zero")
+            return kernels.dequantize_int4(w, s, z, group, kernels.ROWMAJOR_INT4_LAYOUT, s.dtype)
+
+        out.add(name, dtype, (n_out, n_in), make)
+    return config.replace(quantization_config=None), out
 
 
 # ---- the command ---------------------------------------------------------------------------------------

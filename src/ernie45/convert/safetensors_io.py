@@ -1,6 +1,6 @@
 """Streaming safetensors I/O, so that converting a checkpoint never holds more than a few tensors in memory.
 
-Reading uses safetensors' `safe_open`, mapping a file only for the read of one tensor. Writing is our own:
+Reading is `ernie45.checkpoint.CheckpointReader` (positional reads, no mapping). Writing is our own:
 safetensors' `save_file` needs a whole shard as a dict in memory, whereas here the header is laid out from the
 planned names/dtypes/shapes first and each tensor's bytes are appended as soon as it is produced, and hashed
 (SHA-256) on the way out.
@@ -20,28 +20,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from ernie45.checkpoint import parse_size, safetensors_files
+from ernie45.checkpoint import ST_DTYPES, CheckpointReader, parse_size
 from ernie45.errors import ErnieError
 from ernie45.utils import atomic_directory
 
 INDEX_FILE = "model.safetensors.index.json"
-ST_TO_TORCH = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "BOOL": torch.bool,
-}
-TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -75,37 +61,20 @@ class TensorSource:
 
 
 class SafetensorsReader(TensorSource):
-    """The tensors of a safetensors checkpoint directory (single file or sharded), read one at a time.
+    """The tensors of a safetensors checkpoint directory (single file or sharded), read one at a time with
+    `ernie45.checkpoint.CheckpointReader` (positional reads: nothing stays resident), names as stored.
 
     The last `cache_size` tensors read are kept, so that a fused tensor split into consecutive outputs is read
     once.
     """
 
     def __init__(self, path: str | os.PathLike, cache_size: int = 1):
-        self.path = os.fspath(path)
-        self.files = safetensors_files(self.path)
-        self.file_of: dict[str, str] = {}
-        self.specs = {}
-        self.metadata: dict[str, str] = {}
-        for file in self.files:
-            try:
-                with safe_open(file, framework="pt") as f:
-                    self.metadata.update(f.metadata() or {})
-                    for name in f.keys():
-                        sl = f.get_slice(name)
-                        dtype = ST_TO_TORCH.get(sl.get_dtype())
-                        if dtype is None:
-                            raise ErnieError(
-                                f"{file}: tensor {name!r} has unsupported dtype {sl.get_dtype()}"
-                            )
-                        if name in self.file_of:
-                            raise ErnieError(
-                                f"tensor {name!r} appears in both {self.file_of[name]} and {file}"
-                            )
-                        self.file_of[name] = file
-                        self.specs[name] = TensorSpec(name, dtype, tuple(sl.get_shape()))
-            except (SafetensorError, OSError) as e:
-                raise ErnieError(f"{file} is not a readable safetensors file: {e}") from None
+        self._reader = CheckpointReader(path, normalise=False)
+        self.path = self._reader.path
+        self.files = self._reader.files
+        self.metadata = self._reader.metadata
+        self.file_of = {n: e.file for n, e in self._reader.entries.items()}
+        self.specs = {n: TensorSpec(n, e.dtype, e.shape) for n, e in self._reader.entries.items()}
         if not self.specs:
             raise ErnieError(f"{self.path} holds no tensors")
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
@@ -115,10 +84,7 @@ class SafetensorsReader(TensorSource):
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]
-        # Map the file for this one read and copy the tensor out: pages touched in a mapping stay resident
-        # while it is open, so a long-lived handle would grow RSS towards the shard size.
-        with safe_open(self.file_of[name], framework="pt") as f:
-            t = f.get_tensor(name).clone()
+        t = self._reader.read(name)
         self._cache[name] = t
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

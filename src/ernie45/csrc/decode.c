@@ -29,9 +29,10 @@ enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_I4 = 3 };
 
 typedef struct {
     int kind, out, in, group; /* group: int4 group size (columns) */
+    int sdt;                  /* dtype of scale and zero: 0 fp32, 1 bf16 (the quantized module's own tensors) */
     const void *w;            /* F32 float[out][in]; BF16 uint16[out][in]; I8 int8[out][in]; I4 uint8[out][in/2] */
-    const float *scale;       /* I8 [out]; I4 [out][in/group] */
-    const float *zb;          /* I4 [out][in/group]: zero - 8 * scale, so w = q * scale + zb */
+    const void *scale;        /* I8 [out]; I4 [out][in/group] */
+    const void *zero;         /* I4 [out][in/group]: w = (q - 8) * scale + zero = q * scale + zb, zb per group below */
     const float *bias;        /* [out] or NULL */
 } Linear;
 
@@ -110,6 +111,18 @@ static inline uint16_t f2bf(float f) { /* round to nearest even, as torch does *
     return (uint16_t)(u >> 16);
 }
 static inline float rb(float f) { return bf2f(f2bf(f)); }
+
+/* element i of a scale / zero tensor (the quantized module's own, fp32 or bf16) in fp32: bf16 widens exactly */
+static inline float sz_at(const void *p, size_t i, int sdt) {
+    return sdt ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+/* int4's zero-point term zb = zero - 8 * scale, rounded as PyTorch's `zero.float() - 8 * scale.float()`: one fp32
+ * multiply (exact: a power of two) and one fp32 subtract, kept as separate statements so no compiler fuses them */
+static inline float zb_at(const Linear *L, size_t i) {
+    float t = 8.0f * sz_at(L->scale, i, L->sdt);
+    float zb = sz_at(L->zero, i, L->sdt) - t;
+    return zb;
+}
 
 /* ---- the vector layer ------------------------------------------------------------------------------ */
 #if defined(__AVX512F__)
@@ -364,9 +377,10 @@ static float dot_i8(const int8_t *w, const float *x, int n) {
 }
 
 /* int4 row: byte j of a 32-column chunk holds column 2j (low nibble) and 2j+1 (high nibble). xp is x with each
- * 32-column chunk reordered as [even columns, odd columns]; xg holds the per-group sums of x. */
-static float dot_i4(const uint8_t *w, const float *xp, const float *xg, const float *scale, const float *zb,
-                    int n, int group) {
+ * 32-column chunk reordered as [even columns, odd columns]; xg holds the per-group sums of x. The row's scales and
+ * zeros are L's, from element g0 (read in place, in their own dtype). */
+static float dot_i4(const uint8_t *w, const float *xp, const float *xg, const Linear *L, size_t g0, int n,
+                    int group) {
     int ng = n / group;
     float extra = 0.f, s = 0.f;
 #if defined(VW)
@@ -382,8 +396,8 @@ static float dot_i4(const uint8_t *w, const float *xp, const float *xg, const fl
                     ga = vfma(lo, vload(xq + c + k), ga);
                     gb = vfma(hi, vload(xq + c + 16 + k), gb);
                 }
-            acc = vfma(vadd(ga, gb), vset1(scale[gi]), acc);
-            extra += zb[gi] * xg[gi];
+            acc = vfma(vadd(ga, gb), vset1(sz_at(L->scale, g0 + gi, L->sdt)), acc);
+            extra += zb_at(L, g0 + gi) * xg[gi];
         }
         return vhsum(acc) + extra;
     }
@@ -396,8 +410,8 @@ static float dot_i4(const uint8_t *w, const float *xp, const float *xg, const fl
 #pragma omp simd reduction(+ : g)
             for (int j = 0; j < 16; j++) g += (float)(p[j] & 15) * xq[j] + (float)(p[j] >> 4) * xq[16 + j];
         }
-        s += g * scale[gi];
-        extra += zb[gi] * xg[gi];
+        s += g * sz_at(L->scale, g0 + gi, L->sdt);
+        extra += zb_at(L, g0 + gi) * xg[gi];
     }
     return s + extra;
 }
@@ -431,8 +445,8 @@ static float dot_i8_x16(const int8_t *w, const int16_t *xq, int n) {
 
 /* int4 row against xq permuted per 64 columns as [32 even columns, 32 odd columns]; xg = per-group sums of x
  * (float, exact x), for the zero-point term. */
-static float dot_i4_x16(const uint8_t *w, const int16_t *xq, float xs, const float *xg, const float *scale,
-                        const float *zb, int n, int group) {
+static float dot_i4_x16(const uint8_t *w, const int16_t *xq, float xs, const float *xg, const Linear *L, size_t g0,
+                        int n, int group) {
     vf acc = vzero();
     float extra = 0.f;
     int ng = n / group;
@@ -446,8 +460,8 @@ static float dot_i4_x16(const uint8_t *w, const int16_t *xq, float xs, const flo
                 a = vi_dp(a, vi_lo4(b), vi_load16(xg16 + c + k));
                 a = vi_dp(a, vi_hi4(b), vi_load16(xg16 + c + 32 + k));
             }
-        acc = vfma(vi_tof(a), vset1(scale[gi] * xs), acc);
-        extra += zb[gi] * xg[gi];
+        acc = vfma(vi_tof(a), vset1(sz_at(L->scale, g0 + gi, L->sdt) * xs), acc);
+        extra += zb_at(L, g0 + gi) * xg[gi];
     }
     return vhsum(acc) + extra;
 }
@@ -533,23 +547,21 @@ static inline float row_dot(const Job *j, int r) {
     case W_I8:
 #if defined(HAVE_XQ16)
         if (j->xq) {
-            y = dot_i8_x16((const int8_t *)L->w + (size_t)r * n, j->xq, n) * (j->xs * L->scale[r]);
+            y = dot_i8_x16((const int8_t *)L->w + (size_t)r * n, j->xq, n) * (j->xs * sz_at(L->scale, r, L->sdt));
             break;
         }
 #endif
-        y = dot_i8((const int8_t *)L->w + (size_t)r * n, j->x, n) * L->scale[r];
+        y = dot_i8((const int8_t *)L->w + (size_t)r * n, j->x, n) * sz_at(L->scale, r, L->sdt);
         break;
     default: {
-        int ng = n / L->group;
+        size_t g0 = (size_t)r * (n / L->group);
 #if defined(HAVE_XQ16)
         if (j->xq) {
-            y = dot_i4_x16((const uint8_t *)L->w + (size_t)r * (n / 2), j->xq, j->xs, j->xg,
-                           L->scale + (size_t)r * ng, L->zb + (size_t)r * ng, n, L->group);
+            y = dot_i4_x16((const uint8_t *)L->w + (size_t)r * (n / 2), j->xq, j->xs, j->xg, L, g0, n, L->group);
             break;
         }
 #endif
-        y = dot_i4((const uint8_t *)L->w + (size_t)r * (n / 2), j->xp, j->xg, L->scale + (size_t)r * ng,
-                   L->zb + (size_t)r * ng, n, L->group);
+        y = dot_i4((const uint8_t *)L->w + (size_t)r * (n / 2), j->xp, j->xg, L, g0, n, L->group);
     }
     }
     return L->bias ? y + L->bias[r] : y;
@@ -1035,10 +1047,13 @@ int ernie_gemv(Model *m, const Linear *L, const float *x, float *y) {
 /* ---- dequantisation for prefill ------------------------------------------------------------------------- */
 /* Rows r0..r1 of L widened to fp32 into out ((r1 - r0) x in, row-major): prefill on CPUs without bf16 matmul
  * hardware multiplies fp32 tiles with MKL instead of PyTorch's emulated bf16, and this writes each tile in one
- * pass over the weights (the same values as ernie45.quant.kernels' dequantisation: q * scale + zb). */
+ * pass over the weights (the same values as ernie45.quant.kernels' dequantisation: q * scale + zb, with
+ * zb = zero - 8 * scale per group, from L's scales and zeros in their own dtype). */
 int ernie_dequant(const Linear *L, int r0, int r1, float *out, int n_threads) {
     int n = L->in;
     if (r0 < 0 || r1 > L->out || r0 > r1 || (L->kind == W_I4 && (L->group <= 0 || n % L->group || n % 2)))
+        return -2;
+    if ((L->kind == W_I8 || L->kind == W_I4) && (!L->scale || (L->kind == W_I4 && !L->zero) || L->sdt & ~1))
         return -2;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int r = r0; r < r1; r++) {
@@ -1053,7 +1068,7 @@ int ernie_dequant(const Linear *L, int r0, int r1, float *out, int n_threads) {
         }
         case W_I8: {
             const int8_t *w = (const int8_t *)L->w + (size_t)r * n;
-            float s = L->scale[r];
+            float s = sz_at(L->scale, r, L->sdt);
 #pragma omp simd
             for (int k = 0; k < n; k++) o[k] = (float)w[k] * s;
             break;
@@ -1062,13 +1077,15 @@ int ernie_dequant(const Linear *L, int r0, int r1, float *out, int n_threads) {
             const uint8_t *w = (const uint8_t *)L->w + (size_t)r * (n / 2);
             int g = L->group, ng = n / g;
             for (int gi = 0; gi < ng; gi++) {
-                float s = L->scale[(size_t)r * ng + gi], z = L->zb[(size_t)r * ng + gi];
+                size_t i = (size_t)r * ng + gi;
+                float s = sz_at(L->scale, i, L->sdt), z = zb_at(L, i);
                 const uint8_t *p = w + (size_t)gi * g / 2;
                 float *og = o + (size_t)gi * g;
 #pragma omp simd
-                for (int j = 0; j < g / 2; j++) {
-                    og[2 * j] = (float)(p[j] & 15) * s + z;
-                    og[2 * j + 1] = (float)(p[j] >> 4) * s + z;
+                for (int j = 0; j < g / 2; j++) { /* q * s, then + z: two roundings, as PyTorch's mul_ and add_ */
+                    float lo = (float)(p[j] & 15) * s, hi = (float)(p[j] >> 4) * s;
+                    og[2 * j] = lo + z;
+                    og[2 * j + 1] = hi + z;
                 }
             }
         }

@@ -22,7 +22,15 @@ MODES = ("wint8", "wint4", "llm.int8", "nf4")
 QUANT_METHOD = "ernie45"
 FORMAT_VERSION = 1
 
-__all__ = ["MODES", "QuantReport", "prepare_for_load", "quantize_model", "quantizable_linears"]
+__all__ = [
+    "MODES",
+    "QuantReport",
+    "prepare_for_load",
+    "quantization_config",
+    "quantize_linear",
+    "quantize_model",
+    "quantizable_linears",
+]
 
 
 @dataclass
@@ -110,6 +118,75 @@ def validate_options(
         raise ErnieError(f"percentile must be in (50, 100], got {percentile}")
 
 
+def quantize_linear(
+    lin: nn.Linear,
+    mode: str,
+    dtype: torch.dtype,
+    *,
+    group_size: int = 128,
+    threshold: float = 6.0,
+    outliers: torch.Tensor | None = None,
+    clip: float = 0.0,
+    nf4: type[nn.Module] | None = None,
+) -> tuple[nn.Module, float]:
+    """One Linear -> (its quantized replacement, relative weight error ||W - dequant(Q)||_F / ||W||_F).
+
+    The quantizer used by `quantize_model` and by the tensor-by-tensor `ernie45.quant.stream.StreamQuantizer`,
+    so that both give the same tensors. `nf4`: the class from `nf4_linear_class()` (mode nf4 only).
+    """
+    from ernie45.quant.linear import Int4Linear, Int8Linear, LLMInt8Linear, nf4_linear_class, rel_error
+
+    stats: dict = {}
+    if mode == "wint8":
+        new = Int8Linear.from_float(lin, dtype, stats=stats)
+    elif mode == "wint4":
+        new = Int4Linear.from_float(lin, dtype, group_size, stats=stats)
+    elif mode == "llm.int8":
+        new = LLMInt8Linear.from_float(lin, dtype, threshold, outliers, clip, stats=stats)
+    elif mode == "nf4":
+        new = (nf4 or nf4_linear_class()).from_float(lin, dtype)
+    else:
+        raise ErnieError(f"unknown quantization mode {mode!r}; choose from {', '.join(MODES)}")
+    if stats:
+        err = rel_error(stats)
+    else:  # nf4, calibrated outlier columns: compare with the dequantised weight
+        w = lin.weight.detach().float()
+        err = float((new.dequantize(torch.float32) - w).norm() / w.norm().clamp(min=1e-30))
+    return new, err
+
+
+def quantization_config(
+    mode: str,
+    modules_to_not_convert: Sequence[str],
+    *,
+    group_size: int | None = None,
+    threshold: float = 6.0,
+    calibration: dict | None = None,
+    outlier_columns: dict[str, int] | None = None,
+) -> dict:
+    """The `quantization_config` entry of config.json that `prepare_for_load` reads back."""
+    qc: dict = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "mode": mode,
+        "modules_to_not_convert": list(modules_to_not_convert),
+    }
+    if mode == "wint4":
+        qc["group_size"] = group_size
+    elif mode == "llm.int8":
+        qc["threshold"] = threshold
+        qc["calibration"] = calibration
+        qc["outlier_columns"] = dict(outlier_columns or {})
+    elif mode == "nf4":
+        qc.update(quant_type="nf4", blocksize=64, double_quant=True)
+    return qc
+
+
+def default_group_size(in_features: Iterable[int]) -> int:
+    """wint4's automatic group size: 128 when it divides every quantized layer's width, else 64."""
+    return 128 if all(k % 128 == 0 for k in in_features) else 64
+
+
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, new)
@@ -155,14 +232,7 @@ def quantize_model(
     """
     from tqdm import tqdm
 
-    from ernie45.quant.linear import (
-        Int4Linear,
-        Int8Linear,
-        LLMInt8Linear,
-        check_group_size,
-        import_bitsandbytes,
-        nf4_linear_class,
-    )
+    from ernie45.quant.linear import check_group_size, import_bitsandbytes, nf4_linear_class
 
     validate_options(mode, 128 if group_size is None else group_size, threshold, calib_method, percentile)
     config = model.config
@@ -179,7 +249,7 @@ def quantize_model(
     targets = quantizable_linears(model, not_convert)
     if mode == "wint4":
         if group_size is None:
-            group_size = 128 if all(m.in_features % 128 == 0 for m in targets.values()) else 64
+            group_size = default_group_size(m.in_features for m in targets.values())
         for name, lin in targets.items():
             check_group_size(group_size, lin.in_features, name)
     dtype = model.dtype
@@ -211,52 +281,48 @@ def quantize_model(
             targets.items(), desc=f"quantize {mode}", disable=not progress, file=sys.stderr, unit="layer"
         ):
             before = _nbytes((lin.weight, lin.bias))
-            outliers = clip = None
-            if mode == "wint8":
-                new = Int8Linear.from_float(lin, dtype)
-            elif mode == "wint4":
-                new = Int4Linear.from_float(lin, dtype, group_size)
-            elif mode == "llm.int8":
+            outliers = clip = idx = None
+            if mode == "llm.int8":
                 idx = stats[name].outliers(threshold) if stats is not None else None
                 clip = stats[name].clip(calib_method, threshold, percentile) if stats is not None else 0.0
-                new = LLMInt8Linear.from_float(lin, dtype, threshold, idx, clip)
+            new, err = quantize_linear(
+                lin,
+                mode,
+                dtype,
+                group_size=group_size or 128,
+                threshold=threshold,
+                outliers=idx,
+                clip=clip or 0.0,
+                nf4=nf4,
+            )
+            if mode == "llm.int8":
                 outliers = int(new.outlier_idx.numel())
                 if outliers:
                     outlier_counts[name] = outliers
-            else:
-                new = nf4.from_float(lin, dtype)
-            w = lin.weight.detach().float()
-            err = float((new.dequantize(torch.float32) - w).norm() / w.norm().clamp(min=1e-30))
             report.layers.append(LayerReport(name, (lin.out_features, lin.in_features), err, outliers, clip))
             report.bytes_before += before
             report.bytes_after += _nbytes(new.state_dict().values())
             new.train(lin.training)
             _swap(model, name, new)
 
-    qc: dict = {
-        "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
-        "mode": mode,
-        "modules_to_not_convert": not_convert,
-    }
-    if mode == "wint4":
-        qc["group_size"] = group_size
-    elif mode == "llm.int8":
-        qc["threshold"] = threshold
-        qc["calibration"] = (
-            None
-            if stats is None
-            else {
-                "method": calib_method,
-                "samples": len(samples),
-                "max_length": calib_max_length,
-                **({"percentile": percentile} if calib_method == "percentile" else {}),
-            }
-        )
-        qc["outlier_columns"] = outlier_counts
-    elif mode == "nf4":
-        qc.update(quant_type="nf4", blocksize=64, double_quant=True)
-    config.quantization_config = qc
+    calibration = (
+        None
+        if stats is None
+        else {
+            "method": calib_method,
+            "samples": len(samples),
+            "max_length": calib_max_length,
+            **({"percentile": percentile} if calib_method == "percentile" else {}),
+        }
+    )
+    config.quantization_config = quantization_config(
+        mode,
+        not_convert,
+        group_size=group_size,
+        threshold=threshold,
+        calibration=calibration,
+        outlier_columns=outlier_counts,
+    )
     return report
 
 

@@ -1,10 +1,15 @@
-"""`ernie45 quantize`: write a wint8 / wint4 / llm.int8 / nf4 checkpoint that `ernie45.load(dir)` reads as is."""
+"""`ernie45 quantize`: write a wint8 / wint4 / llm.int8 / nf4 checkpoint that `ernie45.load(dir)` reads as is.
+
+wint8, wint4 and uncalibrated llm.int8 stream on CPU (one tensor at a time, `ernie45.quant.stream`): memory is
+bounded by the largest tensor, not by the checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
+import time
 
 from ernie45.errors import ErnieError
 from ernie45.quant import MODES, QuantReport, quantize_model, validate_options
@@ -17,6 +22,28 @@ def _weights_bytes(path: str) -> int:
     from ernie45.checkpoint import safetensors_files
 
     return sum(os.path.getsize(f) for f in safetensors_files(path))
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def streams(mode: str, calib=None, device: str = "cpu") -> bool:
+    """Whether `quantize_checkpoint` quantizes tensor by tensor (wint8, wint4, uncalibrated llm.int8 on CPU)."""
+    from ernie45.device import resolve_device
+    from ernie45.quant.stream import STREAM_MODES
+
+    return mode in STREAM_MODES and calib is None and resolve_device(device).type == "cpu"
 
 
 def quantize_checkpoint(
@@ -37,14 +64,19 @@ def quantize_checkpoint(
     overwrite: bool = False,
     max_shard_size: str = "2GB",
     progress: bool = True,
+    stream: bool | None = None,
+    stats: dict | None = None,
 ) -> tuple[QuantReport, int, int]:
-    """Load `model_dir`, quantize it and save it (atomically) with its tokenizer to `out_dir`.
+    """Quantize `model_dir` and save it (atomically) with its tokenizer to `out_dir`.
 
-    `dtype="auto"` keeps the checkpoint's own dtype for everything left in float (embeddings, norms, router,
-    scales). Returns (report, weight bytes before, weight bytes after) as stored on disk.
+    wint8, wint4 and uncalibrated llm.int8 on CPU stream (`stream=None`: whenever they can): one tensor at a
+    time is read, quantized and written, so memory stays bounded by the largest tensor. nf4, calibrated
+    llm.int8 and other devices (or `stream=False`) load the model, `quantize_model` it and save it. Both give
+    the same files. `dtype="auto"` keeps the checkpoint's own dtype for everything left in float (embeddings,
+    norms, router, scales). Returns (report, weight bytes before, weight bytes after) as stored on disk;
+    `stats`, if given, receives `params` (source parameters), `seconds` and `streamed`.
     """
-    import ernie45
-    from ernie45.checkpoint import save_checkpoint
+    from ernie45.checkpoint import parse_size
     from ernie45.config import ErnieConfig
 
     validate_options(mode, 128 if group_size is None else group_size, threshold, calib_method)
@@ -57,6 +89,7 @@ def quantize_checkpoint(
         raise ErnieError("--out must differ from --model (the source is read while the output is written)")
     if dtype not in DTYPES:
         raise ErnieError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
+    parse_size(max_shard_size)
     config = ErnieConfig.from_pretrained(model_dir)
     if config.quantization_config:
         raise ErnieError(
@@ -67,30 +100,141 @@ def quantize_checkpoint(
         raise ErnieError(f"destination exists and is not empty: {out_dir} (pass --overwrite to replace it)")
     if dtype == "auto":
         dtype = config.torch_dtype if config.torch_dtype in DTYPES[1:] else "float32"
-    model, tokenizer = ernie45.load(model_dir, dtype=dtype, device=device)
-    report = quantize_model(
-        model,
-        mode,
+    can_stream = streams(mode, calib, device)
+    if stream and not can_stream:
+        raise ErnieError(
+            f"mode {mode} (calibration: {calib is not None}, device {device}) cannot be streamed"
+        )
+    t0 = time.perf_counter()
+    kw = dict(
         group_size=group_size,
         threshold=threshold,
-        calib=calib,
-        tokenizer=tokenizer,
-        calib_samples=calib_samples,
-        calib_max_length=calib_max_length,
-        calib_method=calib_method,
         quantize_lm_head=quantize_lm_head,
         skip=skip,
+        dtype=dtype,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
         progress=progress,
     )
+    stream = can_stream if stream is None else stream
+    if stream:
+        report, params = _quantize_streaming(model_dir, out_dir, config, mode, **kw)
+    else:
+        report, params = _quantize_in_memory(
+            model_dir,
+            out_dir,
+            mode,
+            calib=calib,
+            calib_samples=calib_samples,
+            calib_max_length=calib_max_length,
+            calib_method=calib_method,
+            device=device,
+            **kw,
+        )
+    if stats is not None:
+        stats.update(params=params, seconds=time.perf_counter() - t0, streamed=stream)
+    return report, _weights_bytes(model_dir), _weights_bytes(out_dir)
+
+
+def _report_file(report: QuantReport) -> dict[str, str]:
+    return {"quantization_report.json": json.dumps(report.to_dict(), indent=1) + "\n"}
+
+
+def _quantize_in_memory(
+    model_dir: str,
+    out_dir: str,
+    mode: str,
+    *,
+    dtype: str,
+    device: str,
+    overwrite: bool,
+    max_shard_size: str,
+    progress: bool,
+    **options,
+) -> tuple[QuantReport, int]:
+    import ernie45
+    from ernie45.checkpoint import checkpoint_state_dict, save_checkpoint
+
+    model, tokenizer = ernie45.load(model_dir, dtype=dtype, device=device)
+    params = sum(t.numel() for t in checkpoint_state_dict(model).values())
+    report = quantize_model(model, mode, tokenizer=tokenizer, progress=progress, **options)
     save_checkpoint(
         model,
         out_dir,
         max_shard_size=max_shard_size,
         tokenizer=tokenizer,
         overwrite=overwrite,
-        extra_files={"quantization_report.json": json.dumps(report.to_dict(), indent=1) + "\n"},
+        extra_files=_report_file(report),
     )
-    return report, _weights_bytes(model_dir), _weights_bytes(out_dir)
+    return report, params
+
+
+def _quantize_streaming(
+    model_dir: str,
+    out_dir: str,
+    config,
+    mode: str,
+    *,
+    dtype: str,
+    overwrite: bool,
+    max_shard_size: str,
+    progress: bool,
+    **options,
+) -> tuple[QuantReport, int]:
+    """Read, quantize and write one tensor at a time (`StreamQuantizer`); the same files as the in-memory path."""
+    from tqdm import tqdm
+
+    from ernie45.checkpoint import CheckpointReader
+    from ernie45.convert import safetensors_io
+    from ernie45.quant.stream import StreamQuantizer
+    from ernie45.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    with (
+        CheckpointReader(model_dir) as reader,
+        StreamQuantizer(reader, config, mode, dtype=dtype, **options) as sq,
+        tqdm(
+            total=sq.total_params,
+            desc=f"quantize {mode}",
+            unit="param",
+            unit_scale=True,
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
+
+        def produce(spec):
+            t = sq.tensor(spec.name)
+            bar.update(sq.source_params[spec.name])
+            return t
+
+        with safetensors_io.output_directory(out_dir, overwrite=overwrite) as tmp:
+            safetensors_io.write_shards(tmp, sq.specs, produce, max_shard_size, progress=False)
+            report = sq.report
+            _write_side_files(tmp, model_dir, sq.config, tokenizer, _report_file(report))
+    return report, sq.total_params
+
+
+def _write_side_files(tmp: str, model_dir: str, config, tokenizer, extra_files: dict[str, str]) -> None:
+    """config.json, generation_config.json, the tokenizer and `extra_files`, as `save_checkpoint` writes them."""
+    config.save(tmp)
+    gen = {
+        "_from_model_config": True,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+    }
+    src_gen = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(src_gen):
+        with open(src_gen, encoding="utf-8") as f:
+            gen = json.load(f)
+    with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(gen, f, indent=2)
+    tokenizer.save_pretrained(tmp)
+    for name, text in extra_files.items():
+        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="dtype of everything left in float (default: the checkpoint's)",
     )
-    p.add_argument("--device", default="cpu", help="where to quantize: cpu (default), cuda, auto")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where to quantize: cpu (default; wint8, wint4 and llm.int8 without --calib stream tensor by "
+        "tensor), cuda, auto (these load the whole model)",
+    )
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -141,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    stats: dict = {}
     report, before, after = quantize_checkpoint(
         args.model,
         args.out,
@@ -158,8 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
         max_shard_size=args.max_shard_size,
         progress=not args.quiet,
+        stats=stats,
     )
     print(report.summary())
+    rate = stats["params"] / max(stats["seconds"], 1e-9)
+    print(
+        f"{stats['params'] / 1e6:.1f} M parameters in {stats['seconds']:.1f} s ({rate / 1e6:.1f} M params/s, "
+        f"{'streamed' if stats['streamed'] else 'in memory'}), peak RSS {peak_rss() / 2**30:.2f} GiB"
+    )
     print(
         f"checkpoint weights: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({before / max(after, 1):.2f}x)"
     )

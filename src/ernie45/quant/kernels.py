@@ -307,10 +307,10 @@ def int8_weight_mm(x2: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     dtype = matmul_dtype(x2)
     n, k = weight.shape
     rows = None
-    if dtype == torch.float32 and x2.device.type == "cpu":
+    if x2.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         from ernie45.fast import W_I8, dequant_rows  # the same widening in one pass of the C kernel
 
-        rows = dequant_rows(W_I8, weight, n, k, torch.ones(n))
+        rows = _c_rows(dequant_rows(W_I8, weight, n, k, torch.ones(n)), dtype)
     y = tiled_mm(x2, n, rows or (lambda i, j: weight[i:j].to(dtype)), dtype)
     return y.mul_(scale.to(dtype)).to(x2.dtype)
 
@@ -338,12 +338,19 @@ def int4_weight_mm(
     def weight_rows(i: int, j: int) -> Tensor:
         return dequantize_int4(packed[i:j], scale[i:j], zero[i:j], group_size, layout, dtype)
 
-    if dtype == torch.float32 and layout == ROWMAJOR_INT4_LAYOUT and x2.device.type == "cpu":
+    if layout == ROWMAJOR_INT4_LAYOUT and x2.device.type == "cpu":
         from ernie45.fast import W_I4, dequant_rows  # the same values in one pass of the C kernel
 
-        s = scale.float()
-        weight_rows = dequant_rows(W_I4, packed, n, k, s, zero.float() - 8 * s, group_size) or weight_rows
+        weight_rows = _c_rows(dequant_rows(W_I4, packed, n, k, scale, zero, group_size), dtype) or weight_rows
     return tiled_mm(x2, n, weight_rows, dtype).to(x2.dtype)
+
+
+def _c_rows(rows32: Callable[[int, int], Tensor] | None, dtype: torch.dtype) -> Callable[[int, int], Tensor] | None:
+    """fp32 tiles from the C dequantisation, rounded to `dtype` (the same values as PyTorch's dequantisation,
+    which also computes in fp32 and rounds once)."""
+    if rows32 is None or dtype == torch.float32:
+        return rows32
+    return lambda i, j: rows32(i, j).to(dtype)
 
 
 def quantize_rows_int8(x2: Tensor, clip: float = 0.0) -> tuple[Tensor, Tensor]:

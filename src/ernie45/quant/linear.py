@@ -18,6 +18,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +36,92 @@ INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 
 
 # ---- tensor quantizers ----------------------------------------------------------------------------
-def quantize_int8_per_channel(w: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(N, K) float -> int8 (N, K) and scale (N,) in `dtype`, with w ~= q * scale (symmetric, absmax)."""
-    wf = w.detach().float()
-    scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(dtype).tiny).to(dtype)
-    q = (wf / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+# The quantizers work on blocks of rows: a block (QUANT_CHUNK fp32 values) and its one temporary stay in the
+# L2 cache through the many elementwise passes of the clip search, instead of streaming the whole matrix from
+# memory once per pass. Rows are independent (int8: one scale per row; int4: groups lie within a row), so the
+# result does not depend on the block size. On CPU the blocks are spread over `torch.get_num_threads()` Python
+# threads running single-threaded ops: per-op OpenMP teams of tiny work items stall whenever a core is shared.
+QUANT_CHUNK = 1 << 18
+
+
+def _row_blocks(n: int, k: int, device: torch.device) -> list[tuple[int, int]]:
+    rows = max(1, (QUANT_CHUNK if device.type == "cpu" else 1 << 26) // max(k, 1))
+    return [(r, min(n, r + rows)) for r in range(0, n, rows)]
+
+
+def _map_blocks(fn, blocks: list[tuple[int, int]], device: torch.device) -> list:
+    """[fn(r0, r1) for each block], on CPU in a pool of (this thread's) torch.get_num_threads() threads."""
+    prev = torch.get_num_threads()
+    threads = min(prev, len(blocks))
+    if device.type != "cpu" or threads <= 1:
+        return [fn(r0, r1) for r0, r1 in blocks]
+    # each worker runs single-threaded ops (an intra-op thread count is per thread, set here explicitly)
+    pool = ThreadPoolExecutor(
+        threads, thread_name_prefix="ernie45-quant", initializer=torch.set_num_threads, initargs=(1,)
+    )
+    try:
+        return list(pool.map(lambda b: fn(*b), blocks))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(prev)  # the workers' setting is also the default of new threads: restore it
+
+
+def _block_source(w: Tensor):
+    """(r0, r1, scratch) -> rows r0:r1 of `w` as a contiguous fp32 (rows, K) tensor (a view when `w` is one)."""
+    w = w.detach()
+    if w.dtype == torch.float32 and w.is_contiguous():
+        return lambda r0, r1, scratch: w[r0:r1]
+
+    def read(r0: int, r1: int, scratch: Tensor) -> Tensor:
+        out = scratch[: (r1 - r0) * w.shape[1]].view(r1 - r0, w.shape[1])
+        return out.copy_(w[r0:r1])
+
+    return read
+
+
+def _set_stats(stats: dict | None, parts: list[tuple[float, float]]) -> None:
+    if stats is not None:
+        stats["err_sq"] = sum(p[0] for p in parts)  # ||W - dequant(Q)||_F^2
+        stats["w_sq"] = sum(p[1] for p in parts)  # ||W||_F^2
+
+
+def rel_error(stats: dict) -> float:
+    """||W - dequant(Q)||_F / ||W||_F from the `stats` a quantizer filled."""
+    return math.sqrt(stats["err_sq"]) / max(math.sqrt(stats["w_sq"]), 1e-30)
+
+
+def quantize_int8_per_channel(
+    w: Tensor, dtype: torch.dtype, *, stats: dict | None = None
+) -> tuple[Tensor, Tensor]:
+    """(N, K) float -> int8 (N, K) and scale (N,) in `dtype`, with w ~= q * scale (symmetric, absmax).
+
+    `stats`, if given, receives `err_sq` = ||W - q * scale||^2 and `w_sq` = ||W||^2 (see `rel_error`).
+    """
+    n, k = w.shape
+    dev = w.device
+    q = torch.empty(n, k, dtype=torch.int8, device=dev)
+    scale = torch.empty(n, dtype=dtype, device=dev)
+    tiny = torch.finfo(dtype).tiny
+    rows = _block_source(w)
+    local = threading.local()
+
+    def block(r0: int, r1: int) -> tuple[float, float]:
+        size = (r1 - r0) * k
+        if getattr(local, "size", -1) < size:
+            local.size, local.w, local.t = size, torch.empty(size, device=dev), torch.empty(size, device=dev)
+        wf = rows(r0, r1, local.w)
+        t = local.t[:size].view(r1 - r0, k)
+        s = (torch.abs(wf, out=t).amax(dim=1) / 127.0).clamp(min=tiny).to(dtype)
+        scale[r0:r1] = s
+        sf = s.float()[:, None]
+        torch.div(wf, sf, out=t).round_().clamp_(-127, 127)
+        q[r0:r1] = t
+        if stats is None:
+            return 0.0, 0.0
+        err = float(t.mul_(sf).sub_(wf).square_().sum())  # fp32 sums are pairwise: accurate enough here
+        return err, float(torch.mul(wf, wf, out=t).sum())
+
+    _set_stats(stats, _map_blocks(block, _row_blocks(n, k, dev), dev))
     return q, scale
 
 
@@ -56,31 +140,70 @@ def check_group_size(group_size: int, in_features: int, name: str = "layer") -> 
         )
 
 
-def quantize_int4_groupwise(w: Tensor, group_size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(N, K) float -> packed uint8 (N, K/2), scale and zero (N, K/g) in `dtype`; w ~= (q - 8) * scale + zero."""
+def quantize_int4_groupwise(
+    w: Tensor, group_size: int, dtype: torch.dtype, *, stats: dict | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, K) float -> packed uint8 (N, K/2), scale and zero (N, K/g) in `dtype`; w ~= (q - 8) * scale + zero.
+
+    Per group, the clip ratio of `INT4_CLIP_RATIOS` with the smallest squared error wins (the first on ties).
+    `stats`, if given, receives `err_sq` and `w_sq` as for `quantize_int8_per_channel`.
+    """
     n, k = w.shape
     check_group_size(group_size, k)
-    wg = w.detach().float().view(n, k // group_size, group_size)  # (N, K/g, g)
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    mid, half = (hi + lo) / 2, (hi - lo) / 2
+    dev = w.device
+    groups = k // group_size
+    packed = torch.empty(n, k // 2, dtype=torch.uint8, device=dev)
+    scale_out = torch.empty(n, groups, dtype=dtype, device=dev)
+    zero_out = torch.empty(n, groups, dtype=dtype, device=dev)
     tiny = torch.finfo(dtype).tiny
-    best_err = best_q = best_scale = best_zero = None
-    for r in INT4_CLIP_RATIOS:
-        scale = (half * r / 7.5).clamp(min=tiny).to(dtype)  # 15 steps across [mid - r*half, mid + r*half]
-        zero = (mid - half * r + 8 * scale.float()).to(dtype)
-        s, z = scale.float()[..., None], zero.float()[..., None]
-        q = ((wg - z) / s + 8).round_().clamp_(0, 15)
-        err = ((q - 8) * s + z - wg).square_().sum(dim=-1)  # (N, K/g)
-        if best_err is None:
-            best_err, best_q, best_scale, best_zero = err, q, scale, zero
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_q = torch.where(better[..., None], q, best_q)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    packed = kernels.pack_int4_rowmajor(best_q.view(n, k))
-    return packed, best_scale, best_zero
+    rows = _block_source(w)
+    local = threading.local()
+
+    def block(r0: int, r1: int) -> tuple[float, float]:
+        m, size = r1 - r0, (r1 - r0) * k
+        if getattr(local, "size", -1) < size:
+            local.size, local.w, local.t = size, torch.empty(size, device=dev), torch.empty(size, device=dev)
+            local.q = torch.empty(size, dtype=torch.int8, device=dev)
+        wf = rows(r0, r1, local.w)
+        wg = wf.view(m, groups, group_size)
+        t = local.t[:size].view(m, groups, group_size)
+        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+        mid, half = (hi + lo) / 2, (hi - lo) / 2
+        best_err = best_scale = best_zero = None
+        for r in INT4_CLIP_RATIOS:
+            scale = (half * r / 7.5).clamp(min=tiny).to(dtype)  # 15 steps across [mid - r*half, mid + r*half]
+            zero = (mid - half * r + 8 * scale.float()).to(dtype)
+            s, z = scale.float()[..., None], zero.float()[..., None]
+            # err = ((round((w - z) / s + 8) clamped to [0, 15]) - 8) * s + z - w, squared, summed per group
+            torch.sub(wg, z, out=t).div_(s).add_(8).round_().clamp_(0, 15)
+            err = t.sub_(8).mul_(s).add_(z).sub_(wg).square_().sum(dim=-1)  # (m, K/g)
+            if best_err is None:
+                best_err, best_scale, best_zero = err, scale, zero
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+        s, z = best_scale.float()[..., None], best_zero.float()[..., None]
+        torch.sub(wg, z, out=t).div_(s).add_(8).round_().clamp_(0, 15)
+        q = local.q[:size].view(m, k)
+        q.copy_(t.view(m, k))  # 0..15
+        if (
+            sys.byteorder == "little"
+        ):  # bytes (q_2j, q_2j+1) as int16 v: v | v >> 4 has q_2j | q_2j+1 << 4 low
+            v = q.view(torch.int16)
+            v |= v >> 4
+            packed[r0:r1] = v.view(torch.uint8).view(m, k // 2, 2)[..., 0]
+        else:
+            packed[r0:r1] = kernels.pack_int4_rowmajor(q)
+        scale_out[r0:r1] = best_scale
+        zero_out[r0:r1] = best_zero
+        if stats is None:
+            return 0.0, 0.0
+        return float(best_err.sum(dtype=torch.float64)), float(torch.mul(wg, wg, out=t).sum())
+
+    _set_stats(stats, _map_blocks(block, _row_blocks(n, k, dev), dev))
+    return packed, scale_out, zero_out
 
 
 # ---- modules --------------------------------------------------------------------------------------
@@ -149,10 +272,13 @@ class Int8Linear(QuantLinear):
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, dtype: torch.dtype | None = None) -> Int8Linear:
+    def from_float(
+        cls, linear: nn.Linear, dtype: torch.dtype | None = None, *, stats: dict | None = None
+    ) -> Int8Linear:
+        """`stats`: filled with the weight error, see `quantize_int8_per_channel`."""
         dtype = dtype or linear.weight.dtype
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, device="meta")
-        m.weight, m.weight_scale = quantize_int8_per_channel(linear.weight, dtype)
+        m.weight, m.weight_scale = quantize_int8_per_channel(linear.weight, dtype, stats=stats)
         m._set_bias(linear, dtype)
         return m
 
@@ -178,6 +304,9 @@ class Int4Linear(QuantLinear):
     (same bytes, permuted) and saved back row-major."""
 
     mode = "wint4"
+    # Set by the C decoder, which reads the row-major weight: converting it for PyTorch's kernel would hold a
+    # second copy, so prefill multiplies dequantised tiles instead (`kernels.int4_weight_mm`).
+    keep_rowmajor = False
 
     def __init__(
         self,
@@ -202,11 +331,19 @@ class Int4Linear(QuantLinear):
 
     @classmethod
     def from_float(
-        cls, linear: nn.Linear, dtype: torch.dtype | None = None, group_size: int = 128
+        cls,
+        linear: nn.Linear,
+        dtype: torch.dtype | None = None,
+        group_size: int = 128,
+        *,
+        stats: dict | None = None,
     ) -> Int4Linear:
+        """`stats`: filled with the weight error, see `quantize_int4_groupwise`."""
         dtype = dtype or linear.weight.dtype
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, "meta", group_size)
-        m.weight, m.weight_scale, m.weight_zero = quantize_int4_groupwise(linear.weight, group_size, dtype)
+        m.weight, m.weight_scale, m.weight_zero = quantize_int4_groupwise(
+            linear.weight, group_size, dtype, stats=stats
+        )
         m._set_bias(linear, dtype)
         return m
 
@@ -222,7 +359,11 @@ class Int4Linear(QuantLinear):
 
     def _to_rowmajor(self) -> None:
         if self._layout != kernels.ROWMAJOR_INT4_LAYOUT:
-            self.weight = kernels.from_cpu_int4_layout(self.weight)
+            with (
+                torch.inference_mode(False),
+                torch.no_grad(),
+            ):  # a plain tensor, usable outside inference mode
+                self.weight = kernels.from_cpu_int4_layout(self.weight).contiguous()
             self._layout = kernels.ROWMAJOR_INT4_LAYOUT
         self._kernel_sz = None
 
@@ -241,8 +382,12 @@ class Int4Linear(QuantLinear):
 
     def _kernel_inputs(self, x2: Tensor) -> Tensor | None:
         """Switch to the CPU kernel layout once, and cache the kernel's (K/g, N, 2) scales for x's dtype."""
-        if kernels.wants_autograd(x2) or not kernels.int4pack_usable(
-            self.weight.device, self.out_features, self.in_features, self.group_size
+        if (
+            self.keep_rowmajor
+            or kernels.wants_autograd(x2)
+            or not kernels.int4pack_usable(
+                self.weight.device, self.out_features, self.in_features, self.group_size
+            )
         ):
             return None
         kdtype = torch.bfloat16 if x2.dtype == torch.float32 else x2.dtype
@@ -313,10 +458,13 @@ class LLMInt8Linear(QuantLinear):
         threshold: float = 6.0,
         outliers: Tensor | None = None,
         clip: float = 0.0,
+        *,
+        stats: dict | None = None,
     ) -> LLMInt8Linear:
-        """`outliers`: calibrated outlier column indices (None: none); `clip`: calibrated activation cap."""
+        """`outliers`: calibrated outlier column indices (None: none); `clip`: calibrated activation cap;
+        `stats`: filled with the error of the int8 matrix when there are no outlier columns (else left empty)."""
         dtype = dtype or linear.weight.dtype
-        w = linear.weight.detach().float()
+        w = linear.weight.detach()
         idx = torch.empty(0, dtype=torch.int64) if outliers is None else outliers.to(torch.int64).unique()
         idx = idx.to(w.device)
         m = cls(
@@ -328,9 +476,12 @@ class LLMInt8Linear(QuantLinear):
             threshold,
             idx.numel(),
         )
-        m.weight, m.weight_scale = quantize_int8_per_channel(w.index_fill(1, idx, 0.0), dtype)
+        if idx.numel():
+            m.weight, m.weight_scale = quantize_int8_per_channel(w.float().index_fill(1, idx, 0.0), dtype)
+        else:  # the same numbers without the fp32 copy
+            m.weight, m.weight_scale = quantize_int8_per_channel(w, dtype, stats=stats)
         m.outlier_idx = idx
-        m.weight_outlier = w[:, idx].to(dtype)
+        m.weight_outlier = w[:, idx].float().to(dtype)
         m.input_clip = torch.tensor([clip], dtype=dtype, device=w.device)
         m._set_bias(linear, dtype)
         return m

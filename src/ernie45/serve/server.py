@@ -164,13 +164,16 @@ def load_model(source: ModelSource):
     Returns (model, tokenizer).
     """
     import ernie45
+    from ernie45.quant.stream import STREAM_MODES
 
-    model, tokenizer = ernie45.load(source.path, dtype=source.dtype, device=source.device)
+    stream = source.quantize in STREAM_MODES and not source.adapter  # quantized tensor by tensor while loading
+    model, tokenizer = ernie45.load(source.path, dtype=source.dtype, device=source.device,
+                                    quantize=source.quantize if stream else None)
     if source.adapter:
         from ernie45.train.lora import load_adapter
 
         load_adapter(model, source.adapter, merge=True)
-    if source.quantize:
+    if source.quantize and not stream:
         from ernie45.quant import quantize_model
 
         quantize_model(model, source.quantize, tokenizer=tokenizer, progress=False)
