@@ -53,8 +53,11 @@ def test_no_packed_copy_beside_the_c_decoder():
     _native_or_skip()
     m = build_model(preset("tiny"), torch.float32)
     m.init_weights(seed=0)
-    assert optimize_for_inference(m) == 0
+    w = m.model.layers[0].mlp.up_proj.weight
+    assert optimize_for_inference(m) > 0
     assert m.fast_decoder is not None and not any(isinstance(x, PackedLinear) for x in m.modules())
+    assert type(m.model.layers[0].mlp.up_proj).__name__ == "DnnLinear"
+    assert m.model.layers[0].mlp.up_proj.weight is w  # the C decoder's weight, not a copy
 
 
 def test_noop_in_fp16():

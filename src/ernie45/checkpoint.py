@@ -326,7 +326,7 @@ def decode_stream_names(model) -> list[str]:
     mods.append(("lm_head", model.lm_head))
     for prefix, mod in mods:
         w = getattr(mod, "weight", None)
-        plain = type(mod) in (nn.Linear, nn.Embedding, Int8Linear) or type(mod).__name__ == "UpcastLinear"
+        plain = type(mod) in (nn.Linear, nn.Embedding, Int8Linear) or type(mod).__name__ in ("UpcastLinear", "DnnLinear")
         if w is None or not (plain or (type(mod) is Int4Linear and mod._layout == kernels.ROWMAJOR_INT4_LAYOUT)):
             continue
         if w.numel() * w.element_size() >= ARENA_MIN_BYTES and id(w) not in seen:
