@@ -285,10 +285,10 @@ class FastDecoder:
         lib.ernie_step.restype = c_int
         lib.ernie_release.argtypes = [ctypes.POINTER(_Model)]
 
-    def __del__(self):
+    def __del__(self, byref=ctypes.byref):  # bound now: at interpreter exit the ctypes module may be gone
         lib = getattr(self, "_lib", None)
         if lib is not None and hasattr(self, "_m"):
-            lib.ernie_release(ctypes.byref(self._m))
+            lib.ernie_release(byref(self._m))
 
     # -- building ------------------------------------------------------------------------------------
     def _f32(self, t: Tensor) -> int:
