@@ -61,10 +61,12 @@ def test_bench_writes_rows_and_table(tmp_path, capsys, monkeypatch):
     assert "| tiny | fp32 | native | transformers |" in table and f"{ratio:.2f}×" in table
     assert "| TTFT ms | load s | peak RSS MB |" in table
     assert table in capsys.readouterr().out
-    # the wint8 row loaded a checkpoint quantized once into the workdir, output head included (like q8_0 GGUF)
-    qdir = tmp_path / "w" / "ernie45-bench-tiny-wint8"
+    # the wint8 row loaded a checkpoint quantized once into the workdir, output head and token embedding included
+    # (like q8_0 GGUF); the directory name is not the one of older caches, which kept the embedding in float
+    qdir = tmp_path / "w" / "ernie45-bench-tiny-wint8e"
     qc = ErnieConfig.from_pretrained(qdir).quantization_config
-    assert qc["mode"] == "wint8" and "lm_head" not in qc["modules_to_not_convert"]
+    assert qc["mode"] == "wint8" and "lm_head" not in qc["modules_to_not_convert"] and qc["embedding"] == "int8"
+    assert not (tmp_path / "w" / "ernie45-bench-tiny-wint8").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -86,7 +86,7 @@ def two_threads():
     torch.set_num_threads(prev)
 
 
-def _quantized(name, dtype, mode):
+def _quantized(name, dtype, mode, quantize_embedding=False):
     m = build_model(preset(name), dtype)
     m.init_weights(seed=0)
     m.eval()
@@ -94,7 +94,7 @@ def _quantized(name, dtype, mode):
         from ernie45.quant import quantize_model
 
         kw = {"group_size": 64, "skip": ["down_proj"] if name == "tiny-moe" else []} if mode == "wint4" else {}
-        quantize_model(m, mode, progress=False, quantize_lm_head=True, **kw)
+        quantize_model(m, mode, progress=False, quantize_lm_head=True, quantize_embedding=quantize_embedding, **kw)
     return m
 
 
@@ -133,6 +133,67 @@ def test_c_decode_step_matches_pytorch(name, dtype, mode, isa, two_threads):
         torch.testing.assert_close(cache.k[layer][:, :, :8], ref_cache.k[layer][:, :, :8], atol=tol, rtol=tol)
         torch.testing.assert_close(cache.v[layer][:, :, :8], ref_cache.v[layer][:, :, :8], atol=tol, rtol=tol)
     assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mode", ["wint8", "wint4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_c_decode_step_with_an_int8_embedding(name, dtype, mode, isa, two_threads):
+    """`quantize_embedding`: the C step reads the int8 rows and per-row scales in place. Greedy tokens, K/V rows and
+    logits match the PyTorch forward, and its embedding values are `Int8Embedding`'s bit for bit: the logits equal
+    those of the same model with a float embedding holding the dequantized table (bf16: q * s rounded once)."""
+    from torch import nn
+
+    from ernie45.fast import FastDecoder
+    from ernie45.quant.linear import Int8Embedding
+
+    _native_or_skip(isa)
+    m = _quantized(name, dtype, mode, quantize_embedding=True)
+    emb = m.model.embed_tokens
+    assert type(emb) is Int8Embedding and emb.weight_scale.dtype == dtype
+    ids = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(1))
+    step = torch.tensor([[17]])
+    with torch.inference_mode():
+        ref_tokens = generate(m, ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        ref_cache = m.new_cache(1, 12)
+        m(ids, cache=ref_cache)
+        ref = m(step, cache=ref_cache).logits[:, -1].float()
+        dec = FastDecoder.attach(m, isa=isa)
+        assert dec is not None and m.fast_decoder is dec and dec._m.embed_kind == 2  # W_I8
+        cache = m.new_cache(1, 12)
+        m(ids, cache=cache)
+        out = dec(step, cache)
+        tokens = generate(m, ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    tol = {(torch.float32, "wint8"): 1e-4, (torch.float32, "wint4"): 5e-3}.get((dtype, mode), 1e-2)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    for layer in range(len(cache.k)):
+        torch.testing.assert_close(cache.k[layer][:, :, :8], ref_cache.k[layer][:, :, :8], atol=tol, rtol=tol)
+    assert torch.equal(tokens, ref_tokens)
+
+    table = emb.dequantize()  # what Int8Embedding.forward looks rows up in
+    assert torch.equal(emb(ids), table[ids])
+    m.model.embed_tokens = nn.Embedding.from_pretrained(table, freeze=True)
+    with torch.inference_mode():
+        twin = FastDecoder.attach(m, isa=isa)
+        assert twin is not None and twin._m.embed_kind == 0
+        twin_cache = m.new_cache(1, 12)
+        m(ids, cache=twin_cache)
+        for layer in range(len(cache.k)):  # the PyTorch prefill: the same values from either embedding
+            assert torch.equal(twin_cache.k[layer][:, :, :7], cache.k[layer][:, :, :7])
+        assert torch.equal(twin(step, twin_cache), out)  # the C step's embedding rows: the same bits
+        for layer in range(len(cache.k)):
+            assert torch.equal(twin_cache.k[layer], cache.k[layer])
+            assert torch.equal(twin_cache.v[layer], cache.v[layer])
+
+
+def test_c_decoder_rejects_an_int8_embedding_it_cannot_read():
+    from ernie45.fast import FastDecoder
+
+    _native_or_skip()
+    m = _quantized("tiny", torch.bfloat16, "wint8", quantize_embedding=True)
+    m.model.embed_tokens.weight_scale = m.model.embed_tokens.weight_scale.half()  # not fp32 / the model dtype
+    assert FastDecoder.attach(m) is None
 
 
 def test_c_decode_on_the_bundled_model_gives_the_same_answer():

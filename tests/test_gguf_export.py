@@ -343,15 +343,19 @@ def test_llama_cpp_greedy_matches_ernie45(kind, ckpts, tmp_path):
     assert got == want
 
 
+@pytest.mark.parametrize("mode, embedding", [("wint8", False), ("wint8", True), ("wint4", True)])
 @pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_quantized_checkpoint_exports_its_dequantized_weights(kind, ckpts, tmp_path):
-    """A wint8 checkpoint exports the float weights it stands for (here f32: exactly its dequantization)."""
+def test_quantized_checkpoint_exports_its_dequantized_weights(kind, mode, embedding, ckpts, tmp_path):
+    """A wint8/wint4 checkpoint exports the float weights it stands for (here f32: exactly its dequantization),
+    the int8 token embedding (`--quantize-embedding`) included: token_embd is its dequantized table."""
     from ernie45.checkpoint import load_checkpoint
     from ernie45.quant.cli import quantize_checkpoint
+    from ernie45.quant.linear import Int8Embedding
 
     _, src = ckpts[kind]
     q = tmp_path / "q"
-    quantize_checkpoint(src, q, "wint8", quantize_lm_head=True, progress=False)
+    kw = {"group_size": 64, "skip": ("o_proj", "down_proj")} if mode == "wint4" else {}  # 96 input columns
+    quantize_checkpoint(src, q, mode, quantize_lm_head=True, quantize_embedding=embedding, progress=False, **kw)
     out = tmp_path / "q.gguf"
     assert cli(["export-gguf", str(q), str(out), "--outtype", "f32", "--quiet"]) == 0
     got = {t.name: dequantized(t) for t in gguf.GGUFReader(out).tensors}
@@ -359,7 +363,11 @@ def test_quantized_checkpoint_exports_its_dequantized_weights(kind, ckpts, tmp_p
     layers = m.model.layers
     assert np.array_equal(got["blk.0.attn_q.weight"], layers[0].self_attn.q_proj.dequantize(torch.float32).numpy())
     assert np.array_equal(got["output.weight"], m.lm_head.dequantize(torch.float32).numpy())
-    assert np.array_equal(got["token_embd.weight"], m.model.embed_tokens.weight.numpy())
+    emb = m.model.embed_tokens
+    assert (type(emb) is Int8Embedding) == embedding
+    table = emb.dequantize(torch.float32) if embedding else emb.weight
+    assert got["token_embd.weight"].shape == tuple(table.shape)
+    assert np.array_equal(got["token_embd.weight"], table.numpy())
     if kind == "moe":
         e1 = layers[1].mlp.experts[1].gate_proj.dequantize(torch.float32).numpy()
         assert np.array_equal(got["blk.1.ffn_gate_exps.weight"][1], e1)

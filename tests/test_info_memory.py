@@ -86,6 +86,44 @@ def test_weights_of_a_quantized_checkpoint(tmp_path):
         memory_estimate(str(out), quantize="wint8")
 
 
+@pytest.mark.parametrize("name, mode, dtype", [
+    ("ernie-tiny", "wint8", "float32"),  # tied: the head is quantized too
+    ("ernie-tiny-moe", "wint4", "bfloat16"),
+])
+def test_weights_with_an_int8_embedding(name, mode, dtype, tmp_path, capsys):
+    """`--quantize-embedding`: a checkpoint written with the int8 embedding is counted as loaded; `--quantize MODE
+    --quantize-embedding` predicts that checkpoint from the float one; the table is V x H bytes + V scales."""
+    from ernie45.quant.cli import quantize_checkpoint
+
+    path = bundled_path(name)
+    cfg = ErnieConfig.from_pretrained(path)
+    out = tmp_path / "q"
+    quantize_checkpoint(path, out, mode, quantize_lm_head=True, quantize_embedding=True, progress=False)
+    model = loaded(str(out), run_dtype(dtype))
+    assert type(model.model.embed_tokens).__name__ == "Int8Embedding"
+    mem = memory_estimate(str(out), dtype=dtype)
+    assert mem["weights_bytes"] == held_bytes(model)
+    assert (mem["quantization"], mem["embedding"]) == (mode, "int8")
+    predicted = memory_estimate(path, quantize=mode, dtype=dtype, quantize_embedding=True)
+    assert predicted["weights_bytes"] == held_bytes(model) and predicted["embedding"] == "int8"
+    item = run_dtype(dtype).itemsize
+    without = memory_estimate(path, quantize=mode, dtype=dtype)["weights_bytes"]
+    table = cfg.vocab_size * cfg.hidden_size
+    if cfg.tie_word_embeddings:  # without the flag the head is float and shares the table
+        assert without == predicted["weights_bytes"] - (table + cfg.vocab_size * item) + table * item - sum(
+            t.numel() * t.element_size() for t in model.lm_head.state_dict().values())
+    else:
+        assert without - predicted["weights_bytes"] == table * item - (table + cfg.vocab_size * item)
+    assert info_main([path, "--quantize", mode, "--quantize-embedding", "--dtype", dtype]) == 0
+    assert f"{mode} weights, int8 embedding" in capsys.readouterr().out
+    assert info_main([path, "--json", "--quantize", mode, "--quantize-embedding", "--dtype", dtype]) == 0
+    assert json.loads(capsys.readouterr().out)["memory"] == predicted
+    with pytest.raises(ErnieError, match="--quantize-embedding needs --quantize MODE"):
+        info_main([path, "--quantize-embedding"])
+    with pytest.raises(ErnieError, match="not nf4"):
+        memory_estimate(path, quantize="nf4", quantize_embedding=True)
+
+
 @pytest.mark.parametrize("dtype, size", [("float32", 4), ("bfloat16", 2)])
 def test_kv_cache_bytes(dtype, size):
     path = bundled_path("ernie-tiny-moe")

@@ -185,3 +185,53 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tmp_path, c
     a, b = got.state_dict(), ref.state_dict()
     assert a.keys() == b.keys()
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_dtype_keeps_a_quantized_bf16_checkpoint_in_bf16(tmp_path, monkeypatch):
+    """On CPUs without fast bf16 `auto` means fp32 for float checkpoints, but a quantized model's float rest
+    (embedding, head) stays bf16 as stored: decode streams it every token."""
+    import ernie45.device
+
+    monkeypatch.setattr(ernie45.device, "cpu_has_fast_bf16", lambda: False)
+    path = _save(tmp_path, MOE, dtype=torch.bfloat16)
+    assert load_checkpoint(path, device="cpu").dtype == torch.float32
+    assert load_checkpoint(path, device="cpu", quantize="wint8").dtype == torch.bfloat16
+    assert load_checkpoint(path, dtype="float32", device="cpu", quantize="wint8").dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cfg", [MID, MOE], ids=["dense", "moe"])
+def test_int8_embedding_checkpoint_loads_into_the_arena(tmp_path, cfg, dtype):
+    """A checkpoint with the token embedding in int8 (`quantize_embedding`): the loader swaps in an
+    `Int8Embedding`, reads the int8 table first into the decode arena (scales in the run dtype) and gives the
+    logits of the model that was quantized in memory; a checkpoint without the key loads a float embedding."""
+    from ernie45.quant import quantize_model
+    from ernie45.quant.linear import Int8Embedding
+
+    m = build_model(ErnieConfig(**cfg), torch.bfloat16)
+    m.init_weights(seed=0)
+    quantize_model(m, "wint8", quantize_lm_head=True, quantize_embedding=True, progress=False)
+    save_checkpoint(m, tmp_path / "q", max_shard_size="1MB")
+    model = load_checkpoint(str(tmp_path / "q"), dtype=dtype, device="cpu")
+    emb = model.model.embed_tokens
+    assert type(emb) is Int8Embedding and not model.config.tie_word_embeddings
+    assert emb.weight.dtype == torch.int8 and emb.weight_scale.dtype == getattr(torch, dtype)
+    assert torch.equal(emb.weight, m.model.embed_tokens.weight)
+    assert torch.equal(emb.weight_scale.float(), m.model.embed_tokens.weight_scale.float())
+    names = decode_stream_names(model)
+    assert names[0] == "model.embed_tokens.weight" and names[-1] == "lm_head.weight"
+    (lo, hi), = model.weight_arenas
+    sd = model.state_dict()
+    assert lo <= sd["model.embed_tokens.weight"].data_ptr() < hi
+    ids = torch.randint(3, cfg["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        if dtype == "bfloat16":
+            assert torch.equal(model(ids).logits, m(ids).logits)
+        tokens = generate(model, ids, max_new_tokens=5, do_sample=False)
+    assert tokens.shape == (1, 14)
+    plain = build_model(ErnieConfig(**cfg), torch.float32)
+    plain.init_weights(seed=0)
+    quantize_model(plain, "wint8", quantize_lm_head=True, progress=False)
+    save_checkpoint(plain, tmp_path / "p")
+    assert "embedding" not in json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]
+    assert type(load_checkpoint(str(tmp_path / "p"), dtype=dtype, device="cpu").model.embed_tokens) is torch.nn.Embedding

@@ -102,7 +102,10 @@ def test_fp32_model_is_never_upcast(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["wint8", "wint4"])
-def test_auto_dtype_gives_fp32_activations_to_quantized_checkpoints(mode, tmp_path, monkeypatch):
+def test_auto_dtype_keeps_quantized_bf16_checkpoints_as_stored(mode, tmp_path, monkeypatch):
+    """Without fast bf16, `auto` loads float checkpoints in fp32 but a quantized bf16 one as stored: its float
+    rest (embedding, head) is what decode streams, and no path multiplies in emulated bf16 (prefill widens
+    quantized tiles to fp32, bf16 Linears are `UpcastLinear`s)."""
     from ernie45.quant import quantize_model
 
     m = tiny_bf16()
@@ -110,5 +113,6 @@ def test_auto_dtype_gives_fp32_activations_to_quantized_checkpoints(mode, tmp_pa
     save_checkpoint(m, tmp_path)
     monkeypatch.setenv("ERNIE45_ISA", "avx2")
     loaded = load_checkpoint(tmp_path, dtype="auto", device="cpu")
-    assert loaded.dtype == torch.float32
-    assert loaded.model.layers[0].mlp.up_proj.weight_scale.dtype == torch.float32
+    assert loaded.dtype == torch.bfloat16
+    assert loaded.model.layers[0].mlp.up_proj.weight_scale.dtype == torch.bfloat16
+    assert load_checkpoint(tmp_path, dtype="float32", device="cpu").dtype == torch.float32

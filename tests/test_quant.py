@@ -35,11 +35,13 @@ from ernie45.quant import MODES, kernels, prepare_for_load, quantizable_linears,
 from ernie45.quant.calibrate import collect_stats, kl_clip, load_calibration_samples, percentile_clip
 from ernie45.quant.linear import (
     Int4Linear,
+    Int8Embedding,
     Int8Linear,
     LLMInt8Linear,
     nf4_linear_class,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
+    rel_error,
 )
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -545,6 +547,88 @@ def test_quantized_tied_head_is_untied(ckpts, tmp_path):
     assert torch.equal(logits_of(loaded, IDS), logits_of(model, IDS))
 
 
+# ---- the int8 token embedding (quantize_embedding) ---------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_embedding_forward_equals_the_dequantized_lookup(dtype):
+    g = torch.Generator().manual_seed(0)
+    emb = nn.Embedding(300, 96, padding_idx=0)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(300, 96, generator=g) * torch.rand(300, 1, generator=g))
+        emb.weight[5] = 0  # an all-zero row: the scale clamps to `tiny`
+        emb.weight[6, 3] = 40.0  # an outlier: that row alone gets a coarse scale
+    emb = emb.to(dtype)
+    stats: dict = {}
+    m = Int8Embedding.from_float(emb, dtype, stats=stats)
+    q, s = quantize_int8_per_channel(emb.weight, dtype)  # wint8's quantizer, one scale per vocabulary row
+    assert m.weight.dtype == torch.int8 and torch.equal(m.weight, q) and torch.equal(m.weight_scale, s)
+    assert (m.num_embeddings, m.embedding_dim, m.padding_idx, m.compute_dtype) == (300, 96, 0, dtype)
+    table = m.dequantize()
+    assert table.dtype == dtype and torch.equal(table, (q.float() * s.float()[:, None]).to(dtype))
+    assert torch.equal(m.dequantize(torch.float32), q.float() * s.float()[:, None])
+    ids = torch.randint(0, 300, (3, 11), generator=g)
+    ids[0, :3] = torch.tensor([5, 6, 299])
+    out = m(ids)
+    assert out.shape == (3, 11, 96) and out.dtype == dtype
+    assert torch.equal(out, F.embedding(ids, table))
+    assert torch.equal(m(ids[0, 4]), table[ids[0, 4]])  # a 0-d index
+    assert torch.equal(out[0, 0], torch.zeros(96, dtype=dtype))
+    w = emb.weight.detach().float()
+    deq = m.dequantize(torch.float32)
+    assert rel_error(stats) == pytest.approx(float((deq - w).norm() / w.norm()), rel=1e-4)
+    assert rel_error(stats) < 0.02  # the outlier row dominates
+
+
+def test_quantize_embedding_needs_the_tied_head_quantized(ckpts, tmp_path):
+    """Tied embeddings: the head must be quantized too (from the float embedding, then untied), else ErnieError;
+    nf4 is refused; untied embeddings need no head."""
+    from ernie45.checkpoint import save_checkpoint
+    from ernie45.quant.cli import quantize_checkpoint
+
+    model, tok = ernie45.load(ckpts["dense"], dtype="float32", device="cpu")
+    assert model.config.tie_word_embeddings
+    for kw in ({}, {"quantize_lm_head": True, "skip": ["lm_head"]}):
+        with pytest.raises(ErnieError, match=r"tied to the output head.*quantize_lm_head=True"):
+            quantize_model(model, "wint8", quantize_embedding=True, progress=False, **kw)
+    assert not model.config.quantization_config and type(model.model.embed_tokens) is nn.Embedding
+    with pytest.raises(ErnieError, match="not nf4"):
+        quantize_model(model, "nf4", quantize_embedding=True, quantize_lm_head=True, progress=False)
+    with pytest.raises(ErnieError, match="needs quantize_lm_head"):
+        quantize_checkpoint(ckpts["dense"], tmp_path / "x", "wint4", quantize_embedding=True, progress=False)
+    assert not (tmp_path / "x").exists()
+
+    emb = model.model.embed_tokens.weight.detach().clone()
+    ref = logits_of(model, IDS)
+    head_only, _ = ernie45.load(ckpts["dense"], dtype="float32", device="cpu")
+    report0 = quantize_model(head_only, "wint8", quantize_lm_head=True, progress=False)
+    report = quantize_model(model, "wint8", quantize_lm_head=True, quantize_embedding=True, progress=False)
+    e = model.model.embed_tokens
+    assert type(e) is Int8Embedding and not model.config.tie_word_embeddings
+    assert model.config.quantization_config["embedding"] == "int8"
+    assert torch.equal(e.weight, quantize_int8_per_channel(emb, torch.float32)[0])
+    assert torch.equal(model.lm_head.weight, head_only.lm_head.weight)  # the head as without the embedding
+    assert torch.equal(model.lm_head.weight_scale, head_only.lm_head.weight_scale)
+    assert report.embedding.name == "model.embed_tokens" and report.embedding.shape == tuple(emb.shape)
+    assert report.embedding.rel_error < 0.01 and "token embedding" in report.summary()
+    assert report.layers == report0.layers
+    assert report.bytes_before == report0.bytes_before + emb.numel() * 4  # the fp32 table
+    assert report.bytes_after == report0.bytes_after + emb.numel() + 4 * emb.shape[0]  # int8 + fp32 scale per row
+    logits = logits_of(model, IDS)
+    assert rel(logits, ref) < 0.05
+    save_checkpoint(model, tmp_path / "q", tokenizer=tok)
+    loaded, _ = ernie45.load(tmp_path / "q", dtype="float32", device="cpu")  # no flag
+    assert type(loaded.model.embed_tokens) is Int8Embedding and not loaded.config.tie_word_embeddings
+    assert torch.equal(logits_of(loaded, IDS), logits)
+
+    moe, _ = ernie45.load(ckpts["moe"], dtype="bfloat16", device="cpu")  # untied: the head may stay float
+    assert not moe.config.tie_word_embeddings
+    quantize_model(moe, "llm.int8", quantize_embedding=True, progress=False)
+    assert type(moe.model.embed_tokens) is Int8Embedding and type(moe.lm_head) is nn.Linear
+    assert moe.model.embed_tokens.weight_scale.dtype == torch.bfloat16
+    save_checkpoint(moe, tmp_path / "moe", tokenizer=tok)
+    again, _ = ernie45.load(tmp_path / "moe", dtype="bfloat16", device="cpu")
+    assert torch.equal(logits_of(again, IDS), logits_of(moe, IDS))
+
+
 def _greedy_no_cache(model, ids: list[int], n: int, eos: list[int]) -> list[int]:
     out = list(ids)
     with torch.inference_mode():
@@ -649,6 +733,11 @@ def test_prepare_for_load_rejects_foreign_or_future_configs(ckpts):
         prepare_for_load(model, {"quant_method": "ernie45", "format_version": 2, "mode": "wint8"})
     with pytest.raises(ErnieError, match="unknown quantization mode"):
         prepare_for_load(model, {"quant_method": "ernie45", "mode": "int3"})
+    with pytest.raises(ErnieError, match="unknown embedding quantization 'int4'"):
+        prepare_for_load(model, {"quant_method": "ernie45", "mode": "wint8", "embedding": "int4"})
+    assert model.config.tie_word_embeddings
+    with pytest.raises(ErnieError, match="cannot be tied to the output head"):
+        prepare_for_load(model, {"quant_method": "ernie45", "mode": "wint8", "embedding": "int8"})
     prepare_for_load(
         model,
         {

@@ -25,6 +25,7 @@ from ernie45.quant.cli import quantize_checkpoint
 from ernie45.quant.linear import (
     INT4_CLIP_RATIOS,
     Int4Linear,
+    Int8Embedding,
     Int8Linear,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
@@ -170,6 +171,12 @@ CASES = [  # (kind, mode, source dtype, options)
     ("moe", "wint4", torch.float32, {"dtype": "float16", "group_size": 64}),
     ("dense", "llm.int8", torch.bfloat16, {"quantize_lm_head": True}),
     ("moe", "llm.int8", torch.float32, {}),
+    # the int8 token embedding: tied (the head quantized from the float embedding, then untied) and untied
+    ("dense", "wint8", torch.bfloat16, {"quantize_lm_head": True, "quantize_embedding": True}),
+    ("dense", "wint4", torch.float32, {"dtype": "bfloat16", "quantize_lm_head": True, "quantize_embedding": True}),
+    ("moe", "wint8", torch.float32, {"quantize_embedding": True}),
+    ("moe", "wint4", torch.bfloat16, {"quantize_lm_head": True, "quantize_embedding": True}),
+    ("moe", "llm.int8", torch.bfloat16, {"quantize_embedding": True}),
 ]
 
 
@@ -199,10 +206,16 @@ def test_streamed_equals_in_memory(kind, mode, src_dtype, opts, shards, tmp_path
     assert qc["mode"] == mode and ("lm_head" in qc["modules_to_not_convert"]) != bool(
         opts.get("quantize_lm_head")
     )
+    assert qc.get("embedding") == ("int8" if opts.get("quantize_embedding") else None)
     model, _ = ernie45.load(tmp_path / "s", dtype="float32", device="cpu")  # loads with no flag
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.mode == mode and (type(model.lm_head) is not nn.Linear) == bool(opts.get("quantize_lm_head"))
     assert not (opts.get("quantize_lm_head") and model.config.tie_word_embeddings)
+    emb = model.model.embed_tokens
+    assert (type(emb) is Int8Embedding) == bool(opts.get("quantize_embedding"))
+    if opts.get("quantize_embedding"):
+        assert (rep_s.embedding.name, rep_s.embedding.shape) == ("model.embed_tokens", tuple(emb.weight.shape))
+        assert emb.weight.dtype == torch.int8 and emb.weight_scale.shape == (model.config.vocab_size,)
 
 
 def test_transformers_fused_experts_layout(tmp_path, tokenizer_dir):
@@ -269,6 +282,72 @@ def test_stream_quantizer_api(tmp_path, tokenizer_dir):
         bad = ErnieConfig.from_pretrained(src).replace(intermediate_size=256)
         with pytest.raises(ErnieError, match="does not match its config.json"):
             StreamQuantizer(reader, bad, "wint8")
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_stream_quantizer_quantizes_the_embedding(kind, tmp_path, tokenizer_dir):
+    """quantize_embedding: the int8 table and its scales are one unit (in file order first), equal to
+    quantize_model's in any order, counted once in the progress parameters, recorded in the report."""
+    src = _checkpoint(tmp_path / "src", kind, torch.bfloat16, tokenizer_dir)
+    head = kind == "dense"  # the dense checkpoint's embeddings are tied: its head must be quantized too
+    model, _ = ernie45.load(src, dtype="bfloat16", device="cpu")
+    report = quantize_model(model, "wint8", quantize_lm_head=head, quantize_embedding=True, progress=False)
+    want = checkpoint_state_dict(model)
+    with CheckpointReader(src) as reader:
+        cfg = ErnieConfig.from_pretrained(src)
+        with StreamQuantizer(reader, cfg, "wint8", quantize_lm_head=head, quantize_embedding=True) as sq:
+            assert [(s.name, s.dtype, s.shape) for s in sq.specs] == [
+                (k, v.dtype, tuple(v.shape)) for k, v in want.items()
+            ]
+            assert [s.name for s in sq.specs[:2]] == ["model.embed_tokens.weight", "model.embed_tokens.weight_scale"]
+            assert sq.embedding == (cfg.vocab_size, cfg.hidden_size)
+            assert sq.source_params["model.embed_tokens.weight"] == cfg.vocab_size * cfg.hidden_size
+            assert sq.source_params["model.embed_tokens.weight_scale"] == 0
+            float_model, _ = ernie45.load(src, dtype="bfloat16", device="cpu")
+            assert sq.total_params == sum(v.numel() for v in checkpoint_state_dict(float_model).values())
+            for name, t in sq:
+                assert t.dtype == want[name].dtype and torch.equal(t, want[name]), name
+            assert sq.report == report and sq.report.embedding is not None
+            assert sq.config.quantization_config == model.config.quantization_config
+            assert sq.config.tie_word_embeddings is False
+        plain = StreamQuantizer(reader, cfg, "wint4", quantize_lm_head=head, quantize_embedding=True, prefetch=False)
+        wint4, _ = ernie45.load(src, dtype="bfloat16", device="cpu")
+        quantize_model(wint4, "wint4", quantize_lm_head=head, quantize_embedding=True, progress=False)
+        want = checkpoint_state_dict(wint4)
+        for name in reversed([s.name for s in plain.specs]):  # any order
+            assert torch.equal(plain.tensor(name), want[name]), name
+        if head:
+            with pytest.raises(ErnieError, match="needs quantize_lm_head"):
+                StreamQuantizer(reader, cfg, "wint8", quantize_embedding=True)
+
+
+def test_cli_quantize_embedding_flag(tmp_path, tokenizer_dir, capsys):
+    src = _checkpoint(tmp_path / "src", "dense", torch.bfloat16, tokenizer_dir)
+    out = tmp_path / "q"
+    assert cli_main(["quantize", "--model", src, "--mode", "wint8", "--out", str(out), "--quiet",
+                     "--quantize-embedding"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "needs quantize_lm_head=True (--quantize-lm-head" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    assert cli_main(["quantize", "--model", src, "--mode", "wint8", "--out", str(out), "--quiet",
+                     "--quantize-lm-head", "--quantize-embedding"]) == 0
+    assert "token embedding" in capsys.readouterr().out
+    assert ErnieConfig.from_pretrained(out).quantization_config["embedding"] == "int8"
+    with CheckpointReader(out) as reader:
+        assert reader.entries["model.embed_tokens.weight"].dtype == torch.int8
+        assert reader.entries["model.embed_tokens.weight_scale"].dtype == torch.bfloat16
+    plain = tmp_path / "p"
+    assert cli_main(["quantize", "--model", src, "--mode", "wint8", "--out", str(plain), "--quiet",
+                     "--quantize-lm-head"]) == 0
+    def tensor_bytes(d):
+        with CheckpointReader(d) as reader:
+            return sum(e.nbytes for e in reader.entries.values())
+
+    cfg = ErnieConfig.from_pretrained(src)  # bf16 V x H -> int8 V x H + a bf16 scale per row
+    assert tensor_bytes(plain) - tensor_bytes(out) == cfg.vocab_size * cfg.hidden_size - 2 * cfg.vocab_size
+    with pytest.raises(SystemExit):
+        cli_main(["quantize", "--help"])
+    assert "--quantize-embedding" in capsys.readouterr().out
 
 
 def test_cli_streams_with_progress_and_peak_rss(tmp_path, tokenizer_dir, capsys):

@@ -15,7 +15,8 @@ def load(path: str | os.PathLike | None = None, dtype: str = "auto", device: str
     Args:
         path: an HF-layout checkpoint directory (`config.json`, `*.safetensors`, `tokenizer.model`), or
             None / a bundled model name ("ernie-tiny", "ernie-tiny-moe") for the model shipped with ernie45.
-        dtype: "auto" (bf16 where the hardware runs it fast, else fp32), "float32", "bfloat16" or "float16".
+        dtype: "auto" (bf16 where the hardware runs it fast, else fp32; a quantized bf16 checkpoint stays bf16 on
+            every CPU), "float32", "bfloat16" or "float16".
         device: "auto" (CUDA when available), "cpu" or "cuda".
         quantize: "wint8", "wint4" or "llm.int8" (uncalibrated) to quantize a float checkpoint while loading,
             one tensor at a time (the float model is never in memory). A quantized checkpoint needs no flag.

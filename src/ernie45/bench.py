@@ -14,7 +14,8 @@ compiled, so each non-native level needs its own llama-cpp-python build (`--llam
 its 103,424-token vocabulary; `--layers N` sets how many (default 3, 28 is the whole model). Its checkpoint is bf16 on
 disk, like the released one, and is written tensor by tensor, so the full model can be generated on a machine with
 less memory than the model. The wint8/wint4 rows of ernie45 load a checkpoint quantized once into the work
-directory, as llama.cpp loads a q8_0/q4_0 GGUF; every row reports its load time beside its peak RSS.
+directory, as llama.cpp loads a q8_0/q4_0 GGUF (output head and token embedding quantized too, as in those files);
+every row reports its load time beside its peak RSS.
 """
 
 from __future__ import annotations
@@ -209,8 +210,8 @@ def shape_config(shape: str, layers: int | None = None):
 
 def decode_bytes_per_token(cfg, dtype: str) -> float:
     """Weight bytes read per decode token: every projection once (only the K routed + shared experts of a MoE
-    layer), the lm_head, one embedding row. The bench quantizes lm_head too in wint8/wint4, as llama.cpp's
-    q8_0/q4_0 files do (its tied token embedding doubles as the output matrix)."""
+    layer), the lm_head, one embedding row (left out: a few KB). The bench quantizes lm_head and the token embedding
+    too in wint8/wint4, as llama.cpp's q8_0/q4_0 files do."""
     H, d = cfg.hidden_size, cfg.head_dim
     attn = H * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
     n, router = 0, 0.0
@@ -248,7 +249,8 @@ def _prompt(vocab: int, n: int) -> list[int]:
 
 def run_ernie45(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int) -> dict[str, Any]:
     """`ckpt` is the float checkpoint for fp32/bf16 and, for wint8/wint4, the checkpoint `quantized_checkpoint`
-    wrote (the output head quantized too, like q8_0 / q4_0 GGUF files): loading is all this process does."""
+    wrote (the output head and the token embedding quantized too, like q8_0 / q4_0 GGUF files): loading is all this
+    process does."""
     import torch
 
     from ernie45 import native
@@ -464,16 +466,19 @@ def make_checkpoint(shape: str, directory: str, layers: int | None = None) -> st
 
 
 def quantized_path(ckpt: str, mode: str) -> str:
-    return f"{ckpt.rstrip(os.sep)}-{mode}"
+    # "e": the token embedding is quantized too (int8 per row); caches written before that end in -wint8 / -wint4
+    return f"{ckpt.rstrip(os.sep)}-{mode}e"
 
 
 def quantized_checkpoint(ckpt: str, mode: str) -> str:
-    """`ckpt` quantized to `mode` (wint8 / wint4) with its output head, written once beside it."""
+    """`ckpt` quantized to `mode` (wint8 / wint4) with its output head and its token embedding (int8, one scale per
+    row), as llama.cpp's q8_0 / q4_0 GGUF files quantize token_embd, written once beside it."""
     out = quantized_path(ckpt, mode)
     if not os.path.isfile(os.path.join(out, "config.json")):
         from ernie45.quant.cli import quantize_checkpoint
 
-        quantize_checkpoint(ckpt, out, mode, quantize_lm_head=True, progress=False, overwrite=True)
+        quantize_checkpoint(ckpt, out, mode, quantize_lm_head=True, quantize_embedding=True, progress=False,
+                            overwrite=True)
     return out
 
 

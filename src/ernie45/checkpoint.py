@@ -317,7 +317,7 @@ def decode_stream_names(model) -> list[str]:
     from torch import nn
 
     from ernie45.quant import kernels
-    from ernie45.quant.linear import Int4Linear, Int8Linear
+    from ernie45.quant.linear import Int4Linear, Int8Embedding, Int8Linear
 
     names, seen = [], set()
     inner = model.model
@@ -326,7 +326,8 @@ def decode_stream_names(model) -> list[str]:
     mods.append(("lm_head", model.lm_head))
     for prefix, mod in mods:
         w = getattr(mod, "weight", None)
-        plain = type(mod) in (nn.Linear, nn.Embedding, Int8Linear) or type(mod).__name__ in ("UpcastLinear", "DnnLinear")
+        plain = type(mod) in (nn.Linear, nn.Embedding, Int8Embedding, Int8Linear) or type(mod).__name__ in (
+            "UpcastLinear", "DnnLinear")
         if w is None or not (plain or (type(mod) is Int4Linear and mod._layout == kernels.ROWMAJOR_INT4_LAYOUT)):
             continue
         if w.numel() * w.element_size() >= ARENA_MIN_BYTES and id(w) not in seen:
@@ -378,6 +379,13 @@ def load_checkpoint(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
     config = ErnieConfig.from_pretrained(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if dtype == "auto" and dev.type == "cpu" and (config.quantization_config or quantize) \
+            and config.torch_dtype == "bfloat16":
+        # Quantized weights keep their float rest (embedding, float head, norms) as stored: decode reads those
+        # bytes every token, and the C kernels and the dequantising prefill run bf16 on every CPU. On an AVX2 CPU
+        # (21B-A3B layers, wint4, 1,241-token prompt): decode 72 against 37 tok/s in fp32, prefill 243 against
+        # 280 tok/s, peak RSS 1.97 against 2.56 GB.
+        dt = torch.bfloat16
     with contextlib.ExitStack() as stack:
         reader = stack.enter_context(CheckpointReader(path))
         if quantize:

@@ -208,7 +208,8 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [("hidden", c_int), ("n_layers", c_int), ("n_heads", c_int), ("n_kv", c_int), ("head_dim", c_int),
                 ("vocab", c_int), ("bf16", c_int), ("n_threads", c_int), ("eps", c_float), ("theta", c_float),
-                ("embed", c_void_p), ("norm", c_void_p), ("head", _Linear), ("layers", c_void_p),
+                ("embed", c_void_p), ("embed_kind", c_int), ("embed_sdt", c_int), ("embed_scale", c_void_p),
+                ("norm", c_void_p), ("head", _Linear), ("layers", c_void_p),
                 ("max_width", c_int), ("max_experts", c_int), ("scratch", c_void_p), ("scratch_len", c_int),
                 ("scores", c_void_p)]
 
@@ -228,6 +229,7 @@ class FastDecoder:
 
     def __init__(self, model: nn.Module, lib: ctypes.CDLL):
         from ernie45.model import MoE
+        from ernie45.quant.linear import Int8Embedding
 
         cfg = model.config
         if cfg.head_dim > 512:
@@ -269,14 +271,26 @@ class FastDecoder:
             else:
                 L.gate, L.up, L.down = (self._linear(m, widths) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
         self._keep.append(layers)
+        # the token embedding: a plain table in the model dtype (Model.embed_kind 0), or an `Int8Embedding`
+        # (W_I8: int8 rows and one scale per row, in the model dtype, both read in place)
         embed = inner.embed_tokens.weight.detach()
-        if embed.dtype != model.dtype or not embed.is_contiguous():
+        if embed.device.type != "cpu" or not embed.is_contiguous() or tuple(embed.shape) != (cfg.vocab_size,
+                                                                                           cfg.hidden_size):
+            raise Unsupported("embedding dtype/layout")
+        embed_kind, embed_sdt, embed_scale = 0, 0, None
+        if type(inner.embed_tokens) is Int8Embedding:
+            scale = inner.embed_tokens.weight_scale
+            if embed.dtype != torch.int8 or scale.dtype != model.dtype or tuple(scale.shape) != (cfg.vocab_size,):
+                raise Unsupported("int8 embedding dtype/shape")
+            embed_kind, embed_sdt, embed_scale = W_I8, self._in_place(scale), scale.data_ptr()
+        elif embed.dtype != model.dtype:
             raise Unsupported("embedding dtype/layout")
         self._keep.append(embed)
         widths.append(model.lm_head.in_features)  # the logits go to the caller's buffer: no vocab-wide scratch
         m = _Model(hidden=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
                    n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab=cfg.vocab_size, bf16=int(self.bf16),
                    n_threads=1, eps=cfg.rms_norm_eps, theta=cfg.rope_theta, embed=embed.data_ptr(),
+                   embed_kind=embed_kind, embed_sdt=embed_sdt, embed_scale=embed_scale,
                    norm=self._f32(inner.norm.weight), head=self._linear(model.lm_head, []),
                    layers=ctypes.addressof(layers), max_width=max(widths), max_experts=slots)
         self._m = m
@@ -410,11 +424,11 @@ class FastDecoder:
 def _decode_order_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(module, attribute) of every large weight the decode step streams, in the order it reads them."""
     from ernie45.quant import kernels
-    from ernie45.quant.linear import Int4Linear, Int8Linear
+    from ernie45.quant.linear import Int4Linear, Int8Embedding, Int8Linear
 
     out = []
     for mod in [model.model.embed_tokens, *model.model.layers.modules(), model.lm_head]:
-        if type(mod) in (nn.Linear, UpcastLinear, DnnLinear, nn.Embedding, Int8Linear) or (
+        if type(mod) in (nn.Linear, UpcastLinear, DnnLinear, nn.Embedding, Int8Embedding, Int8Linear) or (
             type(mod) is Int4Linear and mod._layout == kernels.ROWMAJOR_INT4_LAYOUT
         ):
             if mod.weight.numel() * mod.weight.element_size() >= 1 << 16:

@@ -98,16 +98,29 @@ def run_dtype(dtype: str = "auto"):
     return resolve_dtype(dtype, torch.device("cpu"))
 
 
-def quantization_config_for(model, mode: str) -> dict[str, Any]:
+def quantization_config_for(model, mode: str, quantize_embedding: bool = False) -> dict[str, Any]:
     """The `quantization_config` `ernie45.quant.quantize_model(model, mode)` would record with its defaults (the
     output head left in float, wint4's group size 128 where it divides every width, else 64); raises the
-    ErnieError it would raise (an unknown mode, a width no group size divides)."""
-    from ernie45.quant import FORMAT_VERSION, QUANT_METHOD, quantizable_linears, validate_options
+    ErnieError it would raise (an unknown mode, a width no group size divides). `quantize_embedding`: the token
+    embedding in int8 too (`quantize_embedding=True`); embeddings tied to the head need the head quantized as
+    well (`quantize_lm_head=True`), so there the head is quantized too."""
+    from ernie45.quant import (
+        FORMAT_VERSION,
+        QUANT_METHOD,
+        check_embedding_option,
+        quantizable_linears,
+        validate_options,
+    )
 
     validate_options(mode)
-    not_convert = ["lm_head"]
+    tied = bool(model.config.tie_word_embeddings)
+    not_convert = [] if quantize_embedding and tied else ["lm_head"]
+    if quantize_embedding:
+        check_embedding_option(mode, tied, not not_convert)
     qc: dict[str, Any] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "mode": mode,
                           "modules_to_not_convert": not_convert}
+    if quantize_embedding:
+        qc["embedding"] = "int8"
     if mode == "wint4":
         from ernie45.quant.linear import check_group_size
 
@@ -123,21 +136,26 @@ def quantization_config_for(model, mode: str) -> dict[str, Any]:
     return qc
 
 
-def weight_bytes(config, dtype, quantize: str | None = None) -> int:
+def weight_bytes(config, dtype, quantize: str | None = None, quantize_embedding: bool = False) -> int:
     """Bytes of the weights as a run holds them: one copy of every parameter and buffer of the model built on the
     meta device (nothing is allocated) in `dtype`, the router and correction bias fp32, a tied lm_head once, and
-    quantized layers at their quantized sizes — the checkpoint's `quantization_config`, or `quantize`'s."""
+    quantized layers at their quantized sizes — the checkpoint's `quantization_config`, or `quantize`'s
+    (`quantize_embedding`: with an int8 token embedding, see `quantization_config_for`)."""
     import itertools
 
     from ernie45.checkpoint import build_model
 
     model = build_model(config, dtype, meta=True)
     qc = config.quantization_config
+    if quantize_embedding and not quantize:
+        raise ErnieError("--quantize-embedding needs --quantize MODE (a quantized checkpoint records its own)")
     if quantize:
         if qc:
             raise ErnieError(f"the checkpoint is already quantized ({qc.get('mode')}); --quantize applies to a "
                              "float checkpoint")
-        qc = quantization_config_for(model, quantize)
+        qc = quantization_config_for(model, quantize, quantize_embedding)
+        if quantize_embedding:  # the head gets its own (quantized) tensor
+            model.config = config.replace(tie_word_embeddings=False)
     if qc:
         from ernie45.quant import prepare_for_load
 
@@ -152,10 +170,11 @@ def weight_bytes(config, dtype, quantize: str | None = None) -> int:
 
 
 def memory_estimate(path: str, quantize: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
-                    max_num_seqs: int = 1) -> dict[str, Any]:
+                    max_num_seqs: int = 1, quantize_embedding: bool = False) -> dict[str, Any]:
     """Predicted resident memory of an inference run of `path`: weights (`weight_bytes`) + KV cache
     (`max_num_seqs` sequences of `max_model_len` positions, default min(context window, 4096)) + the runtime's
-    fixed overhead (`RUNTIME_OVERHEAD_BYTES`). Nothing is loaded."""
+    fixed overhead (`RUNTIME_OVERHEAD_BYTES`). Nothing is loaded. `quantize_embedding` (with `quantize`): predict
+    the checkpoint `ernie45 quantize --quantize-embedding` writes (the token embedding in int8)."""
     from ernie45.config import ErnieConfig
     from ernie45.models import resolve_model_path
 
@@ -163,6 +182,8 @@ def memory_estimate(path: str, quantize: str | None = None, dtype: str = "auto",
         from ernie45.quant import validate_options
 
         validate_options(quantize)
+    if quantize_embedding and quantize is None:
+        raise ErnieError("--quantize-embedding needs --quantize MODE (a quantized checkpoint records its own)")
     if max_model_len is not None and max_model_len <= 0:
         raise ErnieError(f"--max-model-len must be positive, got {max_model_len}")
     if max_num_seqs <= 0:
@@ -174,13 +195,14 @@ def memory_estimate(path: str, quantize: str | None = None, dtype: str = "auto",
         raise ErnieError(f"--max-model-len {max_model_len} exceeds the model's context window "
                          f"({cfg.max_position_embeddings})")
     dt = run_dtype(dtype)
-    weights = weight_bytes(cfg, dt, quantize)
+    weights = weight_bytes(cfg, dt, quantize, quantize_embedding)
     per_token = kv_cache_bytes_per_token(cfg, dt)
     kv = per_token * max_model_len * max_num_seqs
     qc = cfg.quantization_config
     return {
         "dtype": str(dt).replace("torch.", ""),
         "quantization": quantize or (qc.get("mode") if qc else None),
+        "embedding": "int8" if quantize_embedding else (qc.get("embedding") if qc else None),
         "weights_bytes": weights,
         "kv_cache_bytes_per_token": per_token,
         "max_model_len": max_model_len,
@@ -201,6 +223,8 @@ def _binary(n: float) -> str:
 
 def format_memory(mem: dict[str, Any]) -> str:
     q = f", {mem['quantization']} weights" if mem["quantization"] else ""
+    if mem.get("embedding"):
+        q += f", {mem['embedding']} embedding"
     rows = [
         ("weights", mem["weights_bytes"], f"one copy, {mem['dtype']}{q}"),
         ("KV cache", mem["kv_cache_bytes"], f"{mem['max_num_seqs']} x {mem['max_model_len']:,} positions x "
@@ -257,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", default=None, metavar="MODE",
                    help="predict for weights quantized on loading: wint8, wint4, llm.int8 or nf4 (as generate / "
                         "serve --quantize; the output head stays float)")
+    p.add_argument("--quantize-embedding", action="store_true",
+                   help="with --quantize: predict the checkpoint `ernie45 quantize --quantize-embedding` writes, "
+                        "the token embedding in int8 with one scale per row (where the embeddings are tied to the "
+                        "head, that needs --quantize-lm-head, so the head is counted quantized too)")
     p.add_argument("--dtype", default="auto",
                    help="run dtype: auto (what loading picks on this CPU: bf16 where it is fast, else fp32), "
                         "float32, bfloat16 or float16")
@@ -266,11 +294,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="sequences cached at once (default 1: generate / chat; ernie45 serve allocates its "
                         "--max-num-seqs, default 8)")
     args = p.parse_args(argv)
-    memory = args.memory or any(v is not None for v in (args.quantize, args.max_model_len, args.max_num_seqs))
+    memory = args.memory or args.quantize_embedding or any(
+        v is not None for v in (args.quantize, args.max_model_len, args.max_num_seqs))
     mem = None
     if memory:  # options are checked before anything is read
         mem = memory_estimate(args.model, args.quantize, args.dtype, args.max_model_len,
-                              1 if args.max_num_seqs is None else args.max_num_seqs)
+                              1 if args.max_num_seqs is None else args.max_num_seqs, args.quantize_embedding)
     info = checkpoint_info(args.model, args.dtype)
     if mem is not None:
         info["memory"] = mem

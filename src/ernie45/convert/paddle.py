@@ -393,8 +393,9 @@ def open_as_hf(path: str | os.PathLike, dequantize: bool = False) -> tuple[Ernie
 
 
 def dequantized_view(reader: SafetensorsReader, config: ErnieConfig) -> tuple[ErnieConfig, TensorSource]:
-    """A wint8/wint4 checkpoint as float tensors (one Linear dequantised at a time, in the scales' dtype) and
-    its config without `quantization_config`: what `ernie45 export-gguf` re-quantizes from."""
+    """A wint8/wint4 checkpoint as float tensors (one Linear, or the int8 token embedding, dequantised at a time,
+    in the scales' dtype) and its config without `quantization_config`: what `ernie45 export-gguf` re-quantizes
+    from."""
     from ernie45.quant import kernels
 
     qc = config.quantization_config
@@ -413,12 +414,14 @@ def dequantized_view(reader: SafetensorsReader, config: ErnieConfig) -> tuple[Er
             out.add(name, spec.dtype, spec.shape, lambda n=name: reader.get(n))
             continue
         dtype = specs[f"{module}.weight_scale"].dtype
+        # int8 rows, one scale each: wint8 Linears and the int8 token embedding (`"embedding": "int8"`, any mode)
+        int8_rows = mode == "wint8" or (module == "model.embed_tokens" and qc.get("embedding") == "int8")
         n_out = spec.shape[0]
-        n_in = spec.shape[1] * (2 if mode == "wint4" else 1)
+        n_in = spec.shape[1] * (1 if int8_rows else 2)
 
-        def make(m=module) -> Tensor:
+        def make(m=module, int8_rows=int8_rows) -> Tensor:
             w, s = reader.get(f"{m}.weight"), reader.get(f"{m}.weight_scale")
-            if mode == "wint8":
+            if int8_rows:  # Int8Linear.dequantize / Int8Embedding.dequantize
                 return (w.float() * s.float()[:, None]).to(s.dtype)
             z = reader.get(f"{m}.weight_zero")
             return kernels.dequantize_int4(w, s, z, group, kernels.ROWMAJOR_INT4_LAYOUT, s.dtype)

@@ -52,7 +52,10 @@ typedef struct {
 typedef struct {
     int hidden, n_layers, n_heads, n_kv, head_dim, vocab, bf16, n_threads;
     float eps, theta;
-    const void *embed; /* [vocab][hidden] in the model dtype (bf16 when bf16 != 0) */
+    const void *embed; /* [vocab][hidden]: the model dtype (bf16 when bf16 != 0), or int8 when embed_kind is W_I8 */
+    int embed_kind;    /* 0: a float table in the model dtype; W_I8: int8 rows, one scale per row (Int8Embedding) */
+    int embed_sdt;     /* dtype of embed_scale: 0 fp32, 1 bf16 (the module's own tensor, read in place) */
+    const void *embed_scale; /* W_I8: [vocab]; row t = q[t] * scale[t] in fp32, rounded to bf16 in a bf16 model */
     const float *norm;
     Linear head;
     const Layer *layers;
@@ -986,13 +989,22 @@ static void moe(const Model *m, const Layer *L, Act *A, float *out, double *t0) 
  * (vocab floats) into `logits`. */
 int ernie_step(Model *m, int token, int pos, int max_len, void **kc, void **vc, float *logits) {
     if (token < 0 || token >= m->vocab || pos < 0 || pos >= max_len || m->head_dim > MAX_HEAD_DIM) return -2;
+    if ((m->embed_kind != 0 && m->embed_kind != W_I8) || (m->embed_kind == W_I8 && (!m->embed_scale || m->embed_sdt & ~1)))
+        return -2;
     static const int32_t one_page = 0; /* the contiguous cache is page 0 of block_size max_len */
     if (ernie_prepare(m, max_len)) return -1;
     Act A = carve(m);
     int H = m->hidden;
     float cs[MAX_HEAD_DIM / 2], sn[MAX_HEAD_DIM / 2];
     rope_table(m, pos, cs, sn);
-    if (m->bf16) {
+    if (m->embed_kind == W_I8) { /* Int8Embedding.forward: (q.float() * s.float()).to(model dtype), one rounding */
+        const int8_t *e = (const int8_t *)m->embed + (size_t)token * H;
+        float s = sz_at(m->embed_scale, (size_t)token, m->embed_sdt);
+        for (int i = 0; i < H; i++) {
+            float v = (float)e[i] * s;
+            A.x[i] = m->bf16 ? rb(v) : v;
+        }
+    } else if (m->bf16) {
         const uint16_t *e = (const uint16_t *)m->embed + (size_t)token * H;
         for (int i = 0; i < H; i++) A.x[i] = bf2f(e[i]);
     } else {

@@ -1,7 +1,8 @@
 """Quantization as a module swap on a built model: wint8, wint4, llm.int8 (calibrated) and nf4.
 
 `quantize_model(model, "wint4")` replaces every `nn.Linear` except the MoE router (and `lm_head` unless asked)
-and records a `quantization_config` in `model.config`. `ernie45.checkpoint.save_checkpoint` then writes a
+and, with `quantize_embedding=True`, the token embedding by an int8 one (one scale per row), and records a
+`quantization_config` in `model.config`. `ernie45.checkpoint.save_checkpoint` then writes a
 checkpoint that `ernie45.load(dir)` reads with no flags: the loader calls `prepare_for_load`, which makes the
 same swap on the empty (meta-device) model before the tensors are assigned.
 """
@@ -21,12 +22,16 @@ from ernie45.errors import ErnieError
 MODES = ("wint8", "wint4", "llm.int8", "nf4")
 QUANT_METHOD = "ernie45"
 FORMAT_VERSION = 1
+EMBED_TOKENS = "model.embed_tokens"  # the token embedding module (`quantize_embedding`)
+EMBEDDING_MODES = ("int8",)  # quantization_config["embedding"]; absent: the embedding is float
 
 __all__ = [
     "MODES",
     "QuantReport",
+    "check_embedding_option",
     "prepare_for_load",
     "quantization_config",
+    "quantize_embedding_module",
     "quantize_linear",
     "quantize_model",
     "quantizable_linears",
@@ -48,22 +53,31 @@ class QuantReport:
 
     mode: str
     layers: list[LayerReport] = field(default_factory=list)
-    bytes_before: int = 0  # the replaced Linear tensors, as they were
+    bytes_before: int = 0  # the replaced Linear (and embedding) tensors, as they were
     bytes_after: int = 0  # their quantized replacements
+    embedding: LayerReport | None = None  # the int8 token embedding (shape (vocab, hidden)), if quantized
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self, worst: int = 5) -> str:
-        if not self.layers:
+        if not self.layers and self.embedding is None:
             return f"{self.mode}: no layer was quantized"
         errs = [r.rel_error for r in self.layers]
-        lines = [
-            f"mode {self.mode}: {len(self.layers)} Linear layers quantized",
-            f"quantized layers: {self.bytes_before / 1e6:.2f} MB -> {self.bytes_after / 1e6:.2f} MB "
-            f"({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller)",
-            f"weight error ||W-Wq||/||W||: mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}",
-        ]
+        lines = [f"mode {self.mode}: {len(self.layers)} Linear layers quantized"]
+        if self.embedding is not None:
+            e = self.embedding
+            lines.append(
+                f"token embedding {e.shape[0]}x{e.shape[1]}: int8 per row, weight error {e.rel_error:.4f}"
+            )
+        lines.append(
+            f"quantized {'tensors' if self.embedding is not None else 'layers'}: "
+            f"{self.bytes_before / 1e6:.2f} MB -> {self.bytes_after / 1e6:.2f} MB "
+            f"({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller)"
+        )
+        if not errs:
+            return "\n".join(lines)
+        lines.append(f"weight error ||W-Wq||/||W||: mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
         if self.mode == "llm.int8":
             with_out = [r for r in self.layers if r.outliers]
             lines.append(
@@ -118,6 +132,32 @@ def validate_options(
         raise ErnieError(f"percentile must be in (50, 100], got {percentile}")
 
 
+def check_embedding_option(mode: str, tied: bool, head_quantized: bool) -> None:
+    """`quantize_embedding`'s rule: any mode but nf4; embeddings tied to the output head need the head quantized
+    too (`quantize_lm_head`): the head is then quantized from the float embeddings and untied, the embedding
+    quantized on its own. A float head cannot share an int8 table."""
+    if mode == "nf4":
+        raise ErnieError(
+            "quantize_embedding (--quantize-embedding) works with wint8, wint4 and llm.int8, not nf4"
+        )
+    if tied and not head_quantized:
+        raise ErnieError(
+            "the token embedding is tied to the output head (tie_word_embeddings), which would stay float: "
+            "quantize_embedding (--quantize-embedding) needs quantize_lm_head=True (--quantize-lm-head, and "
+            "lm_head not skipped), so that the head is quantized from the float embedding and untied"
+        )
+
+
+def quantize_embedding_module(embedding: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, float]:
+    """The token embedding -> (its `Int8Embedding`, relative weight error): the quantizer `quantize_model` and
+    `ernie45.quant.stream.StreamQuantizer` share, so that both give the same tensors."""
+    from ernie45.quant.linear import Int8Embedding, rel_error
+
+    stats: dict = {}
+    new = Int8Embedding.from_float(embedding, dtype, stats=stats)
+    return new, rel_error(stats)
+
+
 def quantize_linear(
     lin: nn.Linear,
     mode: str,
@@ -163,14 +203,20 @@ def quantization_config(
     threshold: float = 6.0,
     calibration: dict | None = None,
     outlier_columns: dict[str, int] | None = None,
+    embedding: str | None = None,
 ) -> dict:
-    """The `quantization_config` entry of config.json that `prepare_for_load` reads back."""
+    """The `quantization_config` entry of config.json that `prepare_for_load` reads back. `embedding`: "int8" for
+    an `Int8Embedding` token embedding (recorded as `"embedding": "int8"`; absent means float)."""
     qc: dict = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "mode": mode,
         "modules_to_not_convert": list(modules_to_not_convert),
     }
+    if embedding is not None:
+        if embedding not in EMBEDDING_MODES:
+            raise ErnieError(f"unknown embedding quantization {embedding!r}; expected one of {EMBEDDING_MODES}")
+        qc["embedding"] = embedding
     if mode == "wint4":
         qc["group_size"] = group_size
     elif mode == "llm.int8":
@@ -209,6 +255,7 @@ def quantize_model(
     calib_method: str = "kl",
     percentile: float = 99.99,
     quantize_lm_head: bool = False,
+    quantize_embedding: bool = False,
     skip: Sequence[str] = (),
     progress: bool = True,
 ) -> QuantReport:
@@ -225,6 +272,9 @@ def quantize_model(
         tokenizer: encodes `calib` (default: the tokenizer saved next to the model).
         calib_method: "kl" (default), "absmax" or "percentile" (`percentile` %) activation clip.
         quantize_lm_head: also quantize the output head (unties it from the embeddings if tied).
+        quantize_embedding: also hold the token embedding in int8, one scale per row (`Int8Embedding`; any mode
+            but nf4). Embeddings tied to the head need `quantize_lm_head` (the head is then quantized from the
+            float embeddings and untied), else ErnieError.
         skip: module names (or name suffixes, e.g. "down_proj") to leave in float.
 
     Returns:
@@ -247,6 +297,8 @@ def quantize_model(
         import_bitsandbytes()
     not_convert = list(skip) + ([] if quantize_lm_head else ["lm_head"])
     targets = quantizable_linears(model, not_convert)
+    if quantize_embedding:
+        check_embedding_option(mode, bool(config.tie_word_embeddings), "lm_head" in targets)
     if mode == "wint4":
         if group_size is None:
             group_size = default_group_size(m.in_features for m in targets.values())
@@ -304,6 +356,14 @@ def quantize_model(
             report.bytes_after += _nbytes(new.state_dict().values())
             new.train(lin.training)
             _swap(model, name, new)
+        if quantize_embedding:
+            emb = model.get_submodule(EMBED_TOKENS)
+            new, err = quantize_embedding_module(emb, dtype)
+            report.embedding = LayerReport(EMBED_TOKENS, tuple(emb.weight.shape), err)
+            report.bytes_before += _nbytes((emb.weight,))
+            report.bytes_after += _nbytes(new.state_dict().values())
+            new.train(emb.training)
+            _swap(model, EMBED_TOKENS, new)
 
     calibration = (
         None
@@ -322,16 +382,18 @@ def quantize_model(
         threshold=threshold,
         calibration=calibration,
         outlier_columns=outlier_counts,
+        embedding="int8" if quantize_embedding else None,
     )
     return report
 
 
 def prepare_for_load(model: nn.Module, quantization_config: dict) -> None:
-    """Swap the Linears of an empty (meta-device) model for quantized ones shaped like the checkpoint's tensors.
+    """Swap the Linears of an empty (meta-device) model for quantized ones shaped like the checkpoint's tensors
+    (and the token embedding for an `Int8Embedding` where `quantization_config["embedding"]` is "int8").
 
     Called by `ernie45.checkpoint.load_checkpoint` before `load_state_dict(..., assign=True)`.
     """
-    from ernie45.quant.linear import Int4Linear, Int8Linear, LLMInt8Linear, nf4_linear_class
+    from ernie45.quant.linear import Int4Linear, Int8Embedding, Int8Linear, LLMInt8Linear, nf4_linear_class
 
     qc = quantization_config
     if not isinstance(qc, dict):
@@ -353,6 +415,18 @@ def prepare_for_load(model: nn.Module, quantization_config: dict) -> None:
         raise ErnieError(
             f"config.json: unknown quantization mode {mode!r}; expected one of {', '.join(MODES)}"
         )
+    embedding = qc.get("embedding")
+    if embedding is not None and embedding not in EMBEDDING_MODES:
+        raise ErnieError(
+            f"config.json: unknown embedding quantization {embedding!r}; expected one of "
+            f"{', '.join(EMBEDDING_MODES)} (upgrade ernie45)"
+        )
+    if embedding is not None and mode == "nf4":
+        raise ErnieError("config.json: an nf4 checkpoint cannot have a quantized embedding")
+    if embedding is not None and getattr(model.config, "tie_word_embeddings", False):
+        raise ErnieError(
+            "config.json: an int8 embedding cannot be tied to the output head (tie_word_embeddings must be false)"
+        )
     dtype = model.dtype
     outliers = qc.get("outlier_columns") or {}
     nf4 = nf4_linear_class() if mode == "nf4" else None
@@ -369,3 +443,10 @@ def prepare_for_load(model: nn.Module, quantization_config: dict) -> None:
         else:
             new = nf4(*args)
         _swap(model, name, new)
+    if embedding is not None:
+        old = model.get_submodule(EMBED_TOKENS)
+        _swap(
+            model,
+            EMBED_TOKENS,
+            Int8Embedding(old.num_embeddings, old.embedding_dim, dtype, "meta", getattr(old, "padding_idx", None)),
+        )

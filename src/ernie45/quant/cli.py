@@ -12,7 +12,14 @@ import sys
 import time
 
 from ernie45.errors import ErnieError
-from ernie45.quant import MODES, QuantReport, quantize_model, validate_options
+from ernie45.quant import (
+    MODES,
+    QuantReport,
+    _skipped,
+    check_embedding_option,
+    quantize_model,
+    validate_options,
+)
 from ernie45.quant.calibrate import CALIB_METHODS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -58,6 +65,7 @@ def quantize_checkpoint(
     calib_method: str = "kl",
     threshold: float = 6.0,
     quantize_lm_head: bool = False,
+    quantize_embedding: bool = False,
     skip: tuple[str, ...] = (),
     dtype: str = "auto",
     device: str = "cpu",
@@ -73,7 +81,8 @@ def quantize_checkpoint(
     time is read, quantized and written, so memory stays bounded by the largest tensor. nf4, calibrated
     llm.int8 and other devices (or `stream=False`) load the model, `quantize_model` it and save it. Both give
     the same files. `dtype="auto"` keeps the checkpoint's own dtype for everything left in float (embeddings,
-    norms, router, scales). Returns (report, weight bytes before, weight bytes after) as stored on disk;
+    norms, router, scales). `quantize_embedding`: the token embedding in int8 too, one scale per row (tied
+    embeddings need `quantize_lm_head`). Returns (report, weight bytes before, weight bytes after) as stored on disk;
     `stats`, if given, receives `params` (source parameters), `seconds` and `streamed`.
     """
     from ernie45.checkpoint import parse_size
@@ -96,6 +105,9 @@ def quantize_checkpoint(
             f"{model_dir} is already quantized ({config.quantization_config.get('mode')}); "
             "quantize the original float checkpoint"
         )
+    if quantize_embedding:
+        head = quantize_lm_head and not _skipped("lm_head", skip)
+        check_embedding_option(mode, bool(config.tie_word_embeddings), head)
     if os.path.exists(out_dir) and not overwrite and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ErnieError(f"destination exists and is not empty: {out_dir} (pass --overwrite to replace it)")
     if dtype == "auto":
@@ -110,6 +122,7 @@ def quantize_checkpoint(
         group_size=group_size,
         threshold=threshold,
         quantize_lm_head=quantize_lm_head,
+        quantize_embedding=quantize_embedding,
         skip=skip,
         dtype=dtype,
         overwrite=overwrite,
@@ -264,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=6.0, help="llm.int8 outlier threshold (default 6.0)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output head")
     p.add_argument(
+        "--quantize-embedding",
+        action="store_true",
+        help="also store the token embedding in int8, one scale per vocabulary row (V x H bytes instead of "
+        "2 V x H in bf16, as llama.cpp's q8_0 / q4_0 files do); any mode but nf4; embeddings tied to the "
+        "head need --quantize-lm-head",
+    )
+    p.add_argument(
         "--skip",
         action="append",
         default=[],
@@ -302,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         calib_method=args.calib_method,
         threshold=args.threshold,
         quantize_lm_head=args.quantize_lm_head,
+        quantize_embedding=args.quantize_embedding,
         skip=tuple(args.skip),
         dtype=args.dtype,
         device=args.device,

@@ -6,6 +6,7 @@
 - `LLMInt8Linear` (llm.int8): LLM.int8() (Dettmers et al., 2022): int8 weights times per-token int8
   activations, with outlier input columns computed in floating point.
 - `nf4_linear_class()` (nf4): a bitsandbytes `Linear4bit` (NF4, double quantization) for QLoRA bases.
+- `Int8Embedding`: the token embedding in int8, one scale per row (`quantize_embedding=True`, any mode but nf4).
 
 Every module keeps `in_features`, `out_features`, `bias` and a `weight` tensor, offers `dequantize()`, and
 passes gradients to its input (frozen base for LoRA). Float side tensors (scales, zeros, outlier weights) live
@@ -533,6 +534,62 @@ class LLMInt8Linear(QuantLinear):
             super().extra_repr() + f", threshold={self.threshold}, "
             f"calibrated_outliers={self.outlier_idx.numel()}"
         )
+
+
+class Int8Embedding(nn.Module):
+    """A frozen token embedding held in int8, one scale per vocabulary row (symmetric absmax: the quantizer of
+    wint8's `Int8Linear`, `quantize_int8_per_channel`): V x H bytes plus V scales instead of 2 V x H in bf16.
+
+    Row v is `weight[v] * weight_scale[v]`, computed in fp32 and rounded once to the model dtype (the dtype of
+    `weight_scale`); the C decode step (`ernie45/csrc/decode.c`) reproduces it bit for bit. Inference only (no
+    gradient reaches it). `ernie45.quant.quantize_model(..., quantize_embedding=True)` swaps it in.
+    """
+
+    mode = "int8"
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        padding_idx: int | None = None,
+    ):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.register_buffer(
+            "weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=dtype, device=device))
+
+    @classmethod
+    def from_float(
+        cls, embedding: nn.Embedding, dtype: torch.dtype | None = None, *, stats: dict | None = None
+    ) -> Int8Embedding:
+        """`stats`: filled with the weight error, see `quantize_int8_per_channel`."""
+        w = embedding.weight.detach()
+        dtype = dtype or w.dtype
+        m = cls(w.shape[0], w.shape[1], dtype, "meta", getattr(embedding, "padding_idx", None))
+        m.weight, m.weight_scale = quantize_int8_per_channel(w, dtype, stats=stats)
+        return m
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.weight_scale.dtype
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The (num_embeddings, embedding_dim) float table this module looks rows up in."""
+        dtype = dtype or self.compute_dtype
+        return (self.weight.float() * self.weight_scale.float()[:, None]).to(dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        q = self.weight.index_select(0, flat).float()  # (T, H)
+        s = self.weight_scale.index_select(0, flat).float()
+        return (q * s[:, None]).to(self.compute_dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
 
 
 # ---- NF4 through bitsandbytes (optional dependency) -----------------------------------------------

@@ -32,13 +32,16 @@ from torch import Tensor, nn
 
 from ernie45.errors import ErnieError
 from ernie45.quant import (
+    EMBED_TOKENS,
     LayerReport,
     QuantReport,
     _nbytes,
+    check_embedding_option,
     default_group_size,
     prepare_for_load,
     quantizable_linears,
     quantization_config,
+    quantize_embedding_module,
     quantize_linear,
     validate_options,
 )
@@ -74,6 +77,9 @@ class StreamQuantizer:
         group_size: wint4: 64 or 128; None picks 128 when it divides every quantized width, else 64.
         quantize_lm_head: also quantize the output head; a head tied to the embeddings is quantized from
             `model.embed_tokens.weight` and the output config unties it (the embeddings stay float).
+        quantize_embedding: also write the token embedding in int8, one scale per row (`Int8Embedding`:
+            `model.embed_tokens.weight` int8 and `model.embed_tokens.weight_scale`); tied embeddings need
+            `quantize_lm_head` (ErnieError otherwise), as for `quantize_model`.
         skip: Linear names or name suffixes to leave in float.
         dtype: dtype of everything left in float and of the scales (and what the weights are rounded to before
             quantizing, as `ernie45.load(dtype=...)` would): "auto" (the checkpoint's), "float32", "bfloat16",
@@ -90,6 +96,7 @@ class StreamQuantizer:
         specs: the output `TensorSpec`s in file order (the order `save_checkpoint` writes; a tied head is
             omitted, as on disk).
         targets: {Linear name: (out_features, in_features)} of the Linears that are quantized.
+        embedding: (vocab, hidden) of the token embedding when it is quantized, else None.
         source_params: {output tensor name: source parameters it accounts for} (a quantized weight counts its
             N x K float weights, scales count 0, a head quantized from tied embeddings 0), for progress
             reporting; they sum to `total_params`, the parameter count of the source checkpoint.
@@ -109,6 +116,7 @@ class StreamQuantizer:
         *,
         group_size: int | None = None,
         quantize_lm_head: bool = False,
+        quantize_embedding: bool = False,
         skip: Sequence[str] = (),
         dtype: str | torch.dtype = "auto",
         threshold: float = 6.0,
@@ -134,6 +142,8 @@ class StreamQuantizer:
         model = build_model(config, self.dtype, meta=True)
         not_convert = list(skip) + ([] if quantize_lm_head else ["lm_head"])
         linears = quantizable_linears(model, not_convert)
+        if quantize_embedding:
+            check_embedding_option(mode, bool(config.tie_word_embeddings), "lm_head" in linears)
         if mode == "wint4":
             if group_size is None:
                 group_size = default_group_size(m.in_features for m in linears.values())
@@ -145,7 +155,11 @@ class StreamQuantizer:
         self._source_tied = bool(config.tie_word_embeddings)
         untie = quantize_lm_head and self._source_tied and "lm_head" in linears
         self.quantization_config = quantization_config(
-            mode, not_convert, group_size=group_size, threshold=self.threshold
+            mode,
+            not_convert,
+            group_size=group_size,
+            threshold=self.threshold,
+            embedding="int8" if quantize_embedding else None,
         )
         self.config = config.replace(
             quantization_config=self.quantization_config,
@@ -155,7 +169,10 @@ class StreamQuantizer:
         self.targets = {name: (lin.out_features, lin.in_features) for name, lin in linears.items()}
         self._has_bias = {name: lin.bias is not None for name, lin in linears.items()}
         self._order = {name: i for i, name in enumerate(linears)}
+        emb = model.get_submodule(EMBED_TOKENS)
+        self.embedding = (emb.num_embeddings, emb.embedding_dim) if quantize_embedding else None
 
+        model.config = self.config  # untied where the head is quantized: what prepare_for_load checks
         prepare_for_load(model, self.quantization_config)  # quantized modules on meta: names, dtypes, shapes
         self.specs = []
         self.source_params: dict[str, int] = {}
@@ -168,14 +185,18 @@ class StreamQuantizer:
                 n, k = self.targets[module]
                 counted = leaf == "weight" and not (module == "lm_head" and self._source_tied)
                 self.source_params[name] = n * k if counted else n if leaf == "bias" else 0
+            elif module == EMBED_TOKENS and self.embedding is not None:
+                spec = TensorSpec(name, ref.dtype, tuple(ref.shape))
+                self.source_params[name] = ref.numel() if leaf == "weight" else 0
             else:
                 dt, shape = self._plan[name]
                 spec = TensorSpec(name, dt, tuple(shape))
                 self.source_params[name] = spec.nbytes // max(dt.itemsize, 1)
             self.specs.append(spec)
         self.total_params = sum(self.source_params.values())
+        quantized = set(self.targets) | ({EMBED_TOKENS} if self.embedding is not None else set())
         self._unit_of = {
-            s.name: s.name.rpartition(".")[0] if s.name.rpartition(".")[0] in self.targets else s.name
+            s.name: s.name.rpartition(".")[0] if s.name.rpartition(".")[0] in quantized else s.name
             for s in self.specs
         }
         self._units = list(dict.fromkeys(self._unit_of.values()))  # in file order
@@ -188,6 +209,8 @@ class StreamQuantizer:
         self._ready: dict[str, Tensor] = {}
         self._layers: dict[str, LayerReport] = {}
         self._bytes_before = self._bytes_after = 0
+        self._embedding_report: LayerReport | None = None
+        self._embedding_bytes = (0, 0)
 
     # ---- output -------------------------------------------------------------------------------------
     # A unit is what one read produces: a quantized Linear (all its output tensors) or one float tensor.
@@ -215,7 +238,8 @@ class StreamQuantizer:
 
     def quantize(self, module: str) -> dict[str, Tensor]:
         """Read Linear `module`'s float weight (and bias) and quantize it: {output name: tensor} of its tensors
-        (`module.weight`, `module.weight_scale`, ..., `module.bias`), recorded in `report`."""
+        (`module.weight`, `module.weight_scale`, ..., `module.bias`), recorded in `report`. The quantized token
+        embedding is module "model.embed_tokens"."""
         return self._compute(module, self._read(module))
 
     def close(self) -> None:
@@ -235,6 +259,8 @@ class StreamQuantizer:
         self.close()
 
     def _read(self, unit: str) -> dict[str, Tensor | None]:
+        if unit == EMBED_TOKENS and self.embedding is not None:
+            return {"weight": self.reader.read(EMBEDDING, dtype=self._plan[EMBEDDING][0])}
         if unit not in self.targets:
             return {unit: self.reader.read(unit, dtype=self._plan[unit][0])}
         src = EMBEDDING if unit == "lm_head" and self._source_tied else f"{unit}.weight"
@@ -247,6 +273,8 @@ class StreamQuantizer:
     def _compute(self, unit: str, source: dict[str, Tensor | None] | Future) -> dict[str, Tensor]:
         if isinstance(source, Future):
             source = source.result()
+        if unit == EMBED_TOKENS and self.embedding is not None:
+            return self._compute_embedding(source["weight"])
         if unit not in self.targets:
             return source
         n, k = self.targets[unit]
@@ -267,6 +295,18 @@ class StreamQuantizer:
                 self._layers[unit] = LayerReport(unit, (n, k), err, *calibrated)
                 self._bytes_before += _nbytes((lin.weight, lin.bias))
                 self._bytes_after += _nbytes(out.values())
+        return out
+
+    def _compute_embedding(self, weight: Tensor) -> dict[str, Tensor]:
+        emb = nn.Embedding(*self.embedding, device="meta")
+        emb.weight = nn.Parameter(weight, requires_grad=False)
+        with torch.no_grad():
+            new, err = quantize_embedding_module(emb, self.dtype)
+        out = {f"{EMBED_TOKENS}.{key}": t for key, t in new.state_dict().items()}
+        with self._lock:
+            if self._embedding_report is None:
+                self._embedding_report = LayerReport(EMBED_TOKENS, tuple(weight.shape), err)
+                self._embedding_bytes = (_nbytes((weight,)), _nbytes(out.values()))
         return out
 
     def _unit_outputs(self, unit: str) -> dict[str, Tensor]:
@@ -306,6 +346,10 @@ class StreamQuantizer:
 
     @property
     def report(self) -> QuantReport:
-        """The QuantReport of the Linears quantized so far, in model order (as `quantize_model` returns it)."""
+        """The QuantReport of the Linears (and embedding) quantized so far, in model order (as `quantize_model`
+        returns it)."""
         layers = sorted(self._layers.values(), key=lambda r: self._order[r.name])
-        return QuantReport(self.mode, layers, self._bytes_before, self._bytes_after)
+        before, after = self._embedding_bytes
+        return QuantReport(
+            self.mode, layers, self._bytes_before + before, self._bytes_after + after, self._embedding_report
+        )
