@@ -401,7 +401,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
 
             prepare_for_load(model, config.quantization_config)
         if not quantize:
-            plan = _plan(model, reader, config, dt, path)
+            plan = plan_tensors(model, reader, config, dt, path)
             order = sorted(plan, key=lambda n: (reader.entries[n].file, reader.entries[n].offset))  # file order
         storage = _allocate(model, plan, dev)
         for name in order:
@@ -418,7 +418,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
     return model
 
 
-def _plan(model, reader: CheckpointReader, config: ErnieConfig, dt: torch.dtype,
+def plan_tensors(model, reader: CheckpointReader, config: ErnieConfig, dt: torch.dtype,
           path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """{state-dict name: (dtype, shape)} of every tensor to read; ErnieError listing every mismatch."""
     entries = reader.entries

@@ -122,7 +122,7 @@ class StreamQuantizer:
         threshold: float = 6.0,
         prefetch: bool = True,
     ):
-        from ernie45.checkpoint import _plan, build_model
+        from ernie45.checkpoint import build_model, plan_tensors
         from ernie45.convert.safetensors_io import TensorSpec
         from ernie45.quant.linear import check_group_size
 
@@ -151,7 +151,7 @@ class StreamQuantizer:
                 check_group_size(group_size, lin.in_features, name)
         self.group_size = group_size
         # every tensor the float model would load, its dtype and shape; ErnieError naming each mismatch
-        self._plan = _plan(model, reader, config, self.dtype, reader.path)
+        self._plan = plan_tensors(model, reader, config, self.dtype, reader.path)
         self._source_tied = bool(config.tie_word_embeddings)
         untie = quantize_lm_head and self._source_tied and "lm_head" in linears
         self.quantization_config = quantization_config(
