@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ernie45.checkpoint import hugepage_buffer, release_pages
+from ernie45.checkpoint import decode_stream_names, hugepage_buffer, release_pages
 from ernie45.device import cpu_has_fast_bf16
 from ernie45.quant.kernels import tiled_mm
 
@@ -166,21 +166,18 @@ def pack_linears(model: nn.Module) -> int:
 
 def dnn_linears(model: nn.Module) -> int:
     """Swap every plain fp32/bf16 Linear for a `DnnLinear` (oneDNN on the same weight, no copy)."""
-    if not _can_pack(model):
-        return 0
-    found = _plain_linears(model)
-    for mod, name, child in found:
-        setattr(mod, name, DnnLinear(child))
-    return len(found)
+    return _swap_plain_linears(model, DnnLinear) if _can_pack(model) else 0
 
 
 def upcast_linears(model: nn.Module) -> int:
     """Swap every plain bf16 Linear of a CPU model for an `UpcastLinear` (for CPUs without fast bf16)."""
-    if not _needs_upcast(model):
-        return 0
+    return _swap_plain_linears(model, UpcastLinear) if _needs_upcast(model) else 0
+
+
+def _swap_plain_linears(model: nn.Module, cls: type[nn.Module]) -> int:
     found = _plain_linears(model)
     for mod, name, child in found:
-        setattr(mod, name, UpcastLinear(child))
+        setattr(mod, name, cls(child))
     return len(found)
 
 
@@ -421,21 +418,6 @@ class FastDecoder:
         return logits
 
 
-def _decode_order_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(module, attribute) of every large weight the decode step streams, in the order it reads them."""
-    from ernie45.quant import kernels
-    from ernie45.quant.linear import Int4Linear, Int8Embedding, Int8Linear
-
-    out = []
-    for mod in [model.model.embed_tokens, *model.model.layers.modules(), model.lm_head]:
-        if type(mod) in (nn.Linear, UpcastLinear, DnnLinear, nn.Embedding, Int8Embedding, Int8Linear) or (
-            type(mod) is Int4Linear and mod._layout == kernels.ROWMAJOR_INT4_LAYOUT
-        ):
-            if mod.weight.numel() * mod.weight.element_size() >= 1 << 16:
-                out.append((mod, "weight"))
-    return out
-
-
 def relocate_weights(model: nn.Module) -> int:
     """Move the weights the decode step streams into one buffer backed by transparent huge pages, laid out in
     reading order; returns its size in bytes (0 where huge pages are unavailable or nothing needed moving).
@@ -448,7 +430,9 @@ def relocate_weights(model: nn.Module) -> int:
     """
     arenas = getattr(model, "weight_arenas", [])
     slots, seen = [], {}
-    for mod, name in _decode_order_tensors(model):
+    for full in decode_stream_names(model):  # the loader's arena layout: the same tensors, the same order
+        prefix, _, name = full.rpartition(".")
+        mod = model.get_submodule(prefix)
         t = getattr(mod, name)
         if any(lo <= t.data_ptr() < hi for lo, hi in arenas):
             continue

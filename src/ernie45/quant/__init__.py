@@ -233,6 +233,30 @@ def default_group_size(in_features: Iterable[int]) -> int:
     return 128 if all(k % 128 == 0 for k in in_features) else 64
 
 
+def select_targets(
+    model: nn.Module,
+    mode: str,
+    group_size: int | None,
+    quantize_lm_head: bool,
+    skip: Sequence[str],
+    quantize_embedding: bool,
+) -> tuple[list[str], dict[str, nn.Linear], int | None]:
+    """What a quantizer converts (the in-memory one and the streaming one alike): (modules_to_not_convert, the
+    Linears to quantize by name, the wint4 group size, picked when None and checked against every width)."""
+    from ernie45.quant.linear import check_group_size
+
+    not_convert = list(skip) + ([] if quantize_lm_head else ["lm_head"])
+    targets = quantizable_linears(model, not_convert)
+    if quantize_embedding:
+        check_embedding_option(mode, bool(model.config.tie_word_embeddings), "lm_head" in targets)
+    if mode == "wint4":
+        if group_size is None:
+            group_size = default_group_size(m.in_features for m in targets.values())
+        for name, lin in targets.items():
+            check_group_size(group_size, lin.in_features, name)
+    return not_convert, targets, group_size
+
+
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, new)
@@ -282,7 +306,7 @@ def quantize_model(
     """
     from tqdm import tqdm
 
-    from ernie45.quant.linear import check_group_size, import_bitsandbytes, nf4_linear_class
+    from ernie45.quant.linear import import_bitsandbytes, nf4_linear_class
 
     validate_options(mode, 128 if group_size is None else group_size, threshold, calib_method, percentile)
     config = model.config
@@ -295,15 +319,9 @@ def quantize_model(
         raise ErnieError(f"a calibration set is only used by llm.int8, not {mode}")
     if mode == "nf4":
         import_bitsandbytes()
-    not_convert = list(skip) + ([] if quantize_lm_head else ["lm_head"])
-    targets = quantizable_linears(model, not_convert)
-    if quantize_embedding:
-        check_embedding_option(mode, bool(config.tie_word_embeddings), "lm_head" in targets)
-    if mode == "wint4":
-        if group_size is None:
-            group_size = default_group_size(m.in_features for m in targets.values())
-        for name, lin in targets.items():
-            check_group_size(group_size, lin.in_features, name)
+    not_convert, targets, group_size = select_targets(
+        model, mode, group_size, quantize_lm_head, skip, quantize_embedding
+    )
     dtype = model.dtype
 
     stats = None

@@ -36,13 +36,11 @@ from ernie45.quant import (
     LayerReport,
     QuantReport,
     _nbytes,
-    check_embedding_option,
-    default_group_size,
     prepare_for_load,
-    quantizable_linears,
     quantization_config,
     quantize_embedding_module,
     quantize_linear,
+    select_targets,
     validate_options,
 )
 
@@ -124,7 +122,6 @@ class StreamQuantizer:
     ):
         from ernie45.checkpoint import build_model, plan_tensors
         from ernie45.convert.safetensors_io import TensorSpec
-        from ernie45.quant.linear import check_group_size
 
         validate_options(mode, 128 if group_size is None else group_size, threshold)
         if mode not in STREAM_MODES:
@@ -140,15 +137,9 @@ class StreamQuantizer:
         self.reader, self.mode, self.threshold = reader, mode, float(threshold)
         self.dtype = resolve_checkpoint_dtype(dtype, config)
         model = build_model(config, self.dtype, meta=True)
-        not_convert = list(skip) + ([] if quantize_lm_head else ["lm_head"])
-        linears = quantizable_linears(model, not_convert)
-        if quantize_embedding:
-            check_embedding_option(mode, bool(config.tie_word_embeddings), "lm_head" in linears)
-        if mode == "wint4":
-            if group_size is None:
-                group_size = default_group_size(m.in_features for m in linears.values())
-            for name, lin in linears.items():
-                check_group_size(group_size, lin.in_features, name)
+        not_convert, linears, group_size = select_targets(
+            model, mode, group_size, quantize_lm_head, skip, quantize_embedding
+        )
         self.group_size = group_size
         # every tensor the float model would load, its dtype and shape; ErnieError naming each mismatch
         self._plan = plan_tensors(model, reader, config, self.dtype, reader.path)
