@@ -365,3 +365,31 @@ def test_make_checkpoint_is_cached_per_shape_and_layers(tmp_path, monkeypatch):
     t = bench.make_checkpoint("tiny", str(tmp_path))
     assert a != b and calls == [(2, "bfloat16"), (4, "bfloat16"), (2, "float32")]  # a3b is bf16 on disk
     assert Path(t).name == "ernie45-bench-tiny"
+
+
+def test_bench_serve_table_and_bad_args():
+    """`ernie45 bench serve`: its rows as Markdown (ratios computed, every section present) and one-line errors."""
+    from ernie45.bench_serve import main as serve_main
+    from ernie45.bench_serve import to_markdown as serve_markdown
+
+    base = dict(shape="0.3b", dtype="bf16", threads=2)
+    rows = [
+        dict(base, kind="generate", decode_tok_s=50.0, peak_rss_mb=900.0),
+        dict(base, kind="concurrency", concurrency=1, output_tok_s=45.0, per_stream_tok_s=47.5, ttft_p50_ms=30.0,
+             ttft_p90_ms=40.0, itl_p50_ms=21.0, itl_p99_ms=25.0, generate_tok_s=50.0, server_peak_rss_mb=1000.0),
+        dict(base, kind="stall", streams=4, long_prompt=4000, idle_itl_ms=20.0, max_itl_during_ms=50.0,
+             prefill_s=3.0, ratio=2.5, server_peak_rss_mb=1000.0),
+        dict(base, kind="multi-turn", turns=4, prefix=1500, turn_len=10, first_ttft_ms=1000.0, later_ttft_ms=40.0,
+             hit_rate=0.9, prefix_caching=True, server_peak_rss_mb=1000.0),
+        dict(base, kind="context", kv_dtype="int8", step_ms={"1024": 20.0, "131072": 60.0}, kv_bytes=2**30,
+             peak_rss_mb=2000.0),
+    ]
+    table = serve_markdown(rows, dict(machine="m", threads=2, torch="2", date="d", input_len=128, output_len=128))
+    assert "| 0.3b | bf16 | c1 | 45.0 | 47.5 | 0.95× | 30 / 40 | 21.0 / 25.0 | 1000 |" in table
+    assert "| 0.3b | bf16 | 4000 | 3.0 | 20.0 | 50.0 | 2.5× |" in table
+    assert "| 0.3b | bf16 | on | 1000 | 40 | 0.04 | 90% | 1000 |" in table
+    assert "| 0.3b | bf16 | int8 | 20.0 | 60.0 | 1.00 GiB | 2000 |" in table
+    for argv, msg in ((["--concurrency", "0"], "--concurrency"), (["--dtype", "int3"], "unknown dtype"),
+                      (["--context", "1k"], "--context"), (["--output-len", "1"], "--output-len")):
+        with pytest.raises(ErnieError, match=msg):
+            serve_main(argv)

@@ -320,13 +320,13 @@ def test_c_decode_other_attention_shapes(dtype, heads, kv, head_dim, isa):
     assert torch.equal(generate(m, ids, max_new_tokens=20, min_new_tokens=20, do_sample=False), ref)
 
 
-def _textured(name, dtype, mode, group_size=64):
+def _textured(name, dtype, mode, group_size=64, hidden=256, intermediate=512, head_dim=64):
     """A random model whose every part matters: norms away from 1, Linear biases, a correction bias that changes
     which experts are selected, widths that fill whole vectors (hidden 256, head_dim 64, GQA 4:1)."""
     moe = dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=128, moe_num_shared_experts=1,
                moe_layer_start_index=1) if name == "tiny-moe" else {}
-    cfg = preset(name, hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
-                 head_dim=64, num_hidden_layers=3, use_bias=True, **moe)
+    cfg = preset(name, hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=head_dim, num_hidden_layers=3, use_bias=True, **moe)
     m = build_model(cfg, dtype)
     m.init_weights(seed=0)
     g = torch.Generator().manual_seed(3)

@@ -143,6 +143,19 @@ def test_kv_cache_bytes(dtype, size):
     assert (mem["max_model_len"], mem["max_num_seqs"]) == (min(cfg.max_position_embeddings, 4096), 1)
 
 
+def test_int8_kv_cache_bytes_equal_the_serving_pool():
+    """--kv-cache-dtype int8 predicts what the server's int8 page pool holds per position."""
+    from ernie45.serve.kv import PagedKVCache
+
+    path = bundled_path("ernie-tiny-moe")
+    cfg = ErnieConfig.from_pretrained(path)
+    mem = memory_estimate(path, dtype="bfloat16", max_model_len=64, kv_cache_dtype="int8")
+    assert mem["kv_cache_bytes_per_token"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.head_dim + 4)
+    assert mem["kv_cache_dtype"] == "int8"
+    pool = PagedKVCache(loaded(path, torch.bfloat16), num_blocks=4, block_size=16, kv_dtype="int8")
+    assert pool.nbytes == mem["kv_cache_bytes"]  # 4 blocks x 16 positions = 64
+
+
 def test_a3b_full_model_prediction(tmp_path):
     """ERNIE-4.5-21B-A3B's config alone: wint4 weights ~11 GiB in bf16, 57,344 B of bf16 KV per token."""
     from ernie45.config import preset

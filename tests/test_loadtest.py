@@ -118,6 +118,28 @@ def test_loadtest_against_server(tmp_path, tokenizer_dir):
         )
 
 
+def test_loadtest_multi_turn_reports_prefix_hits(tmp_path, tokenizer_dir):
+    """--turns: each turn re-sends the history (with the answer's exact ids) plus new tokens; the server's
+    `cached_tokens` count exactly the full blocks of the previous turn's prompt and answer."""
+    hf = make_hf_model("dense", max_position_embeddings=1024)
+    app, *_ = make_app(save_hf(hf, tmp_path / "tiny", tokenizer_dir), max_num_seqs=4, max_model_len=512,
+                       block_size=16)
+    with running(app) as base:
+        out = tmp_path / "turns.json"
+        args = ["--base-url", base, "--num-prompts", "2", "--max-concurrency", "2", "--input-len", "40",
+                "--output-len", "6", "--ignore-eos", "--turns", "3", "--turn-len", "10", "--out", str(out)]
+        assert main(args) == 0
+        s = json.loads(out.read_text())
+        assert (s["completed"], s["failed"], s["turns"]) == (6, 0, 3)
+        # prompts per conversation: 40, 40+6+10 = 56, 56+6+10 = 72 tokens; a turn finds every full block of
+        # the previous prompt + answer but the last token's (46 -> 32 cached, 62 -> 48 cached)
+        assert s["total_input_tokens"] == 2 * (40 + 56 + 72)
+        assert s["prefix_cache_hit_rate"] == pytest.approx(2 * (32 + 48) / s["total_input_tokens"])
+        assert set(s["ttft_by_turn"]) == {"1", "2", "3"}
+        assert metric(base, "ernie45_prefix_cache_hits_total") == 2 * (32 + 48)
+    assert "Prefix cache hit rate:" in format_table(s) and "Turn 3 TTFT" in format_table(s)
+
+
 def test_loadtest_refuses_remote_and_bad_args():
     with pytest.raises(ErnieError, match="loopback"):
         main(["--base-url", "http://192.0.2.1:8000", "--num-prompts", "1"])
@@ -125,6 +147,8 @@ def test_loadtest_refuses_remote_and_bad_args():
         main(["--num-prompts", "0"])
     with pytest.raises(ErnieError, match="--max-concurrency"):
         main(["--max-concurrency", "100000"])
+    with pytest.raises(ErnieError, match="--turns"):
+        main(["--turns", "0"])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
     with pytest.raises(ErnieError, match="cannot query"):
@@ -145,8 +169,9 @@ def test_chinese_guide_has_the_same_commands():
 
 @pytest.mark.slow
 def test_docs_commands_run(tmp_path, tokenizer_dir):
-    """Run docs/serve.md's bash blocks: serve (a subprocess), the curl calls, the load test; then Ctrl-C."""
-    serve_cmd, curls, load_cmd = _bash_blocks(DOCS)
+    """Run docs/serve.md's bash blocks: serve (a subprocess), the curl calls, the load tests (one of multi-turn
+    conversations, which the prefix cache serves); then Ctrl-C."""
+    serve_cmd, curls, load_cmd, turns_cmd = _bash_blocks(DOCS)
     hf = make_hf_model("dense", max_position_embeddings=4096)
     model_dir = save_hf(hf, tmp_path / "ERNIE-4.5-0.3B-PT", tokenizer_dir)
     sock = socket.socket()
@@ -188,6 +213,11 @@ def test_docs_commands_run(tmp_path, tokenizer_dir):
         load = [{"64": "8", "128": "8"}.get(a, a) for a in load]
         assert cli_main(load[1:]) == 0
         assert json.loads((tmp_path / "r.json").read_text())["completed"] == 8
+        turns = shlex.split(turns_cmd.replace("8000", port))
+        turns = [{"1500": "100", "32": "8"}.get(a, a) for a in turns] + ["--out", str(tmp_path / "t.json")]
+        assert cli_main(turns[1:]) == 0
+        t = json.loads((tmp_path / "t.json").read_text())
+        assert t["completed"] == 16 and t["prefix_cache_hit_rate"] > 0.5
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)

@@ -188,12 +188,15 @@ def test_stop_ends_decoding(loaded):
     model, tok = loaded
     gate = Gate(model)
     try:
-        reply = make_chat_fn(LocalBackend(model, tok, "tiny"))(PROMPT, [], "", 0.0, 1.0, 500)
+        backend = LocalBackend(model, tok, "tiny")
+        reply = make_chat_fn(backend)(PROMPT, [], "", 0.0, 1.0, 500)
         for _ in range(3):
             next(reply)
         reply.close()  # what Gradio does when the stop button is pressed
+        # the engine thread runs ahead of the reader by a step or two, then drops the sequence
+        wait_until(lambda: backend.engine.engine.stats()["running"] == 0, what="the sequence to be dropped")
         calls = gate.calls
-        assert calls <= 5
+        assert calls <= 8
         gate.allow(0)  # any further decode step would now block and fail the assertion inside forward
         assert gate.calls == calls
     finally:

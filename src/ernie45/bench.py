@@ -693,8 +693,14 @@ def _csv(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # `ernie45 bench serve`: the server under load
+        from ernie45.bench_serve import main as serve_main
+
+        return serve_main(argv[1:])
     p = argparse.ArgumentParser(prog="ernie45 bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="`ernie45 bench serve --help`: the server under concurrent and multi-turn load.")
     p.add_argument("--shape", default="0.3b", help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--dtype", default="fp32,bf16", help=f"comma list of {', '.join(DTYPES)}")
     p.add_argument("--vs", default="transformers", help="peers: comma list of transformers, llama.cpp, or none")
@@ -760,15 +766,21 @@ def main(argv: list[str] | None = None) -> int:
                 isa={level: _isa_meaning(level) for level in isas},
                 llama_cpp={r["isa"]: r["llama_cpp_version"] for r in rows if r.get("llama_cpp_version")},
                 date=time.strftime("%Y-%m-%d"))
+    write_results(rows, meta, to_markdown(rows, meta), a.json_out, a.out)
+    return 0
+
+
+def write_results(rows: list[dict[str, Any]], meta: dict[str, Any], table: str, json_out: str | None,
+                  out: str | None) -> None:
+    """Rows and meta as JSON to `json_out`, the Markdown `table` to `out` (each written whole or not at all), and
+    the table to stdout."""
     from ernie45.utils import atomic_write_text
 
-    if a.json_out:
-        atomic_write_text(a.json_out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    table = to_markdown(rows, meta)
-    if a.out:
-        atomic_write_text(a.out, table)
+    if json_out:
+        atomic_write_text(json_out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    if out:
+        atomic_write_text(out, table)
     print(table)
-    return 0
 
 
 if __name__ == "__main__":

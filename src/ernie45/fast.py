@@ -216,7 +216,8 @@ class Unsupported(Exception):
 
 
 class FastDecoder:
-    """Runs one batch-1 decode step (token -> next-token logits, K/V written into the `KVCache`) in C.
+    """Runs one batch-1 decode step (token -> next-token logits, K/V written into the `KVCache`) in C;
+    `step_batch` runs one step of B sequences over a paged KV cache, each row bitwise equal to its batch-1 step.
 
     Same numerics as the PyTorch forward (fp32 maths, bf16 rounding where PyTorch materialises bf16 tensors),
     so greedy tokens match it; supports fp32/bf16 models with plain, wint8 and wint4 Linears, dense and MoE.
@@ -294,6 +295,19 @@ class FastDecoder:
         lib.ernie_step.argtypes = [ctypes.POINTER(_Model), c_int, c_int, c_int, ctypes.POINTER(c_void_p),
                                    ctypes.POINTER(c_void_p), c_void_p]
         lib.ernie_step.restype = c_int
+        # (model, B, tokens, positions, k pages, v pages, tables, table stride, block size, logits)
+        lib.ernie_step_batch.argtypes = [ctypes.POINTER(_Model), c_int, c_void_p, c_void_p, ctypes.POINTER(c_void_p),
+                                         ctypes.POINTER(c_void_p), c_void_p, c_int, c_int, c_void_p]
+        lib.ernie_step_batch.restype = c_int
+        # the same with int8 pages: (model, B, tokens, positions, k pages, v pages, k scales, v scales, tables,
+        # table stride, block size, logits)
+        lib.ernie_step_batch_q8.argtypes = [ctypes.POINTER(_Model), c_int, c_void_p, c_void_p,
+                                            *[ctypes.POINTER(c_void_p)] * 4, c_void_p, c_int, c_int, c_void_p]
+        lib.ernie_step_batch_q8.restype = c_int
+        # float pages storing each new row as its int8 round trip (the arguments of ernie_step_batch)
+        lib.ernie_step_batch_rt.argtypes = lib.ernie_step_batch.argtypes
+        lib.ernie_step_batch_rt.restype = c_int
+        self.n_layers, self.n_kv, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         lib.ernie_release.argtypes = [ctypes.POINTER(_Model)]
 
     def __del__(self, byref=ctypes.byref):  # bound now: at interpreter exit the ctypes module may be gone
@@ -415,6 +429,77 @@ class FastDecoder:
         if rc != 0:
             raise RuntimeError(f"C decode step failed ({rc})")
         cache.length += 1
+        return logits
+
+    def step_batch(self, tokens: list[int], positions: list[int], tables: Tensor, k_pages: list[Tensor],
+                   v_pages: list[Tensor], k_scales: list[Tensor] | None = None,
+                   v_scales: list[Tensor] | None = None, *, int8_round_trip: bool = False) -> Tensor:
+        """One decode step of B sequences over a paged KV cache; returns the next-token logits (B, vocab), fp32.
+
+        Row b feeds `tokens[b]` at position `positions[b]` (the positions it has cached). `k_pages[l]` /
+        `v_pages[l]`: layer l's page pools (num_blocks, n_kv, block_size, head_dim), contiguous, in the model dtype;
+        `tables` (B, stride) int32: row b's position t lives in page `tables[b, t // block_size]`, row
+        `t % block_size`. The step writes each row's new K/V there. Each weight is read once for all rows, and row
+        b's logits equal, bit for bit, those of the same sequence stepped alone (`__call__`).
+
+        An int8 KV cache (the server's `--kv-cache-dtype int8`): int8 page pools and `k_scales[l]` / `v_scales[l]`,
+        fp32 (num_blocks, n_kv, block_size), one scale per (position, kv head) row. New rows are stored as
+        q = round(x / s) (half to even, clamped to +-127), s = max|x| / 127; attention reads `(q * s)` rounded to
+        the model dtype, and the logits equal, bit for bit, those of float pages holding those dequantised values.
+        `int8_round_trip` (float pages): store each new row as that dequantised int8 row, so the float pages hold
+        what the int8 cache's attention reads and the logits are the int8 cache's (its float reference)."""
+        B = len(tokens)
+        q8 = k_scales is not None or v_scales is not None
+        if q8 and (k_scales is None or v_scales is None):
+            raise ValueError("step_batch: int8 pages need both k_scales and v_scales")
+        if q8 and int8_round_trip:
+            raise ValueError("step_batch: int8_round_trip applies to float pages")
+        want = torch.int8 if q8 else torch.bfloat16 if self.bf16 else torch.float32
+        if B < 1 or len(positions) != B:
+            raise ValueError(f"step_batch: {B} tokens and {len(positions)} positions")
+        if (tables.dtype != torch.int32 or tables.dim() != 2 or tables.shape[0] != B or tables.shape[1] < 1
+                or tables.device.type != "cpu" or not tables.is_contiguous()):
+            raise ValueError(f"step_batch: tables must be a contiguous CPU int32 ({B}, stride) tensor, got "
+                             f"{tables.dtype} {tuple(tables.shape)}")
+        if len(k_pages) != self.n_layers or len(v_pages) != self.n_layers:
+            raise ValueError(f"step_batch: {self.n_layers} layers of pages expected")
+        shape = tuple(k_pages[0].shape)
+        if len(shape) != 4 or shape[1:2] + shape[3:] != (self.n_kv, self.head_dim) or shape[0] < 1 or shape[2] < 1:
+            raise ValueError(f"step_batch: pages must be (num_blocks, {self.n_kv}, block_size, {self.head_dim}), "
+                             f"got {shape}")
+        for t in (*k_pages, *v_pages):
+            if t.dtype != want or tuple(t.shape) != shape or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"step_batch: every page pool must be a contiguous CPU {want} tensor of shape "
+                                 f"{shape}, got {t.dtype} {tuple(t.shape)}")
+        num_blocks, block_size = shape[0], shape[2]
+        if q8:
+            if len(k_scales) != self.n_layers or len(v_scales) != self.n_layers:
+                raise ValueError(f"step_batch: {self.n_layers} layers of scales expected")
+            for t in (*k_scales, *v_scales):
+                if (t.dtype != torch.float32 or tuple(t.shape) != shape[:3] or t.device.type != "cpu"
+                        or not t.is_contiguous()):
+                    raise ValueError(f"step_batch: every scale pool must be a contiguous CPU float32 tensor of shape "
+                                     f"{shape[:3]}, got {t.dtype} {tuple(t.shape)}")
+        last = torch.tensor(positions, dtype=torch.int64).clamp(min=0) // block_size  # each row's last page
+        ids = tables[torch.arange(tables.shape[1]) <= last[:, None]]
+        if ids.numel() and int(ids.max()) >= num_blocks:  # C checks the rest (ids >= 0, positions in range)
+            raise ValueError(f"step_batch: block id {int(ids.max())} out of range ({num_blocks} blocks)")
+        kp = (c_void_p * self.n_layers)(*[t.data_ptr() for t in k_pages])
+        vp = (c_void_p * self.n_layers)(*[t.data_ptr() for t in v_pages])
+        toks, pos = (c_int * B)(*tokens), (c_int * B)(*positions)
+        logits = torch.empty(B, self.vocab, dtype=torch.float32)
+        self._m.n_threads = torch.get_num_threads()
+        if q8:
+            ks = (c_void_p * self.n_layers)(*[t.data_ptr() for t in k_scales])
+            vs = (c_void_p * self.n_layers)(*[t.data_ptr() for t in v_scales])
+            rc = self._lib.ernie_step_batch_q8(ctypes.byref(self._m), B, toks, pos, kp, vp, ks, vs, tables.data_ptr(),
+                                               tables.shape[1], block_size, logits.data_ptr())
+        else:
+            fn = self._lib.ernie_step_batch_rt if int8_round_trip else self._lib.ernie_step_batch
+            rc = fn(ctypes.byref(self._m), B, toks, pos, kp, vp, tables.data_ptr(), tables.shape[1], block_size,
+                    logits.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"C batched decode step failed ({rc})")
         return logits
 
 

@@ -35,7 +35,8 @@ CALL_PARAMS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_token
 
 
 class ChatErnie(BaseChatModel):
-    """ERNIE 4.5 chat model running in-process, decoded by `ernie45.generation`.
+    """ERNIE 4.5 chat model running in-process, decoded by the serving engine (`ernie45.serve.local`): concurrent
+    calls on one model are batched, and a conversation's next turn reuses its cached prefix.
 
     Example:
         ```python
@@ -140,8 +141,8 @@ class ChatErnie(BaseChatModel):
 
     def _prepare(
         self, messages: Sequence[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[Any, Any, list[int], dict[str, Any]]:
-        """(model, tokenizer, prompt ids, generation keywords) for one call."""
+    ) -> tuple[Any, list[int], Any]:
+        """(the model's shared engine, prompt ids, sampling parameters) for one call."""
         kwargs = {k: v for k, v in kwargs.items() if k != "model"}  # a per-call model name only labels traces
         unknown = sorted(set(kwargs) - set(CALL_PARAMS))
         if unknown:
@@ -150,25 +151,31 @@ class ChatErnie(BaseChatModel):
             )
         p = {k: getattr(self, k) for k in CALL_PARAMS} | kwargs
         model, tok = self._loaded()
+        from ernie45.generation import resolve_config
+        from ernie45.serve.engine import SamplingParams
+        from ernie45.serve.local import shared_engine
+
+        engine = shared_engine(model, tok)
         ids = tok.apply_chat_template(to_chat_messages(messages), add_generation_prompt=True, tokenize=True)
-        context = model.config.max_position_embeddings
+        context = engine.max_model_len
         if len(ids) >= context:
             raise ErnieError(f"the prompt has {len(ids)} tokens but the model's context window is {context}")
-        from ernie45.generation import resolve_config
-
-        eos = resolve_config(model).eos_token_ids
-        gen: dict[str, Any] = dict(
-            max_new_tokens=min(int(p["max_tokens"]), context - len(ids)),
-            top_p=p["top_p"],
-            top_k=p["top_k"],
-            repetition_penalty=p["repetition_penalty"],
-            eos_token_id=list(dict.fromkeys(eos + tok.stop_token_ids)),
-            stop_strings=[s for s in (stop if stop is not None else self.stop) or [] if s] or None,
+        given = {k: p[k] for k in ("top_p", "top_k", "repetition_penalty") if p[k] is not None}
+        if p["temperature"] is not None:
+            given.update(temperature=p["temperature"], do_sample=p["temperature"] > 0)
+        cfg = resolve_config(model, **given)  # unset parameters: the checkpoint's generation_config.json
+        sampled = bool(cfg.do_sample) and (cfg.temperature or 0) > 0
+        params = SamplingParams(
+            max_tokens=min(int(p["max_tokens"]), context - len(ids)),
+            temperature=float(cfg.temperature) if sampled else 0.0,
+            top_p=float(cfg.top_p or 1.0) if sampled else 1.0,
+            top_k=int(cfg.top_k or 0) if sampled else 0,
+            repetition_penalty=float(cfg.repetition_penalty or 1.0),
+            stop=tuple(s for s in (stop if stop is not None else self.stop) or [] if s),
+            stop_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + tok.stop_token_ids)),
             seed=p["seed"],
         )
-        if p["temperature"] is not None:
-            gen.update(temperature=p["temperature"], do_sample=p["temperature"] > 0)
-        return model, tok, ids, {k: v for k, v in gen.items() if v is not None}
+        return engine, ids, params
 
     def _generate(
         self,
@@ -177,22 +184,15 @@ class ChatErnie(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        """One reply via `ernie45.generation.generate` (the batch path; `_stream` is the streaming one)."""
-        from ernie45.generation import generate
-
-        model, tok, ids, gen = self._prepare(messages, stop, kwargs)
-        stops = gen.get("stop_strings") or []
-        out = generate(model, [ids], tokenizer=tok, **gen)
-        new = out[0, len(ids) :].tolist()
-        text = tok.decode(new, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            text = text[:cut]
-        reason = "stop" if cut >= 0 or (new and new[-1] in gen["eos_token_id"]) else "length"
+        """One reply, decoded by the model's shared serving engine (`ernie45.serve.local`)."""
+        engine, ids, params = self._prepare(messages, stop, kwargs)
+        text, out = "", None
+        for out in engine.stream(ids, params):
+            text += out.text
         message = AIMessage(
             content=text,
-            usage_metadata=_usage(len(ids), len(new)),
-            response_metadata={"finish_reason": reason, "model_name": self.display_name},
+            usage_metadata=_usage(len(ids), out.num_output_tokens),
+            response_metadata={"finish_reason": out.finish_reason, "model_name": self.display_name},
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
@@ -204,26 +204,24 @@ class ChatErnie(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         """Text pieces as soon as whole characters are decoded; the last chunk carries usage and finish reason."""
-        from ernie45.generation import stream_generate
-
-        model, tok, ids, gen = self._prepare(messages, stop, kwargs)
-        chunks = stream_generate(model, tok, ids, **gen)
+        engine, ids, params = self._prepare(messages, stop, kwargs)
+        outputs = engine.stream(ids, params)
         try:
-            for c in chunks:
-                last = c.finish_reason is not None
+            for out in outputs:
+                last = out.finish_reason is not None
                 message = AIMessageChunk(
-                    content=c.text,
-                    usage_metadata=_usage(c.prompt_tokens, c.generation_tokens) if last else None,
-                    response_metadata={"finish_reason": c.finish_reason, "model_name": self.display_name}
+                    content=out.text,
+                    usage_metadata=_usage(len(ids), out.num_output_tokens) if last else None,
+                    response_metadata={"finish_reason": out.finish_reason, "model_name": self.display_name}
                     if last
                     else {},
                 )
                 chunk = ChatGenerationChunk(message=message)
-                if run_manager and c.text:
-                    run_manager.on_llm_new_token(c.text, chunk=chunk)
+                if run_manager and out.text:
+                    run_manager.on_llm_new_token(out.text, chunk=chunk)
                 yield chunk
         finally:
-            chunks.close()  # a consumer that stops early also stops decoding
+            outputs.close()  # a consumer that stops early also stops decoding
 
 
 def _usage(prompt: int, completion: int) -> UsageMetadata:

@@ -355,7 +355,8 @@ class ErnieForCausalLM(nn.Module):
 
         Args:
             input_ids: (B, S) token ids (or pass `inputs_embeds` (B, S, H)).
-            attention_mask: (B, T) 1 for real tokens, 0 for padding, over cached + new positions.
+            attention_mask: (B, T) 1 for real tokens, 0 for padding, over cached + new positions; or a
+                prebuilt (B, 1, S, T) mask (additive, or boolean for S > 1), used as given (a paged cache's rows).
             position_ids: (B, S); by default derived from `attention_mask` (left padding safe), else arange.
             labels: (B, S) targets, -100 ignored; shifted inside (HF convention). MoE adds coef * aux_loss.
             cache: a `KVCache` from `new_cache`, advanced by S after the call.
@@ -368,14 +369,15 @@ class ErnieForCausalLM(nn.Module):
         past = cache.length if cache is not None else 0
         if cache is not None and past + S > cache.max_len:
             raise ValueError(f"KV cache overflow: {past} + {S} > {cache.max_len}")
+        prebuilt = attention_mask is not None and attention_mask.dim() == 4  # (B, 1, S, T): used as given
         if position_ids is None:
-            if attention_mask is not None:
+            if attention_mask is not None and not prebuilt:
                 pos = attention_mask.long().cumsum(-1) - 1
                 position_ids = pos.clamp(min=0)[:, past:past + S]
             else:
                 position_ids = torch.arange(past, past + S, device=x.device).expand(B, S)
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)
-        mask = build_attention_mask(attention_mask, S, past, x.dtype, x.device)
+        mask = attention_mask if prebuilt else build_attention_mask(attention_mask, S, past, x.dtype, x.device)
         router_logits: list[Tensor] = []
         for layer in self.model.layers:
             x, rl = layer(x, cos, sin, mask, cache)
@@ -392,7 +394,7 @@ class ErnieForCausalLM(nn.Module):
 
         aux_loss = None
         if router_logits and (output_router_logits or labels is not None):
-            aux_mask = None if attention_mask is None else attention_mask[:, past:past + S]
+            aux_mask = None if attention_mask is None or prebuilt else attention_mask[:, past:past + S]
             aux_loss = load_balancing_loss(tuple(router_logits), cfg.moe_num_experts, cfg.moe_k, aux_mask)
         loss = None
         if labels is not None:

@@ -24,13 +24,16 @@ DEFAULT_MAX_TOKENS = 512
 
 
 class LocalBackend:
-    """Decodes with the model in this process (`ernie45.generation.stream_generate`)."""
+    """Decodes with the model in this process, through the serving engine (`ernie45.serve.local.LocalEngine`):
+    several tabs are batched together, and a conversation's next turn reuses its cached prefix."""
 
     def __init__(self, model: Any, tokenizer: Any, name: str):
         from ernie45.generation import resolve_config
+        from ernie45.serve.local import shared_engine
 
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.context = model.config.max_position_embeddings
+        self.engine = shared_engine(model, tokenizer)
+        self.context = self.engine.max_model_len
         cfg = resolve_config(model)
         self.eos = list(dict.fromkeys(cfg.eos_token_ids + tokenizer.stop_token_ids))
         sampled = bool(cfg.do_sample)
@@ -43,25 +46,22 @@ class LocalBackend:
     ) -> Iterator[str]:
         """Text deltas of the reply to `messages`; the oldest turns are dropped when the context is full."""
         from ernie45.commands.chat import fit_history
-        from ernie45.generation import stream_generate
+        from ernie45.serve.engine import SamplingParams
 
         _, ids = fit_history(self.tokenizer, messages, self.context, max_tokens)
-        chunks = stream_generate(
-            self.model,
-            self.tokenizer,
-            ids,
-            max_new_tokens=min(max_tokens, self.context - len(ids)),
-            do_sample=temperature > 0,
+        params = SamplingParams(
+            max_tokens=min(max_tokens, self.context - len(ids)),
             temperature=temperature,
             top_p=top_p,
-            eos_token_id=self.eos,
+            stop_token_ids=tuple(self.eos),
         )
+        outputs = self.engine.stream(ids, params)
         try:
-            for chunk in chunks:
-                if chunk.text:
-                    yield chunk.text
+            for out in outputs:
+                if out.text:
+                    yield out.text
         finally:
-            chunks.close()  # the stop button: no further decode step runs
+            outputs.close()  # the stop button: the engine drops the sequence at its next step
 
 
 class OpenAIBackend:

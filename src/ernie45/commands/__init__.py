@@ -165,8 +165,10 @@ def is_main_rank() -> bool:
 
 def report_speed(chunk: Any, stream: TextIO | None = None) -> None:
     """One line: prompt size and prefill speed, generated tokens and decode speed (the --verbose output)."""
+    cached = getattr(chunk, "cached_tokens", 0)
     print(
-        f"prompt: {chunk.prompt_tokens} tokens, first token after {chunk.ttft * 1000:.0f} ms "
+        f"prompt: {chunk.prompt_tokens} tokens" + (f" ({cached} cached)" if cached else "")
+        + f", first token after {chunk.ttft * 1000:.0f} ms "
         f"({chunk.prompt_tps:.1f} tokens/s) | generated: {chunk.generation_tokens} tokens, "
         f"{chunk.generation_tps:.1f} tokens/s",
         file=stream or sys.stderr,

@@ -62,7 +62,7 @@ def chat(
     """Run the chat loop until /exit or end of input; returns the exit code."""
     import torch
 
-    from ernie45.generation import resolve_config, stream_generate
+    from ernie45.generation import PromptCache, resolve_config, stream_generate
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     interactive = stdin.isatty()
@@ -74,6 +74,7 @@ def chat(
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
+    history = PromptCache()  # each turn prefills only what the conversation added since the last one
     if interactive:
         print(f"ernie45 chat: {HELP}", file=err)
     while True:
@@ -109,6 +110,7 @@ def chat(
             prompt_ids,
             generator=generator,
             max_new_tokens=min(max_new, context - len(prompt_ids)),
+            prompt_cache=history,
             **kwargs,
         ):
             reply.append(chunk.text)

@@ -83,9 +83,12 @@ def checkpoint_info(path: str, dtype: str = "auto") -> dict[str, Any]:
     return info
 
 
-def kv_cache_bytes_per_token(config, dtype) -> int:
-    """Bytes one cached position takes across all layers: keys and values, kv_heads x head_dim each, per layer."""
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+def kv_cache_bytes_per_token(config, dtype, kv_dtype: str = "auto") -> int:
+    """Bytes one cached position takes across all layers: keys and values, kv_heads rows each, per layer
+    (`kv_dtype` int8: the serving engine's 8-bit cache)."""
+    from ernie45.serve.kv import kv_row_bytes
+
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * kv_row_bytes(config.head_dim, dtype, kv_dtype)
 
 
 def run_dtype(dtype: str = "auto"):
@@ -170,7 +173,8 @@ def weight_bytes(config, dtype, quantize: str | None = None, quantize_embedding:
 
 
 def memory_estimate(path: str, quantize: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
-                    max_num_seqs: int = 1, quantize_embedding: bool = False) -> dict[str, Any]:
+                    max_num_seqs: int = 1, quantize_embedding: bool = False,
+                    kv_cache_dtype: str = "auto") -> dict[str, Any]:
     """Predicted resident memory of an inference run of `path`: weights (`weight_bytes`) + KV cache
     (`max_num_seqs` sequences of `max_model_len` positions, default min(context window, 4096)) + the runtime's
     fixed overhead (`RUNTIME_OVERHEAD_BYTES`). Nothing is loaded. `quantize_embedding` (with `quantize`): predict
@@ -196,7 +200,9 @@ def memory_estimate(path: str, quantize: str | None = None, dtype: str = "auto",
                          f"({cfg.max_position_embeddings})")
     dt = run_dtype(dtype)
     weights = weight_bytes(cfg, dt, quantize, quantize_embedding)
-    per_token = kv_cache_bytes_per_token(cfg, dt)
+    if kv_cache_dtype not in ("auto", "int8"):
+        raise ErnieError(f"--kv-cache-dtype must be auto or int8, got {kv_cache_dtype!r}")
+    per_token = kv_cache_bytes_per_token(cfg, dt, kv_cache_dtype)
     kv = per_token * max_model_len * max_num_seqs
     qc = cfg.quantization_config
     return {
@@ -205,6 +211,7 @@ def memory_estimate(path: str, quantize: str | None = None, dtype: str = "auto",
         "embedding": "int8" if quantize_embedding else (qc.get("embedding") if qc else None),
         "weights_bytes": weights,
         "kv_cache_bytes_per_token": per_token,
+        "kv_cache_dtype": "int8" if kv_cache_dtype == "int8" else str(dt).replace("torch.", ""),
         "max_model_len": max_model_len,
         "max_num_seqs": max_num_seqs,
         "kv_cache_bytes": kv,
@@ -228,7 +235,8 @@ def format_memory(mem: dict[str, Any]) -> str:
     rows = [
         ("weights", mem["weights_bytes"], f"one copy, {mem['dtype']}{q}"),
         ("KV cache", mem["kv_cache_bytes"], f"{mem['max_num_seqs']} x {mem['max_model_len']:,} positions x "
-                                            f"{mem['kv_cache_bytes_per_token']:,} B per token"),
+                                            f"{mem['kv_cache_bytes_per_token']:,} B per token "
+                                            f"({mem['kv_cache_dtype']})"),
         ("runtime overhead", mem["overhead_bytes"], "Python, torch, ernie45, C kernels, scratch"),
         ("total", mem["total_bytes"], "predicted peak resident memory"),
     ]
@@ -277,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--memory", action="store_true",
                    help="predict resident memory: weights as held + KV cache + runtime overhead (implied by "
-                        "--quantize, --max-model-len, --max-num-seqs)")
+                        "--quantize, --max-model-len, --max-num-seqs, --kv-cache-dtype)")
     p.add_argument("--quantize", default=None, metavar="MODE",
                    help="predict for weights quantized on loading: wint8, wint4, llm.int8 or nf4 (as generate / "
                         "serve --quantize; the output head stays float)")
@@ -293,13 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=None, metavar="S",
                    help="sequences cached at once (default 1: generate / chat; ernie45 serve allocates its "
                         "--max-num-seqs, default 8)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8"],
+                   help="the KV cache's dtype: auto (the run dtype) or int8 (ernie45 serve --kv-cache-dtype int8)")
     args = p.parse_args(argv)
     memory = args.memory or args.quantize_embedding or any(
-        v is not None for v in (args.quantize, args.max_model_len, args.max_num_seqs))
+        v is not None for v in (args.quantize, args.max_model_len, args.max_num_seqs, args.kv_cache_dtype))
     mem = None
     if memory:  # options are checked before anything is read
         mem = memory_estimate(args.model, args.quantize, args.dtype, args.max_model_len,
-                              1 if args.max_num_seqs is None else args.max_num_seqs, args.quantize_embedding)
+                              1 if args.max_num_seqs is None else args.max_num_seqs, args.quantize_embedding,
+                              args.kv_cache_dtype or "auto")
     info = checkpoint_info(args.model, args.dtype)
     if mem is not None:
         info["memory"] = mem

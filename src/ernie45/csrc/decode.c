@@ -1,9 +1,13 @@
-/* One batch-1 decode step of ERNIE 4.5 (dense and MoE) on CPU, in one call.
+/* One decode step of ERNIE 4.5 (dense and MoE) on CPU, in one call: one sequence (ernie_step) or B sequences
+ * over a paged KV cache (ernie_step_batch; ernie_step is its one-row, one-page case; ernie_step_batch_q8 over an
+ * int8 one).
  *
  * Why C: at batch 1 every token streams every weight once, so a step is a chain of GEMVs bound by memory
  * bandwidth, plus ~25 small element-wise ops per layer. In PyTorch each of those ops costs framework overhead,
  * and PyTorch has no bandwidth-bound bf16 / int8 / int4 GEMV on CPU (see bench/PROFILE.md). Here the whole
- * step runs without returning to Python, with fused dequantising GEMVs that read each weight byte once.
+ * step runs without returning to Python, with fused dequantising GEMVs that read each weight byte once. A batch
+ * reads each weight once for all its rows, and each row's arithmetic is exactly the single-row step's (the same
+ * kernels, roundings and summation orders), so a row's logits do not depend on the batch it is in.
  *
  * Numerics follow ernie45.model exactly, op by op: activations are computed in fp32 and, for a bf16 model,
  * rounded to bf16 wherever the PyTorch forward materialises a bf16 tensor (so greedy tokens match it).
@@ -59,27 +63,32 @@ typedef struct {
     const float *norm;
     Linear head;
     const Layer *layers;
-    int max_width;     /* widest Linear input or output (scratch sizing) */
-    int max_experts;   /* top_k + shared slots */
-    void *scratch;     /* owned, from ernie_prepare */
-    int scratch_len;   /* attention scores capacity per head */
-    float *scores;
+    int max_width;     /* widest Linear input or output (informative: the scratch is sized from the layers) */
+    int max_experts;   /* top_k + shared slots (informative, likewise) */
+    void *scratch;     /* owned (a Scratch, see prepare()); NULL until the first call */
+    int scratch_len;   /* attention scores capacity in positions */
+    float *scores;     /* owned: per thread, (n_heads / n_kv) x scratch_len */
 } Model;
 
 /* The KV layout every attention kernel reads: per layer a pool of pages (num_blocks, n_kv, block_size, head_dim)
- * in the model dtype and a block table; position t of kv head h lives in page table[t / block_size], row
- * t % block_size. The contiguous cache (n_kv, max_len, head_dim) is the one-page case: block_size = max_len,
- * table = {0}. */
+ * and a block table; position t of kv head h lives in page table[t / block_size], row t % block_size. The contiguous
+ * cache (n_kv, max_len, head_dim) is the one-page case: block_size = max_len, table = {0}.
+ * Pages hold the model dtype (scale NULL), or int8 with one fp32 scale per row (scale: (num_blocks, n_kv,
+ * block_size), `--kv-cache-dtype int8` of the server): row x is stored as q = round_half_even(x / s) clamped to
+ * [-127, 127], s = max|x| / 127 (q = 0 where s is 0), and attention reads (float)q * s rounded to the model dtype,
+ * then runs exactly the arithmetic of the float pages (attend_impl's two instances: float pages and int8 pages). */
 typedef struct {
     void *base;
     const int32_t *table;
     int block_size;
+    float *scale;
 } KV;
 
-static inline size_t kv_row(const Model *m, const KV *c, int kvh, int t) {
-    return (((size_t)c->table[t / c->block_size] * m->n_kv + kvh) * c->block_size + t % c->block_size) *
-           m->head_dim;
+/* the row index of (kvh, t) in the pool: its element offset is row * head_dim, its scale scale[row] */
+static inline size_t kv_rowi(const Model *m, const KV *c, int kvh, int t) {
+    return ((size_t)c->table[t / c->block_size] * m->n_kv + kvh) * c->block_size + t % c->block_size;
 }
+static inline size_t kv_row(const Model *m, const KV *c, int kvh, int t) { return kv_rowi(m, c, kvh, t) * m->head_dim; }
 
 /* ---- per-part wall time, for `ernie45 bench` and bench/PROFILE.md ---------------------------------- */
 enum { P_ATTN_PROJ, P_ATTN, P_MLP, P_ROUTER, P_HEAD, P_OTHER, P_N };
@@ -470,7 +479,9 @@ static float dot_i4_x16(const uint8_t *w, const int16_t *xq, float xs, const flo
 }
 #endif
 
-/* ---- GEMV over several Linears at once (one parallel region; rows split evenly over threads) ------- */
+/* ---- GEMV over several Linears and batch rows at once (one parallel region) ------------------------------ */
+/* A Job is one Linear applied to one batch row's x. Consecutive jobs of the same Linear form a group: each weight
+ * row is read once and multiplied with every x of its group while it is hot in L1 (decode is memory-bound). */
 typedef struct {
     const Linear *L;
     const float *x;
@@ -480,14 +491,13 @@ typedef struct {
     const float *xp, *xg;
     const int16_t *xq; /* int16 path: x quantised to int16 (int4: permuted), x ~= xq * xs */
     float xs;
+    int src;           /* the job whose prepared x this one reuses (itself where it prepares) */
+    size_t off;        /* where its prepared x lives in the prep arena */
 } Job;
 
-#define MAX_JOBS 64
+#define JOB(L_, x_, y_) ((Job){(L_), (x_), (y_), NULL, NULL, NULL, NULL, 1.f, 0, 0})
 
-typedef struct {
-    uint16_t *xb;
-    float *xp, *xg;
-} PrepBuf;
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 /* per-group sums of x, for int4's zero-point term (w = q * scale + zb) */
 static const float *group_sums(const float *x, int n, int group, float *out) {
@@ -499,19 +509,25 @@ static const float *group_sums(const float *x, int n, int group, float *out) {
     return out;
 }
 
-static void prep(Job *j, PrepBuf *buf, const Job *prev) {
+/* bytes of a prepared x for L: [xb or xq (int16)] [xp] [xg], as prep() lays them out */
+static size_t prep_bytes(const Linear *L) {
+    size_t n = L->in;
+    if (L->kind == W_F32) return 0;
+    if (L->kind != W_I4) return align64(2 * n);
+    return align64(2 * n) + align64(4 * n) + align64(4 * (n / (L->group > 0 ? L->group : 1)));
+}
+
+static void prep(Job *j, char *buf) {
     const Linear *L = j->L;
     int n = L->in;
-    if (prev && prev->x == j->x && prev->L->kind == L->kind && prev->L->group == L->group) {
-        j->xb = prev->xb, j->xp = prev->xp, j->xg = prev->xg, j->xq = prev->xq, j->xs = prev->xs;
-        return;
-    }
+    uint16_t *xb = (uint16_t *)buf;
+    float *xp = (float *)(buf + align64(2 * (size_t)n)), *xg = (float *)(buf + align64(2 * (size_t)n) + align64(4 * (size_t)n));
 #if defined(HAVE_XQ16)
     if ((L->kind == W_I8 && n % 32 == 0) || (L->kind == W_I4 && L->group % 64 == 0)) {
         float mx = 0.f;
         for (int i = 0; i < n; i++) mx = fabsf(j->x[i]) > mx ? fabsf(j->x[i]) : mx;
         float xs = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / xs;
-        int16_t *xq = (int16_t *)buf->xb;
+        int16_t *xq = (int16_t *)xb;
         if (L->kind == W_I8) {
             for (int i = 0; i < n; i++) xq[i] = (int16_t)lrintf(j->x[i] * inv);
         } else {
@@ -520,7 +536,7 @@ static void prep(Job *j, PrepBuf *buf, const Job *prev) {
                     xq[c + t] = (int16_t)lrintf(j->x[c + 2 * t] * inv);
                     xq[c + 32 + t] = (int16_t)lrintf(j->x[c + 2 * t + 1] * inv);
                 }
-            j->xg = group_sums(j->x, n, L->group, buf->xg);
+            j->xg = group_sums(j->x, n, L->group, xg);
         }
         j->xq = xq, j->xs = xs;
         return;
@@ -528,19 +544,21 @@ static void prep(Job *j, PrepBuf *buf, const Job *prev) {
 #endif
     j->xq = NULL;
     if (L->kind == W_BF16) {
-        for (int i = 0; i < n; i++) buf->xb[i] = f2bf(j->x[i]);
-        j->xb = buf->xb;
+        for (int i = 0; i < n; i++) xb[i] = f2bf(j->x[i]);
+        j->xb = xb;
     } else if (L->kind == W_I4) {
         for (int c = 0; c + 32 <= n; c += 32)
             for (int t = 0; t < 16; t++) {
-                buf->xp[c + t] = j->x[c + 2 * t];
-                buf->xp[c + 16 + t] = j->x[c + 2 * t + 1];
+                xp[c + t] = j->x[c + 2 * t];
+                xp[c + 16 + t] = j->x[c + 2 * t + 1];
             }
-        j->xp = buf->xp, j->xg = group_sums(j->x, n, L->group, buf->xg);
+        j->xp = xp, j->xg = group_sums(j->x, n, L->group, xg);
     }
 }
 
-static inline float row_dot(const Job *j, int r) {
+/* not inlined: one compiled copy for every caller, so the compiler's vectorisation of the `omp simd` reductions (the
+ * plain C loops, the kernels' tails) cannot differ between a lone row and a batch */
+static __attribute__((noinline)) float row_dot(const Job *j, int r) {
     const Linear *L = j->L;
     int n = L->in;
     float y;
@@ -570,34 +588,295 @@ static inline float row_dot(const Job *j, int r) {
     return L->bias ? y + L->bias[r] : y;
 }
 
-static PrepBuf *prep_bufs(const Model *m) { return (PrepBuf *)m->scratch; }
+/* ---- one weight row against the x of several jobs (a group's batch rows) ----------------------------------
+ * Each x gets exactly the single-x kernel's arithmetic (the same accumulators, updated in the same order, the same
+ * reductions), so every result is bitwise row_dot's; the weight vector is loaded (int4: unpacked) once for all.
+ * Taken where the single kernel has no scalar tail; NX jobs at a time fit the vector registers. */
+#if defined(VW)
+#if defined(__AVX512F__)
+#define NX 4
+#define NX_CASES(call) case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; default: call(4)
+#else
+#define NX 2
+#define NX_CASES(call) case 1: call(1); break; default: call(2)
+#endif
+#define INL static inline __attribute__((always_inline))
 
-static void gemv_multi(const Model *m, Job *jobs, int nj, int bf16) {
-    PrepBuf *bufs = prep_bufs(m);
+INL void dots_f32(const int nx, const float *w, const Job *J, int n, float *s) { /* dot_f32, n % VW == 0 */
+    vf a[NX][4];
+    for (int k = 0; k < nx; k++) a[k][0] = a[k][1] = a[k][2] = a[k][3] = vzero();
+    int i = 0;
+    for (; i + 4 * VW <= n; i += 4 * VW) {
+        vf w0 = vload(w + i), w1 = vload(w + i + VW), w2 = vload(w + i + 2 * VW), w3 = vload(w + i + 3 * VW);
+        for (int k = 0; k < nx; k++) {
+            const float *x = J[k].x + i;
+            a[k][0] = vfma(w0, vload(x), a[k][0]);
+            a[k][1] = vfma(w1, vload(x + VW), a[k][1]);
+            a[k][2] = vfma(w2, vload(x + 2 * VW), a[k][2]);
+            a[k][3] = vfma(w3, vload(x + 3 * VW), a[k][3]);
+        }
+    }
+    for (; i + VW <= n; i += VW) {
+        vf w0 = vload(w + i);
+        for (int k = 0; k < nx; k++) a[k][0] = vfma(w0, vload(J[k].x + i), a[k][0]);
+    }
+    for (int k = 0; k < nx; k++) s[k] = vhsum(vadd(vadd(a[k][0], a[k][1]), vadd(a[k][2], a[k][3])));
+}
+
+INL void dots_bf16x(const int nx, const uint16_t *w, const Job *J, int n, float *s) { /* dot_bf16x, n % VW == 0 */
+    vf a[NX][4];
+    for (int k = 0; k < nx; k++) a[k][0] = a[k][1] = a[k][2] = a[k][3] = vzero();
+    int i = 0;
+    for (; i + 4 * VW <= n; i += 4 * VW) {
+        vf w0 = vload_bf16(w + i), w1 = vload_bf16(w + i + VW), w2 = vload_bf16(w + i + 2 * VW),
+           w3 = vload_bf16(w + i + 3 * VW);
+        for (int k = 0; k < nx; k++) {
+            const float *x = J[k].x + i;
+            a[k][0] = vfma(w0, vload(x), a[k][0]);
+            a[k][1] = vfma(w1, vload(x + VW), a[k][1]);
+            a[k][2] = vfma(w2, vload(x + 2 * VW), a[k][2]);
+            a[k][3] = vfma(w3, vload(x + 3 * VW), a[k][3]);
+        }
+    }
+    for (; i + VW <= n; i += VW) {
+        vf w0 = vload_bf16(w + i);
+        for (int k = 0; k < nx; k++) a[k][0] = vfma(w0, vload(J[k].x + i), a[k][0]);
+    }
+    for (int k = 0; k < nx; k++) s[k] = vhsum(vadd(vadd(a[k][0], a[k][1]), vadd(a[k][2], a[k][3])));
+}
+
+#if defined(__AVX512BF16__)
+INL void dots_bf16(const int nx, const uint16_t *w, const Job *J, int n, float *s) { /* dot_bf16, n % 32 == 0 */
+    __m512 a[NX][4];
+    for (int k = 0; k < nx; k++) a[k][0] = a[k][1] = a[k][2] = a[k][3] = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 128 <= n; i += 128) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i), w1 = (__m512bh)_mm512_loadu_si512(w + i + 32),
+                 w2 = (__m512bh)_mm512_loadu_si512(w + i + 64), w3 = (__m512bh)_mm512_loadu_si512(w + i + 96);
+        for (int k = 0; k < nx; k++) {
+            const uint16_t *xb = J[k].xb + i;
+            a[k][0] = _mm512_dpbf16_ps(a[k][0], w0, (__m512bh)_mm512_loadu_si512(xb));
+            a[k][1] = _mm512_dpbf16_ps(a[k][1], w1, (__m512bh)_mm512_loadu_si512(xb + 32));
+            a[k][2] = _mm512_dpbf16_ps(a[k][2], w2, (__m512bh)_mm512_loadu_si512(xb + 64));
+            a[k][3] = _mm512_dpbf16_ps(a[k][3], w3, (__m512bh)_mm512_loadu_si512(xb + 96));
+        }
+    }
+    for (; i + 32 <= n; i += 32) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i);
+        for (int k = 0; k < nx; k++) a[k][0] = _mm512_dpbf16_ps(a[k][0], w0, (__m512bh)_mm512_loadu_si512(J[k].xb + i));
+    }
+    for (int k = 0; k < nx; k++)
+        s[k] = vhsum(_mm512_add_ps(_mm512_add_ps(a[k][0], a[k][1]), _mm512_add_ps(a[k][2], a[k][3]))) + 0.f;
+}
+#endif
+
+INL void dots_i8_x16(const int nx, const int8_t *w, const Job *J, int n, float *s) { /* dot_i8_x16, n % 2VW == 0 */
+    vf f[NX];
+    for (int k = 0; k < nx; k++) f[k] = vzero();
+    int i = 0;
+    while (i + 2 * VW <= n) {
+        int end = i + I8_BLOCK < n ? i + I8_BLOCK : n;
+        vi a[NX][2];
+        for (int k = 0; k < nx; k++) a[k][0] = a[k][1] = vi_zero();
+        for (; i + 4 * VW <= end; i += 4 * VW) {
+            vi w0 = vi_i8to16(w + i), w1 = vi_i8to16(w + i + 2 * VW);
+            for (int k = 0; k < nx; k++) {
+                a[k][0] = vi_dp(a[k][0], w0, vi_load16(J[k].xq + i));
+                a[k][1] = vi_dp(a[k][1], w1, vi_load16(J[k].xq + i + 2 * VW));
+            }
+        }
+        for (; i + 2 * VW <= end; i += 2 * VW) {
+            vi w0 = vi_i8to16(w + i);
+            for (int k = 0; k < nx; k++) a[k][0] = vi_dp(a[k][0], w0, vi_load16(J[k].xq + i));
+        }
+        for (int k = 0; k < nx; k++) f[k] = vadd(f[k], vi_tof(vi_add(a[k][0], a[k][1])));
+    }
+    for (int k = 0; k < nx; k++) s[k] = vhsum(f[k]);
+}
+
+INL void dots_i4_x16(const int nx, const uint8_t *w, const Job *J, const Linear *L, size_t g0, int n, int group,
+                     float *s) { /* dot_i4_x16 */
+    vf acc[NX];
+    float extra[NX];
+    for (int k = 0; k < nx; k++) acc[k] = vzero(), extra[k] = 0.f;
+    for (int gi = 0; gi < n / group; gi++) {
+        const uint8_t *p = w + (size_t)gi * group / 2;
+        vi a[NX];
+        for (int k = 0; k < nx; k++) a[k] = vi_zero();
+        for (int c = 0; c < group; c += 64)
+            for (int q = 0; q < 32; q += 2 * VW) {
+                vi b = vi_u8to16(p + c / 2 + q), lo = vi_lo4(b), hi = vi_hi4(b);
+                for (int k = 0; k < nx; k++) {
+                    const int16_t *xg16 = J[k].xq + (size_t)gi * group;
+                    a[k] = vi_dp(a[k], lo, vi_load16(xg16 + c + q));
+                    a[k] = vi_dp(a[k], hi, vi_load16(xg16 + c + 32 + q));
+                }
+            }
+        float sc = sz_at(L->scale, g0 + gi, L->sdt), zb = zb_at(L, g0 + gi);
+        for (int k = 0; k < nx; k++) {
+            acc[k] = vfma(vi_tof(a[k]), vset1(sc * J[k].xs), acc[k]);
+            extra[k] += zb * J[k].xg[gi];
+        }
+    }
+    for (int k = 0; k < nx; k++) s[k] = vhsum(acc[k]) + extra[k];
+}
+
+/* row r of the jobs J[0..nx) (one Linear, nx <= NX), each as row_dot(&J[k], r) */
+static void row_dots(const Job *J, int nx, int r) {
+    const Linear *L = J->L;
+    int n = L->in;
+    float s[NX];
+    switch (L->kind) {
+    case W_F32:
+        if (n % VW) goto single;
+#define C(k) dots_f32(k, (const float *)L->w + (size_t)r * n, J, n, s)
+        switch (nx) { NX_CASES(C); }
+#undef C
+        break;
+    case W_BF16:
+#if defined(__AVX512BF16__)
+        if (n % 32) goto single;
+#define C(k) dots_bf16(k, (const uint16_t *)L->w + (size_t)r * n, J, n, s)
+#else
+        if (n % VW) goto single;
+#define C(k) dots_bf16x(k, (const uint16_t *)L->w + (size_t)r * n, J, n, s)
+#endif
+        switch (nx) { NX_CASES(C); }
+#undef C
+        break;
+    case W_I8:
+        if (!J->xq || n % (2 * VW)) goto single;
+#define C(k) dots_i8_x16(k, (const int8_t *)L->w + (size_t)r * n, J, n, s)
+        switch (nx) { NX_CASES(C); }
+#undef C
+        for (int k = 0; k < nx; k++) s[k] = s[k] * (J[k].xs * sz_at(L->scale, r, L->sdt));
+        break;
+    default:
+        if (!J->xq) goto single;
+#define C(k) dots_i4_x16(k, (const uint8_t *)L->w + (size_t)r * (n / 2), J, L, (size_t)r * (n / L->group), n, L->group, s)
+        switch (nx) { NX_CASES(C); }
+#undef C
+    }
+    for (int k = 0; k < nx; k++) J[k].y[r] = L->bias ? s[k] + L->bias[r] : s[k];
+    return;
+single:
+    for (int k = 0; k < nx; k++) J[k].y[r] = row_dot(&J[k], r);
+}
+#else
+#define NX 1
+static void row_dots(const Job *J, int nx, int r) {
+    for (int k = 0; k < nx; k++) J[k].y[r] = row_dot(&J[k], r);
+}
+#endif
+
+/* ---- scratch -------------------------------------------------------------------------------------- */
+/* Everything a step needs besides the weights and the caller's buffers, sized for cap_b batch rows; rows are
+ * B consecutive vectors of the stride named beside each array (rounded up to 16 floats). */
+typedef struct {
+    float *x, *n, *o, *blk; /* hidden (sh) */
+    float *q, *att;         /* n_heads * head_dim (sq) */
+    float *k, *v;           /* n_kv * head_dim (skv) */
+    float *g, *u, *a;       /* MLP / expert intermediates (sf): expert slot s at s * expert width, shared last */
+    float *y;               /* expert outputs (sy = slots x hidden) */
+    float *probs;           /* router probabilities (se) */
+    float *rw;              /* routing weights (sk) */
+    float *cs, *sn;         /* RoPE cos / sin (sd) */
+    int *sel;               /* selected experts, id order (sk) */
+    int *pairs;             /* (row, slot) pairs grouped by expert: row * sk + slot */
+    int *cnt;               /* per expert: first pair (E + 1) */
+    int *T;                 /* positions attended per row */
+    Job *jobs;
+    int *hash;              /* prep sharing in gemv_multi: hash_len slots */
+} Act;
+
+typedef struct {
+    int cap_b, cap_threads, hash_len, cap_jobs;
+    int sh, sq, skv, sf, sy, se, sk, sd; /* strides (floats / ints) */
+    void *rows;                          /* the block Act points into */
+    char *prep;                          /* prepared x (prep()), grown on demand */
+    size_t prep_cap;
+    Act a;
+} Scratch;
+
+static inline void share_prep(Job *jobs, int j) {
+    const Job *o = &jobs[jobs[j].src];
+    if (o != &jobs[j]) jobs[j].xb = o->xb, jobs[j].xp = o->xp, jobs[j].xg = o->xg, jobs[j].xq = o->xq, jobs[j].xs = o->xs;
+}
+
+/* one GEMV over every job: prep each distinct x once (a row's q/k/v share one), then rows split over threads */
+static int gemv_multi(const Model *m, Job *jobs, int nj, int bf16) {
+    Scratch *s = (Scratch *)m->scratch;
+    int hn = s->hash_len, *hash = s->a.hash;
+    if (2 * nj > hn) return -1; /* never: cap_jobs bounds every call */
+    for (int i = 0; i < hn; i++) hash[i] = -1;
+    size_t bytes = 0;
+    int owners = 0;
+    for (int j = 0; j < nj; j++) { /* jobs with the same x and the same prepared form share one (prep is pure) */
+        const Linear *L = jobs[j].L;
+        unsigned h = (unsigned)(((uintptr_t)jobs[j].x >> 2) * 2654435761u) ^ (unsigned)(L->kind * 977 + L->group);
+        for (h &= hn - 1;; h = (h + 1) & (hn - 1)) {
+            int o = hash[h];
+            if (o < 0) {
+                hash[h] = j, jobs[j].src = j, jobs[j].off = bytes, owners++;
+                bytes += prep_bytes(L);
+                break;
+            }
+            const Linear *P = jobs[o].L;
+            if (jobs[o].x == jobs[j].x && P->kind == L->kind && P->group == L->group && P->in == L->in) {
+                jobs[j].src = o;
+                break;
+            }
+        }
+    }
+    if (bytes > s->prep_cap) {
+        free(s->prep);
+        s->prep_cap = 0;
+        if (!(s->prep = aligned_alloc(64, align64(bytes)))) return -1;
+        s->prep_cap = align64(bytes);
+    }
+    /* rows are split by cost: a row of a group of nb jobs counts nb + 2 (one read of the weight row, nb dots) */
     long total = 0;
-    for (int j = 0; j < nj; j++) {
-        prep(&jobs[j], &bufs[j], j ? &jobs[j - 1] : NULL);
-        total += jobs[j].L->out;
+    for (int j = 0, e; j < nj; j = e) {
+        for (e = j + 1; e < nj && jobs[e].L == jobs[j].L; e++) {}
+        total += (long)jobs[j].L->out * (e - j + 2);
+    }
+    /* each distinct x is prepared once (by many threads when there are many), then shared by its other jobs */
+    int serial = owners < 4;
+    if (serial) {
+        for (int j = 0; j < nj; j++)
+            if (jobs[j].src == j) prep(&jobs[j], s->prep + jobs[j].off);
+        for (int j = 0; j < nj; j++) share_prep(jobs, j);
     }
 #pragma omp parallel num_threads(m->n_threads)
     {
+        if (!serial) {
+#pragma omp for schedule(dynamic)
+            for (int j = 0; j < nj; j++)
+                if (jobs[j].src == j) prep(&jobs[j], s->prep + jobs[j].off);
+#pragma omp for schedule(static)
+            for (int j = 0; j < nj; j++) share_prep(jobs, j);
+        }
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        long r0 = total * t / nt, r1 = total * (t + 1) / nt, base = 0;
-        for (int j = 0; j < nj && base < r1; j++) {
-            long out = jobs[j].L->out;
-            long a = r0 > base ? r0 - base : 0, b = r1 - base < out ? r1 - base : out;
+        long c0 = total * t / nt, c1 = total * (t + 1) / nt, base = 0;
+        for (int j = 0, e; j < nj && base < c1; j = e) {
+            for (e = j + 1; e < nj && jobs[e].L == jobs[j].L; e++) {}
+            long out = jobs[j].L->out, u = e - j + 2; /* row r starts at cost base + r * u */
+            long a = c0 > base ? (c0 - base + u - 1) / u : 0, b = (c1 - base + u - 1) / u;
+            a = a < out ? a : out, b = b < out ? b : out;
             /* one row at a time: a single sequential stream per thread is what the hardware prefetcher
-             * follows best (measured: interleaving 4 rows cut bf16 GEMV bandwidth from ~44 to ~24 GB/s) */
-            for (long r = a; r < b; r++) jobs[j].y[r] = row_dot(&jobs[j], (int)r);
-            base += out;
+             * follows best (measured: interleaving 4 rows cut bf16 GEMV bandwidth from ~44 to ~24 GB/s); the
+             * row's other dots read it from L1 */
+            if (e - j == 1)
+                for (long r = a; r < b; r++) jobs[j].y[r] = row_dot(&jobs[j], (int)r);
+            else
+                for (long r = a; r < b; r++)
+                    for (int k = j; k < e; k += NX) row_dots(&jobs[k], e - k < NX ? e - k : NX, (int)r);
+            if (b > a)
+                for (int k = j; k < e; k++) round_vec(jobs[k].y + a, (int)(b - a), bf16);
+            base += out * u;
         }
     }
-    for (int j = 0; j < nj; j++) round_vec(jobs[j].y, jobs[j].L->out, bf16);
-}
-
-static void gemv(const Model *m, const Linear *L, const float *x, float *y) {
-    Job j = {L, x, y, NULL, NULL, NULL, NULL, 1.f};
-    gemv_multi(m, &j, 1, m->bf16);
+    return 0;
 }
 
 
@@ -661,11 +940,45 @@ static void add_into(const Model *m, float *x, const float *y, int n) {
     for (int i = 0; i < n; i++) x[i] = m->bf16 ? rb(x[i] + y[i]) : x[i] + y[i];
 }
 
+/* ---- reading the cache ------------------------------------------------------------------------------ */
+/* one int8 cache element as attention reads it: (float)q * s in fp32, rounded to the model dtype (the engine's
+ * `(q.float() * s).to(dtype)`) */
+static inline float kv_deq(int8_t q, float s, int bf) {
+    float v = (float)q * s;
+    return bf ? rb(v) : v;
+}
+
+/* the row at element offset `off` of c as the fp32 values attention reads: fp32 pages in place, bf16 widened
+ * (exact), int8 dequantised into `row` */
+static inline __attribute__((always_inline)) const float *kv_widen(const Model *m, const KV *c, size_t off,
+                                                                   float *row) {
+    int d = m->head_dim, bf = m->bf16, i = 0;
+    if (c->scale) {
+        const int8_t *p = (const int8_t *)c->base + off;
+        float s = c->scale[off / d];
+#if defined(VW)
+        for (; i + VW <= d; i += VW) {
+            vf v = vmul(vload_i8(p + i), vset1(s));
+            vstore(row + i, bf ? vrb(v) : v);
+        }
+#endif
+        for (; i < d; i++) row[i] = kv_deq(p[i], s, bf);
+        return row;
+    }
+    if (!bf) return (const float *)c->base + off;
+    const uint16_t *p = (const uint16_t *)c->base + off;
+    for (; i < d; i++) row[i] = bf2f(p[i]);
+    return row;
+}
+
 /* ---- attention over the cache --------------------------------------------------------------------- */
 /* Query heads h0..h1 (all reading kv head kvh) against positions 0..T-1: each K/V row is widened to fp32 once
- * and used by every head of the group (GQA), and exp is vectorised. */
-static void attend_group(const Model *m, const float *q, const KV *kc, const KV *vc, int T, int kvh, int h0,
-                         int h1, float *out) {
+ * and used by every head of the group (GQA), and exp is vectorised. Int8 pages are dequantised where float pages
+ * are widened, into the same fp32 (or bf16) values, and then go through the same arithmetic. */
+static inline __attribute__((always_inline)) void attend_impl(const Model *m, const float *q, const KV *kc,
+                                                              const KV *vc, int T, int kvh, int h0, int h1,
+                                                              float *out, float *sc, const int q8) {
+    (void)q8; /* read by the vector kernels only */
     int d = m->head_dim, bf = m->bf16;
     float scale = 1.0f / sqrtf((float)d), row[MAX_HEAD_DIM];
     const size_t L = m->scratch_len;
@@ -674,13 +987,30 @@ static void attend_group(const Model *m, const float *q, const KV *kc, const KV 
     if (d % VW == 0 && d <= 256) { /* Q K^T VW positions at a time: K block widened once, VW dots reduced together */
         static __thread float kblk[VW * 256];
 #if defined(__AVX512BF16__)
-        if (bf && h1 - h0 <= 16) { /* bf16 cache: multiply bf16 pairs straight from the cache (q holds bf16 values) */
-            static __thread uint16_t qb[16 * 256];
+        if (bf && h1 - h0 <= 16 && d % 32 == 0) { /* bf16 pairs straight from the cache (q holds bf16 values) */
+            static __thread uint16_t qb[16 * 256], kb[16 * 256 + 32]; /* kb: int8 rows dequantised to bf16 */
             for (int h = h0; h < h1; h++)
                 for (int i = 0; i < d; i++) qb[(h - h0) * d + i] = f2bf(q[(size_t)h * d + i]);
             for (; t0 + 16 <= T; t0 += 16) {
                 const uint16_t *kr[16];
-                for (int k = 0; k < 16; k++) kr[k] = (const uint16_t *)kc->base + kv_row(m, kc, kvh, t0 + k);
+                if (!q8) {
+                    for (int k = 0; k < 16; k++) kr[k] = (const uint16_t *)kc->base + kv_row(m, kc, kvh, t0 + k);
+                } else {
+                    /* the high halves of 2 x 16 bf16-rounded fp32 lanes: their 32 bf16 values, in order */
+                    const __m512i hi = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                                        31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+                    for (int k = 0; k < 16; k++) {
+                        size_t r = kv_rowi(m, kc, kvh, t0 + k);
+                        const int8_t *p = (const int8_t *)kc->base + r * d;
+                        __m512 vs = _mm512_set1_ps(kc->scale[r]);
+                        for (int c = 0; c < d; c += 32) {
+                            __m512i u0 = _mm512_castps_si512(vrb(_mm512_mul_ps(vload_i8(p + c), vs)));
+                            __m512i u1 = _mm512_castps_si512(vrb(_mm512_mul_ps(vload_i8(p + c + 16), vs)));
+                            _mm512_storeu_si512(kb + k * d + c, _mm512_permutex2var_epi16(u0, hi, u1));
+                        }
+                        kr[k] = kb + k * d;
+                    }
+                }
                 for (int h = h0; h < h1; h++) {
                     __m512 v[16];
                     for (int k = 0; k < 16; k++) v[k] = _mm512_setzero_ps();
@@ -691,17 +1021,29 @@ static void attend_group(const Model *m, const float *q, const KV *kc, const KV 
                     }
                     __m512 r = vsum_lanes(v);
                     r = vrb(_mm512_mul_ps(vrb(r), _mm512_set1_ps(scale)));
-                    _mm512_storeu_ps(m->scores + h * L + t0, r);
+                    _mm512_storeu_ps(sc + (h - h0) * L + t0, r);
                 }
             }
         }
 #endif
         for (; t0 + VW <= T; t0 += VW) {
-            for (int k = 0; k < VW; k++) {
-                size_t off = kv_row(m, kc, kvh, t0 + k);
-                for (int c = 0; c < d; c += VW)
-                    vstore(kblk + k * d + c, bf ? vload_bf16((const uint16_t *)kc->base + off + c)
-                                                : vload((const float *)kc->base + off + c));
+            if (q8) {
+                for (int k = 0; k < VW; k++) {
+                    size_t r = kv_rowi(m, kc, kvh, t0 + k);
+                    const int8_t *p = (const int8_t *)kc->base + r * d;
+                    vf vs = vset1(kc->scale[r]);
+                    for (int c = 0; c < d; c += VW) {
+                        vf v = vmul(vload_i8(p + c), vs);
+                        vstore(kblk + k * d + c, bf ? vrb(v) : v);
+                    }
+                }
+            } else {
+                for (int k = 0; k < VW; k++) {
+                    size_t off = kv_row(m, kc, kvh, t0 + k);
+                    for (int c = 0; c < d; c += VW)
+                        vstore(kblk + k * d + c, bf ? vload_bf16((const uint16_t *)kc->base + off + c)
+                                                    : vload((const float *)kc->base + off + c));
+                }
             }
             for (int h = h0; h < h1; h++) {
                 const float *qh = q + (size_t)h * d;
@@ -713,94 +1055,95 @@ static void attend_group(const Model *m, const float *q, const KV *kc, const KV 
                 }
                 vf r = vsum_lanes(v), vs = vset1(scale);
                 r = bf ? vrb(vmul(vrb(r), vs)) : vmul(r, vs);
-                vstore(m->scores + h * L + t0, r);
+                vstore(sc + (h - h0) * L + t0, r);
             }
         }
     }
 #endif
     for (int t = t0; t < T; t++) {
-        size_t off = kv_row(m, kc, kvh, t);
-        const float *k = (const float *)kc->base + off;
-        if (bf) {
-            const uint16_t *kb = (const uint16_t *)kc->base + off;
-            for (int i = 0; i < d; i++) row[i] = bf2f(kb[i]);
-            k = row;
-        }
+        const float *k = kv_widen(m, kc, kv_row(m, kc, kvh, t), row);
         for (int h = h0; h < h1; h++) {
             float s = dot_f32(k, q + (size_t)h * d, d);
-            m->scores[h * L + t] = bf ? rb(rb(s) * scale) : s * scale;
+            sc[(h - h0) * L + t] = bf ? rb(rb(s) * scale) : s * scale;
         }
     }
     for (int h = h0; h < h1; h++) { /* softmax in fp32, as `scores.float().softmax(-1)` */
-        float *sc = m->scores + h * L, mx = -INFINITY, sum = 0.f;
-        for (int t = 0; t < T; t++) mx = sc[t] > mx ? sc[t] : mx;
+        float *sh = sc + (h - h0) * L, mx = -INFINITY, sum = 0.f;
+        for (int t = 0; t < T; t++) mx = sh[t] > mx ? sh[t] : mx;
         int t = 0;
 #if defined(VW)
         vf acc = vzero(), vmx = vset1(mx);
         for (; t + VW <= T; t += VW) {
-            vf e = vexp(vsub(vload(sc + t), vmx));
-            vstore(sc + t, e);
+            vf e = vexp(vsub(vload(sh + t), vmx));
+            vstore(sh + t, e);
             acc = vadd(acc, e);
         }
         sum = vhsum(acc);
 #endif
-        for (; t < T; t++) sum += (sc[t] = expf(sc[t] - mx));
-        for (t = 0; t < T; t++) sc[t] = bf ? rb(sc[t] / sum) : sc[t] / sum;
+        for (; t < T; t++) sum += (sh[t] = expf(sh[t] - mx));
+        for (t = 0; t < T; t++) sh[t] = bf ? rb(sh[t] / sum) : sh[t] / sum;
         float *oh = out + (size_t)h * d;
         for (int i = 0; i < d; i++) oh[i] = 0.f;
     }
 #if defined(VW)
     if (d % VW == 0) { /* P @ V with up to 8 heads' accumulators in registers, VW dimensions at a time */
+/* one page's run of rows t..e-1: `v` is row t's VW elements (LOAD), the row pointers step by ADVANCE */
+#define PV_RUN(LOAD, ...)                                                                                         \
+    if (nb == 8) { /* the GQA group of the 0.3B / 21B shapes: accumulators stay in registers */                  \
+        vf a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6], a7 = acc[7]; \
+        for (int e = t + run; t < e; t++, __VA_ARGS__) {                                                          \
+            vf v = LOAD;                                                                                          \
+            a0 = vfma(vset1(ps[t]), v, a0);                                                                       \
+            a1 = vfma(vset1(ps[L + t]), v, a1);                                                                   \
+            a2 = vfma(vset1(ps[2 * L + t]), v, a2);                                                               \
+            a3 = vfma(vset1(ps[3 * L + t]), v, a3);                                                               \
+            a4 = vfma(vset1(ps[4 * L + t]), v, a4);                                                               \
+            a5 = vfma(vset1(ps[5 * L + t]), v, a5);                                                               \
+            a6 = vfma(vset1(ps[6 * L + t]), v, a6);                                                               \
+            a7 = vfma(vset1(ps[7 * L + t]), v, a7);                                                               \
+        }                                                                                                         \
+        acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;   \
+    } else {                                                                                                      \
+        for (int e = t + run; t < e; t++, __VA_ARGS__) {                                                          \
+            vf v = LOAD;                                                                                          \
+            for (int k = 0; k < nb; k++) acc[k] = vfma(vset1(ps[k * L + t]), v, acc[k]);                          \
+        }                                                                                                         \
+    }
         for (int hb = h0; hb < h1; hb += 8) {
             int nb = h1 - hb < 8 ? h1 - hb : 8;
-            const float *ps = m->scores + hb * L;
+            const float *ps = sc + (hb - h0) * L;
             for (int c = 0; c < d; c += VW) {
                 vf acc[8];
                 for (int k = 0; k < 8; k++) acc[k] = vzero();
-                for (int t = 0; t < T;) { /* page by page: the rows of a page are contiguous */
+                for (int t = 0; t < T;) { /* page by page: the rows of a page (and their scales) are contiguous */
                     int run = vc->block_size - t % vc->block_size;
                     run = run < T - t ? run : T - t;
-                    size_t off = kv_row(m, vc, kvh, t) + c;
-                    if (nb == 8) { /* the GQA group of the 0.3B / 21B shapes: accumulators stay in registers */
-                        vf a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6],
-                           a7 = acc[7];
-                        for (int e = t + run; t < e; t++, off += d) {
-                            vf v = bf ? vload_bf16((const uint16_t *)vc->base + off) : vload((const float *)vc->base + off);
-                            a0 = vfma(vset1(ps[t]), v, a0);
-                            a1 = vfma(vset1(ps[L + t]), v, a1);
-                            a2 = vfma(vset1(ps[2 * L + t]), v, a2);
-                            a3 = vfma(vset1(ps[3 * L + t]), v, a3);
-                            a4 = vfma(vset1(ps[4 * L + t]), v, a4);
-                            a5 = vfma(vset1(ps[5 * L + t]), v, a5);
-                            a6 = vfma(vset1(ps[6 * L + t]), v, a6);
-                            a7 = vfma(vset1(ps[7 * L + t]), v, a7);
+                    size_t r = kv_rowi(m, vc, kvh, t), off = r * d + c;
+                    if (q8) {
+                        const int8_t *p = (const int8_t *)vc->base + off;
+                        const float *sp = vc->scale + r;
+                        if (bf) {
+                            PV_RUN(vrb(vmul(vload_i8(p), vset1(*sp))), p += d, sp++)
+                        } else {
+                            PV_RUN(vmul(vload_i8(p), vset1(*sp)), p += d, sp++)
                         }
-                        acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6,
-                        acc[7] = a7;
                     } else {
-                        for (int e = t + run; t < e; t++, off += d) {
-                            vf v = bf ? vload_bf16((const uint16_t *)vc->base + off) : vload((const float *)vc->base + off);
-                            for (int k = 0; k < nb; k++) acc[k] = vfma(vset1(ps[k * L + t]), v, acc[k]);
-                        }
+                        PV_RUN(bf ? vload_bf16((const uint16_t *)vc->base + off) : vload((const float *)vc->base + off),
+                               off += d)
                     }
                 }
                 for (int k = 0; k < nb; k++) vstore(out + (size_t)(hb + k) * d + c, acc[k]);
             }
         }
+#undef PV_RUN
         for (int h = h0; h < h1; h++) round_vec(out + (size_t)h * d, d, bf);
         return;
     }
 #endif
     for (int t = 0; t < T; t++) {
-        size_t off = kv_row(m, vc, kvh, t);
-        const float *v = (const float *)vc->base + off;
-        if (bf) {
-            const uint16_t *vb = (const uint16_t *)vc->base + off;
-            for (int i = 0; i < d; i++) row[i] = bf2f(vb[i]);
-            v = row;
-        }
+        const float *v = kv_widen(m, vc, kv_row(m, vc, kvh, t), row);
         for (int h = h0; h < h1; h++) {
-            float p = m->scores[h * L + t], *oh = out + (size_t)h * d;
+            float p = sc[(h - h0) * L + t], *oh = out + (size_t)h * d;
 #pragma omp simd
             for (int i = 0; i < d; i++) oh[i] += p * v[i];
         }
@@ -808,36 +1151,87 @@ static void attend_group(const Model *m, const float *q, const KV *kc, const KV 
     for (int h = h0; h < h1; h++) round_vec(out + (size_t)h * d, d, bf);
 }
 
-static void attention(const Model *m, const float *q, const KV *kc, const KV *vc, int T, float *out) {
+/* the kernel specialised (two functions, so each has its own code and registers) for float pages and for int8
+ * pages; kc and vc are both one or the other */
+static __attribute__((noinline)) void attend_float(const Model *m, const float *q, const KV *kc, const KV *vc, int T,
+                                                   int kvh, int h0, int h1, float *out, float *sc) {
+    attend_impl(m, q, kc, vc, T, kvh, h0, h1, out, sc, 0);
+}
+static __attribute__((noinline)) void attend_int8(const Model *m, const float *q, const KV *kc, const KV *vc, int T,
+                                                  int kvh, int h0, int h1, float *out, float *sc) {
+    attend_impl(m, q, kc, vc, T, kvh, h0, h1, out, sc, 1);
+}
+static void attend_group(const Model *m, const float *q, const KV *kc, const KV *vc, int T, int kvh, int h0,
+                         int h1, float *out, float *sc) {
+    (kc->scale ? attend_int8 : attend_float)(m, q, kc, vc, T, kvh, h0, h1, out, sc);
+}
+
+/* Every (batch row, kv head, part of its query group) is one task; a row reads its own pages. The group is split
+ * as for a single row (by threads and kv heads only), so a row's result does not depend on the batch. Scores live
+ * per thread: group x scratch_len floats each. */
+static void attention(const Model *m, int B, const float *q, int sq, void *kbase, void *vbase, float *kscale,
+                      float *vscale, const int32_t *tables, int stride, int bs, const int *T, float *out) {
     int group = m->n_heads / m->n_kv, split = m->n_threads / m->n_kv;
     split = split < 1 ? 1 : split > group ? group : split; /* enough tasks for every thread */
-#pragma omp parallel for num_threads(m->n_threads) schedule(static)
-    for (int task = 0; task < m->n_kv * split; task++) {
-        int kvh = task / split, part = task % split;
-        attend_group(m, q, kc, vc, T, kvh, kvh * group + group * part / split, kvh * group + group * (part + 1) / split,
-                     out);
+    int per = m->n_kv * split;
+#pragma omp parallel for num_threads(m->n_threads) schedule(dynamic)
+    for (int task = 0; task < B * per; task++) {
+        int b = task / per, kvh = task % per / split, part = task % split;
+        KV kc = {kbase, tables + (size_t)b * stride, bs, kscale}, vc = {vbase, tables + (size_t)b * stride, bs, vscale};
+        float *sc = m->scores + (size_t)omp_get_thread_num() * group * m->scratch_len;
+        attend_group(m, q + (size_t)b * sq, &kc, &vc, T[b], kvh, kvh * group + group * part / split,
+                     kvh * group + group * (part + 1) / split, out + (size_t)b * sq, sc);
     }
 }
 
-static void store_kv(const Model *m, const KV *c, const float *src, int pos) {
+/* One K or V row x (d fp32 values) quantised to int8 as the engine's PyTorch reference does it: x rounded to the
+ * model dtype, s = max|x| / 127 (fp32), q = round_half_even(x / s) (one fp32 division per element) clamped to
+ * [-127, 127], q = 0 where s is not > 0. Returns s. */
+static float quant_row(const Model *m, const float *src, int8_t *q) {
+    int d = m->head_dim, nan = 0;
+    float x[MAX_HEAD_DIM], amax = 0.f;
+    for (int i = 0; i < d; i++) {
+        x[i] = m->bf16 ? rb(src[i]) : src[i];
+        float a = fabsf(x[i]);
+        nan |= a != a;
+        amax = a > amax ? a : amax;
+    }
+    if (nan) amax = NAN; /* torch's amax propagates NaN */
+    float s = amax / 127.0f;
+    for (int i = 0; i < d; i++) {
+        float r = s > 0 ? nearbyintf(x[i] / s) : 0.f; /* the default rounding mode: half to even */
+        r = r < -127.f ? -127.f : r > 127.f ? 127.f : r;
+        q[i] = r == r ? (int8_t)r : 0;
+    }
+    return s;
+}
+
+/* Row `pos` of every kv head from src (n_kv x d fp32): in the model dtype, or int8 + scale (int8 pages), or with
+ * round_trip (float pages) as the int8 row dequantised, the values attention reads from int8 pages. */
+static void store_kv(const Model *m, const KV *c, const float *src, int pos, int round_trip) {
     int d = m->head_dim;
     for (int h = 0; h < m->n_kv; h++) {
         size_t off = kv_row(m, c, h, pos);
+        const float *x = src + (size_t)h * d;
+        float y[MAX_HEAD_DIM];
+        if (c->scale) {
+            c->scale[off / d] = quant_row(m, x, (int8_t *)c->base + off);
+            continue;
+        }
+        if (round_trip) {
+            int8_t q[MAX_HEAD_DIM];
+            float s = quant_row(m, x, q);
+            for (int i = 0; i < d; i++) y[i] = kv_deq(q[i], s, m->bf16);
+            x = y;
+        }
         if (m->bf16) {
             uint16_t *p = (uint16_t *)c->base + off;
-            for (int i = 0; i < d; i++) p[i] = f2bf(src[(size_t)h * d + i]);
+            for (int i = 0; i < d; i++) p[i] = f2bf(x[i]);
         } else {
-            memcpy((float *)c->base + off, src + (size_t)h * d, sizeof(float) * d);
+            memcpy((float *)c->base + off, x, sizeof(float) * d);
         }
     }
 }
-
-/* ---- scratch -------------------------------------------------------------------------------------- */
-typedef struct {
-    float *x, *n, *q, *k, *v, *att, *o, *blk, *g, *u, *a, *y, *probs;
-} Act;
-
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 /* the vector width of the kernels built: 512 (AVX-512), 256 (AVX2 + FMA) or 0 (the plain C loops) */
 int ernie_simd_width(void) {
@@ -870,70 +1264,108 @@ const char *ernie_isa(void) {
         ;
 }
 
-int ernie_prepare(Model *m, int max_len) {
-    if (m->scratch && m->scratch_len >= max_len) return 0;
-    free(m->scratch);
-    int W = m->max_width, S = m->max_experts, qd = m->n_heads * m->head_dim;
-    size_t prep = (size_t)MAX_JOBS * align64(sizeof(PrepBuf));
-    size_t per_job = align64(W * 2) + align64(W * 4) + align64(W * 4);
-    size_t act = sizeof(float) * ((size_t)W * 4 + (size_t)qd * 4 + (size_t)S * W * 4 + 4096 + 64);
-    size_t scores = sizeof(float) * (size_t)m->n_heads * max_len;
-    size_t total = prep + MAX_JOBS * per_job + act + scores + 64 * 32;
-    char *p = aligned_alloc(64, align64(total));
-    if (!p) return -1;
-    m->scratch = p;
-    m->scratch_len = max_len;
-    PrepBuf *bufs = (PrepBuf *)p;
-    char *q = p + prep;
-    for (int j = 0; j < MAX_JOBS; j++) {
-        bufs[j].xb = (uint16_t *)q, q += align64(W * 2);
-        bufs[j].xp = (float *)q, q += align64(W * 4);
-        bufs[j].xg = (float *)q, q += align64(W * 4);
+/* ---- scratch sizing ------------------------------------------------------------------------------- */
+static inline int imax(int a, int b) { return a > b ? a : b; }
+static inline int pad16(int n) { return (n + 15) & ~15; }
+
+/* the widest expert intermediate of a MoE layer (an expert slot's width in g / u / a) */
+static int expert_width(const Layer *L) {
+    int w = 1;
+    for (int e = 0; e < L->n_experts; e++) {
+        const Linear *x = &L->experts[e * 3];
+        w = imax(w, imax(imax(x[0].out, x[1].out), x[2].in));
     }
-    m->scores = (float *)q;
+    return w;
+}
+
+static size_t layout(Scratch *s, char *base, int B) {
+    size_t off = 0;
+#define TAKE(f, type, count) \
+    (s->a.f = base ? (type *)(base + off) : NULL, off += align64(sizeof(type) * (size_t)(count)))
+    TAKE(x, float, B * s->sh), TAKE(n, float, B * s->sh), TAKE(o, float, B * s->sh), TAKE(blk, float, B * s->sh);
+    TAKE(q, float, B * s->sq), TAKE(att, float, B * s->sq), TAKE(k, float, B * s->skv), TAKE(v, float, B * s->skv);
+    TAKE(g, float, B * s->sf), TAKE(u, float, B * s->sf), TAKE(a, float, B * s->sf), TAKE(y, float, B * s->sy);
+    TAKE(probs, float, B * s->se), TAKE(rw, float, B * s->sk), TAKE(cs, float, B * s->sd), TAKE(sn, float, B * s->sd);
+    TAKE(sel, int, B * s->sk), TAKE(pairs, int, B * s->sk), TAKE(cnt, int, s->se + 1), TAKE(T, int, B);
+    TAKE(jobs, Job, s->cap_jobs), TAKE(hash, int, s->hash_len);
+#undef TAKE
+    return off;
+}
+
+/* scratch for B rows attending over up to T positions (capacity grows ahead of T, up to `bound`) */
+static int prepare(Model *m, int B, int T, long bound) {
+    Scratch *s = (Scratch *)m->scratch;
+    if (!s) {
+        if (!(s = calloc(1, sizeof(Scratch)))) return -1;
+        m->scratch = s;
+    }
+    int nt = imax(m->n_threads, 1), group = imax(m->n_kv > 0 ? m->n_heads / m->n_kv : m->n_heads, 1);
+    if (T > m->scratch_len || nt > s->cap_threads) { /* attention scores, per thread */
+        long cap = imax(T, m->scratch_len);
+        if (T > m->scratch_len) {
+            long ahead = imax(2 * m->scratch_len, 1024);
+            cap = imax(T, (int)(ahead < bound ? ahead : bound));
+        }
+        int threads = imax(nt, s->cap_threads);
+        free(m->scores);
+        m->scores = aligned_alloc(64, align64(sizeof(float) * threads * group * cap));
+        m->scratch_len = m->scores ? (int)cap : 0;
+        s->cap_threads = m->scores ? threads : 0;
+        if (!m->scores) return -1;
+    }
+    if (B <= s->cap_b) return 0;
+    Scratch t = *s;
+    int H = m->hidden, d = m->head_dim, F = 1, S = 1, E = 1, K = 1;
+    for (int l = 0; l < m->n_layers; l++) {
+        const Layer *L = &m->layers[l];
+        if (L->is_moe) {
+            int sw = L->has_shared ? imax(imax(L->sgate.out, L->sup.out), L->sdown.in) : 0;
+            F = imax(F, L->top_k * expert_width(L) + sw);
+            S = imax(S, L->top_k + (L->has_shared ? 1 : 0));
+            E = imax(E, L->n_experts), K = imax(K, L->top_k);
+        } else {
+            F = imax(F, imax(L->gate.out, L->up.out));
+        }
+    }
+    t.cap_b = B > 1 ? (B + 7) & ~7 : 1;
+    t.sh = pad16(H), t.sq = pad16(m->n_heads * d), t.skv = pad16(m->n_kv * d), t.sf = pad16(F), t.sy = pad16(S * H);
+    t.se = pad16(E), t.sk = K, t.sd = pad16(imax(d / 2, 1));
+    t.cap_jobs = t.cap_b * imax(3, 2 * S); /* the most jobs of one GEMV: q/k/v, or the gates and ups of all slots */
+    for (t.hash_len = 64; t.hash_len < 2 * t.cap_jobs; t.hash_len *= 2) {}
+    char *p = aligned_alloc(64, align64(layout(&t, NULL, t.cap_b)));
+    if (!p) return -1;
+    layout(&t, p, t.cap_b);
+    free(s->rows);
+    t.rows = p;
+    *s = t;
     return 0;
 }
 
+int ernie_prepare(Model *m, int max_len) { return prepare(m, 1, max_len, max_len); }
+
 void ernie_release(Model *m) {
-    free(m->scratch);
+    Scratch *s = (Scratch *)m->scratch;
+    if (s) {
+        free(s->rows);
+        free(s->prep);
+        free(s);
+    }
+    free(m->scores);
     m->scratch = NULL;
+    m->scores = NULL;
     m->scratch_len = 0;
 }
 
-static Act carve(const Model *m) {
-    int W = m->max_width, S = m->max_experts, qd = m->n_heads * m->head_dim;
-    float *p = m->scores + (size_t)m->n_heads * m->scratch_len;
-    p = (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
-    Act a;
-    a.x = p, p += W;
-    a.n = p, p += W;
-    a.q = p, p += qd;
-    a.k = p, p += qd;
-    a.v = p, p += qd;
-    a.att = p, p += qd;
-    a.o = p, p += W;
-    a.blk = p, p += W;
-    a.g = p, p += (size_t)S * W;
-    a.u = p, p += (size_t)S * W;
-    a.a = p, p += (size_t)S * W;
-    a.y = p, p += (size_t)S * W;
-    a.probs = p;
-    return a;
-}
-
 /* ---- MoE block ---------------------------------------------------------------------------------- */
-static void moe(const Model *m, const Layer *L, Act *A, float *out, double *t0) {
-    int H = m->hidden, E = L->n_experts, K = L->top_k;
-    float *probs = A->probs, mx = -INFINITY, sum = 0.f;
-    for (int e = 0; e < E; e++) { /* fp32 router on the (bf16-valued) normed input */
-        probs[e] = dot_f32(L->router + (size_t)e * H, A->n, H);
-        mx = probs[e] > mx ? probs[e] : mx;
-    }
+/* One row's routing: softmax of its fp32 router logits, top-k of probs + correction bias (selection only),
+ * weights renormalised; sel / w in expert id order, the order the PyTorch loop accumulates in. */
+static void route(const Model *m, const Layer *L, float *probs, int *sel, float *w) {
+    int E = L->n_experts, K = L->top_k;
+    float mx = -INFINITY, sum = 0.f, wsum = 0.f;
+    for (int e = 0; e < E; e++) mx = probs[e] > mx ? probs[e] : mx;
     for (int e = 0; e < E; e++) sum += (probs[e] = expf(probs[e] - mx));
     for (int e = 0; e < E; e++) probs[e] /= sum;
-    int sel[64];
-    float w[64], wsum = 0.f;
-    for (int k = 0; k < K; k++) { /* top-k of probs + correction bias (selection only) */
+    for (int k = 0; k < K; k++) {
         int best = -1;
         float bv = -INFINITY;
         for (int e = 0; e < E; e++) {
@@ -948,112 +1380,244 @@ static void moe(const Model *m, const Layer *L, Act *A, float *out, double *t0) 
     }
     float denom = wsum > L->norm_min ? wsum : L->norm_min;
     for (int k = 0; k < K; k++) w[k] = m->bf16 ? rb(w[k] / denom) : w[k] / denom;
-    for (int a = 1; a < K; a++) /* experts run (and accumulate) in id order, as the PyTorch loop does */
+    for (int a = 1; a < K; a++)
         for (int b = a; b > 0 && sel[b - 1] > sel[b]; b--) {
             int ti = sel[b]; sel[b] = sel[b - 1]; sel[b - 1] = ti;
             float tw = w[b]; w[b] = w[b - 1]; w[b - 1] = tw;
         }
-    Job jobs[MAX_JOBS];
-    int nj = 0, S = K + (L->has_shared ? 1 : 0), W = m->max_width;
+}
+
+/* The MoE block of B rows (input A.n, output A.blk). Each row is routed alone; then every selected expert's
+ * weights are read once for all the rows that chose it, and the shared experts once for all rows. Row b's slot
+ * k (its k-th expert in id order, k = K the shared one) lives at g/u/a + b * sf + k * ew and y + b * sy + k * H,
+ * and each row sums its slots in the single-row order, so its result does not depend on the batch. */
+static int moe(const Model *m, const Layer *L, int B, int par, double *t0) {
+    Scratch *s = (Scratch *)m->scratch;
+    Act *A = &s->a;
+    Job *jobs = A->jobs;
+    int H = m->hidden, E = L->n_experts, K = L->top_k, S = K + (L->has_shared ? 1 : 0), ew = expert_width(L);
+    int sk = s->sk, *cnt = A->cnt, *pairs = A->pairs, nj = 0;
+    Linear R = {W_F32, E, H, 0, 0, L->router, NULL, NULL, NULL}; /* the fp32 router: dot_f32 per expert, unrounded */
+    for (int b = 0; b < B; b++) jobs[b] = JOB(&R, A->n + (size_t)b * s->sh, A->probs + (size_t)b * s->se);
+    if (gemv_multi(m, jobs, B, 0)) return -1;
+#pragma omp parallel for num_threads(m->n_threads) if (par)
+    for (int b = 0; b < B; b++) route(m, L, A->probs + (size_t)b * s->se, A->sel + (size_t)b * sk, A->rw + (size_t)b * sk);
+    /* (row, slot) pairs grouped by expert, rows ascending; afterwards expert e's pairs are [cnt[e-1], cnt[e]) */
+    for (int e = 0; e <= E; e++) cnt[e] = 0;
+    for (int b = 0; b < B; b++)
+        for (int k = 0; k < K; k++) cnt[A->sel[b * sk + k] + 1]++;
+    for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];
+    for (int b = 0; b < B; b++)
+        for (int k = 0; k < K; k++) pairs[cnt[A->sel[b * sk + k]]++] = b * sk + k;
     tick(t0, P_ROUTER);
-    for (int s = 0; s < S; s++) {
-        const Linear *g = s < K ? &L->experts[sel[s] * 3] : &L->sgate;
-        const Linear *u = s < K ? &L->experts[sel[s] * 3 + 1] : &L->sup;
-        jobs[nj++] = (Job){g, A->n, A->g + (size_t)s * W, NULL, NULL, NULL, NULL, 1.f};
-        jobs[nj++] = (Job){u, A->n, A->u + (size_t)s * W, NULL, NULL, NULL, NULL, 1.f};
+    for (int e = 0; e < E; e++)
+        for (int w = 0; w < 2; w++) /* gate, up */
+            for (int p = e ? cnt[e - 1] : 0; p < cnt[e]; p++) {
+                int b = pairs[p] / sk, k = pairs[p] % sk;
+                size_t o = (size_t)b * s->sf + (size_t)k * ew;
+                jobs[nj++] = JOB(&L->experts[e * 3 + w], A->n + (size_t)b * s->sh, (w ? A->u : A->g) + o);
+            }
+    if (L->has_shared)
+        for (int w = 0; w < 2; w++)
+            for (int b = 0; b < B; b++)
+                jobs[nj++] = JOB(w ? &L->sup : &L->sgate, A->n + (size_t)b * s->sh,
+                                 (w ? A->u : A->g) + (size_t)b * s->sf + (size_t)K * ew);
+    if (gemv_multi(m, jobs, nj, m->bf16)) return -1;
+#pragma omp parallel for num_threads(m->n_threads) if (par)
+    for (int i = 0; i < B * S; i++) {
+        int b = i / S, k = i % S;
+        size_t o = (size_t)b * s->sf + (size_t)k * ew;
+        const Linear *dn = k < K ? &L->experts[A->sel[b * sk + k] * 3 + 2] : &L->sdown;
+        swiglu(m, A->g + o, A->u + o, A->a + o, dn->in);
     }
-    gemv_multi(m, jobs, nj, m->bf16);
     nj = 0;
-    for (int s = 0; s < S; s++) {
-        const Linear *dn = s < K ? &L->experts[sel[s] * 3 + 2] : &L->sdown;
-        int I = dn->in;
-        swiglu(m, A->g + (size_t)s * W, A->u + (size_t)s * W, A->a + (size_t)s * W, I);
-        jobs[nj++] = (Job){dn, A->a + (size_t)s * W, A->y + (size_t)s * W, NULL, NULL, NULL, NULL, 1.f};
-    }
-    gemv_multi(m, jobs, nj, m->bf16);
-    for (int i = 0; i < H; i++) out[i] = 0.f;
-    for (int s = 0; s < K; s++) {
-        const float *y = A->y + (size_t)s * W;
-        for (int i = 0; i < H; i++) {
-            float t = m->bf16 ? rb(y[i] * w[s]) : y[i] * w[s];
-            out[i] = m->bf16 ? rb(out[i] + t) : out[i] + t;
+    for (int e = 0; e < E; e++)
+        for (int p = e ? cnt[e - 1] : 0; p < cnt[e]; p++) {
+            int b = pairs[p] / sk, k = pairs[p] % sk;
+            jobs[nj++] = JOB(&L->experts[e * 3 + 2], A->a + (size_t)b * s->sf + (size_t)k * ew,
+                             A->y + (size_t)b * s->sy + (size_t)k * H);
         }
+    if (L->has_shared)
+        for (int b = 0; b < B; b++)
+            jobs[nj++] = JOB(&L->sdown, A->a + (size_t)b * s->sf + (size_t)K * ew, A->y + (size_t)b * s->sy + (size_t)K * H);
+    if (gemv_multi(m, jobs, nj, m->bf16)) return -1;
+#pragma omp parallel for num_threads(m->n_threads) if (par)
+    for (int b = 0; b < B; b++) {
+        float *out = A->blk + (size_t)b * s->sh;
+        const float *w = A->rw + (size_t)b * sk, *y0 = A->y + (size_t)b * s->sy;
+        for (int i = 0; i < H; i++) out[i] = 0.f;
+        for (int k = 0; k < K; k++) {
+            const float *y = y0 + (size_t)k * H;
+            for (int i = 0; i < H; i++) {
+                float t = m->bf16 ? rb(y[i] * w[k]) : y[i] * w[k];
+                out[i] = m->bf16 ? rb(out[i] + t) : out[i] + t;
+            }
+        }
+        if (L->has_shared) add_into(m, out, y0 + (size_t)K * H, H);
     }
-    if (L->has_shared) add_into(m, out, A->y + (size_t)K * W, H);
     tick(t0, P_MLP);
+    return 0;
 }
 
 /* ---- the step ------------------------------------------------------------------------------------ */
-/* Feed `token` at position `pos` (= cache rows already filled), write K/V row `pos` of every layer into
- * kc[l]/vc[l] ((n_kv, max_len, head_dim), model dtype: the one-page case of `KV`) and the next-token logits
- * (vocab floats) into `logits`. */
-int ernie_step(Model *m, int token, int pos, int max_len, void **kc, void **vc, float *logits) {
-    if (token < 0 || token >= m->vocab || pos < 0 || pos >= max_len || m->head_dim > MAX_HEAD_DIM) return -2;
-    if ((m->embed_kind != 0 && m->embed_kind != W_I8) || (m->embed_kind == W_I8 && (!m->embed_scale || m->embed_sdt & ~1)))
-        return -2;
-    static const int32_t one_page = 0; /* the contiguous cache is page 0 of block_size max_len */
-    if (ernie_prepare(m, max_len)) return -1;
-    Act A = carve(m);
+static void embed_row(const Model *m, int token, float *x) {
     int H = m->hidden;
-    float cs[MAX_HEAD_DIM / 2], sn[MAX_HEAD_DIM / 2];
-    rope_table(m, pos, cs, sn);
     if (m->embed_kind == W_I8) { /* Int8Embedding.forward: (q.float() * s.float()).to(model dtype), one rounding */
         const int8_t *e = (const int8_t *)m->embed + (size_t)token * H;
         float s = sz_at(m->embed_scale, (size_t)token, m->embed_sdt);
         for (int i = 0; i < H; i++) {
             float v = (float)e[i] * s;
-            A.x[i] = m->bf16 ? rb(v) : v;
+            x[i] = m->bf16 ? rb(v) : v;
         }
     } else if (m->bf16) {
         const uint16_t *e = (const uint16_t *)m->embed + (size_t)token * H;
-        for (int i = 0; i < H; i++) A.x[i] = bf2f(e[i]);
+        for (int i = 0; i < H; i++) x[i] = bf2f(e[i]);
     } else {
-        memcpy(A.x, (const float *)m->embed + (size_t)token * H, sizeof(float) * H);
+        memcpy(x, (const float *)m->embed + (size_t)token * H, sizeof(float) * H);
+    }
+}
+
+/* B rows, arguments checked: every weight is read once per GEMV for all rows (row b's vectors at stride) */
+static int step(Model *m, int B, const int *tokens, const int *pos, void **kp, void **vp, void **ks, void **vs,
+                int round_trip, const int32_t *tables, int stride, int bs, float *logits) {
+    int maxT = 0;
+    for (int b = 0; b < B; b++) maxT = imax(maxT, pos[b] + 1);
+    if (prepare(m, B, maxT, (long)stride * bs)) return -1;
+    Scratch *s = (Scratch *)m->scratch;
+    Act *A = &s->a;
+    Job *jobs = A->jobs;
+    int H = m->hidden, nt = m->n_threads;
+    int par = (long)B * H >= 16384; /* per-row element-wise work on all threads once there is enough of it */
+    size_t sh = s->sh, sq = s->sq, skv = s->skv, sf = s->sf;
+#pragma omp parallel for num_threads(nt) if (par)
+    for (int b = 0; b < B; b++) {
+        embed_row(m, tokens[b], A->x + b * sh);
+        rope_table(m, pos[b], A->cs + (size_t)b * s->sd, A->sn + (size_t)b * s->sd);
+        A->T[b] = pos[b] + 1;
     }
     double t0 = omp_get_wtime();
     for (int l = 0; l < m->n_layers; l++) {
         const Layer *L = &m->layers[l];
-        rmsnorm(m, A.x, L->ln1, A.n);
+#pragma omp parallel for num_threads(nt) if (par)
+        for (int b = 0; b < B; b++) rmsnorm(m, A->x + b * sh, L->ln1, A->n + b * sh);
         tick(&t0, P_OTHER);
-        Job qkv[3] = {{&L->q, A.n, A.q, NULL, NULL, NULL, NULL, 1.f}, {&L->k, A.n, A.k, NULL, NULL, NULL, NULL, 1.f},
-                      {&L->v, A.n, A.v, NULL, NULL, NULL, NULL, 1.f}};
-        gemv_multi(m, qkv, 3, m->bf16);
+        for (int b = 0; b < B; b++) {
+            jobs[b] = JOB(&L->q, A->n + b * sh, A->q + b * sq);
+            jobs[B + b] = JOB(&L->k, A->n + b * sh, A->k + b * skv);
+            jobs[2 * B + b] = JOB(&L->v, A->n + b * sh, A->v + b * skv);
+        }
+        if (gemv_multi(m, jobs, 3 * B, m->bf16)) return -1;
         tick(&t0, P_ATTN_PROJ);
-        rope(m, A.q, m->n_heads, cs, sn);
-        rope(m, A.k, m->n_kv, cs, sn);
-        KV kl = {kc[l], &one_page, max_len}, vl = {vc[l], &one_page, max_len};
-        store_kv(m, &kl, A.k, pos);
-        store_kv(m, &vl, A.v, pos);
-        attention(m, A.q, &kl, &vl, pos + 1, A.att);
+#pragma omp parallel for num_threads(nt) if (par)
+        for (int b = 0; b < B; b++) {
+            const float *cs = A->cs + (size_t)b * s->sd, *sn = A->sn + (size_t)b * s->sd;
+            rope(m, A->q + b * sq, m->n_heads, cs, sn);
+            rope(m, A->k + b * skv, m->n_kv, cs, sn);
+            KV kl = {kp[l], tables + (size_t)b * stride, bs, ks ? (float *)ks[l] : NULL},
+               vl = {vp[l], tables + (size_t)b * stride, bs, vs ? (float *)vs[l] : NULL};
+            store_kv(m, &kl, A->k + b * skv, pos[b], round_trip);
+            store_kv(m, &vl, A->v + b * skv, pos[b], round_trip);
+        }
+        attention(m, B, A->q, (int)sq, kp[l], vp[l], ks ? (float *)ks[l] : NULL, vs ? (float *)vs[l] : NULL, tables,
+                  stride, bs, A->T, A->att);
         tick(&t0, P_ATTN);
-        gemv(m, &L->o, A.att, A.o);
+        for (int b = 0; b < B; b++) jobs[b] = JOB(&L->o, A->att + b * sq, A->o + b * sh);
+        if (gemv_multi(m, jobs, B, m->bf16)) return -1;
         tick(&t0, P_ATTN_PROJ);
-        add_into(m, A.x, A.o, H);
-        rmsnorm(m, A.x, L->ln2, A.n);
+#pragma omp parallel for num_threads(nt) if (par)
+        for (int b = 0; b < B; b++) {
+            add_into(m, A->x + b * sh, A->o + b * sh, H);
+            rmsnorm(m, A->x + b * sh, L->ln2, A->n + b * sh);
+        }
         tick(&t0, P_OTHER);
         if (L->is_moe) {
-            moe(m, L, &A, A.blk, &t0);
+            if (moe(m, L, B, par, &t0)) return -1;
         } else {
-            Job gu[2] = {{&L->gate, A.n, A.g, NULL, NULL, NULL, NULL, 1.f}, {&L->up, A.n, A.u, NULL, NULL, NULL, NULL, 1.f}};
-            gemv_multi(m, gu, 2, m->bf16);
-            swiglu(m, A.g, A.u, A.a, L->gate.out);
-            gemv(m, &L->down, A.a, A.blk);
+            for (int b = 0; b < B; b++) {
+                jobs[b] = JOB(&L->gate, A->n + b * sh, A->g + b * sf);
+                jobs[B + b] = JOB(&L->up, A->n + b * sh, A->u + b * sf);
+            }
+            if (gemv_multi(m, jobs, 2 * B, m->bf16)) return -1;
+#pragma omp parallel for num_threads(nt) if (par)
+            for (int b = 0; b < B; b++) swiglu(m, A->g + b * sf, A->u + b * sf, A->a + b * sf, L->gate.out);
+            for (int b = 0; b < B; b++) jobs[b] = JOB(&L->down, A->a + b * sf, A->blk + b * sh);
+            if (gemv_multi(m, jobs, B, m->bf16)) return -1;
             tick(&t0, P_MLP);
         }
-        add_into(m, A.x, A.blk, H);
+#pragma omp parallel for num_threads(nt) if (par)
+        for (int b = 0; b < B; b++) add_into(m, A->x + b * sh, A->blk + b * sh, H);
     }
-    rmsnorm(m, A.x, m->norm, A.n);
+#pragma omp parallel for num_threads(nt) if (par)
+    for (int b = 0; b < B; b++) rmsnorm(m, A->x + b * sh, m->norm, A->n + b * sh);
     tick(&t0, P_OTHER);
-    gemv(m, &m->head, A.n, logits);
+    for (int b = 0; b < B; b++) jobs[b] = JOB(&m->head, A->n + b * sh, logits + (size_t)b * m->vocab);
+    if (gemv_multi(m, jobs, B, m->bf16)) return -1;
     tick(&t0, P_HEAD);
     return 0;
 }
 
+static int step_checked(Model *m, int B, const int *tokens, const int *pos, void **kpages, void **vpages,
+                        void **kscales, void **vscales, int round_trip, const int32_t *tables, int table_stride,
+                        int block_size, float *logits) {
+    if (B < 1 || table_stride < 1 || block_size < 1 || m->head_dim > MAX_HEAD_DIM || m->n_kv < 1) return -2;
+    if ((m->embed_kind != 0 && m->embed_kind != W_I8) || (m->embed_kind == W_I8 && (!m->embed_scale || m->embed_sdt & ~1)))
+        return -2;
+    if (!kscales != !vscales) return -2;
+    for (int l = 0; kscales && l < m->n_layers; l++)
+        if (!kscales[l] || !vscales[l]) return -2;
+    long cap = (long)table_stride * block_size;
+    for (int b = 0; b < B; b++) {
+        if (tokens[b] < 0 || tokens[b] >= m->vocab || pos[b] < 0 || pos[b] >= cap) return -2;
+        for (int i = 0; i <= pos[b] / block_size; i++) /* the pages it reads and writes */
+            if (tables[(size_t)b * table_stride + i] < 0) return -2;
+    }
+    return step(m, B, tokens, pos, kpages, vpages, kscales, vscales, round_trip, tables, table_stride, block_size,
+                logits);
+}
+
+/* B sequences, one new token each: tokens[b] at position pos[b] (= positions already cached for row b).
+ * kpages[l]/vpages[l]: layer l's page pools (num_blocks, n_kv, block_size, head_dim), model dtype;
+ * tables: B rows of table_stride int32 block ids. Writes K/V of position pos[b] into row b's pages and the
+ * next-token logits (B x vocab, fp32) into logits. Returns 0, -1 (allocation), -2 (bad argument).
+ * Row b's logits are bit for bit those of the same sequence stepped alone (ernie_step on a contiguous cache). */
+int ernie_step_batch(Model *m, int B, const int *tokens, const int *pos, void **kpages, void **vpages,
+                     const int32_t *tables, int table_stride, int block_size, float *logits) {
+    return step_checked(m, B, tokens, pos, kpages, vpages, NULL, NULL, 0, tables, table_stride, block_size, logits);
+}
+
+/* ernie_step_batch (float pages) storing each new K/V row as its int8 round trip: the values ernie_step_batch_q8
+ * stores and attention reads, dequantised, so the logits equal ernie_step_batch_q8's bit for bit (the float
+ * reference of the int8 cache, for tests and accuracy studies). */
+int ernie_step_batch_rt(Model *m, int B, const int *tokens, const int *pos, void **kpages, void **vpages,
+                        const int32_t *tables, int table_stride, int block_size, float *logits) {
+    return step_checked(m, B, tokens, pos, kpages, vpages, NULL, NULL, 1, tables, table_stride, block_size, logits);
+}
+
+/* ernie_step_batch over an int8 KV cache (see KV): kpages[l]/vpages[l] int8 (num_blocks, n_kv, block_size,
+ * head_dim), kscales[l]/vscales[l] fp32 (num_blocks, n_kv, block_size), one scale per (position, kv head) row.
+ * The new K/V rows are quantised into them; the logits are bit for bit those of ernie_step_batch on float pages
+ * holding the dequantised values ((float)q * s rounded to the model dtype). */
+int ernie_step_batch_q8(Model *m, int B, const int *tokens, const int *pos, void **kpages, void **vpages,
+                        void **kscales, void **vscales, const int32_t *tables, int table_stride, int block_size,
+                        float *logits) {
+    if (!kscales || !vscales) return -2;
+    return step_checked(m, B, tokens, pos, kpages, vpages, kscales, vscales, 0, tables, table_stride, block_size,
+                        logits);
+}
+
+/* Feed `token` at position `pos` (= cache rows already filled), write K/V row `pos` of every layer into
+ * kc[l]/vc[l] ((n_kv, max_len, head_dim), model dtype) and the next-token logits (vocab floats) into `logits`:
+ * the batch of one row whose cache is one page of block_size max_len. */
+int ernie_step(Model *m, int token, int pos, int max_len, void **kc, void **vc, float *logits) {
+    static const int32_t one_page = 0;
+    return ernie_step_batch(m, 1, &token, &pos, kc, vc, &one_page, 1, max_len, logits);
+}
+
 /* y = L x for one Linear (kernel tests and `ernie45 bench --kernels`); m supplies threads and scratch. */
 int ernie_gemv(Model *m, const Linear *L, const float *x, float *y) {
-    if (ernie_prepare(m, 1)) return -1;
-    gemv(m, L, x, y);
-    return 0;
+    if (prepare(m, 1, 1, 1)) return -1;
+    Job j = JOB(L, x, y);
+    return gemv_multi(m, &j, 1, m->bf16);
 }
 
 /* ---- dequantisation for prefill ------------------------------------------------------------------------- */

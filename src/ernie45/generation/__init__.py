@@ -10,6 +10,7 @@ from ernie45.generation.generate import (
     resolve_config,
     stream_generate,
 )
+from ernie45.generation.prompt_cache import PromptCache
 from ernie45.generation.sampling import make_processors, make_sampler, make_warpers
 from ernie45.generation.streaming import (
     IncrementalDetokenizer,
@@ -22,6 +23,7 @@ __all__ = [
     "GenerationChunk",
     "GenerationConfig",
     "IncrementalDetokenizer",
+    "PromptCache",
     "Step",
     "StopStringFilter",
     "TextIteratorStreamer",

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ernie45.errors import ErnieError
 from ernie45.generation.config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
+from ernie45.generation.prompt_cache import PromptCache
 from ernie45.generation.sampling import apply_all, make_processors, make_sampler
 from ernie45.generation.streaming import IncrementalDetokenizer, StopStringFilter, ends_with_stop_string
 
@@ -44,8 +45,9 @@ class Step:
 class GenerationChunk:
     """A piece of streamed text (`stream_generate`). The last chunk has `finish_reason` set.
 
-    Timing: `ttft` is the time to the first token (prefill), `prompt_tps` the prefill tokens/s and
-    `generation_tps` the decode tokens/s after the first token.
+    Timing: `ttft` is the time to the first token (prefill), `prompt_tps` the prefill tokens/s (of the
+    tokens prefilled: `cached_tokens` came from a `PromptCache`) and `generation_tps` the decode tokens/s
+    after the first token.
     """
 
     text: str
@@ -56,6 +58,7 @@ class GenerationChunk:
     ttft: float
     prompt_tps: float
     generation_tps: float
+    cached_tokens: int = 0
 
 
 # ---- configuration ---------------------------------------------------------------------------------
@@ -186,6 +189,7 @@ def _decode(
     generator: torch.Generator | None = None,
     output_scores: bool = False,
     output_logits: bool = False,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[Step]:
     B, S = ids.shape
     dev = ids.device
@@ -226,47 +230,55 @@ def _decode(
     )
     eos_t = torch.tensor(eos, dtype=torch.long, device=dev) if eos else None
     pad_t = torch.tensor(pad, dtype=torch.long, device=dev)
+
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     finished = [False] * B
     reasons: list[str | None] = [None] * B
     generated: list[list[int]] = [[] for _ in range(B)]
 
-    cache = model.new_cache(B, total - 1)  # the last token is never fed back
-    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
-    for step in range(max_new):
-        cur = S + step
-        raw = logits.float()
-        scores = apply_all(processors, seq[:, :cur], raw)
-        tokens = torch.where(unfinished, sampler(scores), pad_t)  # finished rows get padding
-        seq[:, cur] = tokens
-        if eos_t is not None:
-            unfinished &= ~(tokens[:, None] == eos_t).any(-1)
-        token_list = tokens.tolist()  # the one host sync of the step
-        for i, t in enumerate(token_list):
-            if finished[i]:
-                continue
-            if stops:
-                generated[i].append(t)
-            if t in eos_set:
-                finished[i], reasons[i] = True, "stop"
-            elif stops and ends_with_stop_string(tokenizer, generated[i], stops):
-                finished[i], reasons[i] = True, "stop"
-                unfinished[i] = False
-            elif step == max_new - 1:
-                finished[i], reasons[i] = True, "length"
-        yield Step(
-            token_list,
-            list(finished),
-            list(reasons),
-            seq[:, : cur + 1],
-            scores if output_scores else None,
-            raw if output_logits else None,
-        )
-        if all(finished):
-            break
-        step_mask = mask_buf[:, : cur + 1] if mask_buf is not None else None
-        logits = decode_step(model, tokens[:, None], cache, step_mask, positions)
-        positions += 1
+    taken = None
+    if prompt_cache is not None and B == 1 and mask is None:
+        taken = prompt_cache.take(model, ids[0].tolist(), total - 1)
+    cache, reused = taken or (model.new_cache(B, total - 1), 0)  # the last token is never fed back
+    try:
+        logits = model(ids[:, reused:], attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        for step in range(max_new):
+            cur = S + step
+            raw = logits.float()
+            scores = apply_all(processors, seq[:, :cur], raw)
+            tokens = torch.where(unfinished, sampler(scores), pad_t)  # finished rows get padding
+            seq[:, cur] = tokens
+            if eos_t is not None:
+                unfinished &= ~(tokens[:, None] == eos_t).any(-1)
+            token_list = tokens.tolist()  # the one host sync of the step
+            for i, t in enumerate(token_list):
+                if finished[i]:
+                    continue
+                if stops:
+                    generated[i].append(t)
+                if t in eos_set:
+                    finished[i], reasons[i] = True, "stop"
+                elif stops and ends_with_stop_string(tokenizer, generated[i], stops):
+                    finished[i], reasons[i] = True, "stop"
+                    unfinished[i] = False
+                elif step == max_new - 1:
+                    finished[i], reasons[i] = True, "length"
+            yield Step(
+                token_list,
+                list(finished),
+                list(reasons),
+                seq[:, : cur + 1],
+                scores if output_scores else None,
+                raw if output_logits else None,
+            )
+            if all(finished):
+                break
+            step_mask = mask_buf[:, : cur + 1] if mask_buf is not None else None
+            logits = decode_step(model, tokens[:, None], cache, step_mask, positions)
+            positions += 1
+    finally:
+        if taken is not None:  # the tokens whose keys/values the cache now holds, for the next call
+            prompt_cache.keep(seq[0, : cache.length].tolist())
 
 
 def _start(
@@ -303,12 +315,14 @@ def generate_step(
     generation_config: GenerationConfig | None = None,
     output_scores: bool = False,
     output_logits: bool = False,
+    prompt_cache: PromptCache | None = None,
     **kwargs: Any,
 ) -> Iterator[Step]:
-    """Greedy / sampled decoding as an iterator of `Step`s: what the server, web UI and LangChain consume.
+    """Greedy / sampled decoding as an iterator of `Step`s: what the web UI and LangChain consume.
 
     Takes the same generation keywords as `generate` (except beam search). Arguments are checked here,
-    before the first step; closing the iterator early stops decoding.
+    before the first step; closing the iterator early stops decoding. `prompt_cache`: a `PromptCache` whose
+    cached prefix of the prompt (one sequence) is reused instead of prefilled again.
     """
     ids, mask, cfg, max_new, min_new = _start(
         model, input_ids, attention_mask, generation_config, tokenizer, kwargs
@@ -327,6 +341,7 @@ def generate_step(
         make_generator(seed, generator, ids.device),
         output_scores,
         output_logits,
+        prompt_cache,
     )
 
 
@@ -360,6 +375,7 @@ def generate(
     generator: torch.Generator | None = None,
     streamer: Any = None,
     generation_config: GenerationConfig | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Tensor:
     """transformers-style `generate`: returns (B * num_return_sequences, prompt + new) token ids.
 
@@ -376,6 +392,8 @@ def generate(
         seed / generator: sampling randomness; neither means the global torch RNG.
         streamer: an object with `put(ids)` / `end()` (ernie45's or transformers' streamers), batch 1.
         generation_config: a `GenerationConfig` layered over the checkpoint's; keywords win over both.
+        prompt_cache: a `PromptCache` kept between calls (one unpadded sequence): the part of the prompt it
+            already holds is not prefilled again (a chat's earlier turns).
     """
     params = dict(
         max_new_tokens=max_new_tokens,
@@ -413,7 +431,7 @@ def generate(
     if streamer is not None:
         streamer.put(ids.cpu())
     out = ids
-    steps = _decode(model, ids, mask, cfg, max_new, min_new, tokenizer, gen)
+    steps = _decode(model, ids, mask, cfg, max_new, min_new, tokenizer, gen, prompt_cache=prompt_cache)
     for step in steps:
         if streamer is not None:
             streamer.put(torch.tensor(step.tokens))
@@ -432,13 +450,15 @@ def stream_generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     generation_config: GenerationConfig | None = None,
+    prompt_cache: PromptCache | None = None,
     **kwargs: Any,
 ) -> Iterator[GenerationChunk]:
     """Stream one continuation of `prompt` (text, encoded without special tokens, or ids) as text chunks.
 
     Text never contains a broken character or any part of a stop string; generation stops at the first
     stop string, whose text is left out (`finish_reason="stop"`, as in OpenAI's API). Keywords are those
-    of `generate` (no beam search); they are checked before the first chunk.
+    of `generate` (no beam search); they are checked before the first chunk. `prompt_cache`: keep the KV
+    cache between calls (a chat's turns), so only the prompt's new tokens are prefilled.
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     cfg = resolve_config(model, generation_config, **kwargs)
@@ -446,19 +466,21 @@ def stream_generate(
         raise ErnieError("stream_generate makes one sequence; use generate() for beams or several sequences")
     stops = cfg.stop_string_list
     steps = generate_step(
-        model, [ids], seed=seed, generator=generator, generation_config=cfg, stop_strings=[]
+        model, [ids], seed=seed, generator=generator, generation_config=cfg, stop_strings=[],
+        prompt_cache=prompt_cache,
     )
 
     def chunks() -> Iterator[GenerationChunk]:
         detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         stop_filter = StopStringFilter(stops)
-        ttft, n, t0 = 0.0, 0, time.perf_counter()
+        ttft, n, t0, cached = 0.0, 0, time.perf_counter(), 0
         try:
             for step in steps:
                 n += 1
                 now = time.perf_counter()
                 if n == 1:
                     ttft = now - t0
+                    cached = prompt_cache.reused if prompt_cache is not None else 0
                 token = step.tokens[0]
                 text, hit = stop_filter.add(detok.add(token))
                 reason = "stop" if hit else step.finish_reasons[0]
@@ -473,7 +495,8 @@ def stream_generate(
                     prompt_tokens=len(ids),
                     generation_tokens=n,
                     ttft=ttft,
-                    prompt_tps=len(ids) / max(ttft, 1e-9),
+                    prompt_tps=(len(ids) - cached) / max(ttft, 1e-9),
+                    cached_tokens=cached,
                     generation_tps=(n - 1) / max(now - t0 - ttft, 1e-9) if n > 1 else 0.0,
                 )
                 if reason is not None:

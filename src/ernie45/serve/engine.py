@@ -1,22 +1,24 @@
 """Continuous-batching generation engine: one thread runs the model; asyncio handlers submit and stream.
 
-Design. The model's `KVCache` is one preallocated tensor set whose rows share a single `length`, which suits
-static batches but not requests that join and leave at every step. So the engine keeps its own
-`SlotKVCache` (`ernie45.serve.runner`): `max_num_seqs` rows of `max_model_len` positions per layer (the whole
-KV budget, allocated once), with a per-row length. It exposes the `update(layer, k, v)`, `length` and
-`max_len` that `ErnieForCausalLM.forward` and `Attention` use, so the model runs unchanged:
+Design (vLLM's, sized for a CPU). The KV cache is paged (`ernie45.serve.kv`): one pool of fixed-size blocks
+sized by memory, from which each sequence takes blocks as it grows (`ernie45.serve.blocks.BlockManager`), so
+short and long sequences share memory and a sequence uses only what it fills.
 
-- decode: the running sequences always occupy rows `0..n-1` (a finished row is filled by moving the last
-  row into it), so the batch is a plain view of the cache. Each row writes its new key at its own
-  position; `length` is set to the longest row, and an attention mask of `arange(T) <= row_length` hides
-  the unused tail of shorter rows (no mask at all when every row has the same length).
-- prefill: newly admitted prompts are right-padded into one batch written to the rows after the running
-  ones; padding keys land beyond each row's length and are masked, then overwritten by decode.
+- Prefix caching: full blocks are registered under a chained hash of their tokens; a new request starts with
+  the longest run of its prompt's blocks already cached (an agent's system prompt, tool definitions and
+  earlier turns) and prefills only the rest. Finished sequences leave their blocks cached until the pool
+  needs them back (least recently used first).
+- Chunked prefill: each step first gives every decoding sequence a token, then spends what remains of
+  `max_num_batched_tokens` on prompt chunks. While sequences are decoding, a chunk is also kept to about
+  `CHUNK_LATENCY` decode steps (from measured step times), so a long prompt no longer stalls the streams.
+- A request is admitted once blocks for its whole prompt are available; when a decoding sequence needs a
+  block and none is left, the youngest sequence is preempted (its blocks freed, cached ones kept) and goes
+  back to the head of the queue to be recomputed later, mostly from the prefix cache.
 
-Every step admits waiting requests (up to a prompt-token budget) and prefills them, then runs one decode
-step over every running sequence, so requests join and leave the batch at every step. Sampling reuses the
-pure processors of `ernie45.generation.sampling` per row (penalties) or per group of rows that share the
-same warper settings; text is produced by `ernie45.generation.streaming`'s incremental detokeniser.
+Decode runs every decoding sequence in one call (in C when the model has a native step, reading the pages in
+place). Sampling reuses the pure processors of `ernie45.generation.sampling` per row (penalties) or per group
+of rows that share the same warper settings; text is produced by `ernie45.generation.streaming`'s incremental
+detokeniser.
 
 Every model call goes through a `ModelRunner`, which under tensor parallelism replays it on the other ranks.
 There, any error in a step is fatal (the ranks may no longer agree): the engine answers every request with
@@ -39,6 +41,8 @@ from torch import Tensor
 
 from ernie45.generation import sampling
 from ernie45.generation.streaming import IncrementalDetokenizer, StopStringFilter
+from ernie45.serve.blocks import BlockManager, block_hashes
+from ernie45.serve.kv import kv_cache_blocks
 from ernie45.serve.metrics import ServerMetrics
 from ernie45.serve.runner import ModelRunner
 
@@ -57,13 +61,24 @@ class EngineError(Exception):
 
 @dataclass
 class EngineArgs:
-    """Capacity and limits; the KV budget is `max_num_seqs * max_model_len` positions per layer."""
+    """Capacity and limits. The KV pool holds `kv_cache_memory` bytes (default: room for `max_num_seqs`
+    sequences of `max_model_len`, at most half the memory available at start) in blocks of `block_size`."""
 
-    max_num_seqs: int = 8
+    max_num_seqs: int = 8  # sequences admitted at once (prefilling or decoding)
     max_model_len: int = 2048
     max_queue_len: int = 256  # waiting requests beyond this are refused with 429
-    max_num_batched_tokens: int = 4096  # prompt tokens prefilled in one step (one prompt always fits)
+    max_num_batched_tokens: int = 2048  # tokens one step computes (decode tokens + prompt chunks)
     request_timeout: float = 600.0  # seconds from arrival; then the request ends with an error
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) or int8 (per-row scales: half of bf16's memory)
+
+
+CHUNK_LATENCY = 1.5  # while sequences decode, a prompt chunk costs at most about this many decode steps
+MASK_ENTRIES = (
+    1 << 26
+)  # a prompt chunk's query x key mask stays within 64 MiB (chunks shrink at long contexts)
 
 
 @dataclass
@@ -107,6 +122,7 @@ class Output:
     finish_reason: str | None = None  # "stop" | "length" once finished
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
 
 class _Seq:
@@ -128,19 +144,37 @@ class _Seq:
         self.stops = StopStringFilter(params.stop)
         self.prompt_lps: list[TokenLogprob | None] | None = None  # sent with the first output
         self.output: list[int] = []
-        self.row: int | None = None
-        self.length = 0  # positions of this sequence already in the KV cache
+        self.blocks: list[int] = []  # block table: position t lives in blocks[t // block_size]
+        self.hashes: list[bytes] = []  # chained hashes of the full blocks of prompt + output known so far
+        self.registered = 0  # leading blocks registered in the prefix cache
+        self.computed = 0  # positions whose keys/values are in the cache
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        self.admitted = False
         self.cancelled = False
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def target(self) -> int:
+        """Positions to prefill before decoding: the prompt (its last logits give the first token), or after a
+        preemption all but the last token (which the next decode step feeds)."""
+        return len(self.prompt) + len(self.output) - (1 if self.output else 0)
+
+    @property
+    def decoding(self) -> bool:
+        return bool(self.output) and self.computed == self.target
 
 
 class RequestGroup:
     """The n choices of one HTTP request; iterate it (in the event loop) for `(choice index, Output)` pairs.
 
     Raises the `EngineError` of a choice that failed. `abort()` (e.g. on client disconnect) frees the
-    choices' KV rows at the engine's next step.
+    choices' KV blocks at the engine's next step.
     """
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, n: int):
@@ -187,13 +221,19 @@ class Engine:
         self.model, self.tokenizer, self.args = model, tokenizer, args
         self.metrics = metrics or ServerMetrics()
         self.device = model.device
-        self.runner = ModelRunner(model, args.max_num_seqs, args.max_model_len)
+        num_blocks = kv_cache_blocks(model, args)
+        self.runner = ModelRunner(
+            model, num_blocks, args.block_size, room=3 * args.max_num_seqs, kv_dtype=args.kv_cache_dtype
+        )
+        self.blocks = BlockManager(num_blocks, args.block_size, caching=args.enable_prefix_caching)
         self.on_fatal = on_fatal
         self.failed: BaseException | None = None  # set when a tensor-parallel step failed; the engine is gone
         self.eos_ids = frozenset(model.config.eos_token_ids) | frozenset(tokenizer.stop_token_ids)
         self._incoming: queue.SimpleQueue[_Seq | None] = queue.SimpleQueue()
         self._waiting: deque[_Seq] = deque()
-        self._rows: list[_Seq] = []
+        self._rows: list[_Seq] = []  # admitted sequences (prefilling or decoding), oldest first
+        self._prefill_tok_s: float | None = None  # measured seconds per prompt token (moving average)
+        self._decode_s: float | None = None  # measured seconds per decode step (moving average)
         self._pending = 0  # submitted, not yet holding a row (incoming + waiting)
         self._outbox: list[tuple[_Seq, Output | EngineError]] = []
         self._lock = threading.Lock()
@@ -204,10 +244,15 @@ class Engine:
         self._threads = torch.get_num_threads()  # OpenMP's thread count is per thread: carried over in _run
         self._thread = threading.Thread(target=self._run, name="ernie45-engine", daemon=True)
         log.info(
-            "KV cache: %d slots x %d positions, %.1f MiB",
-            args.max_num_seqs,
-            args.max_model_len,
+            "KV cache: %d blocks of %d positions (%d positions, %.1f MiB at most, %s), prefix caching %s, "
+            "decode step: %s",
+            num_blocks,
+            args.block_size,
+            num_blocks * args.block_size,
             self.runner.cache.nbytes / 2**20,
+            "int8" if args.kv_cache_dtype == "int8" else str(model.dtype).removeprefix("torch."),
+            "on" if args.enable_prefix_caching else "off",
+            "C" if self.runner.native else "PyTorch",
         )
 
     # ---- public API (event-loop side) ------------------------------------------------------------
@@ -256,7 +301,16 @@ class Engine:
             self._thread.join(drain_timeout + 5.0)
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self._rows), "waiting": self._pending, "slots": self.args.max_num_seqs}
+        b = self.blocks
+        return {
+            "running": len(self._rows),
+            "waiting": self._pending,
+            "slots": self.args.max_num_seqs,
+            "kv_blocks": b.num_blocks,
+            "kv_blocks_used": b.num_used,
+            "prefix_cache_queries": b.queries,
+            "prefix_cache_hits": b.hits,
+        }
 
     def _wake(self) -> None:
         self._incoming.put(None)
@@ -295,8 +349,6 @@ class Engine:
         with self._lock:
             self.failed, self._stopping = e, True
         self._pull(block=False)
-        for s in self._rows:
-            s.row = None  # no row moves: the cache is abandoned, and a move would broadcast to a dead rank
         for s in [*self._rows, *self._waiting]:
             self._fail(s, _rank_failed())
         self._rows, self._waiting = [], deque()
@@ -308,12 +360,14 @@ class Engine:
 
     def _step(self) -> None:
         self._reap(time.monotonic())
-        new = self._schedule()
-        if new:
-            self._prefill(new)
+        decoding = self._reserve_decode_blocks()
+        chunks = self._schedule(self.args.max_num_batched_tokens - len(decoding), bool(decoding))
+        if chunks:
+            self._prefill(chunks)
             self._flush()  # first tokens go out before the decode step (time to first token)
-        if self._rows:
-            self._decode()
+        decoding = [s for s in decoding if s.admitted]  # a prefill may have finished one (max_tokens)
+        if decoding:
+            self._decode(decoding)
 
     def _pull(self, block: bool) -> None:
         try:
@@ -363,61 +417,169 @@ class Engine:
                 kept.append(s)
         self._waiting = kept
 
-    def _schedule(self) -> list[_Seq]:
-        """Admit waiting sequences FIFO while rows are free and the padded prefill fits the token budget."""
-        new: list[_Seq] = []
-        longest = 0
-        while self._waiting and len(self._rows) + len(new) < self.args.max_num_seqs:
-            longest_if = max(longest, len(self._waiting[0].prompt))
-            if new and longest_if * (len(new) + 1) > self.args.max_num_batched_tokens:
-                break
-            longest = longest_if
-            new.append(self._waiting.popleft())
-        if new:
-            self._release_pending(len(new))
-        return new
+    # ---- scheduling ------------------------------------------------------------------------------
+    def _reserve_decode_blocks(self) -> list[_Seq]:
+        """The sequences that decode this step, each with a block for its next position; when the pool is
+        out of blocks, the youngest sequences are preempted to make room."""
+        bs = self.args.block_size
+        out: list[_Seq] = []
+        for s in list(self._rows):
+            if not s.admitted or not s.decoding:
+                continue
+            while s.admitted and len(s.blocks) <= s.computed // bs:
+                got = self.blocks.allocate(1)
+                if got is not None:
+                    s.blocks += got
+                else:
+                    self._preempt(self._rows[-1])  # the youngest, possibly s itself
+            if s.admitted:
+                out.append(s)
+        return [s for s in out if s.admitted]
 
-    def _prefill(self, new: list[_Seq]) -> None:
-        first_row = len(self._rows)
-        lens = [len(s.prompt) for s in new]
-        now = time.monotonic()
-        for i, s in enumerate(new):
-            s.row, s.length = first_row + i, lens[i]
-            self._rows.append(s)
-            self.metrics.queue_time.observe(now - s.arrival)
-        self.metrics.prompt_tokens.inc(sum(lens))
-        logits = self.runner.prefill(first_row, [s.prompt for s in new])  # (n, V)
-        for i, s in enumerate(new):
+    def _preempt(self, s: _Seq) -> None:
+        """Give back every block of `s` (full ones stay cached) and requeue it first; recomputed later."""
+        log.info("KV cache full: preempting a sequence of %d tokens", len(s.tokens))
+        self.metrics.preemptions.inc()
+        self._rows.remove(s)
+        self.blocks.free(s.blocks)
+        s.blocks, s.computed, s.registered, s.admitted = [], 0, 0, False
+        self._waiting.appendleft(s)
+        with self._lock:
+            self._pending += 1
+
+    def _chunk_cap(self, decoding: bool) -> int:
+        """Prompt tokens one step may prefill: all of the budget when nothing decodes, else about
+        `CHUNK_LATENCY` decode steps' worth (a multiple of the block size), so streams keep flowing."""
+        if not decoding:
+            return self.args.max_num_batched_tokens
+        bs = self.args.block_size
+        if self._prefill_tok_s is None or self._decode_s is None:
+            return 4 * bs
+        tokens = int(CHUNK_LATENCY * self._decode_s / self._prefill_tok_s)
+        return max(bs, tokens // bs * bs)
+
+    def _schedule(self, budget: int, decoding: bool) -> list[tuple[_Seq, int]]:
+        """Prompt chunks for this step: first the sequences already prefilling (oldest first), then newly
+        admitted ones (FIFO) while seats, blocks and the token budget last. Returns (sequence, tokens)."""
+        budget = min(budget, self._chunk_cap(decoding))
+        chunks: list[tuple[_Seq, int]] = []
+        for s in self._rows:
+            if budget <= 0:
+                return chunks
+            budget -= self._add_chunk(chunks, s, budget)
+        while budget > 0 and self._waiting and len(self._rows) < self.args.max_num_seqs:
+            s = self._waiting[0]
+            if not self._admit(s):
+                break  # FIFO: a later, smaller request does not overtake a waiting one
+            self._waiting.popleft()
+            self._release_pending(1)
+            budget -= self._add_chunk(chunks, s, budget)
+        return chunks
+
+    def _add_chunk(self, chunks: list[tuple[_Seq, int]], s: _Seq, budget: int) -> int:
+        """Schedule the next prompt chunk of `s` (if it is prefilling) within `budget`; returns its length."""
+        left = s.target - s.computed
+        if left <= 0:
+            return 0
+        bs = self.args.block_size
+        # the chunk's mask has take x (computed + take) entries: shrink it at long contexts
+        by_mask = max(bs, MASK_ENTRIES // (s.computed + min(left, budget)))
+        take = min(left, budget, by_mask)
+        chunks.append((s, take))
+        return take
+
+    def _admit(self, s: _Seq) -> bool:
+        """Give `s` its cached prefix and blocks for the rest of its prompt; False if the pool is too full."""
+        bs, bm = self.args.block_size, self.blocks
+        tokens = s.tokens
+        use_cache = s.params.prompt_logprobs is None or bool(s.output)  # prompt logprobs need every position
+        if use_cache:
+            s.hashes = block_hashes(tokens[: s.target // bs * bs], bs, start=s.hashes)
+        # at least one prompt token is computed: its logits give the first output token
+        limit = (s.target - (0 if s.output else 1)) // bs if use_cache else 0
+        hit = bm.match(s.hashes, limit)
+        need = -(-s.target // bs) - len(hit)
+        fresh = bm.allocate(need) if need > 0 else []
+        if fresh is None:
+            bm.free(hit)
+            return False
+        if not s.output:
+            bm.count_query(len(s.prompt), len(hit) * bs)
+            self.metrics.prefix_queries.inc(len(s.prompt))
+            self.metrics.prefix_hits.inc(len(hit) * bs)
+            s.cached_tokens = len(hit) * bs
+            self.metrics.prompt_tokens.inc(len(s.prompt))
+            self.metrics.queue_time.observe(time.monotonic() - s.arrival)
             if s.params.prompt_logprobs is not None:
-                s.prompt_lps = self._prompt_logprobs(i, s)
-        generate = [i for i, s in enumerate(new) if s.params.max_tokens > 0]
-        for s in new:
+                s.prompt_lps = [None]
+        s.blocks, s.computed, s.registered, s.admitted = hit + fresh, len(hit) * bs, len(hit), True
+        self._rows.append(s)
+        return True
+
+    def _register_blocks(self, s: _Seq) -> None:
+        """Enter the newly filled blocks of `s` into the prefix cache."""
+        full = s.computed // self.args.block_size
+        if not self.args.enable_prefix_caching or full <= s.registered:
+            return
+        bs = self.args.block_size
+        s.hashes = block_hashes(s.tokens[: full * bs], bs, start=s.hashes[:full])
+        for i in range(s.registered, full):
+            self.blocks.register(s.blocks[i], s.hashes[i])
+        s.registered = full
+
+    # ---- model calls ------------------------------------------------------------------------------
+    def _prefill(self, chunks: list[tuple[_Seq, int]]) -> None:
+        seqs = [s for s, _ in chunks]
+        past = [s.computed for s in seqs]
+        toks = [s.tokens[s.computed : s.computed + n] for s, n in chunks]
+        t0 = time.monotonic()
+        logits = self.runner.prefill(toks, past, [s.blocks for s in seqs])  # (n, V)
+        n_tok = sum(n for _, n in chunks)
+        per_tok = (time.monotonic() - t0) / n_tok
+        self._prefill_tok_s = (
+            per_tok if self._prefill_tok_s is None else 0.7 * self._prefill_tok_s + 0.3 * per_tok
+        )
+        for i, (s, n) in enumerate(chunks):
+            if s.prompt_lps is not None and not s.output:
+                s.prompt_lps.extend(self._prompt_logprobs(i, s, past[i], n))
+            s.computed += n
+            self._register_blocks(s)
+        done = [i for i, s in enumerate(seqs) if s.computed == s.target and not s.output]
+        now = time.monotonic()
+        generate = []
+        for i in done:
+            s = seqs[i]
             if s.params.max_tokens == 0:  # scoring only (echo with max_tokens=0): nothing to generate
                 s.first_token_at = now
                 self._emit_output(s, Output(prompt_logprobs=s.prompt_lps), "length")
+            else:
+                generate.append(i)
         if generate:
-            self._advance([new[i] for i in generate], logits[generate])
+            self._advance([seqs[i] for i in generate], logits[generate])
 
-    def _prompt_logprobs(self, i: int, s: _Seq) -> list[TokenLogprob | None]:
-        """Logprob of each prompt token given the ones before it (entry 0 has no context: None).
-
-        `i` is the sequence's index in the prefill batch that just ran."""
+    def _prompt_logprobs(self, i: int, s: _Seq, start: int, n: int) -> list[TokenLogprob]:
+        """Logprobs of the prompt tokens that positions start..start+n-1 predict (row i of the last prefill)."""
         k = s.params.prompt_logprobs or 0
-        n = len(s.prompt) - 1
-        targets = torch.tensor(s.prompt[1:], device=self.device)
-        res: list[TokenLogprob | None] = [None]
-        for start in range(0, n, 512):  # bounded (512, V) logits at a time
-            end = min(start + 512, n)
-            lp = torch.log_softmax(self.runner.prompt_logits(i, start, end), dim=-1)
-            res.extend(_pick_logprobs(lp, targets[start:end], k))
+        stop = min(n, len(s.prompt) - 1 - start)  # the last prompt position predicts no prompt token
+        res: list[TokenLogprob] = []
+        for a in range(0, stop, 512):  # bounded (512, V) logits at a time
+            b = min(a + 512, stop)
+            targets = torch.tensor(s.prompt[start + a + 1 : start + b + 1], device=self.device)
+            lp = torch.log_softmax(self.runner.prompt_logits(i, a, b), dim=-1)
+            res.extend(_pick_logprobs(lp, targets, k))
         return res
 
-    def _decode(self) -> None:
-        rows = self._rows
-        logits = self.runner.decode([s.output[-1] for s in rows], [s.length for s in rows])  # (n, V)
-        for s in rows:
-            s.length += 1
-        self._advance(list(rows), logits)
+    def _decode(self, seqs: list[_Seq]) -> None:
+        t0 = time.monotonic()
+        logits = self.runner.decode(
+            [s.output[-1] for s in seqs], [s.computed for s in seqs], [s.blocks for s in seqs]
+        )  # (n, V)
+        dt = time.monotonic() - t0
+        self._decode_s = dt if self._decode_s is None else 0.7 * self._decode_s + 0.3 * dt
+        for s in seqs:
+            s.computed += 1
+            self._register_blocks(s)
+        self._advance(seqs, logits)
 
     # ---- sampling ----------------------------------------------------------------------------------
     def _advance(self, seqs: list[_Seq], logits: Tensor) -> None:
@@ -520,6 +682,7 @@ class Engine:
     # ---- bookkeeping --------------------------------------------------------------------------------
     def _emit_output(self, s: _Seq, out: Output, finish: str | None) -> None:
         out.num_prompt_tokens, out.num_output_tokens = len(s.prompt), len(s.output)
+        out.num_cached_tokens = s.cached_tokens
         out.finish_reason = finish
         if finish is not None:
             self._retire(s, finish)
@@ -543,7 +706,7 @@ class Engine:
         self._outbox.append((s, err))
 
     def _retire(self, s: _Seq, outcome: str) -> None:
-        """Record the outcome once and give back the row of `s`, moving the last row into the hole."""
+        """Record the outcome once and give back the blocks of `s` (full ones stay in the prefix cache)."""
         if s.finish_reason is None:
             s.finish_reason = outcome
             now = time.monotonic()
@@ -551,19 +714,16 @@ class Engine:
             self.metrics.e2e.observe(now - s.arrival)
             if s.first_token_at is not None and len(s.output) > 1:
                 self.metrics.tpot.observe((now - s.first_token_at) / (len(s.output) - 1))
-        if s.row is None:
+        if not s.admitted:
             return
-        i, last = s.row, self._rows.pop()
-        if last is not s:
-            self._rows[i] = last
-            self.runner.move_row(last.row, i, last.length)
-            last.row = i
-        s.row = None
+        self._rows.remove(s)
+        self.blocks.free(s.blocks)
+        s.blocks, s.admitted = [], False
 
     def _update_gauges(self) -> None:
         self.metrics.running.set(len(self._rows))
         self.metrics.waiting.set(self._pending)
-        self.metrics.kv_usage.set(len(self._rows) / self.args.max_num_seqs)
+        self.metrics.kv_usage.set(self.blocks.num_used / self.blocks.num_blocks)
 
 
 def _deliver(items: list[tuple[_Seq, Output | EngineError]]) -> None:

@@ -5,6 +5,11 @@ and mean/median/std/p50/p90/p99 of TTFT, TPOT, ITL and E2E latency, as a table a
 `/v1/completions` with random token-id prompts of a fixed length (from the server's vocabulary), so input and
 output lengths are exact with `--ignore-eos`. Loopback only unless `--allow-remote`; the number of requests
 and the total time are capped.
+
+`--turns N` replays multi-turn conversations as an agent sends them: each of `--num-prompts` conversations
+starts with `--input-len` tokens, and every next turn re-sends the whole history (earlier prompts and the
+model's answers, as exact token ids) plus `--turn-len` new tokens. It reports TTFT per turn and the prefix-cache
+hit rate (the share of prompt tokens the server reports as `cached_tokens`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class RequestResult:
     latency: float = 0.0
     status: int = 0
     error: str = ""
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens
+    output_ids: list[int] = field(default_factory=list)  # with return_tokens_as_token_ids
+    turn: int = 0
 
 
 def _is_loopback(url: str) -> bool:
@@ -82,6 +90,12 @@ async def _one(client, url: str, payload: dict[str, Any], timeout: float) -> Req
                 if obj.get("usage"):
                     res.prompt_tokens = obj["usage"]["prompt_tokens"]
                     res.output_tokens = obj["usage"]["completion_tokens"]
+                    res.cached_tokens = (obj["usage"].get("prompt_tokens_details") or {}).get(
+                        "cached_tokens", 0
+                    )
+                if obj.get("choices"):
+                    lp = obj["choices"][0].get("logprobs") or {}
+                    res.output_ids += [int(t.removeprefix("token_id:")) for t in lp.get("tokens") or []]
                 if obj.get("choices"):  # one event per token (its text may be empty), as vLLM's bench counts
                     now = time.perf_counter()
                     if res.ttft == 0.0:
@@ -132,6 +146,15 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
     summary.update(_stats("tpot", tpots))
     summary.update(_stats("itl", [x for r in ok for x in r.itl]))
     summary.update(_stats("e2el", [r.latency for r in ok]))
+    prompt_total = sum(r.prompt_tokens for r in ok)
+    summary["prefix_cache_hit_rate"] = (
+        sum(r.cached_tokens for r in ok) / prompt_total if prompt_total else 0.0
+    )
+    turns = sorted({r.turn for r in ok})
+    if len(turns) > 1:
+        summary["ttft_by_turn"] = {
+            str(t + 1): _stats("ttft", [r.ttft for r in ok if r.turn == t]) for t in turns
+        }
     summary["status_counts"] = {str(k): v for k, v in sorted(Counter(r.status for r in results).items())}
     summary["errors"] = dict(Counter(r.error for r in results if r.error).most_common(10))
     return summary
@@ -150,9 +173,14 @@ async def run_load(
     timeout: float = 300.0,
     max_duration: float = 1800.0,
     allow_remote: bool = False,
+    turns: int = 1,
+    turn_len: int = 32,
 ) -> dict[str, Any]:
     """Send `num_prompts` streaming completions, at most `max_concurrency` at once, arriving as a Poisson
-    process of `request_rate` per second (all at once when infinite); returns the summary dict."""
+    process of `request_rate` per second (all at once when infinite); returns the summary dict.
+
+    With `turns` > 1, `num_prompts` conversations of `turns` requests each: turn k re-sends turn k-1's prompt
+    and answer plus `turn_len` new tokens (at most `max_concurrency` conversations at once)."""
     import httpx
 
     if not 1 <= num_prompts <= MAX_PROMPTS:
@@ -163,6 +191,8 @@ async def run_load(
         raise ErnieError(
             "--input-len, --output-len, --request-rate, --timeout and --max-duration must be > 0"
         )
+    if not 1 <= turns <= 1000 or turn_len < 1:
+        raise ErnieError("--turns must be between 1 and 1000 and --turn-len > 0")
     if not allow_remote and not _is_loopback(base_url):
         raise ErnieError(
             f"{base_url} is not a loopback address; pass --allow-remote to load-test another host"
@@ -186,24 +216,44 @@ async def run_load(
         )
         sem = asyncio.Semaphore(max_concurrency)
 
+        async def request(prompt, turn: int = 0) -> RequestResult:
+            payload = {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": output_len,
+                "temperature": 0.0,
+                "ignore_eos": ignore_eos,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            if turns > 1:  # the answer's exact ids go into the next turn's history
+                payload.update(logprobs=0, return_tokens_as_token_ids=True)
+            res = await _one(client, f"{base}/v1/completions", payload, timeout)
+            res.turn = turn
+            return res
+
         async def limited(prompt) -> RequestResult:
             async with sem:
-                payload = {
-                    "model": model,
-                    "prompt": prompt,
-                    "max_tokens": output_len,
-                    "temperature": 0.0,
-                    "ignore_eos": ignore_eos,
-                    "stream": True,
-                    "stream_options": {"include_usage": True},
-                }
-                return await _one(client, f"{base}/v1/completions", payload, timeout)
+                return await request(prompt)
 
-        tasks: list[asyncio.Task[RequestResult]] = []
+        async def conversation(prompt) -> list[RequestResult]:
+            out: list[RequestResult] = []
+            async with sem:
+                for turn in range(turns):
+                    if turn:
+                        if not isinstance(prompt, list) or not out[-1].ok:
+                            break
+                        prompt = (
+                            prompt + out[-1].output_ids + [rng.randrange(100, vocab) for _ in range(turn_len)]
+                        )
+                    out.append(await request(prompt, turn))
+            return out
+
+        tasks: list[asyncio.Task] = []
 
         async def drive() -> None:
             for p in prompts:
-                tasks.append(asyncio.create_task(limited(p)))
+                tasks.append(asyncio.create_task(conversation(p) if turns > 1 else limited(p)))
                 if math.isfinite(request_rate):
                     await asyncio.sleep(rng.expovariate(request_rate))
             await asyncio.gather(*tasks)
@@ -216,11 +266,12 @@ async def run_load(
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         duration = time.perf_counter() - start
-    results = [
-        t.result() if t.done() and not t.cancelled() else RequestResult(error="stopped: --max-duration")
-        for t in tasks
-    ]
-    results += [RequestResult(error="stopped: --max-duration")] * (num_prompts - len(results))
+    stopped = RequestResult(error="stopped: --max-duration")
+    results: list[RequestResult] = []
+    for t in tasks:
+        r = t.result() if t.done() and not t.cancelled() else [stopped] * turns
+        results += r if isinstance(r, list) else [r]
+    results += [stopped] * ((num_prompts - len(tasks)) * turns)
     summary = summarize(results, duration)
     summary.update(
         {
@@ -233,6 +284,8 @@ async def run_load(
             "input_len": input_len,
             "output_len": output_len,
             "ignore_eos": ignore_eos,
+            "turns": turns,
+            "turn_len": turn_len if turns > 1 else 0,
         }
     )
     return summary
@@ -262,6 +315,11 @@ def format_table(s: dict[str, Any]) -> str:
         lines.append("{s:{c}^50}".format(s=f" {title} ", c="-"))
         for stat in ("mean", "median", "std", *(f"p{p}" for p in PERCENTILES)):
             lines.append(f"{f'{stat.capitalize()} {name.upper()} (ms):':<40}{s[f'{stat}_{name}_ms']:<10.2f}")
+    lines.append(f"{'Prefix cache hit rate:':<40}{s['prefix_cache_hit_rate']:<10.1%}")
+    for turn, st in (s.get("ttft_by_turn") or {}).items():
+        lines.append(
+            f"{f'Turn {turn} TTFT mean / median (ms):':<40}{st['mean_ttft_ms']:.2f} / {st['median_ttft_ms']:.2f}"
+        )
     lines.append("=" * 50)
     if s["errors"]:
         lines.append("errors: " + "; ".join(f"{n} x {msg}" for msg, n in s["errors"].items()))
@@ -288,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --output-len tokens")
+    p.add_argument(
+        "--turns",
+        type=int,
+        default=1,
+        help="turns per conversation: each turn re-sends the history plus --turn-len new tokens "
+        "(--num-prompts conversations; default: 1, independent requests)",
+    )
+    p.add_argument("--turn-len", type=int, default=32, help="new prompt tokens per later turn (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times")
     p.add_argument(
         "--api-key", default=os.environ.get("ERNIE45_API_KEY"), help="bearer key, if the server wants one"
@@ -315,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             args.timeout,
             args.max_duration,
             args.allow_remote,
+            args.turns,
+            args.turn_len,
         )
     )
     print(format_table(summary))

@@ -77,9 +77,22 @@ class ServerMetrics:
         self.prompt_tokens = Counter("ernie45_prompt_tokens", "Prefilled prompt tokens", registry=r)
         self.generation_tokens = Counter("ernie45_generation_tokens", "Generated tokens", registry=r)
         self.running = Gauge("ernie45_num_requests_running", "Sequences in the decode batch", registry=r)
-        self.waiting = Gauge("ernie45_num_requests_waiting", "Sequences queued for a KV slot", registry=r)
+        self.waiting = Gauge(
+            "ernie45_num_requests_waiting", "Sequences queued for KV-cache blocks", registry=r
+        )
         self.kv_usage = Gauge(
-            "ernie45_kv_cache_usage_perc", "Fraction of KV-cache slots in use (0-1)", registry=r
+            "ernie45_kv_cache_usage_perc", "Fraction of KV-cache blocks in use by sequences (0-1)", registry=r
+        )
+        self.prefix_queries = Counter(
+            "ernie45_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_hits = Counter(
+            "ernie45_prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled)", registry=r
+        )
+        self.preemptions = Counter(
+            "ernie45_num_preemptions",
+            "Sequences preempted (requeued) because the KV cache was full",
+            registry=r,
         )
         self.ttft = Histogram(
             "ernie45_time_to_first_token_seconds",

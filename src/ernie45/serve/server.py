@@ -32,9 +32,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ernie45.checkpoint import parse_size
 from ernie45.commands import add_parallel_args
 from ernie45.errors import ErnieError
 from ernie45.serve.engine import Engine, EngineArgs, EngineError, SamplingParams, TokenLogprob
+from ernie45.serve.kv import KV_DTYPES
 from ernie45.serve.metrics import ServerMetrics
 from ernie45.serve.protocol import (
     ChatChoice,
@@ -52,6 +54,7 @@ from ernie45.serve.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     TokenizeRequest,
     TopLogprob,
     Usage,
@@ -179,7 +182,7 @@ def load_model(source: ModelSource):
         quantize_model(model, source.quantize, tokenizer=tokenizer, progress=False)
     from ernie45.fast import optimize_for_inference
 
-    optimize_for_inference(model, native=False)  # the batching engine runs its own (PyTorch) decode step
+    optimize_for_inference(model)  # the C decode step where it applies (the engine batches it), oneDNN prefill
     return model, tokenizer
 
 
@@ -460,11 +463,7 @@ def _install_routes(app: FastAPI, st: _State) -> None:
                 created=created,
                 model=cfg.served_model_name,
                 choices=choices,
-                usage=Usage(
-                    prompt_tokens=len(prompt),
-                    completion_tokens=completion,
-                    total_tokens=len(prompt) + completion,
-                ),
+                usage=Usage(**_usage(len(prompt), completion, results[0].num_cached_tokens)),
             ).model_dump()
         )
 
@@ -502,7 +501,7 @@ def _install_routes(app: FastAPI, st: _State) -> None:
             if k is not None:
                 tokens = (r.prompt_logprobs or []) + r.logprobs if req.echo else r.logprobs
                 ids = (flat[i] if req.echo else []) + r.token_ids
-                lp = _completion_lp(st, ids, tokens, echo[i])
+                lp = _completion_lp(st, ids, tokens, echo[i], req.return_tokens_as_token_ids)
             choices.append(
                 CompletionChoice(index=i, text=echo[i] + r.text, logprobs=lp, finish_reason=r.finish_reason)
             )
@@ -514,11 +513,7 @@ def _install_routes(app: FastAPI, st: _State) -> None:
                 created=created,
                 model=cfg.served_model_name,
                 choices=choices,
-                usage=Usage(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion,
-                    total_tokens=prompt_tokens + completion,
-                ),
+                usage=Usage(**_usage(prompt_tokens, completion, sum(r.num_cached_tokens for r in results[:: req.n]))),
             ).model_dump()
         )
 
@@ -627,6 +622,7 @@ class _Result:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
 
 
 async def _collect(request: Request, group, n: int) -> list[_Result] | None:
@@ -642,6 +638,7 @@ async def _collect(request: Request, group, n: int) -> list[_Result] | None:
             if out.prompt_logprobs is not None:
                 r.prompt_logprobs = out.prompt_logprobs
             r.finish_reason, r.num_output_tokens = out.finish_reason, out.num_output_tokens
+            r.num_cached_tokens = out.num_cached_tokens
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -687,8 +684,9 @@ def _sse_error(e: EngineError) -> str:
     return _sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached)).model_dump()
 
 
 async def _chat_events(
@@ -703,18 +701,18 @@ async def _chat_events(
         "created": created,
         "model": st.config.served_model_name,
     }
-    counts = [0] * req.n
+    counts, cached = [0] * req.n, [0] * req.n
 
     def chunk(i: int, delta: dict, finish: str | None = None, lps: list | None = None) -> str:
         choice = {"index": i, "delta": delta, "logprobs": lps, "finish_reason": finish}
-        usage = _usage(prompt_len, sum(counts)) if continuous else None
+        usage = _usage(prompt_len, sum(counts), cached[0]) if continuous else None
         return _sse({**base, "choices": [choice], "usage": usage})
 
     for i in range(req.n):
         yield chunk(i, {"role": "assistant", "content": ""})
     try:
         async for i, out in group:
-            counts[i] = out.num_output_tokens
+            counts[i], cached[i] = out.num_output_tokens, out.num_cached_tokens
             lps = None
             if req.logprobs and out.logprobs:
                 lps = {"content": [_chat_lp(st, t).model_dump() for t in out.logprobs]}
@@ -725,7 +723,7 @@ async def _chat_events(
         yield _sse_error(e)
     else:
         if include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(prompt_len, sum(counts))})
+            yield _sse({**base, "choices": [], "usage": _usage(prompt_len, sum(counts), cached[0])})
     yield "data: [DONE]\n\n"
 
 
@@ -740,12 +738,12 @@ async def _completion_events(
 ) -> AsyncIterator[str]:
     opts = req.stream_options
     base = {"id": rid, "object": "text_completion", "created": created, "model": st.config.served_model_name}
-    counts = [0] * len(prompts)
+    counts, cached = [0] * len(prompts), [0] * len(prompts)
     started = [False] * len(prompts)
     prompt_total = sum(len(p) for p in prompts[:: req.n])
     try:
         async for i, out in group:
-            counts[i] = out.num_output_tokens
+            counts[i], cached[i] = out.num_output_tokens, out.num_cached_tokens
             text, ids, lps = out.text, list(out.token_ids), list(out.logprobs or [])
             prefix = ""
             if not started[i]:
@@ -755,8 +753,12 @@ async def _completion_events(
                     lps = (out.prompt_logprobs or []) + lps
             logprobs = None
             if req.logprobs is not None:
-                logprobs = _completion_lp(st, ids, lps, prefix).model_dump()
-            usage = _usage(prompt_total, sum(counts)) if opts and opts.continuous_usage_stats else None
+                logprobs = _completion_lp(st, ids, lps, prefix, req.return_tokens_as_token_ids).model_dump()
+            usage = (
+                _usage(prompt_total, sum(counts), sum(cached[:: req.n]))
+                if opts and opts.continuous_usage_stats
+                else None
+            )
             yield _sse(
                 {
                     **base,
@@ -775,7 +777,7 @@ async def _completion_events(
         yield _sse_error(e)
     else:
         if opts and opts.include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(prompt_total, sum(counts))})
+            yield _sse({**base, "choices": [], "usage": _usage(prompt_total, sum(counts), sum(cached[:: req.n]))})
     yield "data: [DONE]\n\n"
 
 
@@ -791,13 +793,15 @@ def _chat_lp(st: _State, t: TokenLogprob) -> ChatTokenLogprob:
 
 
 def _completion_lp(
-    st: _State, ids: list[int], lps: list[TokenLogprob | None], prefix: str
+    st: _State, ids: list[int], lps: list[TokenLogprob | None], prefix: str, as_ids: bool = False
 ) -> CompletionLogprobs:
-    """OpenAI's legacy completions logprobs; `text_offset` counts characters from the start of the text."""
+    """OpenAI's legacy completions logprobs; `text_offset` counts characters from the start of the text.
+    `as_ids`: tokens are named `token_id:N` (vLLM's `return_tokens_as_token_ids`)."""
+    name = (lambda i: f"token_id:{i}") if as_ids else st.token_str
     out = CompletionLogprobs()
     offset = 0
     for tid, t in zip(ids, lps):
-        s = st.token_str(tid)
+        s = name(tid)
         out.tokens.append(s)
         out.text_offset.append(offset)
         offset += len(s)
@@ -805,7 +809,7 @@ def _completion_lp(
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
         else:
-            top = {st.token_str(i): v for i, v in t.top}
+            top = {name(i): v for i, v in t.top}
             top.setdefault(s, t.logprob)  # the chosen token is always listed, as vLLM does
             out.token_logprobs.append(t.logprob)
             out.top_logprobs.append(top)
@@ -833,6 +837,10 @@ def serve(
     threads: int | None = None,
     tp: int = 1,
     ep: int = 1,
+    block_size: int = 16,
+    kv_cache_memory: str | int | None = None,
+    enable_prefix_caching: bool = True,
+    kv_cache_dtype: str = "auto",
 ) -> None:
     """Serve a checkpoint over HTTP until interrupted (Ctrl-C / SIGTERM shut down gracefully).
 
@@ -840,14 +848,21 @@ def serve(
         model: checkpoint directory, or None / a bundled name for the bundled model.
         host, port: where to listen; the default binds loopback only.
         api_key: if set, every endpoint but /health and /metrics needs `Authorization: Bearer <key>`.
-        max_num_seqs, max_model_len: the KV-cache budget (sequences x positions), allocated at start.
-        max_queue_len: requests allowed to wait for a slot; more are answered with 429.
+        max_num_seqs: sequences admitted at once (prefilling or decoding).
+        max_model_len: context length per sequence (prompt + output).
+        max_num_batched_tokens: tokens one engine step computes (decode tokens plus prompt chunks).
+        max_queue_len: requests allowed to wait for KV-cache blocks; more are answered with 429.
         request_timeout: seconds a request may take from arrival before it ends with an error.
         shutdown_timeout: seconds in-flight requests get to finish on shutdown.
         threads: CPU threads for the model; default all cores but one, which stays free for the HTTP loop
             (spinning OpenMP workers otherwise starve it and every token waits), shared among the ranks.
         tp, ep: tensor- and expert-parallel sizes (run under `torchrun --nproc-per-node tp`): rank 0 serves
             HTTP, the other ranks follow its engine.
+        block_size: positions per KV-cache block (the unit of allocation and of prefix sharing).
+        kv_cache_memory: the KV pool's size ("4GB", "512MB" or bytes); default room for max_num_seqs
+            sequences of max_model_len, at most half the memory available at start.
+        enable_prefix_caching: reuse the cached keys/values of prompt prefixes seen before.
+        kv_cache_dtype: "auto" (the model dtype) or "int8" (per-row scales; half the memory of bf16).
     """
     import torch
     import uvicorn
@@ -865,8 +880,12 @@ def serve(
     _check_range("--max-body-bytes", max_body_bytes, 1024, 2**31)
     if request_timeout <= 0 or shutdown_timeout < 0:
         raise ErnieError("--request-timeout must be > 0 and --shutdown-timeout >= 0")
-    batched = max_num_batched_tokens or max(4096, max_model_len)
-    _check_range("--max-num-batched-tokens", batched, max_model_len, 2**31)
+    _check_range("--block-size", block_size, 1, 1024)
+    batched = max_num_batched_tokens or 2048
+    _check_range("--max-num-batched-tokens", batched, max(block_size, max_num_seqs + 1), 2**31)
+    kv_bytes = None if kv_cache_memory is None else parse_size(kv_cache_memory)
+    if kv_cache_dtype not in KV_DTYPES:
+        raise ErnieError(f"--kv-cache-dtype must be one of {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
     parallel = tp > 1 or ep > 1
     if parallel:
         if quantize or adapter:
@@ -900,6 +919,10 @@ def serve(
             max_queue_len=max_queue_len,
             max_num_batched_tokens=batched,
             request_timeout=request_timeout,
+            block_size=block_size,
+            kv_cache_memory=kv_bytes,
+            enable_prefix_caching=enable_prefix_caching,
+            kv_cache_dtype=kv_cache_dtype,
         ),
         max_body_bytes=max_body_bytes,
         drain_timeout=min(shutdown_timeout, 10.0),
@@ -954,9 +977,12 @@ def _follow(model, args: EngineArgs, rank: int) -> None:
     """Ranks > 0: replay rank 0's engine steps on this rank's shard until rank 0 stops."""
     import torch
 
+    from ernie45.serve.kv import kv_cache_blocks
     from ernie45.serve.runner import ModelRunner
 
-    runner = ModelRunner(model, args.max_num_seqs, args.max_model_len)
+    runner = ModelRunner(
+        model, kv_cache_blocks(model, args), args.block_size, room=3 * args.max_num_seqs, kv_dtype=args.kv_cache_dtype
+    )
     # Rank 0 decides when to stop: on Ctrl-C / SIGTERM it drains its requests (which needs every rank), then
     # releases the followers. If rank 0 is gone instead, the next collective fails and this rank exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -990,11 +1016,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="require `Authorization: Bearer KEY` (default: $ERNIE45_API_KEY, else no key)",
     )
     p.add_argument("--served-model-name", help="model id clients send (default: the directory name)")
-    p.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together (KV slots)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="sequences served at once (default: 8)")
     p.add_argument(
         "--max-model-len", type=int, help="context length per sequence (default: min(model, 4096))"
     )
-    p.add_argument("--max-num-batched-tokens", type=int, help="prompt tokens prefilled per step")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="tokens one step computes: decode tokens plus prompt chunks (default: 2048); long prompts are "
+        "prefilled in chunks, kept short while other streams decode",
+    )
+    p.add_argument(
+        "--kv-cache-memory",
+        help="size of the paged KV cache, e.g. 4GB or 512MB (default: room for --max-num-seqs sequences of "
+        "--max-model-len, at most half the available memory); pages are backed only once used",
+    )
+    p.add_argument("--block-size", type=int, default=16, help="positions per KV-cache block (default: 16)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "int8"],
+        help="auto: the model dtype; int8: 8-bit keys/values with per-row scales, half of bf16's memory",
+    )
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of prompt prefixes seen before, e.g. an agent's system prompt and earlier "
+        "turns (default: on)",
+    )
     p.add_argument("--max-queue-len", type=int, default=256, help="waiting requests before answering 429")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--quantize", help="quantize on load: wint8, wint4, llm.int8 or nf4")
@@ -1036,5 +1086,9 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         tp=args.tp,
         ep=args.ep,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=args.enable_prefix_caching,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     return 0

@@ -1,0 +1,200 @@
+"""The batched C decode step over a paged KV cache (`ernie_step_batch`, `FastDecoder.step_batch`).
+
+Every row of a batch must give, bit for bit, what the single-sequence C step gives for that sequence alone on a
+contiguous cache: the same logits, the same K/V rows (written into the row's pages) and the same greedy tokens, for
+dense and MoE models, fp32 and bf16, float / int8 / int4 weights, at every ISA level this machine executes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from test_fast import _textured
+
+from ernie45 import native
+
+ISAS = native.levels()
+STEPS = 6  # greedy tokens after each prompt
+# prompt lengths of the 16 sequences (a batch of B takes the first B): with block_size 4 or 16 most span pages
+PROMPT_LENS = [5, 1, 9, 4, 17, 3, 12, 8, 2, 20, 7, 16, 11, 6, 14, 10]
+MAX_LEN = 32  # the contiguous reference cache (longest history: 20 + STEPS)
+
+
+def _decoder_or_skip(model, isa):
+    from ernie45.fast import FastDecoder
+
+    lib = native.load("decode", isa)
+    if lib is None or (isa == "native" and lib.ernie_simd_width() < 256):
+        pytest.skip(f"no C compiler, or no {isa} build: the C decode step is not built here")
+    dec = FastDecoder.attach(model, isa=isa)
+    assert dec is not None
+    return dec
+
+
+@functools.cache
+def _model(name: str, dtype: torch.dtype, mode: str | None):
+    """test_fast's textured model (biases, norms away from 1, a correction bias that changes which experts are
+    picked; MoE: 8 experts top-2 + a shared one; GQA 4:1), at half its width."""
+    return _textured(name, dtype, mode, 64 if name == "tiny" else 128, hidden=128, intermediate=256, head_dim=32)
+
+
+def _layout(B: int, total: list[int], block_size: int, seed: int):
+    """Shuffled block ids per row (-1 past its pages), each row starting 0-3 steps late."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, 4, (B,), generator=g).tolist()
+    need = [math.ceil(t / block_size) for t in total]
+    n_blocks = sum(need) + 3
+    ids = torch.randperm(n_blocks, generator=g).to(torch.int32)
+    tables = torch.full((B, max(need) + 1), -1, dtype=torch.int32)
+    at = 0
+    for b, k in enumerate(need):
+        tables[b, :k] = ids[at:at + k]
+        at += k
+    return start, tables, n_blocks
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(prev)
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 1000, (k,), generator=g).tolist() for k in PROMPT_LENS[:n]]
+
+
+def _alone(dec, model, prompt: list[int]):
+    """The sequence alone through the single-row C step on a contiguous cache: (tokens fed, logits after each,
+    cache); the prompt is fed one token at a time, then STEPS greedy tokens."""
+    cache = model.new_cache(1, MAX_LEN)
+    toks, logits = list(prompt), []
+    for i in range(len(prompt) + STEPS):
+        if i >= len(prompt):
+            toks.append(int(logits[-1].argmax()))
+        logits.append(dec(torch.tensor([[toks[i]]]), cache)[0])
+    return toks, logits, cache
+
+
+def _paged(dec, model, prompts: list[list[int]], block_size: int, seed: int):
+    """The sequences as one batch over a paged cache: row b starts a few steps late (so one call mixes positions,
+    prompts and greedy continuations, and the batch grows and shrinks), its pages are shuffled block ids, table
+    entries past its pages are -1 and unused page memory is NaN (reading it would show in the logits)."""
+    B = len(prompts)
+    total = [len(p) + STEPS for p in prompts]
+    start, tables, n_blocks = _layout(B, total, block_size, seed)
+    cfg = model.config
+    shape = (n_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim)
+    kp = [torch.full(shape, float("nan"), dtype=model.dtype) for _ in range(cfg.num_hidden_layers)]
+    vp = [torch.full(shape, float("nan"), dtype=model.dtype) for _ in range(cfg.num_hidden_layers)]
+    toks, logits = [list(p) for p in prompts], [[] for _ in prompts]
+    widest = 0
+    for step in range(max(s + t for s, t in zip(start, total))):
+        rows = [b for b in range(B) if start[b] <= step < start[b] + total[b]]
+        if not rows:
+            continue
+        widest = max(widest, len(rows))
+        pos = [step - start[b] for b in rows]
+        for b, p in zip(rows, pos):
+            if p >= len(prompts[b]):
+                toks[b].append(int(logits[b][-1].argmax()))
+        out = dec.step_batch([toks[b][p] for b, p in zip(rows, pos)], pos, tables[rows], kp, vp)
+        assert out.shape == (len(rows), cfg.vocab_size) and out.dtype == torch.float32
+        for j, b in enumerate(rows):
+            logits[b].append(out[j])
+    assert widest == B  # every row took part in one call at least
+    return toks, logits, tables, kp, vp
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mode", [None, "wint8", "wint4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_batched_step_equals_single_rows(name, dtype, mode, isa, threads):
+    """For B = 1, 2, 3, 8, 16: each row's logits after every step, its K/V rows in its pages and its greedy tokens
+    equal the single-sequence C step's on a contiguous cache, bit for bit."""
+    m = _model(name, dtype, mode)
+    dec = _decoder_or_skip(m, isa)
+    prompts = _prompts(16)
+    with torch.inference_mode():
+        ref = [_alone(dec, m, p) for p in prompts]
+        for i, B in enumerate((1, 2, 3, 8, 16)):
+            block_size = (4, 16)[i % 2]
+            toks, logits, tables, kp, vp = _paged(dec, m, prompts[:B], block_size, seed=B)
+            for b in range(B):
+                ref_toks, ref_logits, cache = ref[b]
+                assert toks[b] == ref_toks, (B, b)
+                assert len(logits[b]) == len(ref_logits)
+                for k, (got, want) in enumerate(zip(logits[b], ref_logits)):
+                    assert torch.equal(got, want), (B, b, k)
+                t = torch.arange(len(ref_toks))
+                blocks, rows = tables[b, t // block_size].long(), t % block_size
+                for layer in range(len(kp)):  # (T, n_kv, d) from the pages against the cache's (n_kv, T, d)
+                    assert torch.equal(kp[layer][blocks, :, rows].transpose(0, 1), cache.k[layer][0, :, :len(t)])
+                    assert torch.equal(vp[layer][blocks, :, rows].transpose(0, 1), cache.v[layer][0, :, :len(t)])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_wide_batch(isa, threads):
+    """256 rows in one call (short histories, one page each of block_size 2 or more): every row still equals its
+    sequence stepped alone."""
+    m = _model("tiny", torch.bfloat16, None)
+    dec = _decoder_or_skip(m, isa)
+    B, bs = 256, 2
+    g = torch.Generator().manual_seed(5)
+    lens = torch.randint(1, 4, (B,), generator=g).tolist()
+    prompts = [torch.randint(3, 1000, (k,), generator=g).tolist() for k in lens]
+    cfg = m.config
+    tables = torch.randperm(3 * B, generator=g).to(torch.int32).view(B, 3)  # 2 pages used, 1 spare per row
+    shape = (3 * B, cfg.num_key_value_heads, bs, cfg.head_dim)
+    kp = [torch.zeros(shape, dtype=m.dtype) for _ in range(cfg.num_hidden_layers)]
+    vp = [torch.zeros(shape, dtype=m.dtype) for _ in range(cfg.num_hidden_layers)]
+    with torch.inference_mode():
+        want = []
+        for p in prompts:
+            cache = m.new_cache(1, 8)
+            for t in p:
+                out = dec(torch.tensor([[t]]), cache)
+            want.append(out[0])
+        for i in range(max(lens)):  # prefill: rows whose prompt is longer than i
+            rows = [b for b in range(B) if i < lens[b] - 1]
+            if rows:
+                dec.step_batch([prompts[b][i] for b in rows], [i] * len(rows), tables[rows], kp, vp)
+        got = dec.step_batch([p[-1] for p in prompts], [k - 1 for k in lens], tables, kp, vp)
+    assert all(torch.equal(got[b], want[b]) for b in range(B))
+
+
+def test_step_batch_checks_its_arguments():
+    m = _model("tiny", torch.float32, None)
+    dec = _decoder_or_skip(m, "native")
+    cfg = m.config
+    shape = (4, cfg.num_key_value_heads, 4, cfg.head_dim)
+    kp = [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)]
+    vp = [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)]
+    tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    assert dec.step_batch([5, 6], [0, 3], tables, kp, vp).shape == (2, cfg.vocab_size)
+    with pytest.raises(ValueError, match="tables"):
+        dec.step_batch([5, 6], [0, 0], tables.long(), kp, vp)
+    with pytest.raises(ValueError, match="tables"):
+        dec.step_batch([5, 6], [0, 0], tables[:, ::2], kp, vp)  # not contiguous
+    with pytest.raises(ValueError, match="page pool"):
+        dec.step_batch([5, 6], [0, 0], tables, [p.bfloat16() for p in kp], vp)
+    with pytest.raises(ValueError, match="pages must be"):
+        dec.step_batch([5, 6], [0, 0], tables, [p[:, :1] for p in kp], vp)
+    with pytest.raises(ValueError, match="layers"):
+        dec.step_batch([5, 6], [0, 0], tables, kp[:1], vp)
+    with pytest.raises(ValueError, match="positions"):
+        dec.step_batch([5, 6], [0], tables, kp, vp)
+    with pytest.raises(ValueError, match="block id"):
+        dec.step_batch([5, 6], [0, 0], torch.tensor([[0, 1], [4, 3]], dtype=torch.int32), kp, vp)
+    for tokens, pos, tab in (([5, 6], [0, 8], tables),  # past table_stride * block_size
+                             ([5, 6], [-1, 0], tables),
+                             ([5, cfg.vocab_size], [0, 0], tables),
+                             ([5, 6], [0, 4], torch.tensor([[0, 1], [2, -1]], dtype=torch.int32))):  # page -1
+        with pytest.raises(RuntimeError, match="-2"):
+            dec.step_batch(tokens, pos, tab, kp, vp)
