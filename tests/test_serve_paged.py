@@ -231,6 +231,48 @@ def test_chunked_prefill_interleaves_decode_steps(ckpts):
         assert sum(log[i][1]) + decoding <= 24
 
 
+def test_mixed_steps_prefill_as_extra_c_rows(ckpts):
+    """With the C decode step, a prompt that arrives while a stream decodes is prefilled as extra rows of the
+    decode steps (a few tokens each, sized from measured step times), not by separate PyTorch forwards: the
+    stream gets a token every step, and both answers equal their greedy runs."""
+    from ernie45.fast import optimize_for_inference
+
+    model, tok = load(ckpts["dense"])
+    optimize_for_inference(model)
+    if getattr(model, "fast_decoder", None) is None:
+        pytest.skip("no C decode step on this machine")
+    engine = started(EngineArgs(max_num_seqs=2, max_model_len=1024, block_size=4), model, tok)
+    short, long_ = tok.encode("床前明月光"), tok.encode(LONG * 2)
+    calls = Calls(engine)
+
+    async def go():
+        first = engine.submit([short], [SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)])
+        it = aiter(first)
+        ids = (await anext(it))[1].token_ids
+        second = engine.submit([long_], [SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)])
+
+        async def rest(it, ids):
+            async for _, out in it:
+                ids = ids + out.token_ids
+            return ids
+
+        async def collect(g):
+            return await rest(aiter(g), [])
+
+        return await asyncio.gather(rest(it, ids), collect(second))
+
+    try:
+        a, b = asyncio.run(go())
+    finally:
+        engine.shutdown(0.0)
+    assert a == reference(model, short, 80)
+    assert len(b) == 4 and b == reference(model, long_, 4)
+    log = calls.log
+    assert [op for op, _ in log].count("prefill") == 1  # only the first prompt, alone
+    mixed = [rows for op, rows in log if op == "decode" and rows > 1]
+    assert sum(mixed) - len(mixed) >= len(long_) - 4 and max(mixed) < len(long_)  # in several chunks
+
+
 def test_small_pool_preempts_and_never_corrupts(ckpts):
     """A pool smaller than the requests' total: sequences are preempted and recomputed (mostly from the
     prefix cache) or wait, and every answer still equals its own greedy run."""

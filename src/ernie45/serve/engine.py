@@ -10,7 +10,9 @@ short and long sequences share memory and a sequence uses only what it fills.
   needs them back (least recently used first).
 - Chunked prefill: each step first gives every decoding sequence a token, then spends what remains of
   `max_num_batched_tokens` on prompt chunks. While sequences are decoding, a chunk is also kept to about
-  `CHUNK_LATENCY` decode steps (from measured step times), so a long prompt no longer stalls the streams.
+  `CHUNK_LATENCY` decode steps (from measured step times), so a long prompt no longer stalls the streams;
+  with the C decode step the chunk's tokens are extra rows of the decode step itself ("mixed" steps), which
+  costs a few rows' arithmetic instead of a separate pass over the weights.
 - A request is admitted once blocks for its whole prompt are available; when a decoding sequence needs a
   block and none is left, the youngest sequence is preempted (its blocks freed, cached ones kept) and goes
   back to the head of the queue to be recomputed later, mostly from the prefix cache.
@@ -76,6 +78,8 @@ class EngineArgs:
 
 
 CHUNK_LATENCY = 1.5  # while sequences decode, a prompt chunk costs at most about this many decode steps
+# in a mixed C step the chunk's rows cost more as the prompt's position grows (attention), so aim lower
+MIXED_CHUNK_LATENCY = 1.0
 MASK_ENTRIES = (
     1 << 26
 )  # a prompt chunk's query x key mask stays within 64 MiB (chunks shrink at long contexts)
@@ -234,6 +238,7 @@ class Engine:
         self._rows: list[_Seq] = []  # admitted sequences (prefilling or decoding), oldest first
         self._prefill_tok_s: float | None = None  # measured seconds per prompt token (moving average)
         self._decode_s: float | None = None  # measured seconds per decode step (moving average)
+        self._row_s: float | None = None  # measured seconds a prompt-chunk row adds to a C decode step
         self._pending = 0  # submitted, not yet holding a row (incoming + waiting)
         self._outbox: list[tuple[_Seq, Output | EngineError]] = []
         self._lock = threading.Lock()
@@ -361,13 +366,16 @@ class Engine:
     def _step(self) -> None:
         self._reap(time.monotonic())
         decoding = self._reserve_decode_blocks()
-        chunks = self._schedule(self.args.max_num_batched_tokens - len(decoding), bool(decoding))
-        if chunks:
-            self._prefill(chunks)
+        mixed = bool(decoding) and self.runner.native
+        chunks = self._schedule(self.args.max_num_batched_tokens - len(decoding), bool(decoding), mixed)
+        rows = [(s, n) for s, n in chunks if mixed and s.prompt_lps is None]  # ride along the decode step
+        alone = [(s, n) for s, n in chunks if not (mixed and s.prompt_lps is None)]
+        if alone:
+            self._prefill(alone)
             self._flush()  # first tokens go out before the decode step (time to first token)
         decoding = [s for s in decoding if s.admitted]  # a prefill may have finished one (max_tokens)
-        if decoding:
-            self._decode(decoding)
+        if decoding or rows:
+            self._decode(decoding, rows)
 
     def _pull(self, block: bool) -> None:
         try:
@@ -447,21 +455,29 @@ class Engine:
         with self._lock:
             self._pending += 1
 
-    def _chunk_cap(self, decoding: bool) -> int:
+    def _chunk_cap(self, decoding: bool, mixed: bool) -> int:
         """Prompt tokens one step may prefill: all of the budget when nothing decodes, else about
-        `CHUNK_LATENCY` decode steps' worth (a multiple of the block size), so streams keep flowing."""
+        `CHUNK_LATENCY` (`MIXED_CHUNK_LATENCY`) decode steps' worth, so streams keep flowing. Measured, not guessed: from the
+        seconds per prompt token of PyTorch chunks (a multiple of the block size), or, in `mixed` steps (the
+        chunk's tokens are extra rows of the C decode step, which has no per-call cost of its own), from what
+        each extra row added to the step."""
         if not decoding:
             return self.args.max_num_batched_tokens
+        if mixed:
+            if self._row_s is None or self._decode_s is None:
+                return 4
+            rows = MIXED_CHUNK_LATENCY * self._decode_s / max(self._row_s, 1e-6)  # a row may measure as free
+            return max(1, min(self.args.max_num_batched_tokens, int(rows)))
         bs = self.args.block_size
         if self._prefill_tok_s is None or self._decode_s is None:
             return 4 * bs
         tokens = int(CHUNK_LATENCY * self._decode_s / self._prefill_tok_s)
         return max(bs, tokens // bs * bs)
 
-    def _schedule(self, budget: int, decoding: bool) -> list[tuple[_Seq, int]]:
+    def _schedule(self, budget: int, decoding: bool, mixed: bool = False) -> list[tuple[_Seq, int]]:
         """Prompt chunks for this step: first the sequences already prefilling (oldest first), then newly
         admitted ones (FIFO) while seats, blocks and the token budget last. Returns (sequence, tokens)."""
-        budget = min(budget, self._chunk_cap(decoding))
+        budget = min(budget, self._chunk_cap(decoding, mixed))
         chunks: list[tuple[_Seq, int]] = []
         for s in self._rows:
             if budget <= 0:
@@ -544,6 +560,10 @@ class Engine:
                 s.prompt_lps.extend(self._prompt_logprobs(i, s, past[i], n))
             s.computed += n
             self._register_blocks(s)
+        self._first_tokens(seqs, logits)
+
+    def _first_tokens(self, seqs: list[_Seq], logits: Tensor) -> None:
+        """Sequences whose prompt is now all prefilled get their first token from their row of `logits`."""
         done = [i for i, s in enumerate(seqs) if s.computed == s.target and not s.output]
         now = time.monotonic()
         generate = []
@@ -569,17 +589,41 @@ class Engine:
             res.extend(_pick_logprobs(lp, targets, k))
         return res
 
-    def _decode(self, seqs: list[_Seq]) -> None:
+    def _decode(self, seqs: list[_Seq], chunks: list[tuple[_Seq, int]] = ()) -> None:
+        """One token for each decoding sequence; `chunks` (C decode step only) add a prompt chunk's tokens as
+        rows of the same step, at consecutive positions of their sequence (the step stores every row's keys
+        and values before any row attends, so the chunk is causal), and only its last row's logits are used."""
+        tokens, pos, tables = (
+            [s.output[-1] for s in seqs],
+            [s.computed for s in seqs],
+            [s.blocks for s in seqs],
+        )
+        for s, n in chunks:
+            tokens += s.tokens[s.computed : s.computed + n]
+            pos += range(s.computed, s.computed + n)
+            tables += [s.blocks] * n
         t0 = time.monotonic()
-        logits = self.runner.decode(
-            [s.output[-1] for s in seqs], [s.computed for s in seqs], [s.blocks for s in seqs]
-        )  # (n, V)
+        logits = self.runner.decode(tokens, pos, tables)  # (rows, V)
         dt = time.monotonic() - t0
-        self._decode_s = dt if self._decode_s is None else 0.7 * self._decode_s + 0.3 * dt
+        extra = len(tokens) - len(seqs)
+        if extra and seqs and self._decode_s is not None:  # what a chunk row costs beside the decode rows
+            row = max(dt - self._decode_s, 0.0) / extra
+            self._row_s = row if self._row_s is None else 0.7 * self._row_s + 0.3 * row
+        elif not extra:
+            self._decode_s = dt if self._decode_s is None else 0.7 * self._decode_s + 0.3 * dt
         for s in seqs:
             s.computed += 1
             self._register_blocks(s)
-        self._advance(seqs, logits)
+        if seqs:
+            self._advance(seqs, logits[: len(seqs)])
+        last, at = [], len(seqs)
+        for s, n in chunks:
+            s.computed += n
+            self._register_blocks(s)
+            at += n
+            last.append(at - 1)
+        if chunks:
+            self._first_tokens([s for s, _ in chunks], logits[last])
 
     # ---- sampling ----------------------------------------------------------------------------------
     def _advance(self, seqs: list[_Seq], logits: Tensor) -> None:
