@@ -139,13 +139,42 @@ def test_batched_step_equals_single_rows(name, dtype, mode, isa, threads):
                     assert torch.equal(vp[layer][blocks, :, rows].transpose(0, 1), cache.v[layer][0, :, :len(t)])
 
 
+@functools.cache
+def _wide_model(dtype: torch.dtype, mode: str | None, group_size: int, hidden: int, intermediate: int):
+    return _textured("tiny", dtype, mode, group_size, hidden=hidden, intermediate=intermediate, head_dim=32)
+
+
 @pytest.mark.parametrize("isa", ISAS)
-def test_a_wide_batch(isa, threads):
-    """256 rows in one call (short histories, one page each of block_size 2 or more): every row still equals its
-    sequence stepped alone."""
+@pytest.mark.parametrize("mode, group_size, hidden, intermediate", [
+    (None, 0, 128, 4224), ("wint8", 0, 128, 4224), ("wint4", 64, 128, 4224), ("wint4", 128, 128, 4224),
+    (None, 0, 144, 272), ("wint8", 0, 144, 272),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_batched_step_other_widths(dtype, mode, group_size, hidden, intermediate, isa, threads):
+    """The tiled GEMVs' other paths: rows longer than an int8 block (4,224 columns: more than 4,096 / 2,048 int8
+    columns summed per int32 block) and with more int4 groups than a vector has lanes (33 of 128, 66 of 64), and
+    widths that leave a partial vector (144, 272: row by row where a kernel needs whole vectors). Each row of a batch
+    of B = 1, 3, 8 equals its sequence stepped alone, bit for bit."""
+    m = _wide_model(dtype, mode, group_size, hidden, intermediate)
+    dec = _decoder_or_skip(m, isa)
+    prompts = _prompts(8, seed=1)
+    with torch.inference_mode():
+        ref = [_alone(dec, m, p) for p in prompts]
+        for B in (1, 3, 8):
+            toks, logits, _, _, _ = _paged(dec, m, prompts[:B], 4, seed=B)
+            for b in range(B):
+                assert toks[b] == ref[b][0], (B, b)
+                assert all(torch.equal(got, want) for got, want in zip(logits[b], ref[b][1])), (B, b)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("B", [256, 1100])
+def test_a_wide_batch(isa, B, threads):
+    """256 and 1,100 rows in one call (short histories, one page each of block_size 2 or more; past 1,024 rows a
+    GEMV takes the batch in parts): every row still equals its sequence stepped alone."""
     m = _model("tiny", torch.bfloat16, None)
     dec = _decoder_or_skip(m, isa)
-    B, bs = 256, 2
+    bs = 2
     g = torch.Generator().manual_seed(5)
     lens = torch.randint(1, 4, (B,), generator=g).tolist()
     prompts = [torch.randint(3, 1000, (k,), generator=g).tolist() for k in lens]

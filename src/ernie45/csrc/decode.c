@@ -194,6 +194,15 @@ static inline vf vsum_lanes(const vf *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
+/* the sum of v's lanes by the tree of vsum_lanes (lane i there: ((x0 + x2) + (x1 + x3)) per 128-bit block b,
+ * then (b0 + b1) + (b2 + b3)): one vector's reduction, bitwise a lane of vsum_lanes */
+static inline float vsum1(vf v) {
+    v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+    v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
+    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+    v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm512_cvtss_f32(v);
+}
 #if defined(__AVX512BW__)
 /* int16 dot products: a vi holds VW int32 sums, each of two int16 x int16 products (2 * VW int16 per operand) */
 #define HAVE_XQ16 1
@@ -262,6 +271,13 @@ static inline vf vsum_lanes(const vf *v) {
     __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3])); /* [v0..v3 | v0..v3] halves */
     __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
     return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+/* the sum of v's lanes by the tree of vsum_lanes ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)) */
+static inline float vsum1(vf v) {
+    v = _mm256_add_ps(v, _mm256_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
+    v = _mm256_add_ps(v, _mm256_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+    v = _mm256_add_ps(v, _mm256_permute2f128_ps(v, v, 0x01));
+    return _mm256_cvtss_f32(v);
 }
 #define HAVE_XQ16 1
 typedef __m256i vi;
@@ -500,13 +516,106 @@ typedef struct {
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 /* per-group sums of x, for int4's zero-point term (w = q * scale + zb) */
+/* VW lanes as int32 -> the low 16 bits of each, stored to p (what (int16_t) / (uint16_t) casts keep) */
+#if defined(__AVX512F__)
+static inline void vstore_lo16(void *p, __m512i v) { _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(v)); }
+#elif defined(VW)
+static inline void vstore_lo16(void *p, __m256i v) {
+    __m256i t = _mm256_packus_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_setzero_si256());
+    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(_mm256_permute4x64_epi64(t, 0x08)));
+}
+#endif
+#if defined(__AVX512F__)
+#define VI32 __m512i
+#define vcast_i(v) _mm512_castps_si512(v)
+#define vi32_set1 _mm512_set1_epi32
+#define vi32_and _mm512_and_si512
+#define vi32_or _mm512_or_si512
+#define vi32_add _mm512_add_epi32
+#define vi32_srli _mm512_srli_epi32
+#define vcvt_i32 _mm512_cvtps_epi32
+static inline VI32 vi32_sel_gt(VI32 a, VI32 b, VI32 yes, VI32 no) { /* a > b (signed) ? yes : no */
+    return _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(a, b), no, yes);
+}
+#elif defined(VW)
+#define VI32 __m256i
+#define vcast_i(v) _mm256_castps_si256(v)
+#define vi32_set1 _mm256_set1_epi32
+#define vi32_and _mm256_and_si256
+#define vi32_or _mm256_or_si256
+#define vi32_add _mm256_add_epi32
+#define vi32_srli _mm256_srli_epi32
+#define vcvt_i32 _mm256_cvtps_epi32
+static inline VI32 vi32_sel_gt(VI32 a, VI32 b, VI32 yes, VI32 no) {
+    return _mm256_blendv_epi8(no, yes, _mm256_cmpgt_epi32(a, b));
+}
+#endif
+
+/* per-group sums of x, for int4's zero-point term (w = q * scale + zb), zero-padded to whole 64 bytes; with
+ * vectors: VW-lane partial sums in column order, then the vsum1 tree (one code for every batch) */
 static const float *group_sums(const float *x, int n, int group, float *out) {
     for (int gi = 0; gi < n / group; gi++) {
+        const float *g = x + (size_t)gi * group;
+#if defined(VW)
+        if (group % VW == 0) {
+            vf v = vzero();
+            for (int c = 0; c < group; c += VW) v = vadd(v, vload(g + c));
+            out[gi] = vsum1(v);
+            continue;
+        }
+#endif
         float s = 0.f;
-        for (int c = 0; c < group; c++) s += x[gi * group + c];
+        for (int c = 0; c < group; c++) s += g[c];
         out[gi] = s;
     }
+    for (size_t gi = n / group; gi < align64(4 * (size_t)(n / group)) / 4; gi++) out[gi] = 0.f;
     return out;
+}
+
+#if defined(HAVE_XQ16)
+/* x quantised to int16, xq[i] = (int16_t)lrintf(x[i] * inv) (the rounding mode's nearest, even on ties) */
+static void quant16(const float *x, int n, float inv, int16_t *xq) {
+    int i = 0;
+#if defined(VW)
+    for (; i + VW <= n; i += VW) vstore_lo16(xq + i, vcvt_i32(vmul(vload(x + i), vset1(inv))));
+#endif
+    for (; i < n; i++) xq[i] = (int16_t)lrintf(x[i] * inv);
+}
+
+/* max |x[i]|, NaN ignored (as `fabsf(x) > mx ? fabsf(x) : mx`; max is exact in any order) */
+static float absmax(const float *x, int n) {
+    float mx = 0.f;
+    int i = 0;
+#if defined(VW)
+    vf m = vzero(), sign = vset1(-0.0f);
+#if defined(__AVX512F__)
+#define vandn_ps _mm512_andnot_ps
+#else
+#define vandn_ps _mm256_andnot_ps
+#endif
+    for (; i + VW <= n; i += VW) m = vmax(vandn_ps(sign, vload(x + i)), m); /* a NaN lane keeps m (the 2nd operand) */
+#undef vandn_ps
+    float t[VW];
+    vstore(t, m);
+    for (int k = 0; k < VW; k++) mx = t[k] > mx ? t[k] : mx;
+#endif
+    for (; i < n; i++) mx = fabsf(x[i]) > mx ? fabsf(x[i]) : mx;
+    return mx;
+}
+#endif
+
+/* x rounded to bf16 as f2bf does (nearest even; NaN kept, quiet) */
+static void to_bf16(const float *x, int n, uint16_t *xb) {
+    int i = 0;
+#if defined(VW)
+    for (; i + VW <= n; i += VW) {
+        VI32 u = vcast_i(vload(x + i));
+        VI32 r = vi32_srli(vi32_add(u, vi32_add(vi32_set1(0x7fff), vi32_and(vi32_srli(u, 16), vi32_set1(1)))), 16);
+        VI32 q = vi32_or(vi32_srli(u, 16), vi32_set1(0x40));
+        vstore_lo16(xb + i, vi32_sel_gt(vi32_and(u, vi32_set1(0x7fffffff)), vi32_set1(0x7f800000), q, r));
+    }
+#endif
+    for (; i < n; i++) xb[i] = f2bf(x[i]);
 }
 
 /* bytes of a prepared x for L: [xb or xq (int16)] [xp] [xg], as prep() lays them out */
@@ -524,18 +633,17 @@ static void prep(Job *j, char *buf) {
     float *xp = (float *)(buf + align64(2 * (size_t)n)), *xg = (float *)(buf + align64(2 * (size_t)n) + align64(4 * (size_t)n));
 #if defined(HAVE_XQ16)
     if ((L->kind == W_I8 && n % 32 == 0) || (L->kind == W_I4 && L->group % 64 == 0)) {
-        float mx = 0.f;
-        for (int i = 0; i < n; i++) mx = fabsf(j->x[i]) > mx ? fabsf(j->x[i]) : mx;
+        float mx = absmax(j->x, n);
         float xs = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / xs;
         int16_t *xq = (int16_t *)xb;
         if (L->kind == W_I8) {
-            for (int i = 0; i < n; i++) xq[i] = (int16_t)lrintf(j->x[i] * inv);
+            quant16(j->x, n, inv, xq);
         } else {
-            for (int c = 0; c < n; c += 64)
-                for (int t = 0; t < 32; t++) {
-                    xq[c + t] = (int16_t)lrintf(j->x[c + 2 * t] * inv);
-                    xq[c + 32 + t] = (int16_t)lrintf(j->x[c + 2 * t + 1] * inv);
-                }
+            int16_t t[64];
+            for (int c = 0; c < n; c += 64) {
+                quant16(j->x + c, 64, inv, t);
+                for (int k = 0; k < 32; k++) xq[c + k] = t[2 * k], xq[c + 32 + k] = t[2 * k + 1];
+            }
             j->xg = group_sums(j->x, n, L->group, xg);
         }
         j->xq = xq, j->xs = xs;
@@ -544,7 +652,7 @@ static void prep(Job *j, char *buf) {
 #endif
     j->xq = NULL;
     if (L->kind == W_BF16) {
-        for (int i = 0; i < n; i++) xb[i] = f2bf(j->x[i]);
+        to_bf16(j->x, n, xb);
         j->xb = xb;
     } else if (L->kind == W_I4) {
         for (int c = 0; c + 32 <= n; c += 32)
@@ -588,184 +696,419 @@ static __attribute__((noinline)) float row_dot(const Job *j, int r) {
     return L->bias ? y + L->bias[r] : y;
 }
 
-/* ---- one weight row against the x of several jobs (a group's batch rows) ----------------------------------
- * Each x gets exactly the single-x kernel's arithmetic (the same accumulators, updated in the same order, the same
- * reductions), so every result is bitwise row_dot's; the weight vector is loaded (int4: unpacked) once for all.
- * Taken where the single kernel has no scalar tail; NX jobs at a time fit the vector registers. */
+/* ---- register tiles: R weight rows x C batch rows (one Linear's jobs) ----------------------------------------
+ * Every output (weight row r, batch row c) has exactly one vector accumulator, updated chunk by chunk in column
+ * order, and is reduced by the transpose-and-add tree of vsum_lanes; the zero-point term of int4 and the scale and
+ * bias are applied by tile_out. That arithmetic is the output's own: it does not depend on the tile's shape (R,
+ * C), so a row stepped alone (C = 1) gets the bits it gets in any batch. In a tile each weight chunk is loaded
+ * (int8/int4: widened, unpacked) once for the C batch rows and each x chunk once for the R weight rows, so the
+ * loads per multiply fall from about 1 + 1/C (one weight row at a time) to 1/R + 1/C, and one vsum_lanes reduces
+ * up to VW outputs. Integer accumulation (the int16 paths) is exact, so only its conversions to float are ordered.
+ * Weights are streamed with software prefetch, PF_AHEAD bytes ahead of what the tiles read: R interleaved rows
+ * and the longer work per byte at large C both defeat the hardware prefetcher (measured: up to 45 % of a B=16
+ * step stalled on weight loads without it). */
 #if defined(VW)
-#if defined(__AVX512F__)
-#define NX 4
-#define NX_CASES(call) case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; default: call(4)
-#else
-#define NX 2
-#define NX_CASES(call) case 1: call(1); break; default: call(2)
-#endif
 #define INL static inline __attribute__((always_inline))
+#define PF_AHEAD 8192 /* bytes */
+#define RMAX 4
+#define CMAX 4
+#define NGMAX 256 /* int4 groups per row on the tiled path */
+#define OUT_BUF 4096 /* outputs buffered before tile_out */
+enum { T_F32, T_BF16, T_I8, T_I4 };
 
-INL void dots_f32(const int nx, const float *w, const Job *J, int n, float *s) { /* dot_f32, n % VW == 0 */
-    vf a[NX][4];
-    for (int k = 0; k < nx; k++) a[k][0] = a[k][1] = a[k][2] = a[k][3] = vzero();
-    int i = 0;
-    for (; i + 4 * VW <= n; i += 4 * VW) {
-        vf w0 = vload(w + i), w1 = vload(w + i + VW), w2 = vload(w + i + 2 * VW), w3 = vload(w + i + 3 * VW);
-        for (int k = 0; k < nx; k++) {
-            const float *x = J[k].x + i;
-            a[k][0] = vfma(w0, vload(x), a[k][0]);
-            a[k][1] = vfma(w1, vload(x + VW), a[k][1]);
-            a[k][2] = vfma(w2, vload(x + 2 * VW), a[k][2]);
-            a[k][3] = vfma(w3, vload(x + 3 * VW), a[k][3]);
-        }
-    }
-    for (; i + VW <= n; i += VW) {
-        vf w0 = vload(w + i);
-        for (int k = 0; k < nx; k++) a[k][0] = vfma(w0, vload(J[k].x + i), a[k][0]);
-    }
-    for (int k = 0; k < nx; k++) s[k] = vhsum(vadd(vadd(a[k][0], a[k][1]), vadd(a[k][2], a[k][3])));
-}
-
-INL void dots_bf16x(const int nx, const uint16_t *w, const Job *J, int n, float *s) { /* dot_bf16x, n % VW == 0 */
-    vf a[NX][4];
-    for (int k = 0; k < nx; k++) a[k][0] = a[k][1] = a[k][2] = a[k][3] = vzero();
-    int i = 0;
-    for (; i + 4 * VW <= n; i += 4 * VW) {
-        vf w0 = vload_bf16(w + i), w1 = vload_bf16(w + i + VW), w2 = vload_bf16(w + i + 2 * VW),
-           w3 = vload_bf16(w + i + 3 * VW);
-        for (int k = 0; k < nx; k++) {
-            const float *x = J[k].x + i;
-            a[k][0] = vfma(w0, vload(x), a[k][0]);
-            a[k][1] = vfma(w1, vload(x + VW), a[k][1]);
-            a[k][2] = vfma(w2, vload(x + 2 * VW), a[k][2]);
-            a[k][3] = vfma(w3, vload(x + 3 * VW), a[k][3]);
-        }
-    }
-    for (; i + VW <= n; i += VW) {
-        vf w0 = vload_bf16(w + i);
-        for (int k = 0; k < nx; k++) a[k][0] = vfma(w0, vload(J[k].x + i), a[k][0]);
-    }
-    for (int k = 0; k < nx; k++) s[k] = vhsum(vadd(vadd(a[k][0], a[k][1]), vadd(a[k][2], a[k][3])));
-}
-
-#if defined(__AVX512BF16__)
-INL void dots_bf16(const int nx, const uint16_t *w, const Job *J, int n, float *s) { /* dot_bf16, n % 32 == 0 */
-    __m512 a[NX][4];
-    for (int k = 0; k < nx; k++) a[k][0] = a[k][1] = a[k][2] = a[k][3] = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 128 <= n; i += 128) {
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i), w1 = (__m512bh)_mm512_loadu_si512(w + i + 32),
-                 w2 = (__m512bh)_mm512_loadu_si512(w + i + 64), w3 = (__m512bh)_mm512_loadu_si512(w + i + 96);
-        for (int k = 0; k < nx; k++) {
-            const uint16_t *xb = J[k].xb + i;
-            a[k][0] = _mm512_dpbf16_ps(a[k][0], w0, (__m512bh)_mm512_loadu_si512(xb));
-            a[k][1] = _mm512_dpbf16_ps(a[k][1], w1, (__m512bh)_mm512_loadu_si512(xb + 32));
-            a[k][2] = _mm512_dpbf16_ps(a[k][2], w2, (__m512bh)_mm512_loadu_si512(xb + 64));
-            a[k][3] = _mm512_dpbf16_ps(a[k][3], w3, (__m512bh)_mm512_loadu_si512(xb + 96));
-        }
-    }
-    for (; i + 32 <= n; i += 32) {
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i);
-        for (int k = 0; k < nx; k++) a[k][0] = _mm512_dpbf16_ps(a[k][0], w0, (__m512bh)_mm512_loadu_si512(J[k].xb + i));
-    }
-    for (int k = 0; k < nx; k++)
-        s[k] = vhsum(_mm512_add_ps(_mm512_add_ps(a[k][0], a[k][1]), _mm512_add_ps(a[k][2], a[k][3]))) + 0.f;
-}
-#endif
-
-INL void dots_i8_x16(const int nx, const int8_t *w, const Job *J, int n, float *s) { /* dot_i8_x16, n % 2VW == 0 */
-    vf f[NX];
-    for (int k = 0; k < nx; k++) f[k] = vzero();
-    int i = 0;
-    while (i + 2 * VW <= n) {
-        int end = i + I8_BLOCK < n ? i + I8_BLOCK : n;
-        vi a[NX][2];
-        for (int k = 0; k < nx; k++) a[k][0] = a[k][1] = vi_zero();
-        for (; i + 4 * VW <= end; i += 4 * VW) {
-            vi w0 = vi_i8to16(w + i), w1 = vi_i8to16(w + i + 2 * VW);
-            for (int k = 0; k < nx; k++) {
-                a[k][0] = vi_dp(a[k][0], w0, vi_load16(J[k].xq + i));
-                a[k][1] = vi_dp(a[k][1], w1, vi_load16(J[k].xq + i + 2 * VW));
-            }
-        }
-        for (; i + 2 * VW <= end; i += 2 * VW) {
-            vi w0 = vi_i8to16(w + i);
-            for (int k = 0; k < nx; k++) a[k][0] = vi_dp(a[k][0], w0, vi_load16(J[k].xq + i));
-        }
-        for (int k = 0; k < nx; k++) f[k] = vadd(f[k], vi_tof(vi_add(a[k][0], a[k][1])));
-    }
-    for (int k = 0; k < nx; k++) s[k] = vhsum(f[k]);
-}
-
-INL void dots_i4_x16(const int nx, const uint8_t *w, const Job *J, const Linear *L, size_t g0, int n, int group,
-                     float *s) { /* dot_i4_x16 */
-    vf acc[NX];
-    float extra[NX];
-    for (int k = 0; k < nx; k++) acc[k] = vzero(), extra[k] = 0.f;
-    for (int gi = 0; gi < n / group; gi++) {
-        const uint8_t *p = w + (size_t)gi * group / 2;
-        vi a[NX];
-        for (int k = 0; k < nx; k++) a[k] = vi_zero();
-        for (int c = 0; c < group; c += 64)
-            for (int q = 0; q < 32; q += 2 * VW) {
-                vi b = vi_u8to16(p + c / 2 + q), lo = vi_lo4(b), hi = vi_hi4(b);
-                for (int k = 0; k < nx; k++) {
-                    const int16_t *xg16 = J[k].xq + (size_t)gi * group;
-                    a[k] = vi_dp(a[k], lo, vi_load16(xg16 + c + q));
-                    a[k] = vi_dp(a[k], hi, vi_load16(xg16 + c + 32 + q));
-                }
-            }
-        float sc = sz_at(L->scale, g0 + gi, L->sdt), zb = zb_at(L, g0 + gi);
-        for (int k = 0; k < nx; k++) {
-            acc[k] = vfma(vi_tof(a[k]), vset1(sc * J[k].xs), acc[k]);
-            extra[k] += zb * J[k].xg[gi];
-        }
-    }
-    for (int k = 0; k < nx; k++) s[k] = vhsum(acc[k]) + extra[k];
-}
-
-/* row r of the jobs J[0..nx) (one Linear, nx <= NX), each as row_dot(&J[k], r) */
-static void row_dots(const Job *J, int nx, int r) {
+/* which tiled kernel applies to L's jobs (-1: none, every output goes through row_dot). It depends on the Linear
+ * only (xq is set by prep for every job of an int8/int4 Linear of these shapes), never on the batch. */
+static int tile_kind(const Job *J) {
     const Linear *L = J->L;
     int n = L->in;
-    float s[NX];
     switch (L->kind) {
-    case W_F32:
-        if (n % VW) goto single;
-#define C(k) dots_f32(k, (const float *)L->w + (size_t)r * n, J, n, s)
-        switch (nx) { NX_CASES(C); }
-#undef C
-        break;
-    case W_BF16:
+    case W_F32: return n % VW ? -1 : T_F32;
 #if defined(__AVX512BF16__)
-        if (n % 32) goto single;
-#define C(k) dots_bf16(k, (const uint16_t *)L->w + (size_t)r * n, J, n, s)
+    case W_BF16: return n % 32 ? -1 : T_BF16;
 #else
-        if (n % VW) goto single;
-#define C(k) dots_bf16x(k, (const uint16_t *)L->w + (size_t)r * n, J, n, s)
+    case W_BF16: return n % VW ? -1 : T_BF16;
 #endif
-        switch (nx) { NX_CASES(C); }
-#undef C
-        break;
-    case W_I8:
-        if (!J->xq || n % (2 * VW)) goto single;
-#define C(k) dots_i8_x16(k, (const int8_t *)L->w + (size_t)r * n, J, n, s)
-        switch (nx) { NX_CASES(C); }
-#undef C
-        for (int k = 0; k < nx; k++) s[k] = s[k] * (J[k].xs * sz_at(L->scale, r, L->sdt));
-        break;
-    default:
-        if (!J->xq) goto single;
-#define C(k) dots_i4_x16(k, (const uint8_t *)L->w + (size_t)r * (n / 2), J, L, (size_t)r * (n / L->group), n, L->group, s)
-        switch (nx) { NX_CASES(C); }
-#undef C
+#if defined(HAVE_XQ16)
+    case W_I8: return J->xq && n % (2 * VW) == 0 ? T_I8 : -1;
+    case W_I4: return J->xq && L->group % 64 == 0 && n / L->group <= NGMAX ? T_I4 : -1;
+#endif
+    default: return -1;
     }
-    for (int k = 0; k < nx; k++) J[k].y[r] = L->bias ? s[k] + L->bias[r] : s[k];
-    return;
-single:
-    for (int k = 0; k < nx; k++) J[k].y[r] = row_dot(&J[k], r);
+}
+
+/* rows per tile (1, 2 or 4) for one batch row, for 2-3 and for more, and batch rows per tile (<= CMAX), per kind
+ * (T_F32, T_BF16, T_I8, T_I4). Measured (0.3B shape, 2 threads): while the weights stream from memory (one or a
+ * few batch rows) fp32 and bf16 are fastest one row at a time, int8/int4 rows (shorter, more instructions per
+ * byte) four at a time; with more batch rows the largest tile that fits the registers (32 with AVX-512, 16 with
+ * AVX2) wins. */
+#if defined(__AVX512F__)
+static const int RT[4][3] = {{1, 1, 4}, {1, 1, 4}, {4, 1, 4}, {4, 2, 2}}, CB[4] = {4, 4, 4, 3};
+#define I4_G128 1 /* int4 kernels specialised for groups of 128 columns */
+#else
+static const int RT[4][3] = {{1, 2, 2}, {2, 2, 2}, {4, 2, 2}, {2, 2, 1}}, CB[4] = {4, 4, 2, 4};
+#define I4_G128 0 /* fully unrolled groups spill with 16 registers */
+#endif
+
+/* the R x C accumulators a[c * R + r] reduced into out[c * stride + r], VW at a time (lanes past R * C: zero
+ * vectors); one accumulator alone by vsum1, the same tree */
+INL void tile_reduce(const int R, const int C, const vf *a, float *out, int stride) {
+    if (R * C == 1) {
+        out[0] = vsum1(a[0]);
+        return;
+    }
+    float t[RMAX * CMAX + VW];
+    for (int k = 0; k < R * C; k += VW) {
+        vf v[VW];
+        for (int i = 0; i < VW; i++) v[i] = k + i < R * C ? a[k + i] : vzero();
+        vstore(t + k, vsum_lanes(v));
+    }
+    for (int c = 0; c < C; c++)
+        for (int r = 0; r < R; r++) out[c * stride + r] = t[c * R + r];
+}
+
+/* the weights are prefetched as one sequential stream per thread, a cursor PF_AHEAD bytes ahead of the tiles: each
+ * step of a tile's pass (one line of each of its R rows) moves it by R steps, in part (step mod parts) of the
+ * tile's passes, so over the passes it moves by the tile's bytes and its requests are spread over the tile's time */
+#define PF_SEQ(step)                                                                                               \
+    do {                                                                                                           \
+        if (cnt == 0) {                                                                                            \
+            for (int r_ = 0; r_ < R; r_++) __builtin_prefetch(pf + r_ * (step), 0, 3);                             \
+            pf += R * (step);                                                                                      \
+            cnt = parts;                                                                                           \
+        }                                                                                                          \
+        cnt--;                                                                                                     \
+    } while (0)
+/* v in a register: an x chunk is loaded once for the tile's R rows, not folded into each of their multiplies */
+#define REG(v) __asm__("" : "+v"(v))
+
+/* fp32 weights: lines of 16 columns */
+INL void tile_f32(const int R, const int C, const Linear *L, const Job *J, long r0, const char **pfp, int cnt,
+                  int parts, float *s, int stride) {
+    const char *pf = *pfp;
+    const int n = L->in;
+    const float *w[RMAX], *x[CMAX];
+    vf a[RMAX * CMAX];
+    for (int r = 0; r < R; r++) w[r] = (const float *)L->w + (size_t)(r0 + r) * n;
+    for (int c = 0; c < C; c++) x[c] = J[c].x;
+    for (int k = 0; k < R * C; k++) a[k] = vzero();
+#define F32_CHUNK(i)                                                                                               \
+    do {                                                                                                           \
+        vf wv[RMAX];                                                                                               \
+        for (int r = 0; r < R; r++) {                                                                              \
+            wv[r] = vload(w[r] + (i));                                                                             \
+            REG(wv[r]);                                                                                            \
+        }                                                                                                          \
+        for (int c = 0; c < C; c++) {                                                                              \
+            vf xv = vload(x[c] + (i));                                                                             \
+            REG(xv);                                                                                               \
+            for (int r = 0; r < R; r++) a[c * R + r] = vfma(wv[r], xv, a[c * R + r]);                              \
+        }                                                                                                          \
+    } while (0)
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        PF_SEQ(64);
+        for (int u = 0; u < 16; u += VW) F32_CHUNK(i + u);
+    }
+    for (; i < n; i += VW) F32_CHUNK(i);
+#undef F32_CHUNK
+    *pfp = pf;
+    tile_reduce(R, C, a, s, stride);
+}
+
+#if defined(__AVX512BF16__)
+/* bf16 weights against x in bf16 (dpbf16: pairs of exact products, in fp32), 32 columns (one line) a chunk */
+INL void tile_bf16(const int R, const int C, const Linear *L, const Job *J, long r0, const char **pfp, int cnt,
+                   int parts, float *s, int stride) {
+    const char *pf = *pfp;
+    const int n = L->in;
+    const uint16_t *w[RMAX], *x[CMAX];
+    __m512 a[RMAX * CMAX];
+    for (int r = 0; r < R; r++) w[r] = (const uint16_t *)L->w + (size_t)(r0 + r) * n;
+    for (int c = 0; c < C; c++) x[c] = J[c].xb;
+    for (int k = 0; k < R * C; k++) a[k] = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 32) {
+        PF_SEQ(64);
+        __m512bh wv[RMAX];
+        for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w[r] + i);
+        for (int c = 0; c < C; c++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x[c] + i);
+            REG(xv);
+            for (int r = 0; r < R; r++) a[c * R + r] = _mm512_dpbf16_ps(a[c * R + r], wv[r], xv);
+        }
+    }
+    *pfp = pf;
+    tile_reduce(R, C, a, s, stride);
 }
 #else
-#define NX 1
-static void row_dots(const Job *J, int nx, int r) {
-    for (int k = 0; k < nx; k++) J[k].y[r] = row_dot(&J[k], r);
+/* bf16 weights widened to fp32 (exact) against x in fp32: lines of 32 columns */
+INL void tile_bf16(const int R, const int C, const Linear *L, const Job *J, long r0, const char **pfp, int cnt,
+                   int parts, float *s, int stride) {
+    const char *pf = *pfp;
+    const int n = L->in;
+    const uint16_t *w[RMAX];
+    const float *x[CMAX];
+    vf a[RMAX * CMAX];
+    for (int r = 0; r < R; r++) w[r] = (const uint16_t *)L->w + (size_t)(r0 + r) * n;
+    for (int c = 0; c < C; c++) x[c] = J[c].x;
+    for (int k = 0; k < R * C; k++) a[k] = vzero();
+#define BF16_CHUNK(i)                                                                                              \
+    do {                                                                                                           \
+        vf wv[RMAX];                                                                                               \
+        for (int r = 0; r < R; r++) wv[r] = vload_bf16(w[r] + (i));                                                \
+        for (int c = 0; c < C; c++) {                                                                              \
+            vf xv = vload(x[c] + (i));                                                                             \
+            REG(xv);                                                                                               \
+            for (int r = 0; r < R; r++) a[c * R + r] = vfma(wv[r], xv, a[c * R + r]);                              \
+        }                                                                                                          \
+    } while (0)
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        PF_SEQ(64);
+        for (int u = 0; u < 32; u += VW) BF16_CHUNK(i + u);
+    }
+    for (; i < n; i += VW) BF16_CHUNK(i);
+#undef BF16_CHUNK
+    *pfp = pf;
+    tile_reduce(R, C, a, s, stride);
+}
+#endif
+
+#if defined(HAVE_XQ16)
+/* the exact int32 sums a[] of columns [i, end) (int8 widened to int16 against xq), lines of 64 columns */
+INL void i8_block(const int R, const int C, const int8_t *const *w, const int16_t *const *x, int i, int end,
+                  vi *a, const char **pfp, int *cntp, int parts) {
+    const char *pf = *pfp;
+    int cnt = *cntp;
+    for (int k = 0; k < R * C; k++) a[k] = vi_zero();
+#define I8_CHUNK(i)                                                                                                \
+    do {                                                                                                           \
+        vi wv[RMAX];                                                                                               \
+        for (int r = 0; r < R; r++) wv[r] = vi_i8to16(w[r] + (i));                                                 \
+        for (int c = 0; c < C; c++) {                                                                              \
+            vi xv = vi_load16(x[c] + (i));                                                                         \
+            REG(xv);                                                                                               \
+            for (int r = 0; r < R; r++) a[c * R + r] = vi_dp(a[c * R + r], wv[r], xv);                             \
+        }                                                                                                          \
+    } while (0)
+    for (; i + 64 <= end; i += 64) {
+        PF_SEQ(64);
+        for (int u = 0; u < 64; u += 2 * VW) I8_CHUNK(i + u);
+    }
+    for (; i < end; i += 2 * VW) I8_CHUNK(i);
+#undef I8_CHUNK
+    *pfp = pf, *cntp = cnt;
+}
+
+/* int8 weights: exact int32 sums over blocks of I8_BLOCK columns (i8_block), each block's sum converted and added
+ * to the output's fp32 accumulator, in block order (tile_out applies xs * scale) */
+INL void tile_i8(const int R, const int C, const Linear *L, const Job *J, long r0, const char **pfp, int cnt,
+                 int parts, float *s, int stride) {
+    const int n = L->in;
+    const int8_t *w[RMAX];
+    const int16_t *x[CMAX];
+    vf f[RMAX * CMAX];
+    vi a[RMAX * CMAX];
+    for (int r = 0; r < R; r++) w[r] = (const int8_t *)L->w + (size_t)(r0 + r) * n;
+    for (int c = 0; c < C; c++) x[c] = J[c].xq;
+    if (n <= I8_BLOCK) { /* one block: f = 0 + its sum is its sum (a converted int is never -0) */
+        i8_block(R, C, w, x, 0, n, a, pfp, &cnt, parts);
+        for (int k = 0; k < R * C; k++) f[k] = vi_tof(a[k]);
+    } else {
+        for (int k = 0; k < R * C; k++) f[k] = vzero();
+        for (int i = 0; i < n; i += I8_BLOCK) {
+            i8_block(R, C, w, x, i, i + I8_BLOCK < n ? i + I8_BLOCK : n, a, pfp, &cnt, parts);
+            for (int k = 0; k < R * C; k++) f[k] = vadd(f[k], vi_tof(a[k]));
+        }
+    }
+    tile_reduce(R, C, f, s, stride);
+}
+
+/* cnt (<= VW) consecutive scales or zeros from element i of p (dtype sdt) as fp32 lanes, zero past cnt */
+static inline vf vload_sz(const void *p, size_t i, int sdt, int cnt) {
+#if defined(__AVX512F__)
+    __mmask16 m = (__mmask16)((1u << cnt) - 1);
+    if (sdt)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i)), 16));
+    return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+#else
+    if (cnt == VW) return sdt ? vload_bf16((const uint16_t *)p + i) : vload((const float *)p + i);
+    float t[VW] = {0};
+    for (int k = 0; k < cnt; k++) t[k] = sz_at(p, i + k, sdt);
+    return vload(t);
+#endif
+}
+
+/* int4 weights (unpacked to int16 once for the tile's batch rows) against xq permuted per 64 columns as [32 even,
+ * 32 odd]: exact int32 sums per group, each times the group's scale into the output's fp32 accumulator, in group
+ * order; tile_out multiplies by xs and adds ext, the zero-point term: the groups' zb * (group sum of x) in VW lanes
+ * (one fma per VW groups, xg zero-padded by group_sums), reduced like the sums. G: the group size as a constant
+ * (0: L->group). One prefetch step per 128 columns (a line of each row). */
+INL void tile_i4(const int R, const int C, const int G, const Linear *L, const Job *J, long r0, const char **pfp,
+                 int cnt, int parts, float *s, float *ext, int stride) {
+    const char *pf = *pfp;
+    const int n = L->in, group = G ? G : L->group, ng = n / group, sdt = L->sdt;
+    const uint8_t *w[RMAX];
+    const int16_t *x[CMAX];
+    vf acc[RMAX * CMAX];
+    float sc[RMAX][NGMAX] __attribute__((aligned(64))), zb[RMAX][NGMAX] __attribute__((aligned(64)));
+    for (int r = 0; r < R; r++) {
+        w[r] = (const uint8_t *)L->w + (size_t)(r0 + r) * (n / 2);
+        for (int g = 0; g < ng; g += VW) { /* zb = zero - 8 * scale, as zb_at */
+            size_t i = (size_t)(r0 + r) * ng + g;
+            int k = ng - g < VW ? ng - g : VW;
+            vf sv = vload_sz(L->scale, i, sdt, k);
+            vstore(sc[r] + g, sv);
+            vstore(zb[r] + g, vsub(vload_sz(L->zero, i, sdt, k), vmul(vset1(8.0f), sv)));
+        }
+    }
+    for (int c = 0; c < C; c++) x[c] = J[c].xq;
+    for (int k = 0; k < R * C; k++) acc[k] = vzero();
+    for (int g0 = 0, gi = 0; g0 < n; g0 += group, gi++) {
+        vi a[RMAX * CMAX];
+        for (int k = 0; k < R * C; k++) a[k] = vi_zero();
+        for (int cc = g0; cc < g0 + group; cc += 64) {
+            if (cc % 128 == 0) PF_SEQ(64);
+            for (int q = 0; q < 32; q += 2 * VW) { /* 2 VW bytes = 2 VW even + 2 VW odd columns */
+                vi lo[RMAX], hi[RMAX];
+                for (int r = 0; r < R; r++) {
+                    vi b = vi_u8to16(w[r] + cc / 2 + q);
+                    lo[r] = vi_lo4(b), hi[r] = vi_hi4(b);
+                }
+                for (int c = 0; c < C; c++) {
+                    vi xe = vi_load16(x[c] + cc + q), xo = vi_load16(x[c] + cc + 32 + q);
+                    REG(xe);
+                    REG(xo);
+                    for (int r = 0; r < R; r++) a[c * R + r] = vi_dp(vi_dp(a[c * R + r], lo[r], xe), hi[r], xo);
+                }
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            vf scv = vset1(sc[r][gi]);
+            for (int c = 0; c < C; c++) acc[c * R + r] = vfma(vi_tof(a[c * R + r]), scv, acc[c * R + r]);
+        }
+    }
+    *pfp = pf;
+    tile_reduce(R, C, acc, s, stride);
+    for (int k = 0; k < R * C; k++) acc[k] = vzero();
+    for (int g = 0; g < ng; g += VW)
+        for (int c = 0; c < C; c++) {
+            vf xg = vload(J[c].xg + g);
+            for (int r = 0; r < R; r++) acc[c * R + r] = vfma(vload(zb[r] + g), xg, acc[c * R + r]);
+        }
+    tile_reduce(R, C, acc, ext, stride);
+}
+#endif
+
+/* the outputs of rows r0..r0+R-1: s[c * stride + r] (the reduced sums) to J[c].y[r0 + r], with the int8 scale, the
+ * int4 xs and zero-point term, and the bias. One compiled copy for every tile shape and batch, and explicit fmas
+ * where a product meets a sum, so no compiler contracts an output's last roundings differently anywhere. */
+static __attribute__((noinline)) void tile_out(const Linear *L, const Job *J, int C, long r0, int R, const float *s,
+                                               const float *ext, int stride) {
+    const float *bias = L->bias ? L->bias + r0 : NULL;
+    for (int c = 0; c < C; c++) {
+        float *y = J[c].y + r0, xs = J[c].xs;
+        const float *sc = s + (size_t)c * stride, *ec = ext + (size_t)c * stride;
+        switch (L->kind) {
+        case W_I8:
+            for (int r = 0; r < R; r++) {
+                float m = xs * sz_at(L->scale, (size_t)r0 + r, L->sdt);
+                y[r] = bias ? fmaf(sc[r], m, bias[r]) : sc[r] * m;
+            }
+            break;
+        case W_I4:
+            for (int r = 0; r < R; r++) {
+                float v = fmaf(sc[r], xs, ec[r]);
+                y[r] = bias ? v + bias[r] : v;
+            }
+            break;
+        default:
+            for (int r = 0; r < R; r++) y[r] = bias ? sc[r] + bias[r] : sc[r];
+        }
+    }
+}
+
+/* one tile through the kernel of its kind, shape (R, C) as compile-time constants */
+#define TILE_CALL(R_, C_)                                                                                           \
+    switch (kind) {                                                                                                 \
+    case T_F32: tile_f32(R_, C_, L, J, r0, pfp, cnt, parts, s, stride); return;                                     \
+    case T_BF16: tile_bf16(R_, C_, L, J, r0, pfp, cnt, parts, s, stride); return;                                   \
+    TILE_CALL_Q(R_, C_)                                                                                             \
+    }                                                                                                               \
+    return
+#if defined(HAVE_XQ16)
+#define TILE_CALL_Q(R_, C_)                                                                                         \
+    case T_I8: tile_i8(R_, C_, L, J, r0, pfp, cnt, parts, s, stride); return;                                       \
+    default:                                                                                                        \
+        if (I4_G128 && L->group == 128) tile_i4(R_, C_, 128, L, J, r0, pfp, cnt, parts, s, ext, stride);            \
+        else tile_i4(R_, C_, 0, L, J, r0, pfp, cnt, parts, s, ext, stride);                                         \
+        return;
+#else
+#define TILE_CALL_Q(R_, C_)
+#endif
+#define TILE_R(R_)                                                                                                  \
+    switch (C) {                                                                                                    \
+    case 1: { TILE_CALL(R_, 1); }                                                                                   \
+    case 2: { TILE_CALL(R_, 2); }                                                                                   \
+    case 3: { TILE_CALL(R_, 3); }                                                                                   \
+    default: { TILE_CALL(R_, 4); }                                                                                  \
+    }
+
+static void tile_r1(int kind, int C, const Linear *L, const Job *J, long r0, const char **pfp, int cnt, int parts,
+                     float *s, float *ext, int stride) {
+    TILE_R(1)
+}
+static void tile_r2(int kind, int C, const Linear *L, const Job *J, long r0, const char **pfp, int cnt, int parts,
+                     float *s, float *ext, int stride) {
+    TILE_R(2)
+}
+static void tile_r4(int kind, int C, const Linear *L, const Job *J, long r0, const char **pfp, int cnt, int parts,
+                     float *s, float *ext, int stride) {
+    TILE_R(4)
+}
+
+/* rows [a, b) of the jobs J[0..nb) (one Linear): tiles of R rows, the batch split into ceil(nb / CB) near-equal
+ * parts; each tile's weight rows are read from memory once, its other parts read them from L1/L2 */
+static void gemv_rows(const Job *J, int nb, long a, long b) {
+    const Linear *L = J->L;
+    int kind = tile_kind(J);
+    if (kind < 0) {
+        for (long r = a; r < b; r++)
+            for (int k = 0; k < nb; k++) J[k].y[r] = row_dot(&J[k], (int)r);
+        return;
+    }
+    if (nb > OUT_BUF / 4) { /* a batch wider than the output buffer: in parts (each output is its own anyway) */
+        for (int k = 0; k < nb; k += OUT_BUF / 4) gemv_rows(J + k, nb - k < OUT_BUF / 4 ? nb - k : OUT_BUF / 4, a, b);
+        return;
+    }
+    int R = RT[kind][nb == 1 ? 0 : nb < 4 ? 1 : 2], parts = (nb + CB[kind] - 1) / CB[kind];
+    size_t rb = L->kind == W_F32 ? 4 * (size_t)L->in : L->kind == W_BF16 ? 2 * (size_t)L->in
+              : L->kind == W_I8 ? (size_t)L->in : (size_t)L->in / 2;
+    /* the results of up to `blk` rows at a time, then tile_out for all of them */
+    float s[OUT_BUF], ext[OUT_BUF];
+    int blk = OUT_BUF / nb / 4 * 4;
+    blk = blk < 4 ? 4 : blk; /* nb <= OUT_BUF / 4: more batch rows than that are split by the caller */
+    const char *pf = (const char *)L->w + a * rb + PF_AHEAD;
+    for (long b0 = a; b0 < b; b0 += blk) {
+        long b1 = b0 + blk < b ? b0 + blk : b;
+        for (long r0 = b0; r0 < b1;) {
+            int rt = b1 - r0 >= R ? R : 1;
+            void (*tile)(int, int, const Linear *, const Job *, long, const char **, int, int, float *, float *, int) =
+                rt == 4 ? tile_r4 : rt == 2 ? tile_r2 : tile_r1;
+            for (int p = 0, c0 = 0; p < parts; p++) {
+                int C = nb / parts + (p < nb % parts);
+                tile(kind, C, L, J + c0, r0, &pf, p, parts, s + c0 * blk + (r0 - b0), ext + c0 * blk + (r0 - b0), blk);
+                c0 += C;
+            }
+            r0 += rt;
+        }
+        tile_out(L, J, nb, b0, (int)(b1 - b0), s, ext, blk);
+    }
+}
+#else
+static void gemv_rows(const Job *J, int nb, long a, long b) {
+    for (long r = a; r < b; r++)
+        for (int k = 0; k < nb; k++) J[k].y[r] = row_dot(&J[k], (int)r);
 }
 #endif
 
@@ -863,14 +1206,7 @@ static int gemv_multi(const Model *m, Job *jobs, int nj, int bf16) {
             long out = jobs[j].L->out, u = e - j + 2; /* row r starts at cost base + r * u */
             long a = c0 > base ? (c0 - base + u - 1) / u : 0, b = (c1 - base + u - 1) / u;
             a = a < out ? a : out, b = b < out ? b : out;
-            /* one row at a time: a single sequential stream per thread is what the hardware prefetcher
-             * follows best (measured: interleaving 4 rows cut bf16 GEMV bandwidth from ~44 to ~24 GB/s); the
-             * row's other dots read it from L1 */
-            if (e - j == 1)
-                for (long r = a; r < b; r++) jobs[j].y[r] = row_dot(&jobs[j], (int)r);
-            else
-                for (long r = a; r < b; r++)
-                    for (int k = j; k < e; k += NX) row_dots(&jobs[k], e - k < NX ? e - k : NX, (int)r);
+            if (b > a) gemv_rows(&jobs[j], e - j, a, b);
             if (b > a)
                 for (int k = j; k < e; k++) round_vec(jobs[k].y + a, (int)(b - a), bf16);
             base += out * u;
