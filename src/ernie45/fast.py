@@ -234,6 +234,7 @@ class FastDecoder:
             raise Unsupported("head_dim > 512")
         self._lib, self._keep = lib, []
         self.int4_modules: list[nn.Module] = []  # kept row-major for C once attached (`Int4Linear.keep_rowmajor`)
+        self._pools = None  # step_batch: the last page pools checked, and their pointer arrays
         self.isa = lib.ernie_isa().decode()  # what the kernels were built for, e.g. "avx2+fma"
         self.bf16 = model.dtype == torch.bfloat16
         self.vocab = cfg.vocab_size
@@ -454,13 +455,39 @@ class FastDecoder:
             raise ValueError("step_batch: int8 pages need both k_scales and v_scales")
         if q8 and int8_round_trip:
             raise ValueError("step_batch: int8_round_trip applies to float pages")
-        want = torch.int8 if q8 else torch.bfloat16 if self.bf16 else torch.float32
         if B < 1 or len(positions) != B:
             raise ValueError(f"step_batch: {B} tokens and {len(positions)} positions")
         if (tables.dtype != torch.int32 or tables.dim() != 2 or tables.shape[0] != B or tables.shape[1] < 1
                 or tables.device.type != "cpu" or not tables.is_contiguous()):
             raise ValueError(f"step_batch: tables must be a contiguous CPU int32 ({B}, stride) tensor, got "
                              f"{tables.dtype} {tuple(tables.shape)}")
+        key = (q8, len(k_pages), len(v_pages), *(
+            (t.data_ptr(), t.dtype, t.shape) for pool in (k_pages, v_pages, k_scales or (), v_scales or ()) for t in pool))
+        pools = self._pools if self._pools is not None and self._pools[0] == key else None
+        if pools is None:  # a server passes the same pools every step: check and convert them once
+            pools = self._pools = (key, *self._check_pools(k_pages, v_pages, k_scales, v_scales, q8))
+        _, kp, vp, ks, vs, num_blocks, block_size = pools
+        last = torch.tensor(positions, dtype=torch.int64).clamp(min=0) // block_size  # each row's last page
+        ids = tables[torch.arange(tables.shape[1]) <= last[:, None]]
+        if ids.numel() and int(ids.max()) >= num_blocks:  # C checks the rest (ids >= 0, positions in range)
+            raise ValueError(f"step_batch: block id {int(ids.max())} out of range ({num_blocks} blocks)")
+        toks, pos = (c_int * B)(*tokens), (c_int * B)(*positions)
+        logits = torch.empty(B, self.vocab, dtype=torch.float32)
+        self._m.n_threads = torch.get_num_threads()
+        if q8:
+            rc = self._lib.ernie_step_batch_q8(ctypes.byref(self._m), B, toks, pos, kp, vp, ks, vs, tables.data_ptr(),
+                                               tables.shape[1], block_size, logits.data_ptr())
+        else:
+            fn = self._lib.ernie_step_batch_rt if int8_round_trip else self._lib.ernie_step_batch
+            rc = fn(ctypes.byref(self._m), B, toks, pos, kp, vp, tables.data_ptr(), tables.shape[1], block_size,
+                    logits.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"C batched decode step failed ({rc})")
+        return logits
+
+    def _check_pools(self, k_pages, v_pages, k_scales, v_scales, q8: bool) -> tuple:
+        """Validate the page (and scale) pools; their pointer arrays, block count and block size."""
+        want = torch.int8 if q8 else torch.bfloat16 if self.bf16 else torch.float32
         if len(k_pages) != self.n_layers or len(v_pages) != self.n_layers:
             raise ValueError(f"step_batch: {self.n_layers} layers of pages expected")
         shape = tuple(k_pages[0].shape)
@@ -471,7 +498,7 @@ class FastDecoder:
             if t.dtype != want or tuple(t.shape) != shape or t.device.type != "cpu" or not t.is_contiguous():
                 raise ValueError(f"step_batch: every page pool must be a contiguous CPU {want} tensor of shape "
                                  f"{shape}, got {t.dtype} {tuple(t.shape)}")
-        num_blocks, block_size = shape[0], shape[2]
+        ks = vs = None
         if q8:
             if len(k_scales) != self.n_layers or len(v_scales) != self.n_layers:
                 raise ValueError(f"step_batch: {self.n_layers} layers of scales expected")
@@ -480,27 +507,11 @@ class FastDecoder:
                         or not t.is_contiguous()):
                     raise ValueError(f"step_batch: every scale pool must be a contiguous CPU float32 tensor of shape "
                                      f"{shape[:3]}, got {t.dtype} {tuple(t.shape)}")
-        last = torch.tensor(positions, dtype=torch.int64).clamp(min=0) // block_size  # each row's last page
-        ids = tables[torch.arange(tables.shape[1]) <= last[:, None]]
-        if ids.numel() and int(ids.max()) >= num_blocks:  # C checks the rest (ids >= 0, positions in range)
-            raise ValueError(f"step_batch: block id {int(ids.max())} out of range ({num_blocks} blocks)")
-        kp = (c_void_p * self.n_layers)(*[t.data_ptr() for t in k_pages])
-        vp = (c_void_p * self.n_layers)(*[t.data_ptr() for t in v_pages])
-        toks, pos = (c_int * B)(*tokens), (c_int * B)(*positions)
-        logits = torch.empty(B, self.vocab, dtype=torch.float32)
-        self._m.n_threads = torch.get_num_threads()
-        if q8:
             ks = (c_void_p * self.n_layers)(*[t.data_ptr() for t in k_scales])
             vs = (c_void_p * self.n_layers)(*[t.data_ptr() for t in v_scales])
-            rc = self._lib.ernie_step_batch_q8(ctypes.byref(self._m), B, toks, pos, kp, vp, ks, vs, tables.data_ptr(),
-                                               tables.shape[1], block_size, logits.data_ptr())
-        else:
-            fn = self._lib.ernie_step_batch_rt if int8_round_trip else self._lib.ernie_step_batch
-            rc = fn(ctypes.byref(self._m), B, toks, pos, kp, vp, tables.data_ptr(), tables.shape[1], block_size,
-                    logits.data_ptr())
-        if rc != 0:
-            raise RuntimeError(f"C batched decode step failed ({rc})")
-        return logits
+        kp = (c_void_p * self.n_layers)(*[t.data_ptr() for t in k_pages])
+        vp = (c_void_p * self.n_layers)(*[t.data_ptr() for t in v_pages])
+        return kp, vp, ks, vs, shape[0], shape[2]
 
 
 def relocate_weights(model: nn.Module) -> int:
