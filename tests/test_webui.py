@@ -182,6 +182,36 @@ def test_local_reply_streams_and_equals_generate(loaded):
     assert second == reference(model, tok, messages, 12)
 
 
+def test_tabs_are_batched_by_one_engine(loaded):
+    """Two tabs replying at once share the model's one in-process engine (decode steps of two rows), and each
+    reply equals its greedy reference."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ernie45.webui import LocalBackend, make_chat_fn
+
+    model, tok = loaded
+    a, b = LocalBackend(model, tok, "tiny"), LocalBackend(model, tok, "tiny")
+    assert a.engine is b.engine
+    rows = []
+    runner = a.engine.engine.runner
+    inner = runner.decode
+
+    def decode(tokens, positions, tables):
+        rows.append(len(tokens))
+        return inner(tokens, positions, tables)
+
+    runner.decode = decode
+    try:
+        asks = [PROMPT, "写一首关于秋天的诗"]
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda ab: list(make_chat_fn(ab[0])(ab[1], [], "", 0.0, 1.0, 30))[-1],
+                                zip((a, b), asks)))
+    finally:
+        runner.decode = inner
+    assert got == [reference(model, tok, [{"role": "user", "content": q}], 30) for q in asks]
+    assert max(rows) == 2
+
+
 def test_stop_ends_decoding(loaded):
     from ernie45.webui import LocalBackend, make_chat_fn
 

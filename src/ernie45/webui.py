@@ -276,14 +276,16 @@ def webui(
             f"warning: listening on {host}: anyone who can reach this address can use the chat",
             file=sys.stderr,
         )
-    # The in-process model decodes one reply at a time; a server batches, so let requests through.
+    # Both back ends batch concurrent replies: the in-process engine up to its sequence count, a server more.
+    from ernie45.serve.local import LOCAL_MAX_NUM_SEQS
+
     demo = build_demo(
         backend,
         system_prompt,
         temperature,
         top_p,
         max_tokens,
-        concurrency_limit=1 if isinstance(backend, LocalBackend) else 16,
+        concurrency_limit=LOCAL_MAX_NUM_SEQS if isinstance(backend, LocalBackend) else 16,
     )
     try:
         demo.queue(max_size=64).launch(
