@@ -659,6 +659,14 @@ def test_cli_rejects_bad_flags(ckpt, tmp_path):
         server_mod.main(["--model", ckpt[1], "--max-model-len", "100000"])
     with pytest.raises(SystemExit):
         server_mod.main(["--model", ckpt[1], "--no-such-flag"])
+    with pytest.raises(ErnieError, match="--block-size"):
+        server_mod.main(["--model", ckpt[1], "--block-size", "0"])
+    with pytest.raises(ErnieError, match="invalid size '12XB'"):
+        server_mod.main(["--model", ckpt[1], "--kv-cache-memory", "12XB"])
+    with pytest.raises(ErnieError, match="--max-num-batched-tokens"):
+        server_mod.main(["--model", ckpt[1], "--max-num-batched-tokens", "4"])
+    with pytest.raises(SystemExit):  # argparse: not one of auto, int8
+        server_mod.main(["--model", ckpt[1], "--kv-cache-dtype", "fp8"])
 
 
 def test_access_log_is_json(served, caplog):
