@@ -658,6 +658,8 @@ class Engine:
 
     def _sample(self, seqs: list[_Seq], logits: Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         """Penalties per row, warpers per group of rows with equal settings, then argmax or a draw."""
+        if all(_plain_greedy(s) for s in seqs):  # the common agent case: one argmax, no per-row work
+            return sampling.greedy(logits).tolist(), [None] * len(seqs)
         dev = logits.device
         scores = logits
         for i, s in enumerate(seqs):
@@ -768,6 +770,20 @@ class Engine:
         self.metrics.running.set(len(self._rows))
         self.metrics.waiting.set(self._pending)
         self.metrics.kv_usage.set(self.blocks.num_used / self.blocks.num_blocks)
+
+
+def _plain_greedy(s: _Seq) -> bool:
+    """Greedy with nothing that changes the scores or asks for logprobs."""
+    p = s.params
+    return (
+        p.temperature <= 0
+        and p.logprobs is None
+        and not p.logit_bias
+        and p.repetition_penalty == 1.0
+        and not p.presence_penalty
+        and not p.frequency_penalty
+        and len(s.output) >= p.min_tokens
+    )
 
 
 def _deliver(items: list[tuple[_Seq, Output | EngineError]]) -> None:

@@ -73,7 +73,7 @@ class PagedKVCache:
         if kv_dtype == "int8":
             self.k_scale = [torch.empty(shape[:3], dtype=torch.float32, device=dev) for _ in range(n)]
             self.v_scale = [torch.empty(shape[:3], dtype=torch.float32, device=dev) for _ in range(n)]
-        self._clean = torch.zeros(num_blocks, dtype=torch.bool, device=dev)  # zeroed or written since
+        self._clean = bytearray(num_blocks)  # 1: zeroed or written since
 
     def _tensors(self) -> list[Tensor]:
         return self.k + self.v + (self.k_scale or []) + (self.v_scale or [])
@@ -84,12 +84,14 @@ class PagedKVCache:
 
     def touch(self, tables: Tensor) -> None:
         """Zero the blocks of `tables` never seen before (call before every forward that uses them)."""
-        used = tables.unique()
-        fresh = used[~self._clean[used]]
-        if fresh.numel():
+        clean = self._clean
+        fresh = [b for b in set(tables.flatten().tolist()) if not clean[b]]  # a bytearray: no tensor op per step
+        if fresh:
+            idx = torch.tensor(fresh, device=self.k[0].device)
             for t in self._tensors():
-                t[fresh] = 0
-            self._clean[fresh] = True
+                t[idx] = 0
+            for b in fresh:
+                clean[b] = 1
 
     def batch(self, tables: Tensor, past: list[int], new: list[int]) -> PagedBatch:
         return PagedBatch(self, tables, past, new)
