@@ -386,7 +386,7 @@ def test_bench_serve_table_and_bad_args():
     ]
     table = serve_markdown(rows, dict(machine="m", threads=2, torch="2", date="d", input_len=128, output_len=128))
     assert "| 0.3b | bf16 | c1 | 45.0 | 47.5 | 0.95× | 30 / 40 | 21.0 / 25.0 | 1000 |" in table
-    assert "| 0.3b | bf16 | 4000 | 3.0 | 20.0 | 50.0 | 2.5× |" in table
+    assert "| 0.3b | bf16 | 4000 | 3.0 | 20.0 | — | 50.0 | 2.5× |" in table
     assert "| 0.3b | bf16 | on | 1000 | 40 | 0.04 | 90% | 1000 |" in table
     assert "| 0.3b | bf16 | int8 | 20.0 | 60.0 | 1.00 GiB | 2000 |" in table
     for argv, msg in ((["--concurrency", "0"], "--concurrency"), (["--dtype", "int3"], "unknown dtype"),
