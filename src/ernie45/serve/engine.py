@@ -30,6 +30,7 @@ There, any error in a step is fatal (the ranks may no longer agree): the engine 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import threading
@@ -262,6 +263,10 @@ class Engine:
 
     # ---- public API (event-loop side) ------------------------------------------------------------
     def start(self) -> None:
+        # The model, tokenizer and pools are long-lived: move them out of the collector's reach, so a full
+        # collection (every few thousand allocations) does not walk them mid-stream (as vLLM does after startup).
+        gc.collect()
+        gc.freeze()
         self._thread.start()
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> RequestGroup:
