@@ -96,3 +96,12 @@ def hf_dense(tmp_path, tokenizer_dir):
 def hf_moe(tmp_path, tokenizer_dir):
     m = make_hf_model("moe", bias_scale=0.3)
     return m, save_hf(m, tmp_path / "moe", tokenizer_dir)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Run the test with 1 and with 2 torch (and C kernel) threads."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(prev)

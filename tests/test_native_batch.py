@@ -56,14 +56,6 @@ def _layout(B: int, total: list[int], block_size: int, seed: int):
     return start, tables, n_blocks
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(prev)
-
-
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 1000, (k,), generator=g).tolist() for k in PROMPT_LENS[:n]]

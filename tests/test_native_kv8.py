@@ -20,6 +20,8 @@ from test_native_batch import _decoder_or_skip, _layout, _model, _prompts
 from ernie45 import native
 from ernie45.checkpoint import build_model
 from ernie45.config import preset
+from ernie45.serve.kv import dequantize_rows as dequantize
+from ernie45.serve.kv import quantize_rows as quantize
 
 ISAS = native.levels()
 STEPS = 8  # greedy tokens after each prompt
@@ -45,26 +47,6 @@ def _gqa8(dtype: torch.dtype):
 
 def model(name: str, dtype: torch.dtype):
     return _gqa8(dtype) if name == "tiny-gqa8" else _model(name, dtype, None)
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(prev)
-
-
-def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The engine's reference: x (..., d) in the model dtype -> int8 (..., d), fp32 scales (...)."""
-    amax = x.abs().amax(-1, keepdim=True).float()
-    s = amax / 127
-    q = torch.where(s > 0, torch.round(x.float() / torch.where(s > 0, s, 1)), 0).clamp(-127, 127).to(torch.int8)
-    return q, s.squeeze(-1)
-
-
-def dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * s.unsqueeze(-1)).to(dtype)
 
 
 class Pages:

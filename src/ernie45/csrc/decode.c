@@ -781,6 +781,22 @@ INL void tile_reduce(const int R, const int C, const vf *a, float *out, int stri
 /* v in a register: an x chunk is loaded once for the tile's R rows, not folded into each of their multiplies */
 #define REG(v) __asm__("" : "+v"(v))
 
+/* one chunk of VW columns of a float tile: R weight vectors (LOAD widens them to fp32), then each batch row's x
+ * against all of them; a[c * R + r] accumulates output (r, c) in column order */
+#define FMA_CHUNK(LOAD, i)                                                                                         \
+    do {                                                                                                           \
+        vf wv[RMAX];                                                                                               \
+        for (int r = 0; r < R; r++) {                                                                              \
+            wv[r] = LOAD(w[r] + (i));                                                                              \
+            REG(wv[r]);                                                                                            \
+        }                                                                                                          \
+        for (int c = 0; c < C; c++) {                                                                              \
+            vf xv = vload(x[c] + (i));                                                                             \
+            REG(xv);                                                                                               \
+            for (int r = 0; r < R; r++) a[c * R + r] = vfma(wv[r], xv, a[c * R + r]);                              \
+        }                                                                                                          \
+    } while (0)
+
 /* fp32 weights: lines of 16 columns */
 INL void tile_f32(const int R, const int C, const Linear *L, const Job *J, long r0, const char **pfp, int cnt,
                   int parts, float *s, int stride) {
@@ -791,26 +807,12 @@ INL void tile_f32(const int R, const int C, const Linear *L, const Job *J, long 
     for (int r = 0; r < R; r++) w[r] = (const float *)L->w + (size_t)(r0 + r) * n;
     for (int c = 0; c < C; c++) x[c] = J[c].x;
     for (int k = 0; k < R * C; k++) a[k] = vzero();
-#define F32_CHUNK(i)                                                                                               \
-    do {                                                                                                           \
-        vf wv[RMAX];                                                                                               \
-        for (int r = 0; r < R; r++) {                                                                              \
-            wv[r] = vload(w[r] + (i));                                                                             \
-            REG(wv[r]);                                                                                            \
-        }                                                                                                          \
-        for (int c = 0; c < C; c++) {                                                                              \
-            vf xv = vload(x[c] + (i));                                                                             \
-            REG(xv);                                                                                               \
-            for (int r = 0; r < R; r++) a[c * R + r] = vfma(wv[r], xv, a[c * R + r]);                              \
-        }                                                                                                          \
-    } while (0)
     int i = 0;
     for (; i + 16 <= n; i += 16) {
         PF_SEQ(64);
-        for (int u = 0; u < 16; u += VW) F32_CHUNK(i + u);
+        for (int u = 0; u < 16; u += VW) FMA_CHUNK(vload, i + u);
     }
-    for (; i < n; i += VW) F32_CHUNK(i);
-#undef F32_CHUNK
+    for (; i < n; i += VW) FMA_CHUNK(vload, i);
     *pfp = pf;
     tile_reduce(R, C, a, s, stride);
 }
@@ -851,27 +853,17 @@ INL void tile_bf16(const int R, const int C, const Linear *L, const Job *J, long
     for (int r = 0; r < R; r++) w[r] = (const uint16_t *)L->w + (size_t)(r0 + r) * n;
     for (int c = 0; c < C; c++) x[c] = J[c].x;
     for (int k = 0; k < R * C; k++) a[k] = vzero();
-#define BF16_CHUNK(i)                                                                                              \
-    do {                                                                                                           \
-        vf wv[RMAX];                                                                                               \
-        for (int r = 0; r < R; r++) wv[r] = vload_bf16(w[r] + (i));                                                \
-        for (int c = 0; c < C; c++) {                                                                              \
-            vf xv = vload(x[c] + (i));                                                                             \
-            REG(xv);                                                                                               \
-            for (int r = 0; r < R; r++) a[c * R + r] = vfma(wv[r], xv, a[c * R + r]);                              \
-        }                                                                                                          \
-    } while (0)
     int i = 0;
     for (; i + 32 <= n; i += 32) {
         PF_SEQ(64);
-        for (int u = 0; u < 32; u += VW) BF16_CHUNK(i + u);
+        for (int u = 0; u < 32; u += VW) FMA_CHUNK(vload_bf16, i + u);
     }
-    for (; i < n; i += VW) BF16_CHUNK(i);
-#undef BF16_CHUNK
+    for (; i < n; i += VW) FMA_CHUNK(vload_bf16, i);
     *pfp = pf;
     tile_reduce(R, C, a, s, stride);
 }
 #endif
+#undef FMA_CHUNK
 
 #if defined(HAVE_XQ16)
 /* the exact int32 sums a[] of columns [i, end) (int8 widened to int16 against xq), lines of 64 columns */
