@@ -105,3 +105,46 @@ def threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(prev)
+
+
+THINKING_TOKENS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<response>", "</response>",
+                   "<tool_call>", "</tool_call>"]
+
+
+def make_thinking_tokenizer(tokenizer_dir: str, path) -> dict[str, int]:
+    """A Thinking-style tokenizer in `path`: `tokenizer_dir`'s SentencePiece model plus the ChatML and the six
+    Thinking markers as special added tokens (ids right after the SentencePiece vocabulary) and the Thinking
+    chat template. Returns token -> id."""
+    import json
+    import shutil
+
+    import sentencepiece as spm
+
+    from ernie45.chat_template import THINKING_CHAT_TEMPLATE
+
+    os.makedirs(path, exist_ok=True)
+    for f in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, f), os.path.join(path, f))
+    n = spm.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model")).GetPieceSize()
+    ids = {t: n + i for i, t in enumerate(THINKING_TOKENS)}
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    with open(cfg_file, encoding="utf-8") as f:
+        cfg = json.load(f)
+    for t, i in ids.items():
+        cfg["added_tokens_decoder"][str(i)] = {"content": t, "lstrip": False, "normalized": False,
+                                               "rstrip": False, "single_word": False, "special": True}
+    cfg["additional_special_tokens"] = list(cfg.get("additional_special_tokens") or []) + THINKING_TOKENS
+    cfg["chat_template"] = THINKING_CHAT_TEMPLATE
+    with open(cfg_file, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, ensure_ascii=False, indent=2)
+    return ids
+
+
+@pytest.fixture(scope="session")
+def thinking_ckpt(tmp_path_factory, tokenizer_dir):
+    """A random dense model with a Thinking tokenizer (built here, not downloaded): (hf model, path, ids)."""
+    path = tmp_path_factory.mktemp("thinking") / "thinking"
+    hf = make_hf_model("dense", max_position_embeddings=4096)
+    save_hf(hf, path)
+    ids = make_thinking_tokenizer(tokenizer_dir, path)
+    return hf, str(path), ids

@@ -11,14 +11,16 @@ import re
 import socket
 import threading
 import time
+from typing import Literal
 
 import pytest
 import torch
 from conftest import make_hf_model, save_hf
+from pydantic import BaseModel, Field
 
 pytest.importorskip("langchain_core")
 from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage  # noqa: E402
+from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage  # noqa: E402
 
 from ernie45.errors import ErnieError  # noqa: E402
 from ernie45.langchain import ChatErnie, to_chat_messages  # noqa: E402
@@ -165,8 +167,14 @@ def test_messages_and_errors(tmp_path):
         {"role": "user", "content": "ab"},
         {"role": "assistant", "content": "c"},
     ]
-    with pytest.raises(ValueError, match="cannot send a ToolMessage"):
-        to_chat_messages([ToolMessage("x", tool_call_id="1")])
+    call = {"name": "f", "args": {"x": "北京"}, "id": "call_1", "type": "tool_call"}
+    assert to_chat_messages([AIMessage("", tool_calls=[call]), ToolMessage("25", tool_call_id="call_1")]) == [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": "北京"}'}}]},
+        {"role": "tool", "content": "25", "tool_call_id": "call_1"},
+    ]
+    with pytest.raises(ValueError, match="cannot send a ChatMessage"):
+        to_chat_messages([ChatMessage(role="narrator", content="x")])
     with pytest.raises(ErnieError, match="model path not found"):
         ChatErnie(model=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="greater than or equal to 0"):
@@ -265,3 +273,69 @@ def test_chinese_guide_has_the_same_code():
             return re.findall(r"```(?:python|bash)\n(.*?)```", f.read(), re.S)
 
     assert code("langchain_zh.md") == code("langchain.md")
+
+
+# ---- tools, structured output, reasoning ------------------------------------------------------------------
+class GetWeather(BaseModel):
+    """Current weather of a city."""
+
+    city: str = Field(max_length=8)
+    unit: Literal["celsius", "fahrenheit"]
+
+
+@pytest.fixture(scope="module")
+def long_ckpt(tmp_path_factory, tokenizer_dir):
+    """Tool lists make long prompts for the 400-token test vocabulary: a model with a longer context."""
+    hf = make_hf_model("dense", seed=4, vocab_size=400, max_position_embeddings=4096)
+    return hf, save_hf(hf, tmp_path_factory.mktemp("lc_long") / "tiny-tools", tokenizer_dir)
+
+
+def test_bind_tools_forced_call_invoke_and_stream(long_ckpt):
+    ckpt = long_ckpt
+    llm = ChatErnie(model=ckpt[1], temperature=1.0, seed=3, max_tokens=120, dtype="float32", device="cpu")
+    bound = llm.bind_tools([GetWeather], tool_choice="GetWeather")
+    msg = bound.invoke("北京天气？")
+    assert msg.response_metadata["finish_reason"] == "tool_calls"
+    assert [c["name"] for c in msg.tool_calls] == ["GetWeather"] and msg.tool_calls[0]["id"].startswith("chatcmpl-tool-")
+    GetWeather.model_validate(msg.tool_calls[0]["args"])
+    chunks = list(bound.stream("北京天气？"))
+    total = chunks[0]
+    for c in chunks[1:]:
+        total += c
+    assert [(c["name"], c["args"]) for c in total.tool_calls] == [(c["name"], c["args"]) for c in msg.tool_calls]
+    assert total.response_metadata["finish_reason"] == "tool_calls"
+    # "any" forces some call; a history with the call and its result renders and runs
+    msg = llm.bind_tools([GetWeather], tool_choice="any").invoke("天气")
+    assert len(msg.tool_calls) >= 1
+    follow = llm.invoke([HumanMessage("天气"), msg, *[ToolMessage("25度", tool_call_id=c["id"]) for c in msg.tool_calls]])
+    assert isinstance(follow, AIMessage)
+    with pytest.raises(ValueError, match="not among the tools"):
+        llm.bind_tools([GetWeather], tool_choice="nope").invoke("x")
+
+
+@pytest.mark.parametrize("method", ["function_calling", "json_schema"])
+def test_with_structured_output(long_ckpt, method):
+    ckpt = long_ckpt
+    llm = ChatErnie(model=ckpt[1], temperature=1.0, seed=5, max_tokens=120, dtype="float32", device="cpu")
+    out = llm.with_structured_output(GetWeather, method=method).invoke("北京天气？")
+    assert isinstance(out, GetWeather)
+    raw = llm.with_structured_output(GetWeather.model_json_schema(), method=method, include_raw=True).invoke("天气")
+    GetWeather.model_validate(raw["parsed"])
+    assert raw["parsing_error"] is None
+    assert isinstance(raw["raw"], AIMessage)
+
+
+def test_thinking_reasoning_in_additional_kwargs(thinking_ckpt):
+    """On a Thinking checkpoint the reasoning goes to additional_kwargs["reasoning_content"], the JSON answer to
+    content (both whole and streamed)."""
+    llm = ChatErnie(model=thinking_ckpt[1], temperature=0, max_tokens=400, dtype="float32", device="cpu")
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": GetWeather.model_json_schema()}}
+    msg = llm.invoke("天气", response_format=fmt)
+    assert isinstance(msg.additional_kwargs.get("reasoning_content"), str)
+    GetWeather.model_validate_json(msg.content)
+    chunks = list(llm.stream("天气", response_format=fmt))
+    total = chunks[0]
+    for c in chunks[1:]:
+        total += c
+    assert total.content == msg.content
+    assert total.additional_kwargs.get("reasoning_content", "") == msg.additional_kwargs["reasoning_content"]

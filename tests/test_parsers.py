@@ -1,4 +1,4 @@
-"""Reasoning / tool-call parsers and the Thinking chat template (ernie45.serve.parsers).
+"""Reasoning / tool-call parsers (ernie45.serve.parsers) and the Thinking chat template (ernie45.chat_template).
 
 Every output is parsed whole and streamed cut at every character position (and in random multi-cut patterns,
 and one character at a time): the streamed pieces must concatenate to the whole-text result, and no marker
@@ -13,16 +13,14 @@ import re
 
 import pytest
 
+from ernie45.chat_template import THINKING_CHAT_TEMPLATE, is_thinking_template, render_chat_template
 from ernie45.serve.parsers import (
     MARKERS,
-    THINKING_CHAT_TEMPLATE,
     OutputStream,
     ReasoningParser,
     StreamEvent,
     ToolCallParser,
-    is_thinking_template,
     parse_output,
-    render_chat_template,
 )
 
 CALL_ID = re.compile(r"chatcmpl-tool-[0-9a-f]{24}")

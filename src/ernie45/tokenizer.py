@@ -45,6 +45,7 @@ SPECIAL_PIECES = [
     "<|begin_of_sentence|>", "<|end_of_sentence|>", "<mask:0>", "<mask:1>",
     "<mask:4>", "<mask:5>", "<mask:6>", "<mask:7>", "<|IMAGE_PLACEHOLDER|>", "<|AUDIO_PLACEHOLDER|>",
 ]
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 SPECIAL_TOKENS_MAP = {
     "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
     "cls_token": "<|begin_of_sentence|>", "sep_token": "<|end_of_sentence|>", "mask_token": "<mask:1>",
@@ -90,7 +91,7 @@ class Tokenizer:
         self._id_to_added = {v: k for k, v in self.added_tokens.items()}
         pattern = "|".join(re.escape(t) for t in sorted(self.added_tokens, key=len, reverse=True))
         self._split_re = re.compile(f"({pattern})") if pattern else None
-        self._template = None
+        self._templates: dict[str, Any] = {}  # chat template source -> compiled Jinja template
 
     # ---- properties ------------------------------------------------------------------------------
     @property
@@ -126,8 +127,9 @@ class Tokenizer:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        """Tokens that end a chat turn: `</s>` and `<|end_of_sentence|>`."""
-        return [t for t in (self.eos_token_id, self.sep_token_id) if t is not None]
+        """Tokens that end a chat turn: `</s>`, `<|end_of_sentence|>` and (Thinking vocabularies) `<|im_end|>`."""
+        im_end = self.added_tokens.get("<|im_end|>")
+        return [t for t in (self.eos_token_id, self.sep_token_id, im_end) if t is not None]
 
     def convert_tokens_to_ids(self, token: str) -> int:
         if token in self.added_tokens:
@@ -182,30 +184,42 @@ class Tokenizer:
     # ---- chat ------------------------------------------------------------------------------------
     def apply_chat_template(
         self,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[dict[str, Any]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
+        tools: Sequence[dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> str | list[int]:
         """Render `messages` exactly as transformers' `apply_chat_template` does.
 
+        `tools` (OpenAI function definitions), `role: "tool"` results and assistant `tool_calls` go to the
+        checkpoint's template; a template that cannot show them (it never mentions tools) is replaced, for that
+        conversation, by the ERNIE 4.5 Thinking format (`chat_template.THINKING_CHAT_TEMPLATE`).
         Returns the string, or its ids (`tokenize=True`, encoded without adding special tokens).
         """
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ErnieError("each chat message must be a dict with 'role' and 'content'")
-            if m["role"] not in ("system", "user", "assistant"):
-                raise ErnieError(f"unknown chat role {m['role']!r} (expected system, user or assistant)")
-        if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2 import TemplateError
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise
-            self._template = env.from_string(self.chat_template)
-        text = self._template.render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            **self.special_tokens_map, **kwargs,
-        )
+        from ernie45.chat_template import THINKING_CHAT_TEMPLATE, compile_template
+
+        uses_tools = bool(tools)
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or ("content" not in m and "tool_calls" not in m):
+                raise ErnieError("each chat message must be a dict with 'role' and 'content'")
+            if m["role"] not in CHAT_ROLES:
+                raise ErnieError(f"unknown chat role {m['role']!r} (expected one of {', '.join(CHAT_ROLES)})")
+            uses_tools = uses_tools or m["role"] == "tool" or bool(m.get("tool_calls"))
+        source = self.chat_template
+        if uses_tools and "tool" not in source:
+            source = THINKING_CHAT_TEMPLATE
+        if source not in self._templates:
+            self._templates[source] = compile_template(source)
+        try:
+            text = self._templates[source].render(
+                messages=list(messages), tools=list(tools) if tools else None,
+                add_generation_prompt=add_generation_prompt, **{**self.special_tokens_map, **kwargs},
+            )
+        except TemplateError as e:
+            raise ErnieError(f"chat template: {e}") from None
         return self.encode(text) if tokenize else text
 
     # ---- files -----------------------------------------------------------------------------------
@@ -235,10 +249,6 @@ class Tokenizer:
 
 def _content(tok: Any) -> str:
     return tok["content"] if isinstance(tok, dict) else str(tok)
-
-
-def _raise(msg: str) -> None:
-    raise ErnieError(f"chat template: {msg}")
 
 
 def tokenizer_config(sp_model_proto: bytes, chat_template: str = DEFAULT_CHAT_TEMPLATE) -> dict[str, Any]:

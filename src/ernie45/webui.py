@@ -16,11 +16,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from ernie45.errors import ErnieError
+from ernie45.serve.parsers import StreamEvent
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_TEMPERATURE = 0.95  # ERNIEKit's chat defaults (ARCHITECTURE.md §6.5), used for a server
 DEFAULT_TOP_P = 0.7
 DEFAULT_MAX_TOKENS = 512
+REASONING_TITLE = "Reasoning"
 
 
 class LocalBackend:
@@ -28,6 +30,7 @@ class LocalBackend:
     several tabs are batched together, and a conversation's next turn reuses its cached prefix."""
 
     def __init__(self, model: Any, tokenizer: Any, name: str):
+        from ernie45.chat_template import is_thinking_template
         from ernie45.generation import resolve_config
         from ernie45.serve.local import shared_engine
 
@@ -39,14 +42,17 @@ class LocalBackend:
         sampled = bool(cfg.do_sample)
         self.temperature = float(cfg.temperature) if sampled else 0.0
         self.top_p = float(cfg.top_p) if sampled else 1.0
+        self.thinking = is_thinking_template(tokenizer.chat_template)
         self.where = f"in-process on {model.device}"
 
     def stream(
         self, messages: list[dict[str, str]], temperature: float, top_p: float, max_tokens: int
-    ) -> Iterator[str]:
-        """Text deltas of the reply to `messages`; the oldest turns are dropped when the context is full."""
+    ) -> Iterator[StreamEvent]:
+        """The reply to `messages` as ("reasoning" | "content", text) deltas (reasoning: a Thinking model's);
+        the oldest turns are dropped when the context is full."""
         from ernie45.commands.chat import fit_history
         from ernie45.serve.engine import SamplingParams
+        from ernie45.serve.parsers import ReasoningParser
 
         _, ids = fit_history(self.tokenizer, messages, self.context, max_tokens)
         params = SamplingParams(
@@ -54,12 +60,19 @@ class LocalBackend:
             temperature=temperature,
             top_p=top_p,
             stop_token_ids=tuple(self.eos),
+            skip_special_tokens=not self.thinking,  # the reasoning markers may be special tokens
         )
+        parser = ReasoningParser() if self.thinking else None
         outputs = self.engine.stream(ids, params)
         try:
             for out in outputs:
-                if out.text:
-                    yield out.text
+                if parser is None:
+                    if out.text:
+                        yield StreamEvent("content", out.text)
+                    continue
+                yield from parser.feed(out.text)
+                if out.finish_reason is not None:
+                    yield from parser.finish()
         finally:
             outputs.close()  # the stop button: the engine drops the sequence at its next step
 
@@ -96,7 +109,8 @@ class OpenAIBackend:
 
     def stream(
         self, messages: list[dict[str, str]], temperature: float, top_p: float, max_tokens: int
-    ) -> Iterator[str]:
+    ) -> Iterator[StreamEvent]:
+        """The reply as ("reasoning" | "content", text) deltas: the server's reasoning_content, then content."""
         try:
             stream = self.client.chat.completions.create(
                 model=self.name,
@@ -108,8 +122,14 @@ class OpenAIBackend:
             )
             try:
                 for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        yield chunk.choices[0].delta.content
+                    if not chunk.choices:
+                        continue
+                    delta = chunk.choices[0].delta
+                    thought = (delta.model_extra or {}).get("reasoning_content")
+                    if thought:
+                        yield StreamEvent("reasoning", thought)
+                    if delta.content:
+                        yield StreamEvent("content", delta.content)
             finally:
                 stream.close()  # the stop button: the server sees the disconnect and aborts the request
         except self.openai.APIError as e:
@@ -145,6 +165,8 @@ def to_messages(message: Any, history: list[dict[str, Any]], system_prompt: str 
     )
     for m in history:
         text = content_text(m.get("content"))
+        if (m.get("metadata") or {}).get("title"):
+            continue  # a reasoning block: the chat template keeps only answers
         if m.get("role") in ("user", "assistant") and text:
             out.append({"role": m["role"], "content": text})
     out.append({"role": "user", "content": content_text(message)})
@@ -152,7 +174,8 @@ def to_messages(message: Any, history: list[dict[str, Any]], system_prompt: str 
 
 
 def make_chat_fn(backend: Any):
-    """The ChatInterface function: yields the reply so far after every new piece of text."""
+    """The ChatInterface function: yields the reply so far after every new piece of text. A reply with
+    reasoning (a Thinking model) is two messages: the reasoning in a collapsible block, then the answer."""
 
     def chat(
         message: Any,
@@ -161,19 +184,28 @@ def make_chat_fn(backend: Any):
         temperature: float = 0.0,
         top_p: float = 1.0,
         max_tokens: int = DEFAULT_MAX_TOKENS,
-    ) -> Iterator[str]:
+    ) -> Iterator[str | list[dict[str, Any]]]:
         import gradio as gr
 
         messages = to_messages(message, history, system_prompt)
-        text = ""
+        thought, text = "", ""
+
+        def reply(done: bool) -> str | list[dict[str, Any]]:
+            if not thought:
+                return text
+            block = {"title": REASONING_TITLE, "status": "done" if done or text else "pending"}
+            return [{"role": "assistant", "content": thought, "metadata": block}, {"role": "assistant", "content": text}]
+
         try:
-            for delta in backend.stream(messages, float(temperature), float(top_p), int(max_tokens)):
-                text += delta
-                yield text
+            for kind, delta in backend.stream(messages, float(temperature), float(top_p), int(max_tokens)):
+                if kind == "reasoning":
+                    thought += delta
+                else:
+                    text += delta
+                yield reply(False)
         except ErnieError as e:
             raise gr.Error(str(e)) from None
-        if not text:
-            yield ""
+        yield reply(True)
 
     return chat
 

@@ -173,3 +173,64 @@ def report_speed(chunk: Any, stream: TextIO | None = None) -> None:
         f"{chunk.generation_tps:.1f} tokens/s",
         file=stream or sys.stderr,
     )
+
+
+def add_reasoning_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--hide-reasoning",
+        action="store_true",
+        help="Thinking models: print only the answer, not the reasoning before it (shown dimmed by default)",
+    )
+
+
+class ReplyPrinter:
+    """Prints a streamed reply. For a Thinking model (`reasoning`) the reasoning before `</think>` is shown dimmed
+    on a terminal (plain otherwise, ending with a blank line), or left out with `hide`; the answer follows
+    without ERNIE's `<response>` wrapper. `reasoning` and `content` hold the whole texts afterwards."""
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, out: TextIO | None, reasoning: bool = False, hide: bool = False):
+        from ernie45.serve.parsers import ReasoningParser
+
+        self.out, self.hide = out, hide
+        self.parser = ReasoningParser() if reasoning else None
+        self.tty = bool(out is not None and out.isatty())
+        self.reasoning, self.content = "", ""
+        self._kind: str | None = None  # the kind of the text written last
+
+    def write(self, delta: str) -> None:
+        if self.parser is None:
+            self._emit("content", delta)
+            return
+        for ev in self.parser.feed(delta):
+            self._emit(ev.kind, ev.value)
+
+    def finish(self) -> None:
+        """Write what the parser held back, close the dimmed block, end the line."""
+        if self.parser is not None:
+            for ev in self.parser.finish():
+                self._emit(ev.kind, ev.value)
+        if self.out is not None:
+            if self._kind == "reasoning" and self.tty and not self.hide:
+                self.out.write(self.RESET)
+            self.out.write("\n")
+            self.out.flush()
+
+    def _emit(self, kind: str, text: str) -> None:
+        if not text:
+            return
+        if kind == "reasoning":
+            self.reasoning += text
+        else:
+            self.content += text
+        if self.out is None or (kind == "reasoning" and self.hide):
+            return
+        if kind != self._kind:
+            if kind == "reasoning" and self.tty:
+                self.out.write(self.DIM)
+            elif self._kind == "reasoning" and not self.hide:
+                self.out.write((self.RESET if self.tty else "") + "\n\n")
+            self._kind = kind
+        self.out.write(text)
+        self.out.flush()

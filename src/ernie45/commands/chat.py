@@ -10,7 +10,15 @@ import argparse
 import sys
 from typing import Any, TextIO
 
-from ernie45.commands import add_model_args, add_sampling_args, generation_kwargs, load_model, report_speed
+from ernie45.commands import (
+    ReplyPrinter,
+    add_model_args,
+    add_reasoning_args,
+    add_sampling_args,
+    generation_kwargs,
+    load_model,
+    report_speed,
+)
 from ernie45.errors import ErnieError
 
 HELP = "type a message; /clear starts over, /exit quits"
@@ -21,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
     add_sampling_args(p, max_new_tokens=512)
+    add_reasoning_args(p)
     return p
 
 
@@ -57,11 +66,14 @@ def chat(
     err: TextIO | None = None,
     verbose: bool = False,
     seed: int | None = None,
+    hide_reasoning: bool = False,
     **kwargs: Any,
 ) -> int:
-    """Run the chat loop until /exit or end of input; returns the exit code."""
+    """Run the chat loop until /exit or end of input; returns the exit code. A Thinking model's reasoning is
+    shown dimmed (or hidden with `hide_reasoning`) and kept out of the history, as its template does."""
     import torch
 
+    from ernie45.chat_template import is_thinking_template
     from ernie45.generation import PromptCache, resolve_config, stream_generate
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
@@ -75,6 +87,7 @@ def chat(
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     history = PromptCache()  # each turn prefills only what the conversation added since the last one
+    thinking = is_thinking_template(tokenizer.chat_template)
     if interactive:
         print(f"ernie45 chat: {HELP}", file=err)
     while True:
@@ -103,7 +116,7 @@ def chat(
         except ErnieError as e:
             print(f"error: {e}", file=err, flush=True)
             continue
-        reply, last = [], None
+        printer, last = ReplyPrinter(out, reasoning=thinking, hide=hide_reasoning), None
         for chunk in stream_generate(
             model,
             tokenizer,
@@ -111,15 +124,13 @@ def chat(
             generator=generator,
             max_new_tokens=min(max_new, context - len(prompt_ids)),
             prompt_cache=history,
+            skip_special_tokens=not thinking,
             **kwargs,
         ):
-            reply.append(chunk.text)
-            out.write(chunk.text)
-            out.flush()
+            printer.write(chunk.text)
             last = chunk
-        out.write("\n")
-        out.flush()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        printer.finish()
+        messages.append({"role": "assistant", "content": printer.content})
         if verbose:
             report_speed(last, err)
 
@@ -128,4 +139,5 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     kwargs = generation_kwargs(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device, quantize=args.quantize, adapter=args.adapter)
-    return chat(model, tokenizer, system=args.system, verbose=args.verbose, seed=args.seed, **kwargs)
+    return chat(model, tokenizer, system=args.system, verbose=args.verbose, seed=args.seed,
+                hide_reasoning=args.hide_reasoning, **kwargs)

@@ -8,9 +8,12 @@ import os
 import sys
 from typing import Any, TextIO
 
+from ernie45.chat_template import THINK_START
 from ernie45.commands import (
+    ReplyPrinter,
     add_model_args,
     add_parallel_args,
+    add_reasoning_args,
     add_sampling_args,
     generation_kwargs,
     is_main_rank,
@@ -36,9 +39,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json",
         action="store_true",
-        help='print one JSON object {"text", "token_ids", "prompt_token_ids", "finish_reason"}',
+        help='print one JSON object {"text", "token_ids", "prompt_token_ids", "finish_reason"} (with '
+        '"reasoning" and "content" for a prompt that ends in <think>)',
     )
+    g = p.add_argument_group("structured output (the continuation must follow it)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--json-schema", metavar="FILE", help="a JSON Schema file; the output is JSON matching it")
+    x.add_argument("--grammar", metavar="FILE", help="a Lark (llguidance) or GBNF (llama.cpp) grammar file")
+    x.add_argument("--regex", metavar="PATTERN", help="a regular expression the whole output matches")
+    add_reasoning_args(p)
     return p
+
+
+def read_grammar(json_schema: str | None = None, grammar: str | None = None, regex: str | None = None) -> str | None:
+    """The grammar source the --json-schema / --grammar / --regex flags ask for (None without them)."""
+    from ernie45.generation import structured
+
+    if regex is not None:
+        return structured.regex_grammar(regex)
+    path = json_schema or grammar
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ErnieError(f"cannot read {path}: {e.strerror}") from None
+    if grammar is not None:
+        return structured.lark_grammar(text)
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ErnieError(f"{path} is not valid JSON: {e}") from None
+    return structured.json_schema_grammar(schema)
 
 
 def read_prompt(prompt: str | None, stdin: TextIO | None = None) -> str:
@@ -62,15 +95,19 @@ def generate_text(
     *,
     out: TextIO | None = None,
     seed: int | None = None,
+    grammar: str | None = None,
+    hide_reasoning: bool = False,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Continue `prompt`, writing the text to `out` as it is generated (beam search writes it at the end).
 
-    `max_new_tokens` is capped so that prompt + continuation fits the context window.
+    `max_new_tokens` is capped so that prompt + continuation fits the context window. A prompt that ends in
+    `<think>` (a Thinking model's chat prompt) gets its reasoning shown apart (`ReplyPrinter`). `grammar`: a
+    structured-output source (`read_grammar`).
 
     Returns:
-        {"text", "token_ids", "prompt_token_ids", "finish_reason"} plus "stats" (the last `GenerationChunk`,
-        None for beam search).
+        {"text", "token_ids", "prompt_token_ids", "finish_reason"} (and "reasoning", "content" for a Thinking
+        prompt) plus "stats" (the last `GenerationChunk`, None for beam search).
     """
     from ernie45.generation import resolve_config, stream_generate
 
@@ -85,25 +122,29 @@ def generate_text(
     kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens", 128), context - len(prompt_ids))
     cfg = resolve_config(model, **kwargs)
     if cfg.num_beams > 1:
+        if grammar is not None:
+            raise ErnieError("--json-schema / --grammar / --regex work with greedy and sampling, not beam search")
         return _beam_text(model, tokenizer, prompt_ids, out, seed, cfg)
+    thinking = prompt.rstrip(" \n").endswith(THINK_START)
+    printer = ReplyPrinter(out, reasoning=thinking, hide=hide_reasoning)
     text, ids, last = [], [], None
-    for chunk in stream_generate(model, tokenizer, prompt_ids, seed=seed, **kwargs):
+    for chunk in stream_generate(
+        model, tokenizer, prompt_ids, seed=seed, grammar=grammar, skip_special_tokens=not thinking, **kwargs
+    ):
         ids.append(chunk.token)
         text.append(chunk.text)
-        if out is not None and chunk.text:
-            out.write(chunk.text)
-            out.flush()
+        printer.write(chunk.text)
         last = chunk
-    if out is not None:
-        out.write("\n")
-        out.flush()
-    return {
+    printer.finish()
+    result = {
         "text": "".join(text),
         "token_ids": ids,
         "prompt_token_ids": prompt_ids,
         "finish_reason": last.finish_reason,
-        "stats": last,
     }
+    if thinking:
+        result.update(reasoning=printer.reasoning, content=printer.content)
+    return {**result, "stats": last}
 
 
 def _beam_text(
@@ -136,6 +177,7 @@ def _beam_text(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     kwargs = generation_kwargs(args)
+    grammar = read_grammar(args.json_schema, args.grammar, args.regex)
     parallel = args.tp > 1 or args.ep > 1
     # Under torchrun only rank 0 reads stdin; the prompt is broadcast once the process group exists.
     prompt = read_prompt(args.prompt) if not parallel or os.environ.get("RANK", "0") == "0" else ""
@@ -149,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt = box[0]
     main_rank = is_main_rank()
     result = generate_text(
-        model, tokenizer, prompt, out=None if args.json or not main_rank else sys.stdout, seed=args.seed, **kwargs
+        model, tokenizer, prompt, out=None if args.json or not main_rank else sys.stdout, seed=args.seed,
+        grammar=grammar, hide_reasoning=args.hide_reasoning, **kwargs,
     )
     stats = result.pop("stats")
     if args.json and main_rank:

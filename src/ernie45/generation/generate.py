@@ -21,6 +21,7 @@ from ernie45.generation.config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from ernie45.generation.prompt_cache import PromptCache
 from ernie45.generation.sampling import apply_all, make_processors, make_sampler
 from ernie45.generation.streaming import IncrementalDetokenizer, StopStringFilter, ends_with_stop_string
+from ernie45.generation.structured import Grammar, compile_grammar, mask_rows_
 
 
 @dataclass
@@ -190,6 +191,7 @@ def _decode(
     output_scores: bool = False,
     output_logits: bool = False,
     prompt_cache: PromptCache | None = None,
+    grammar: Grammar | None = None,
 ) -> Iterator[Step]:
     B, S = ids.shape
     dev = ids.device
@@ -231,6 +233,7 @@ def _decode(
     eos_t = torch.tensor(eos, dtype=torch.long, device=dev) if eos else None
     pad_t = torch.tensor(pad, dtype=torch.long, device=dev)
 
+    guides = [grammar.guide() for _ in range(B)] if grammar is not None else None
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     finished = [False] * B
     reasons: list[str | None] = [None] * B
@@ -246,6 +249,9 @@ def _decode(
             cur = S + step
             raw = logits.float()
             scores = apply_all(processors, seq[:, :cur], raw)
+            if guides is not None:  # the grammar last: it overrides what the processors left
+                live = [None if done else g for g, done in zip(guides, finished)]
+                scores = mask_rows_(scores.clone() if scores is raw else scores, live)
             tokens = torch.where(unfinished, sampler(scores), pad_t)  # finished rows get padding
             seq[:, cur] = tokens
             if eos_t is not None:
@@ -253,6 +259,10 @@ def _decode(
             token_list = tokens.tolist()  # the one host sync of the step
             for i, t in enumerate(token_list):
                 if finished[i]:
+                    continue
+                if guides is not None and not guides[i].accept(t) and t not in eos_set:
+                    finished[i], reasons[i] = True, "stop"  # cannot happen: the mask allowed t
+                    unfinished[i] = False
                     continue
                 if stops:
                     generated[i].append(t)
@@ -297,6 +307,19 @@ def _start(
     return ids, mask, cfg, max_new, min_new
 
 
+def _grammar(grammar: Grammar | str | None, tokenizer: Any, cfg: GenerationConfig) -> Grammar | None:
+    """A compiled grammar, or a grammar source (`ernie45.generation.structured`) compiled for `tokenizer`."""
+    if grammar is None:
+        return None
+    if cfg.num_beams > 1:
+        raise ErnieError("grammar-constrained decoding works with greedy and sampling, not beam search")
+    if isinstance(grammar, Grammar):
+        return grammar
+    if tokenizer is None:
+        raise ErnieError("a grammar needs the tokenizer: pass tokenizer=...")
+    return compile_grammar(tokenizer, grammar, cfg.eos_token_ids)
+
+
 def _expand(ids: Tensor, mask: Tensor | None, n: int) -> tuple[Tensor, Tensor | None]:
     """Repeat each prompt n times (num_return_sequences), as transformers does before decoding."""
     if n == 1:
@@ -316,13 +339,15 @@ def generate_step(
     output_scores: bool = False,
     output_logits: bool = False,
     prompt_cache: PromptCache | None = None,
+    grammar: Grammar | str | None = None,
     **kwargs: Any,
 ) -> Iterator[Step]:
     """Greedy / sampled decoding as an iterator of `Step`s: what the web UI and LangChain consume.
 
     Takes the same generation keywords as `generate` (except beam search). Arguments are checked here,
     before the first step; closing the iterator early stops decoding. `prompt_cache`: a `PromptCache` whose
-    cached prefix of the prompt (one sequence) is reused instead of prefilled again.
+    cached prefix of the prompt (one sequence) is reused instead of prefilled again. `grammar`: structured
+    output (see `generate`).
     """
     ids, mask, cfg, max_new, min_new = _start(
         model, input_ids, attention_mask, generation_config, tokenizer, kwargs
@@ -342,6 +367,7 @@ def generate_step(
         output_scores,
         output_logits,
         prompt_cache,
+        _grammar(grammar, tokenizer, cfg),
     )
 
 
@@ -376,6 +402,7 @@ def generate(
     streamer: Any = None,
     generation_config: GenerationConfig | None = None,
     prompt_cache: PromptCache | None = None,
+    grammar: Grammar | str | None = None,
 ) -> Tensor:
     """transformers-style `generate`: returns (B * num_return_sequences, prompt + new) token ids.
 
@@ -394,6 +421,9 @@ def generate(
         generation_config: a `GenerationConfig` layered over the checkpoint's; keywords win over both.
         prompt_cache: a `PromptCache` kept between calls (one unpadded sequence): the part of the prompt it
             already holds is not prefilled again (a chat's earlier turns).
+        grammar: structured output: every row's continuation follows it and ends (EOS) when it is complete. A
+            source from `ernie45.generation.structured` (`json_schema_grammar(schema)`, `regex_grammar`,
+            `lark_grammar`) compiled with `tokenizer`, or a `compile_grammar` result. Not with beam search.
     """
     params = dict(
         max_new_tokens=max_new_tokens,
@@ -421,6 +451,7 @@ def generate(
         model, input_ids, attention_mask, generation_config, tokenizer, params
     )
     gen = make_generator(seed, generator, ids.device)
+    compiled = _grammar(grammar, tokenizer, cfg)
     if cfg.num_beams > 1:
         if streamer is not None:
             raise ErnieError("streaming is not supported with beam search (num_beams > 1)")
@@ -431,7 +462,9 @@ def generate(
     if streamer is not None:
         streamer.put(ids.cpu())
     out = ids
-    steps = _decode(model, ids, mask, cfg, max_new, min_new, tokenizer, gen, prompt_cache=prompt_cache)
+    steps = _decode(
+        model, ids, mask, cfg, max_new, min_new, tokenizer, gen, prompt_cache=prompt_cache, grammar=compiled
+    )
     for step in steps:
         if streamer is not None:
             streamer.put(torch.tensor(step.tokens))
@@ -451,6 +484,7 @@ def stream_generate(
     generator: torch.Generator | None = None,
     generation_config: GenerationConfig | None = None,
     prompt_cache: PromptCache | None = None,
+    grammar: Grammar | str | None = None,
     **kwargs: Any,
 ) -> Iterator[GenerationChunk]:
     """Stream one continuation of `prompt` (text, encoded without special tokens, or ids) as text chunks.
@@ -458,16 +492,18 @@ def stream_generate(
     Text never contains a broken character or any part of a stop string; generation stops at the first
     stop string, whose text is left out (`finish_reason="stop"`, as in OpenAI's API). Keywords are those
     of `generate` (no beam search); they are checked before the first chunk. `prompt_cache`: keep the KV
-    cache between calls (a chat's turns), so only the prompt's new tokens are prefilled.
+    cache between calls (a chat's turns), so only the prompt's new tokens are prefilled. `grammar`: structured
+    output (see `generate`).
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     cfg = resolve_config(model, generation_config, **kwargs)
     if cfg.num_beams > 1 or cfg.num_return_sequences > 1:
         raise ErnieError("stream_generate makes one sequence; use generate() for beams or several sequences")
     stops = cfg.stop_string_list
+    eos = set(cfg.eos_token_ids)
     steps = generate_step(
         model, [ids], seed=seed, generator=generator, generation_config=cfg, stop_strings=[],
-        prompt_cache=prompt_cache,
+        prompt_cache=prompt_cache, tokenizer=tokenizer, grammar=grammar,
     )
 
     def chunks() -> Iterator[GenerationChunk]:
@@ -482,7 +518,8 @@ def stream_generate(
                     ttft = now - t0
                     cached = prompt_cache.reused if prompt_cache is not None else 0
                 token = step.tokens[0]
-                text, hit = stop_filter.add(detok.add(token))
+                # an end token adds no text (it would, decoded with its special tokens kept)
+                text, hit = stop_filter.add("" if token in eos else detok.add(token))
                 reason = "stop" if hit else step.finish_reasons[0]
                 if reason is not None and not hit:
                     tail, hit = stop_filter.add(detok.flush())

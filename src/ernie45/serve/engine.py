@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ernie45.generation import sampling
+from ernie45.generation import sampling, structured
 from ernie45.generation.streaming import IncrementalDetokenizer, StopStringFilter
+from ernie45.generation.structured import Grammar
 from ernie45.serve.blocks import BlockManager, block_hashes
 from ernie45.serve.kv import kv_cache_blocks
 from ernie45.serve.metrics import ServerMetrics
@@ -107,6 +108,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same, for the prompt tokens (completions with echo)
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    grammar: Grammar | None = None  # structured output: every sequence's tokens follow it
 
 
 @dataclass
@@ -147,6 +149,7 @@ class _Seq:
         self.generator, self.deadline = generator, deadline
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
         self.stops = StopStringFilter(params.stop)
+        self.guide = params.grammar.guide() if params.grammar is not None else None
         self.prompt_lps: list[TokenLogprob | None] | None = None  # sent with the first output
         self.output: list[int] = []
         self.blocks: list[int] = []  # block table: position t lives in blocks[t // block_size]
@@ -647,7 +650,9 @@ class Engine:
             )
             s.prompt_lps = None
             finish = None
-            if tok in p.stop_token_ids or (tok in self.eos_ids and not p.ignore_eos):
+            if s.guide is not None and not s.guide.accept(tok) and tok not in self.eos_ids:
+                finish = "stop"  # cannot happen (the mask allowed tok); ends the sequence rather than the server
+            elif tok in p.stop_token_ids or (tok in self.eos_ids and not p.ignore_eos):
                 finish = "stop"  # the stop token itself adds no text
             else:
                 out.text, hit = s.stops.add(s.detok.add(tok))
@@ -694,6 +699,9 @@ class Engine:
                 if scores is logits:
                     scores = logits.clone()
                 scores[i : i + 1] = row
+        guides = [s.guide for s in seqs]
+        if any(g is not None for g in guides):  # grammar last: it overrides what the penalties left
+            scores = structured.mask_rows_(logits.clone() if scores is logits else scores, guides)
         chosen = torch.empty(len(seqs), dtype=torch.long, device=dev)
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(seqs):
@@ -784,6 +792,7 @@ def _plain_greedy(s: _Seq) -> bool:
         p.temperature <= 0
         and p.logprobs is None
         and not p.logit_bias
+        and p.grammar is None
         and p.repetition_penalty == 1.0
         and not p.presence_penalty
         and not p.frequency_penalty

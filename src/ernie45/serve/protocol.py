@@ -8,6 +8,7 @@ dicts built in server.py (one per token, where a pydantic round trip per chunk w
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
@@ -15,6 +16,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 MAX_N = 16  # choices per request: more would let one request fill the whole KV budget
 MAX_STOP = 16
 MAX_LOGPROBS = 20
+MAX_TOOLS = 128
 
 
 class _Body(BaseModel):
@@ -26,19 +28,88 @@ class TextPart(_Body):
     text: str
 
 
+class ToolCallFunction(_Body):
+    name: str
+    arguments: str | dict[str, Any] | None = None  # the API sends a JSON string
+
+
+class ToolCallIn(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Body):
     # "developer" is OpenAI's newer name for "system".
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
-    def as_template_dict(self) -> dict[str, str]:
-        """The `{"role", "content"}` dict the chat template expects."""
+    def as_template_dict(self) -> dict[str, Any]:
+        """The message as chat templates expect it: text content, and tool-call arguments as objects (as
+        transformers' templates and vLLM give them) where they are valid JSON."""
         if isinstance(self.content, list):
             text = "".join(p.text for p in self.content)
         else:
             text = self.content or ""
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        msg: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                args: Any = c.function.arguments
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args) if args.strip() else {}
+                    except json.JSONDecodeError:
+                        pass  # shown as written
+                calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
+            msg["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            msg["name"] = self.name
+        return msg
+
+
+class FunctionDef(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JsonSchemaSpec(_Body):
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format: type json_schema needs a json_schema object")
+        return self
 
 
 class StreamOptions(_Body):
@@ -71,6 +142,12 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # structured output: OpenAI's response_format, or vLLM's guided_* extras (one of them)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=256)
 
     @model_validator(mode="after")
     def _check_common(self) -> _Sampling:
@@ -86,7 +163,40 @@ class _Sampling(_Body):
                 raise ValueError(f"logit_bias: keys must be token ids, got {k!r}")
             if not -100.0 <= v <= 100.0:
                 raise ValueError(f"logit_bias: values must lie in [-100, 100], got {v}")
+        if isinstance(self.guided_json, str):
+            try:
+                self.guided_json = json.loads(self.guided_json)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"guided_json: not valid JSON: {e}") from None
+        formats = [
+            f
+            for f in ("guided_json", "guided_regex", "guided_grammar", "guided_choice")
+            if getattr(self, f) is not None
+        ]
+        if self.response_format is not None and self.response_format.type != "text":
+            formats.append("response_format")
+        if len(formats) > 1:
+            raise ValueError(f"{formats[1]}: give only one of {', '.join(formats)}")
         return self
+
+    def output_format(self) -> tuple[str, Any] | None:
+        """The structured-output request as (kind, value): ("json", schema or None for any object, strict),
+        ("regex", pattern), ("grammar", text) or ("choice", [str]); None for free text."""
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            return "json", (None, False)
+        if rf is not None and rf.type == "json_schema":
+            spec = rf.json_schema
+            return "json", (spec.json_schema or {}, bool(spec.strict))
+        if self.guided_json is not None:
+            return "json", (self.guided_json, False)
+        if self.guided_regex is not None:
+            return "regex", self.guided_regex
+        if self.guided_grammar is not None:
+            return "grammar", self.guided_grammar
+        if self.guided_choice is not None:
+            return "choice", self.guided_choice
+        return None
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -100,12 +210,36 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise ValueError("tool_choice: needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+            t.function.name for t in self.tools or []
+        }:
+            raise ValueError(f"tool_choice: the function {choice.function.name!r} is not among the tools")
+        if self.forced_tool_call and self.output_format() is not None:
+            raise ValueError("response_format: cannot be combined with a tool_choice that forces a call")
         return self
+
+    @property
+    def tool_choice_mode(self) -> str:
+        """"none", "auto", "required" or "named" (tools given without tool_choice: "auto", as OpenAI)."""
+        c = self.tool_choice
+        if isinstance(c, NamedToolChoice):
+            return "named"
+        return c if c is not None else ("auto" if self.tools else "none")
+
+    @property
+    def forced_tool_call(self) -> bool:
+        return self.tool_choice_mode in ("required", "named")
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -149,6 +283,7 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
 
@@ -190,14 +325,9 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
-class ChatMessageOut(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
 class ChatChoice(BaseModel):
     index: int
-    message: ChatMessageOut
+    message: dict[str, Any]  # role, content, and where present reasoning_content/reasoning and tool_calls
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
