@@ -173,6 +173,23 @@ def test_thinking_reasoning_is_split_off(thinking):
     assert "</think>" not in (extra["reasoning_content"] or "") and not msg.content
 
 
+def test_reasoning_max_tokens_bounds_reasoning_before_a_forced_call(thinking):
+    """FastDeploy's reasoning_max_tokens: at most that many reasoning tokens before the forced call."""
+    base, tok, _ = thinking
+    c = client(base)
+    for budget in (0, 5, 30):
+        r = c.chat.completions.create(
+            model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=400, temperature=1.0,
+            seed=budget, extra_body={"reasoning_max_tokens": budget},
+        )
+        msg = r.choices[0].message
+        reasoning = (msg.model_extra or {}).get("reasoning_content") or ""
+        assert len(tok.encode(reasoning)) <= budget + 1  # re-encoding may split a token's text differently
+        assert msg.tool_calls and r.choices[0].finish_reason == "tool_calls"
+    bad = httpx.post(f"{base}/v1/chat/completions", json={"messages": ASK, "reasoning_max_tokens": -1})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning_max_tokens"
+
+
 # ---- structured output ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["thinking", "plain"])
 def test_json_schema_and_json_object(which, request):
@@ -362,3 +379,61 @@ def test_agent_example_runs(thinking, flavour):
     assert r.returncode == 0, r.stderr
     call = next(line for line in r.stdout.splitlines() if line.startswith("tool call: get_weather("))
     assert '"temperature"' in call and "answer:" in r.stdout
+
+
+# ---- docs/agents.md, run as written ------------------------------------------------------------------------
+def _blocks(path: str, lang: str) -> list[str]:
+    import re
+
+    with open(path, encoding="utf-8") as f:
+        return [b.strip() for b in re.findall(rf"```{lang}\n(.*?)```", f.read(), re.S)]
+
+
+DOC = __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "docs", "agents.md")
+
+
+def test_agents_guide_zh_has_the_same_commands():
+    zh = DOC.replace("agents.md", "agents_zh.md")
+    for lang in ("bash", "python", "shell"):
+        assert _blocks(zh, lang) == _blocks(DOC, lang)
+
+
+def test_agents_guide_commands_run(thinking_ckpt, tmp_path, monkeypatch):
+    """docs/agents.md: serve (a subprocess on a free port) a Thinking checkpoint, run the curl calls, the Python
+    blocks and the generate commands; the forced call and the JSON validate."""
+    import os
+    import re
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    from test_serve import cli_server
+
+    serve_cmd, curls, cli = _blocks(DOC, "bash")
+    client_py, local_py = _blocks(DOC, "python")
+    shutil.copytree(thinking_ckpt[1], tmp_path / "ERNIE-4.5-21B-A3B-Thinking")
+    monkeypatch.chdir(tmp_path)
+    with cli_server(serve_cmd) as server:
+        port = server.port
+        outs, bodies = [], []
+        for line in curls.replace("8000", port).splitlines():
+            bodies.append(json.loads(shlex.split(line)[-1]))
+            r = subprocess.run(shlex.split(line), capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            outs.append(json.loads(r.stdout))
+        call = outs[0]["choices"][0]["message"]["tool_calls"][0]["function"]
+        assert call["name"] == "get_weather" and outs[0]["choices"][0]["finish_reason"] == "tool_calls"
+        jsonschema.validate(json.loads(call["arguments"]), bodies[0]["tools"][0]["function"]["parameters"])
+        person = json.loads(outs[1]["choices"][0]["message"]["content"])
+        jsonschema.validate(person, bodies[1]["response_format"]["json_schema"]["schema"])
+        exec(compile(client_py.replace("8000", port), "agents.md", "exec"), {})
+    scope: dict = {}
+    exec(compile(local_py, "agents.md", "exec"), scope)
+    assert set(json.loads(scope["text"])) == {"city"}
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    r = subprocess.run(["bash", "-c", cli], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.splitlines()[:2]
+    jsonschema.validate(json.loads(first), json.loads((tmp_path / "person.json").read_text()))
+    assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", second)

@@ -393,3 +393,19 @@ def test_bench_serve_table_and_bad_args():
                       (["--context", "1k"], "--context"), (["--output-len", "1"], "--output-len")):
         with pytest.raises(ErnieError, match=msg):
             serve_main(argv)
+
+
+def test_bench_grammar_mask_rows_and_errors(tmp_path):
+    """`ernie45 bench grammar`: one mask row per vocabulary and grammar (the walks stay inside each grammar), the
+    table and JSON written; bad arguments are one-line errors."""
+    out, js = tmp_path / "g.md", tmp_path / "g.json"
+    assert bench_main(["grammar", "--steps", "30", "--shape", "none", "--out", str(out), "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [(r["vocab"].split()[0], r["grammar"]) for r in rows] == [
+        (v, g) for v in ("4,096", "103,424")
+        for g in ("json_schema (16 records)", "forced tool call (2 tools)", "json_object", "regex (date)")
+    ]
+    assert all(r["mean_us"] > 0 and r["p99_us"] > 0 and r["compile_ms"] > 0 and r["steps"] == 30 for r in rows)
+    assert "| 103,424 (ERNIE 4.5 size) | json_schema (16 records) |" in out.read_text()
+    with pytest.raises(ErnieError, match="--steps must be at least 10"):
+        bench_main(["grammar", "--steps", "3", "--shape", "none"])

@@ -188,8 +188,9 @@ def test_prompt_too_long_is_a_clear_error(llm):
         llm.invoke("床前明月光" * 300)
 
 
-def test_documented_snippets_run(ckpt, capsys):
-    """The in-process ```python blocks of docs/langchain.md run with the tiny checkpoint swapped in."""
+def test_documented_snippets_run(long_ckpt, capsys):
+    """The in-process ```python blocks of docs/langchain.md run with a tiny checkpoint swapped in."""
+    ckpt = long_ckpt
     with open(os.path.join(ROOT, "docs", "langchain.md"), encoding="utf-8") as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
     local = [b for b in blocks if "ChatOpenAI" not in b]

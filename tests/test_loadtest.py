@@ -6,15 +6,12 @@ import json
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
-import sys
 
-import httpx
 import pytest
 from conftest import make_hf_model, save_hf
-from test_serve import make_app, metric, running, wait_until
+from test_serve import cli_server, make_app, metric, running
 
 from ernie45.cli import main as cli_main
 from ernie45.errors import ErnieError
@@ -174,30 +171,8 @@ def test_docs_commands_run(tmp_path, tokenizer_dir):
     serve_cmd, curls, load_cmd, turns_cmd = _bash_blocks(DOCS)
     hf = make_hf_model("dense", max_position_embeddings=4096)
     model_dir = save_hf(hf, tmp_path / "ERNIE-4.5-0.3B-PT", tokenizer_dir)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = str(sock.getsockname()[1])
-    sock.close()
-    args = shlex.split(serve_cmd.replace("8000", port))
-    assert args[:2] == ["ernie45", "serve"]
-    args[args.index("--model") + 1] = model_dir
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ernie45", *args[1:], "--dtype", "float32"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-
-        def up() -> bool:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(f"{base}/health").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(up, timeout=120, what="server start")
+    with cli_server(serve_cmd, model_dir) as server:
+        port = server.port
         outputs = []
         for line in curls.replace("8000", port).splitlines():
             r = subprocess.run(shlex.split(line), capture_output=True, text=True, timeout=60)
@@ -218,8 +193,4 @@ def test_docs_commands_run(tmp_path, tokenizer_dir):
         assert cli_main(turns[1:]) == 0
         t = json.loads((tmp_path / "t.json").read_text())
         assert t["completed"] == 16 and t["prefix_cache_hit_rate"] > 0.5
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    assert '"path": "/v1/chat/completions", "status": 200' in out  # the JSON access log
+    assert '"path": "/v1/chat/completions", "status": 200' in server.output  # the JSON access log

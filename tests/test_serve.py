@@ -86,6 +86,49 @@ def running(app, wait_ready: bool = True):
     assert not thread.is_alive()
 
 
+@contextlib.contextmanager
+def cli_server(command: str, model_dir: str | None = None):
+    """Run a documented `ernie45 serve ... --port 8000` command line in a subprocess on a free port (fp32, and
+    `--model` replaced by `model_dir` when given); yields a `ServerRun` once it is healthy. On exit it gets Ctrl-C,
+    must end cleanly, and leaves its output in `ServerRun.output`."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = str(sock.getsockname()[1])
+    sock.close()
+    args = shlex.split(command.replace("8000", port))
+    assert args[:2] == ["ernie45", "serve"]
+    if model_dir is not None:
+        args[args.index("--model") + 1] = model_dir
+    proc = subprocess.Popen([sys.executable, "-m", "ernie45", *args[1:], "--dtype", "float32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    run = ServerRun(base, port)
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            return health(base) == 200
+
+        wait_until(up, timeout=120, what="server start")
+        yield run
+    finally:
+        proc.send_signal(signal.SIGINT)
+        run.output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, run.output
+
+
+class ServerRun:
+    """A `cli_server`: its base URL and port, and (after it stopped) its stdout + stderr."""
+
+    def __init__(self, base: str, port: str):
+        self.base, self.port, self.output = base, port, ""
+
+
 class Throttle:
     """Wraps a model's forward so a test decides how many more forward calls (engine steps) may run.
 

@@ -500,3 +500,37 @@ def test_chinese_guide_has_the_same_commands():
             return re.findall(r"```(?:python|bash)\n(.*?)```", f.read(), re.S)
 
     assert code("webui_zh.md") == code("webui.md")
+
+
+# ---- Thinking models: the reasoning in a collapsible block -------------------------------------------------
+def test_reasoning_block_streams_then_answer(thinking_ckpt):
+    """A Thinking model's reply is two messages: the reasoning (Gradio's collapsible "metadata.title" block,
+    pending while it grows, done once the answer starts) and the answer; the next turn sends only the answer."""
+    import dataclasses
+    import json
+
+    from ernie45.generation import structured
+    from ernie45.webui import REASONING_TITLE, LocalBackend, make_chat_fn, to_messages
+
+    path, ids = thinking_ckpt[1], thinking_ckpt[2]
+    model, tok = ernie45.load(path, dtype="float32", device="cpu")
+    backend = LocalBackend(model, tok, "thinking")
+    assert backend.thinking
+    parts = ["想一想。\n", "</think>", "\n\n", "<response>", "\n春眠不觉晓\n", "</response>", "\n"]
+    lark = "start: " + " ".join(f"<[{ids[p]}]>" if p in ids else json.dumps(p, ensure_ascii=False) for p in parts)
+    grammar = structured.compile_grammar(tok, structured.lark_grammar(lark), backend.eos)
+    inner = backend.engine.stream
+    backend.engine.stream = lambda prompt, params: inner(prompt, dataclasses.replace(params, grammar=grammar))
+    outs = list(make_chat_fn(backend)("写诗", [], "", 1.0, 1.0, 60))
+    thought, answer = outs[-1]
+    assert thought == {"role": "assistant", "content": "想一想。",
+                       "metadata": {"title": REASONING_TITLE, "status": "done"}}
+    assert answer == {"role": "assistant", "content": "春眠不觉晓"}
+    growing = [o for o in outs if isinstance(o, list) and not o[1]["content"]]
+    assert growing and all(o[0]["metadata"]["status"] == "pending" for o in growing)
+    history = [{"role": "user", "content": "写诗"}, thought, answer]
+    assert to_messages("再来", history) == [
+        {"role": "user", "content": "写诗"},
+        {"role": "assistant", "content": "春眠不觉晓"},
+        {"role": "user", "content": "再来"},
+    ]

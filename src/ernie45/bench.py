@@ -698,9 +698,14 @@ def main(argv: list[str] | None = None) -> int:
         from ernie45.bench_serve import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["grammar"]:  # `ernie45 bench grammar`: structured output's cost per token
+        from ernie45.bench_grammar import main as grammar_main
+
+        return grammar_main(argv[1:])
     p = argparse.ArgumentParser(prog="ernie45 bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="`ernie45 bench serve --help`: the server under concurrent and multi-turn load.")
+                                epilog="`ernie45 bench serve --help`: the server under concurrent and multi-turn load; "
+                                       "`ernie45 bench grammar --help`: structured output's cost per token.")
     p.add_argument("--shape", default="0.3b", help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--dtype", default="fp32,bf16", help=f"comma list of {', '.join(DTYPES)}")
     p.add_argument("--vs", default="transformers", help="peers: comma list of transformers, llama.cpp, or none")

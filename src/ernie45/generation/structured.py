@@ -162,7 +162,9 @@ def reasoning_grammar(body: str, kind: str, *, budget: int, marker_ids: dict[str
     or a response (`kind` "response": `<response>\n{body}\n</response>\n`), as ERNIE writes them
     (docs/THINKING_TOOLS_MTP.md §2). Reasoning needs `</think>` to be one token (free text never produces a
     special token, so it cannot close the reasoning by accident); otherwise the output starts at `</think>`."""
-    tok = lambda m: _lark_token(m, marker_ids.get(m))  # noqa: E731
+    def tok(marker: str) -> str:
+        return _lark_token(marker, marker_ids.get(marker))
+
     think_end = marker_ids.get("</think>")
     if kind == "tool":
         after = '"\\n\\n\\n" body'
@@ -240,11 +242,15 @@ class Guide:
 
     def allowed(self, width: int) -> Tensor:
         """(width,) bool: tokens the grammar allows next (ids past the tokenizer's vocabulary never are)."""
+        return ~self.disallowed(width)
+
+    def disallowed(self, width: int) -> Tensor:
+        """(width,) bool: tokens the grammar rules out next; one pass over the unpacked bitmask."""
         bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        out = torch.zeros(width, dtype=torch.bool)
         n = min(width, bits.shape[0])
-        out[:n] = torch.from_numpy(bits[:n].astype(bool))
-        return out
+        out = np.ones(width, dtype=bool)
+        np.equal(bits[:n], 0, out=out[:n])
+        return torch.from_numpy(out)
 
     def accept(self, token: int) -> bool:
         """Advance past the chosen token; False (and the guide broken) if the grammar did not allow it."""
@@ -257,14 +263,15 @@ class Guide:
 
 def mask_rows_(scores: Tensor, guides: list[Guide | None]) -> Tensor:
     """Apply each row's guide (None: unconstrained) to scores (B, V) in place. A row left with no allowed token
-    (another constraint removed all the grammar allows) falls back to the grammar's tokens alone."""
+    (another constraint removed all the grammar allows) falls back to the grammar's tokens alone, uniformly."""
     for i, g in enumerate(guides):
         if g is None:
             continue
-        allowed = g.allowed(scores.shape[-1]).to(scores.device)
-        row = scores[i]
-        if not bool(torch.isfinite(row[allowed]).any()):
-            row.copy_(torch.where(allowed, torch.zeros_like(row), torch.full_like(row, float("-inf"))))
-        else:
-            row.masked_fill_(~allowed, float("-inf"))
+        banned = g.disallowed(scores.shape[-1]).to(scores.device)
+        row = scores[i].masked_fill_(banned, float("-inf"))
+        if bool(row.amax() == float("-inf")):
+            if bool(banned.all()):
+                raise ErnieError("the grammar allows no token of the model's vocabulary (a tokenizer that does "
+                                 "not belong to this model?)")
+            row.copy_(torch.zeros_like(row).masked_fill_(banned, float("-inf")))
     return scores

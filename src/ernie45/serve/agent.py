@@ -84,6 +84,8 @@ def plan_chat(
     parse_tools = bool(tools) and mode != "none" and tool_call_parser != "none"
     max_tokens = req.max_new_tokens or max_model_len - len(prompt)
     budget = reasoning_budget(max_tokens)
+    if req.reasoning_max_tokens is not None:
+        budget = min(req.reasoning_max_tokens, max(max_tokens - 1, 0))
     ids = marker_ids(tokenizer)
     source = None
     try:

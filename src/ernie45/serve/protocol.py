@@ -213,6 +213,8 @@ class ChatCompletionRequest(_Sampling):
     tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # FastDeploy's name: reasoning tokens a Thinking model may write before a forced call or structured answer
+    reasoning_max_tokens: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
