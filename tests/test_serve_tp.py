@@ -253,6 +253,12 @@ def test_tp_server_answers_like_single_process(ckpts, tmp_path, kind):
     try:
         assert_same(answers(server.base, name, stop), want)
         assert_same(answers(server.base, name, stop), want)  # the mirrored caches stayed consistent
+        # a temperature of 1e-45 (once NaN in the shared step, which stopped a --tp server) is greedy here
+        tiny = client(server.base).chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "你好"}], max_tokens=4, temperature=1e-45
+        )
+        assert tiny.choices[0].finish_reason in ("stop", "length")
+        assert_same(answers(server.base, name, stop), want)
         # Ctrl-C: SIGINT reaches torchrun (the ranks run in sessions of their own), which sends SIGTERM to the
         # ranks; rank 0 drains and releases rank 1, which ignores the signal and waits for that.
         server.proc.send_signal(signal.SIGINT)

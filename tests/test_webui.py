@@ -534,3 +534,79 @@ def test_reasoning_block_streams_then_answer(thinking_ckpt):
         {"role": "assistant", "content": "春眠不觉晓"},
         {"role": "user", "content": "再来"},
     ]
+
+
+# ---- login and public links ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--share"], "--share puts the chat on a public gradio.live link: give --auth"),
+        (["--auth", "alice"], "must be USER:PASSWORD"),
+        (["--auth", ":s3cret"], "must be USER:PASSWORD"),
+        (["--auth", "alice:"], "must be USER:PASSWORD"),
+        (["--auth", "alice:s3cret,"], "must be USER:PASSWORD"),
+        (["--auth", " :s3cret", "--share"], "must be USER:PASSWORD"),
+    ],
+)
+def test_share_needs_auth_and_auth_is_checked(argv, message, capsys):
+    """Refused before the model loads, in one line that never repeats the password."""
+    assert cli(["webui", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert "s3cret" not in err
+
+
+def test_auth_from_the_environment(monkeypatch, capsys):
+    from ernie45.webui import AUTH_ENV, parse_auth
+
+    assert parse_auth("alice:pa:ss, bob:x") == [("alice", "pa:ss"), ("bob", "x")]
+    monkeypatch.setenv(AUTH_ENV, "alice")
+    assert cli(["webui"]) == 1
+    assert f"${AUTH_ENV}" in capsys.readouterr().err
+    # A login from the environment lets --share through: the next check to fail is the model path.
+    monkeypatch.setenv(AUTH_ENV, "alice:s3cret")
+    assert cli(["webui", "--share", "--model", "/nonexistent/model"]) == 1
+    assert "model path not found" in capsys.readouterr().err
+
+
+class Echo:
+    """A back end that answers with the user's last message (no model needed)."""
+
+    name, where, context, temperature, top_p = "echo", "here", None, 0.0, 1.0
+
+    def stream(self, messages, *args):
+        yield ("content", messages[-1]["content"])
+
+
+def test_login_guards_the_app_and_uploads_are_capped():
+    """With --auth, Gradio serves only its login page until /login succeeds: the config, the API and uploads
+    answer 401; the right password gives a session cookie, the chat then works, and uploads over 1 MB get 413."""
+    import httpx
+    from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
+
+    from ernie45.webui import build_demo, launch
+
+    demo = build_demo(Echo())
+    port = free_port()
+    launch(demo, "127.0.0.1", port, auth=[("alice", "s3cret")], prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            page = http.get("/")
+            assert page.status_code == 200 and '"auth_required":true' in page.text.replace(" ", "")
+            assert http.get("/config").status_code == 401
+            assert http.get("/gradio_api/info").status_code == 401
+            assert http.post("/gradio_api/upload", files={"files": ("a.txt", b"x")}).status_code == 401
+            assert http.post("/login", data={"username": "alice", "password": "wrong"}).status_code == 400
+            assert http.post("/login", data={"username": "alice", "password": "s3cret"}).status_code == 200
+            assert http.get("/config").status_code == 200
+            assert http.post("/gradio_api/upload", files={"files": ("a.txt", b"x")}).status_code == 200
+            big = http.post("/gradio_api/upload", files={"files": ("a.bin", b"\0" * (2 << 20))})
+            assert big.status_code == 413
+        with pytest.raises(AuthenticationError):
+            Client(url + "/", verbose=False)
+        client = Client(url + "/", auth=("alice", "s3cret"), verbose=False)
+        assert client.predict("你好", "", 0.0, 1.0, 8, api_name="/chat") == "你好"
+    finally:
+        demo.close()

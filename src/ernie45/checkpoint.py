@@ -17,6 +17,7 @@ import ctypes
 import json
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -38,71 +39,128 @@ ARENA_MIN_BYTES = 1 << 16  # smaller tensors (norms, biases, scales) are not wor
 
 
 # ---- reading ---------------------------------------------------------------------------------------
+MAX_HEADER_BYTES = 100_000_000  # as the safetensors library: a longer header is refused, never read
+
+
+def inside_checkpoint(directory: str, file: str) -> bool:
+    """Whether `file`, symlinks resolved, lies in checkpoint `directory`, so that nothing a checkpoint names is
+    read from (or copied out of) anywhere else. A snapshot of the Hugging Face hub cache
+    (`models--org--name/snapshots/<rev>/`) holds symlinks into its repository's `blobs/`: those count as inside."""
+    root = os.path.realpath(directory)
+    roots = [root]
+    snapshots = os.path.dirname(root)
+    repo = os.path.dirname(snapshots)
+    if os.path.basename(snapshots) == "snapshots" and os.path.basename(repo).startswith("models--"):
+        roots.append(os.path.join(repo, "blobs"))
+    real = os.path.realpath(file)
+    return any(os.path.commonpath([real, r]) == r for r in roots)
+
+
+def _index_files(path: str, index: str) -> list[str]:
+    """The shard names of a safetensors index, each a relative name of a file inside the checkpoint directory."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ErnieError(f"{index} is not a valid safetensors index: {e}") from None
+    if not isinstance(weight_map, dict):
+        raise ErnieError(f"{index} is not a valid safetensors index: weight_map is not an object")
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise ErnieError(f"{index}: tensor {name!r} maps to {file!r}, not a file name")
+    files = sorted(set(weight_map.values()))
+    for file in files:
+        if (not file or "\0" in file or os.path.isabs(file) or ".." in re.split(r"[\\/]", file)
+                or not inside_checkpoint(path, os.path.join(path, file))):
+            raise ErnieError(f"{index}: shard {file!r} is not a file inside the checkpoint directory")
+    return files
+
+
 def safetensors_files(path: str) -> list[str]:
-    """The weight files of a checkpoint directory (index-listed shards, or model.safetensors)."""
+    """The weight files of a checkpoint directory (index-listed shards, or model.safetensors), each checked to lie
+    inside it (`inside_checkpoint`)."""
     if not os.path.exists(path):
         raise ErnieError(f"model path not found: {path}")
     if os.path.isfile(path):
         return [path]
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ErnieError(f"{index} is not a valid safetensors index: {e}") from None
-        files = sorted(set(weight_map.values()))
+        files = _index_files(path, index)
         missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if missing:
             raise ErnieError(f"{path}: shard(s) listed in the index are missing: {', '.join(missing)}")
         return [os.path.join(path, f) for f in files]
     single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if others:
-        return [os.path.join(path, f) for f in others]
+    files = [single] if os.path.isfile(single) else [
+        os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+    outside = [f for f in files if not inside_checkpoint(path, f)]
+    if outside:
+        raise ErnieError(f"{outside[0]} is a symlink to a file outside the checkpoint directory {path}")
+    if files:
+        return files
     if any(f.endswith((".bin", ".pdparams", ".pt")) for f in os.listdir(path)):
         raise ErnieError(f"{path} has no safetensors weights; pickle formats (.bin/.pt/.pdparams) are not loaded "
                          "for safety. Convert them to safetensors first.")
     raise ErnieError(f"no model.safetensors (or index) in {path}")
 
 
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0  # not bool, not float: the library reads these as unsigned integers
+
+
 def read_header(file: str) -> tuple[dict, int]:
-    """Parse a safetensors header: (tensor table, byte offset of the data section). Validates bounds."""
+    """Parse a safetensors header: (tensor table, byte offset of the data section).
+
+    Checked as the safetensors library checks it (`SafeTensors::read_metadata`), so that ernie45 reads exactly
+    the files the library accepts: a bounded header length inside the file, a JSON object, per tensor a known
+    dtype, a shape of non-negative integers and data offsets [begin, end] spanning shape x dtype bytes, and the
+    tensors, in offset order, tiling the data section exactly (no gap, no overlap, nothing past the file's end,
+    nothing after the last tensor).
+    """
     size = os.path.getsize(file)
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise ErnieError(f"{file} is not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100_000_000):
-            raise ErnieError(f"{file} is not a safetensors file (bad header length)")
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise ErnieError(f"{file} is not a safetensors file (bad header length {n})")
         try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (ValueError, RecursionError):
             raise ErnieError(f"{file} is not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
-        raise ErnieError(f"{file} is not a safetensors file")
-    data_start = 8 + n
+        raise ErnieError(f"{file} is not a safetensors file (header is not a JSON object)")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ErnieError(f"{file}: __metadata__ is not a map of strings")
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            begin, end = info["data_offsets"]
-            dtype = info["dtype"]
-            shape = [int(s) for s in info["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise ErnieError(f"{file}: malformed entry for tensor {name!r}") from None
+        if not isinstance(info, dict):
+            raise ErnieError(f"{file}: malformed entry for tensor {name!r}")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(map(_is_count, shape)) and isinstance(offsets, list)
+                and len(offsets) == 2 and all(map(_is_count, offsets))):
+            raise ErnieError(f"{file}: malformed entry for tensor {name!r}")
         if dtype not in ST_DTYPES:
             raise ErnieError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - begin != numel * ST_DTYPES[dtype].itemsize or begin < 0 or min(shape, default=0) < 0:
+        begin, end = offsets
+        if end - begin != _numel(shape) * ST_DTYPES[dtype].itemsize:
             raise ErnieError(f"{file}: tensor {name!r} has a size that does not match its shape")
-        if data_start + end > size:
-            raise ErnieError(f"{file} is truncated (tensor {name!r} ends past the end of the file)")
+        spans.append((begin, end, name))
+    data_start = 8 + n
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            what = "overlaps another tensor" if begin < pos else "leaves a gap before it"
+            raise ErnieError(f"{file}: the data of tensor {name!r} {what} (offsets must tile the data section)")
+        pos = end
+    if data_start + pos > size:
+        raise ErnieError(f"{file} is truncated ({data_start + pos} bytes declared, {size} present)")
+    if data_start + pos < size:
+        raise ErnieError(f"{file} has {size - data_start - pos} bytes after its last tensor")
     return header, data_start
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from collections.abc import Callable
 from ctypes import c_float, c_int, c_void_p
 
@@ -192,6 +193,10 @@ class _Linear(ctypes.Structure):
 
 
 _SDT = {torch.float32: 0, torch.bfloat16: 1}  # Linear.sdt: the dtype of the scales and zeros the C kernels read
+# One C step at a time in the process: a decoder's scratch area and thread count are shared by every thread that
+# decodes with its model (the web UI, LangChain, user threads), and the profiling counters by all decoders. Each
+# step already runs on torch's threads, so steps of two models at once would only contend for the same cores.
+_STEP_LOCK = threading.Lock()
 
 
 class _Layer(ctypes.Structure):
@@ -403,7 +408,8 @@ class FastDecoder:
     def profile(self, reset: bool = True) -> dict[str, float]:
         """Seconds spent in each part of the C step (all decoders of the process) since the last reset."""
         out = (ctypes.c_double * len(self.PROFILE_PARTS))()
-        self._lib.ernie_profile(out, int(reset))
+        with _STEP_LOCK:  # not while a step adds to the counters
+            self._lib.ernie_profile(out, int(reset))
         return dict(zip(self.PROFILE_PARTS, out))
 
     # -- running -------------------------------------------------------------------------------------
@@ -424,9 +430,11 @@ class FastDecoder:
         kc = (c_void_p * n)(*[t.data_ptr() for t in cache.k])
         vc = (c_void_p * n)(*[t.data_ptr() for t in cache.v])
         logits = torch.empty(1, self.vocab, dtype=torch.float32)
-        self._m.n_threads = torch.get_num_threads()
-        rc = self._lib.ernie_step(ctypes.byref(self._m), int(tokens[0, 0]), cache.length, cache.max_len, kc, vc,
-                                  logits.data_ptr())
+        token, threads = int(tokens[0, 0]), torch.get_num_threads()
+        with _STEP_LOCK:
+            self._m.n_threads = threads
+            rc = self._lib.ernie_step(ctypes.byref(self._m), token, cache.length, cache.max_len, kc, vc,
+                                      logits.data_ptr())
         if rc != 0:
             raise RuntimeError(f"C decode step failed ({rc})")
         cache.length += 1
@@ -473,14 +481,16 @@ class FastDecoder:
             raise ValueError(f"step_batch: block id {int(ids.max())} out of range ({num_blocks} blocks)")
         toks, pos = (c_int * B)(*tokens), (c_int * B)(*positions)
         logits = torch.empty(B, self.vocab, dtype=torch.float32)
-        self._m.n_threads = torch.get_num_threads()
-        if q8:
-            rc = self._lib.ernie_step_batch_q8(ctypes.byref(self._m), B, toks, pos, kp, vp, ks, vs, tables.data_ptr(),
-                                               tables.shape[1], block_size, logits.data_ptr())
-        else:
-            fn = self._lib.ernie_step_batch_rt if int8_round_trip else self._lib.ernie_step_batch
-            rc = fn(ctypes.byref(self._m), B, toks, pos, kp, vp, tables.data_ptr(), tables.shape[1], block_size,
-                    logits.data_ptr())
+        threads = torch.get_num_threads()
+        with _STEP_LOCK:
+            self._m.n_threads = threads
+            if q8:
+                rc = self._lib.ernie_step_batch_q8(ctypes.byref(self._m), B, toks, pos, kp, vp, ks, vs,
+                                                   tables.data_ptr(), tables.shape[1], block_size, logits.data_ptr())
+            else:
+                fn = self._lib.ernie_step_batch_rt if int8_round_trip else self._lib.ernie_step_batch
+                rc = fn(ctypes.byref(self._m), B, toks, pos, kp, vp, tables.data_ptr(), tables.shape[1], block_size,
+                        logits.data_ptr())
         if rc != 0:
             raise RuntimeError(f"C batched decode step failed ({rc})")
         return logits

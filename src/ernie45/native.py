@@ -10,18 +10,21 @@ PyTorch headers, so the build takes about a second with any C compiler. One libr
 
 `ERNIE45_ISA` (see `ernie45.device.isa_level`) picks the level for the whole process, so the AVX2 kernels can be
 tested and timed on an AVX-512 machine. Built libraries are cached under `$ERNIE45_CACHE` (default
-`~/.cache/ernie45`), keyed by the source, the compiler, the flags and the CPU. Without a compiler, or with
-`ERNIE45_NATIVE=0`, everything falls back to the PyTorch path.
+`~/.cache/ernie45`), keyed by the source, the compiler, the flags and the CPU, in a directory only this user may
+write (0700); a cached library that is a symlink, another user's, or writable by others is rebuilt, never
+loaded. Without a compiler, or with `ERNIE45_NATIVE=0`, everything falls back to the PyTorch path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from functools import cache
@@ -105,34 +108,79 @@ def _load(name: str, isa: str) -> ctypes.CDLL | None:
     key = hashlib.sha256(
         src.read_bytes() + version.encode() + _cpu_signature().encode() + " ".join(flags).encode()
     ).hexdigest()[:16]
-    out = _cache_dir() / f"{name}-{isa}-{key}.so"
-    if not out.exists():
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-            os.close(fd)
-            r = subprocess.run([cc, *flags, "-o", tmp, str(src), "-lm"], capture_output=True, text=True,
-                               timeout=300)
-            if r.returncode != 0:
-                os.unlink(tmp)
-                log.warning("could not build the C decode kernels (%s); using the PyTorch path",
-                            (r.stderr.strip().splitlines() or ["unknown error"])[-1])
-                return None
-            os.replace(tmp, out)  # atomic: concurrent builders each rename a complete file
-        except (OSError, subprocess.SubprocessError) as e:
-            log.warning("could not build the C decode kernels (%s); using the PyTorch path", e)
-            return None
-    import torch  # noqa: F401  (loads PyTorch's libgomp first, so the kernels share its OpenMP thread pool)
-
+    cache, tmpdir = _cache_dir(), None
     try:
+        if not _private_dir(cache):
+            log.warning("the kernel cache %s is not a private directory of this user; building in a temporary "
+                        "one", cache)
+            cache = tmpdir = Path(tempfile.mkdtemp(prefix="ernie45-native-"))
+        out = cache / f"{name}-{isa}-{key}.so"
+        if not _trusted(out) and not _build(cc, flags, src, out):
+            return None
+        import torch  # noqa: F401  (loads PyTorch's libgomp first, so the kernels share its OpenMP thread pool)
+
         lib = ctypes.CDLL(str(out))
     except OSError as e:
-        log.warning("could not load %s (%s); using the PyTorch path", out, e)
+        log.warning("could not load the C decode kernels from %s (%s); using the PyTorch path", cache, e)
         return None
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)  # a loaded library stays mapped
     lib.ernie_isa.restype = ctypes.c_char_p
     # (const Linear *, row0, row1, float *out, threads): the Linear struct is ernie45.fast._Linear
     lib.ernie_dequant.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     return lib
+
+
+def _private_dir(path: Path) -> bool:
+    """Create the cache directory 0700 (tightening one of ours that is not): a library anyone else can write or
+    rename into it would run as this user. False when it cannot be made private (another user's, not a
+    directory, not creatable)."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return False
+        if st.st_mode & 0o077:
+            os.chmod(path, 0o700)
+    except OSError:
+        return False
+    return True
+
+
+def _trusted(lib: Path) -> bool:
+    """Whether a cached library may be loaded: a regular file (not a symlink), ours, writable by nobody else.
+    Anything else is rebuilt over, never loaded."""
+    try:
+        st = os.lstat(lib)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _build(cc: str, flags: list[str], src: Path, out: Path) -> bool:
+    """Compile `src` to `out` through a private temporary file in the same directory, renamed over `out`
+    (atomic: concurrent builders each rename a complete file, and a planted file or symlink is replaced)."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        r = subprocess.run([cc, *flags, "-o", tmp, str(src), "-lm"], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            log.warning("could not build the C decode kernels (%s); using the PyTorch path",
+                        (r.stderr.strip().splitlines() or ["unknown error"])[-1])
+            return False
+        os.chmod(tmp, 0o700)  # the linker creates it under the umask, which may let the group write
+        os.replace(tmp, out)
+        tmp = None
+        return True
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("could not build the C decode kernels (%s); using the PyTorch path", e)
+        return False
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def cache_clear() -> None:

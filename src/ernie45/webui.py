@@ -4,7 +4,8 @@ Two back ends: the model loaded in this process (`--model DIR`, decoded with `er
 `ernie45 serve` / any OpenAI-compatible server (`--server-url URL`), reached with the `openai` client. The page has
 multi-turn history, a system prompt, temperature / top-p / max-new-tokens controls and a stop button; stopping
 closes the reply's generator, which ends decoding (in-process) or closes the HTTP stream (the server then aborts
-the request). Binds 127.0.0.1 unless told otherwise; `--share` (a public gradio.live link) is never on by default.
+the request). Binds 127.0.0.1 unless told otherwise; `--auth USER:PASSWORD` (or $ERNIE45_WEBUI_AUTH) asks for a
+login, and `--share` (a public gradio.live link) is never on by default and refused without one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ DEFAULT_TEMPERATURE = 0.95  # ERNIEKit's chat defaults (ARCHITECTURE.md §6.5), 
 DEFAULT_TOP_P = 0.7
 DEFAULT_MAX_TOKENS = 512
 REASONING_TITLE = "Reasoning"
+AUTH_ENV = "ERNIE45_WEBUI_AUTH"
+MAX_UPLOAD = "1mb"  # the chat takes no files: Gradio's upload routes only need to refuse big bodies
 
 
 class LocalBackend:
@@ -275,6 +278,45 @@ def make_backend(
     return LocalBackend(m, tok, os.path.basename(os.path.normpath(path)))
 
 
+def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
+    """`USER:PASSWORD[,USER:PASSWORD...]` -> Gradio's `auth` list; None when not set. A password may hold ':'
+    (the user ends at the first one). The error never repeats the value: it holds passwords."""
+    if spec is None:
+        return None
+    pairs = []
+    for item in spec.split(","):
+        user, _, password = item.partition(":")
+        user = user.strip()  # Gradio strips the user name typed at login
+        if not user or not password:
+            raise ErnieError(
+                f"--auth (or ${AUTH_ENV}) must be USER:PASSWORD, several separated by commas, "
+                "each with a non-empty user and password"
+            )
+        pairs.append((user, password))
+    return pairs
+
+
+def launch(
+    demo: Any,
+    host: str,
+    port: int,
+    share: bool = False,
+    auth: list[tuple[str, str]] | None = None,
+    **kw: Any,
+) -> None:
+    """Queue and serve `demo`: the login (if any) guards the page and every API route; uploads are capped."""
+    demo.queue(max_size=64).launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        auth=auth,
+        max_file_size=MAX_UPLOAD,
+        inbrowser=False,
+        show_error=True,
+        **kw,
+    )
+
+
 def webui(
     model: str | None = None,
     *,
@@ -284,6 +326,7 @@ def webui(
     host: str = "127.0.0.1",
     port: int = 7860,
     share: bool = False,
+    auth: str | None = None,
     system_prompt: str = "",
     temperature: float | None = None,
     top_p: float | None = None,
@@ -291,7 +334,7 @@ def webui(
     dtype: str = "auto",
     device: str = "auto",
 ) -> None:
-    """Serve the chat page until interrupted."""
+    """Serve the chat page until interrupted. `auth`: `USER:PASSWORD` pairs, comma-separated (`parse_auth`)."""
     if not 0 < port < 65536:
         raise ErnieError(f"--port must be between 1 and 65535, got {port}")
     if temperature is not None and not 0 <= temperature <= 2:
@@ -300,12 +343,18 @@ def webui(
         raise ErnieError(f"--top-p must be in (0, 1], got {top_p}")
     if max_tokens < 1:
         raise ErnieError(f"--max-tokens must be >= 1, got {max_tokens}")
+    logins = parse_auth(auth)
+    if share and logins is None:
+        raise ErnieError(
+            f"--share puts the chat on a public gradio.live link: give --auth USER:PASSWORD (or set ${AUTH_ENV})"
+        )
     backend = make_backend(model, server_url, api_key, served_model, dtype, device)
     if backend.context is not None and max_tokens >= backend.context:
         raise ErnieError(f"--max-tokens must be below the model's context window ({backend.context})")
-    if host not in LOOPBACK:
+    if host not in LOOPBACK and logins is None:
         print(
-            f"warning: listening on {host}: anyone who can reach this address can use the chat",
+            f"warning: listening on {host}: anyone who can reach this address can use the chat "
+            "(--auth USER:PASSWORD asks for a login)",
             file=sys.stderr,
         )
     # Both back ends batch concurrent replies: the in-process engine up to its sequence count, a server more.
@@ -320,9 +369,7 @@ def webui(
         concurrency_limit=LOCAL_MAX_NUM_SEQS if isinstance(backend, LocalBackend) else 16,
     )
     try:
-        demo.queue(max_size=64).launch(
-            server_name=host, server_port=port, share=share, inbrowser=False, show_error=True
-        )
+        launch(demo, host, port, share, logins)
     except OSError as e:
         raise ErnieError(f"cannot listen on {host}:{port}: {e}") from None
 
@@ -359,7 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument(
-        "--share", action="store_true", help="also open a public gradio.live link (off by default)"
+        "--auth",
+        default=os.environ.get(AUTH_ENV) or None,
+        metavar="USER:PASSWORD",
+        help=f"ask for this login (several: comma-separated) before showing the chat (default: ${AUTH_ENV})",
+    )
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="also open a public gradio.live link (off by default; needs --auth)",
     )
     p.add_argument("--system", default="", metavar="TEXT", help="initial system prompt")
     p.add_argument(
@@ -394,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         share=args.share,
+        auth=args.auth,
         system_prompt=args.system,
         temperature=args.temperature,
         top_p=args.top_p,

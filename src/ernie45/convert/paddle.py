@@ -488,7 +488,7 @@ def convert_checkpoint(
         atomic_write_text(
             os.path.join(tmp, "config.json"), json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"
         )
-        copy_side_files(src, tmp, skip=("config.json", "manifest.json"))
+        copy_side_files(src, tmp, skip=("config.json",))
         write_manifest(tmp, digests)
         if verify:
             check_shards(tmp)

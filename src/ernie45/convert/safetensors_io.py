@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,9 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ernie45.checkpoint import ST_DTYPES, CheckpointReader, parse_size
+from ernie45.checkpoint import ST_DTYPES, CheckpointReader, inside_checkpoint, parse_size
 from ernie45.errors import ErnieError
 from ernie45.utils import atomic_directory
+
+log = logging.getLogger("ernie45")
 
 INDEX_FILE = "model.safetensors.index.json"
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
@@ -234,18 +237,36 @@ def check_shards(directory: str) -> int:
     return len(reader.specs)
 
 
-def is_weight_file(name: str) -> bool:
-    return name.endswith((".safetensors", ".pdparams", ".bin", ".pt")) or name == INDEX_FILE
+# What a checkpoint carries beside its weights and what the tools copy of it: tokenizer, chat template,
+# configs, ernie45's quantization report, README and licence. Anything else (remote code, scripts, stray
+# files) stays behind: an output holds only files whose purpose is known.
+SIDE_FILES = frozenset({
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "config.json", "generation_config.json",
+    "quantization_report.json", "README.md", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
+})
+
+
+def is_side_file(name: str) -> bool:
+    """A known side file: one of `SIDE_FILES`, or any other `*_config.json` (preprocessor, processor, ...)."""
+    return name in SIDE_FILES or (name.endswith("_config.json") and not name.startswith("."))
 
 
 def copy_side_files(src: str, dst: str, skip: Iterable[str] = ()) -> list[str]:
-    """Copy the non-weight files of a checkpoint directory (tokenizer, generation config, README, ...)."""
+    """Copy the known side files (`is_side_file`) of checkpoint directory `src` into `dst`.
+
+    A side file that is a symlink resolving outside `src` (`inside_checkpoint`) is skipped with a warning rather
+    than refused: its bytes are not the checkpoint's to publish, and the weights still convert without it.
+    """
     skip = set(skip)
     copied = []
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
-        if name.startswith(".") or name in skip or is_weight_file(name) or not os.path.isfile(path):
+        if name in skip or not is_side_file(name) or not os.path.isfile(path):
             continue
-        shutil.copyfile(path, os.path.join(dst, name))
+        if not inside_checkpoint(src, path):
+            log.warning("not copying %s: it is a symlink to a file outside %s", name, src)
+            continue
+        shutil.copyfile(os.path.realpath(path), os.path.join(dst, name))
         copied.append(name)
     return copied

@@ -1,7 +1,8 @@
 """`ernie45 split`: re-shard a safetensors checkpoint (any layout) into shards of at most a given size.
 
 Tensors keep their names, dtypes and bytes exactly; the index (`model.safetensors.index.json`) is rewritten,
-the other files are copied, and the result carries a SHA-256 manifest. Streams one tensor at a time.
+the known side files are copied (`copy_side_files`), and the result carries a SHA-256 manifest. Streams one
+tensor at a time.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def split_checkpoint(
     with output_directory(dst, overwrite) as tmp:
         metadata = reader.metadata or {"format": "pt"}
         digests = write_shards(tmp, specs, lambda s: reader.get(s.name), limit, metadata, progress=progress)
-        copy_side_files(src, tmp, skip=("manifest.json",))
+        copy_side_files(src, tmp)
         write_manifest(tmp, digests)
         if verify:
             check_shards(tmp)

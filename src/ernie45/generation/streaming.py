@@ -79,15 +79,7 @@ class StopStringFilter:
         if hits:
             out, self.pending, self.stopped = self.pending[: min(hits)], "", True
             return out, True
-        hold = max(
-            (
-                k
-                for s in self.stop_strings
-                for k in range(1, min(len(s), len(self.pending) + 1))
-                if self.pending.endswith(s[:k])
-            ),
-            default=0,
-        )
+        hold = max((_overlap(self.pending, s) for s in self.stop_strings), default=0)
         cut = len(self.pending) - hold
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, False
@@ -95,6 +87,22 @@ class StopStringFilter:
     def flush(self) -> str:
         out, self.pending = ("" if self.stopped else self.pending), ""
         return out
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of `stop` (text that may still become it).
+
+    Only the last len(stop) - 1 characters can matter; each place where stop's first character occurs there is
+    tried once, from the longest tail down, with a C-level `startswith`: linear in len(stop) in practice (the
+    pending text never holds more than that), where comparing every tail length was quadratic.
+    """
+    start = max(0, len(text) - len(stop) + 1)
+    i = text.find(stop[0], start)
+    while i >= 0:
+        if stop.startswith(text[i:]):
+            return len(text) - i
+        i = text.find(stop[0], i + 1)
+    return 0
 
 
 def ends_with_stop_string(tokenizer: Any, ids: Sequence[int], stop_strings: Sequence[str]) -> bool:

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from ernie45.checkpoint import inside_checkpoint
 from ernie45.errors import ErnieError
 from ernie45.quant import (
     MODES,
@@ -239,7 +240,7 @@ def _write_side_files(tmp: str, model_dir: str, config, tokenizer, extra_files: 
         "pad_token_id": config.pad_token_id,
     }
     src_gen = os.path.join(model_dir, "generation_config.json")
-    if os.path.isfile(src_gen):
+    if os.path.isfile(src_gen) and inside_checkpoint(model_dir, src_gen):  # never read through a symlink out
         with open(src_gen, encoding="utf-8") as f:
             gen = json.load(f)
     with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:

@@ -19,6 +19,11 @@ from ernie45.generation.structured import Grammar
 from ernie45.serve.parsers import MARKERS
 
 REASONING_PARSERS = ("auto", "ernie45", "none")
+# template variables a request's chat_template_kwargs may not replace (besides the tokenizer's special tokens)
+RESERVED_TEMPLATE_NAMES = frozenset(
+    {"messages", "tools", "add_generation_prompt", "tokenize", "continue_final_message", "documents",
+     "return_dict", "chat_template"}
+)
 TOOL_CALL_PARSERS = ("ernie45", "none")
 # Forced output on a Thinking model: reasoning may take half of max_tokens, at most MAX_REASONING_BUDGET, and
 # always leaves FORCED_OUTPUT_RESERVE tokens for the call or JSON itself.
@@ -62,9 +67,13 @@ def plan_chat(
     Raises RequestError (a 400) for a template that fails, a prompt too long or a schema llguidance rejects.
     """
     tools = [t.model_dump(exclude_none=True, by_alias=True) for t in req.tools] if req.tools else None
-    kwargs = {
-        k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in ("messages", "add_generation_prompt")
-    }
+    kwargs = dict(req.chat_template_kwargs or {})
+    reserved = sorted(set(kwargs) & (RESERVED_TEMPLATE_NAMES | set(tokenizer.special_tokens_map)))
+    if reserved:
+        raise RequestError(
+            f"chat_template_kwargs: {', '.join(reserved)} cannot be set here (set by the server or the request)",
+            "chat_template_kwargs",
+        )
     try:
         text = tokenizer.apply_chat_template(
             [m.as_template_dict() for m in req.messages],
@@ -74,8 +83,6 @@ def plan_chat(
         )
     except ErnieError as e:
         raise RequestError(f"messages: {e}", "messages") from None
-    except TypeError as e:  # a chat_template_kwargs name that collides with one of ours
-        raise RequestError(f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
     prompt = tokenizer.encode(text)
     mode = req.tool_choice_mode
     reasoning = reasoning_parser == "ernie45" or (

@@ -87,9 +87,13 @@ MASK_ENTRIES = (
 )  # a prompt chunk's query x key mask stays within 64 MiB (chunks shrink at long contexts)
 
 
+# Temperatures below this decode greedily (vLLM's rule): dividing logits by 1e-45 makes them inf and the draw NaN.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass
 class SamplingParams:
-    """Per-request decoding settings (OpenAI/vLLM meaning). temperature 0 means greedy."""
+    """Per-request decoding settings (OpenAI/vLLM meaning). temperature below MIN_TEMPERATURE means greedy."""
 
     max_tokens: int = 16
     min_tokens: int = 0
@@ -150,6 +154,10 @@ class _Seq:
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
         self.stops = StopStringFilter(params.stop)
         self.guide = params.grammar.guide() if params.grammar is not None else None
+        self.bias = None  # logit_bias as (ids, values) tensors, built once per sequence, not per token
+        if params.logit_bias:
+            self.bias = (torch.tensor(list(params.logit_bias), dtype=torch.long),
+                         torch.tensor(list(params.logit_bias.values()), dtype=torch.float32))
         self.prompt_lps: list[TokenLogprob | None] | None = None  # sent with the first output
         self.output: list[int] = []
         self.blocks: list[int] = []  # block table: position t lives in blocks[t // block_size]
@@ -278,6 +286,12 @@ class Engine:
         Raises EngineError 429 when the queue is full and 503 once shutdown has begun. Prompts must be
         non-empty and prompt + max_tokens must fit `max_model_len` (the HTTP layer answers 400 otherwise).
         """
+        if len(prompts) > self.args.max_queue_len:
+            raise EngineError(
+                f"the request has {len(prompts)} sequences but the server queues at most {self.args.max_queue_len}",
+                400,
+                "invalid_request_error",
+            )
         group = RequestGroup(self, asyncio.get_running_loop(), len(prompts))
         deadline = time.monotonic() + self.args.request_timeout
         for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -635,36 +649,61 @@ class Engine:
 
     # ---- sampling ----------------------------------------------------------------------------------
     def _advance(self, seqs: list[_Seq], logits: Tensor) -> None:
-        """Pick the next token of each sequence from its logits (n, V); emit, and retire finished ones."""
-        tokens, lps = self._sample(seqs, logits)
+        """Pick the next token of each sequence from its logits (n, V); emit, and retire finished ones.
+
+        A failure that belongs to one sequence (its sampling parameters, its stop strings, its grammar) fails that
+        sequence alone; the others continue with the tokens they would have had without it.
+        """
+        try:
+            tokens, lps = self._sample(seqs, logits)
+        except Exception:
+            tokens, lps, kept = [], [], []
+            for i, s in enumerate(seqs):  # find the culprit(s): sample each row on its own
+                try:
+                    t, lp = self._sample([s], logits[i : i + 1])
+                except Exception as e:
+                    self._fail_alone(s, e)
+                    continue
+                tokens += t
+                lps += lp
+                kept.append(s)
+            seqs = kept
         now = time.monotonic()
         self.metrics.generation_tokens.inc(len(seqs))
         for i, s in enumerate(seqs):
-            tok, p = tokens[i], s.params
-            s.output.append(tok)
-            if s.first_token_at is None:
-                s.first_token_at = now
-                self.metrics.ttft.observe(now - s.arrival)
-            out = Output(
-                token_ids=[tok], logprobs=None if lps[i] is None else [lps[i]], prompt_logprobs=s.prompt_lps
-            )
-            s.prompt_lps = None
-            finish = None
-            if s.guide is not None and not s.guide.accept(tok) and tok not in self.eos_ids:
-                finish = "stop"  # cannot happen (the mask allowed tok); ends the sequence rather than the server
-            elif tok in p.stop_token_ids or (tok in self.eos_ids and not p.ignore_eos):
-                finish = "stop"  # the stop token itself adds no text
-            else:
-                out.text, hit = s.stops.add(s.detok.add(tok))
-                if hit:
-                    finish = "stop"
-                elif (
-                    len(s.output) >= p.max_tokens or len(s.prompt) + len(s.output) >= self.args.max_model_len
-                ):
-                    finish = "length"
-            if finish is not None and not s.stops.stopped:
-                out.text += s.stops.add(s.detok.flush())[0] + s.stops.flush()
-            self._emit_output(s, out, finish)
+            try:
+                self._emit_token(s, tokens[i], lps[i], now)
+            except Exception as e:
+                self._fail_alone(s, e)
+
+    def _fail_alone(self, s: _Seq, e: Exception) -> None:
+        """Fail one sequence whose own processing raised (400: what it asked for cannot be computed)."""
+        log.warning("request %s failed alone: %s: %s", id(s.group), type(e).__name__, e)
+        self._fail(s, EngineError(f"generation failed for this request's parameters: {e}", 400,
+                                  "invalid_request_error"))
+
+    def _emit_token(self, s: _Seq, tok: int, lp: TokenLogprob | None, now: float) -> None:
+        p = s.params
+        s.output.append(tok)
+        if s.first_token_at is None:
+            s.first_token_at = now
+            self.metrics.ttft.observe(now - s.arrival)
+        out = Output(token_ids=[tok], logprobs=None if lp is None else [lp], prompt_logprobs=s.prompt_lps)
+        s.prompt_lps = None
+        finish = None
+        if s.guide is not None and not s.guide.accept(tok) and tok not in self.eos_ids:
+            finish = "stop"  # cannot happen (the mask allowed tok); ends the sequence rather than the server
+        elif tok in p.stop_token_ids or (tok in self.eos_ids and not p.ignore_eos):
+            finish = "stop"  # the stop token itself adds no text
+        else:
+            out.text, hit = s.stops.add(s.detok.add(tok))
+            if hit:
+                finish = "stop"
+            elif len(s.output) >= p.max_tokens or len(s.prompt) + len(s.output) >= self.args.max_model_len:
+                finish = "length"
+        if finish is not None and not s.stops.stopped:
+            out.text += s.stops.add(s.detok.flush())[0] + s.stops.flush()
+        self._emit_output(s, out, finish)
 
     def _sample(self, seqs: list[_Seq], logits: Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         """Penalties per row, warpers per group of rows with equal settings, then argmax or a draw."""
@@ -675,10 +714,10 @@ class Engine:
         for i, s in enumerate(seqs):
             p = s.params
             row = None
-            if p.logit_bias:
+            if s.bias is not None:
                 row = scores[i : i + 1].clone()
-                ids = torch.tensor(list(p.logit_bias), device=dev)
-                row[0, ids] += torch.tensor(list(p.logit_bias.values()), device=dev)
+                ids, values = s.bias
+                row[0, ids.to(dev)] += values.to(device=dev, dtype=row.dtype)
             if len(s.output) < p.min_tokens:
                 stop = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids)))
                 if stop:
@@ -707,7 +746,7 @@ class Engine:
         for i, s in enumerate(seqs):
             p = s.params
             key = (p.temperature, p.top_k if p.top_k > 0 else 0, p.top_p, p.min_p or None)
-            groups.setdefault(key if p.temperature > 0 else ("greedy",), []).append(i)
+            groups.setdefault(key if p.temperature >= MIN_TEMPERATURE else ("greedy",), []).append(i)
         for key, idx in groups.items():
             ix = torch.tensor(idx, device=dev)
             sub = scores[ix]
@@ -789,7 +828,7 @@ def _plain_greedy(s: _Seq) -> bool:
     """Greedy with nothing that changes the scores or asks for logprobs."""
     p = s.params
     return (
-        p.temperature <= 0
+        p.temperature < MIN_TEMPERATURE
         and p.logprobs is None
         and not p.logit_bias
         and p.grammar is None

@@ -9,14 +9,18 @@ dicts built in server.py (one per token, where a pydantic round trip per chunk w
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 16  # choices per request: more would let one request fill the whole KV budget
 MAX_STOP = 16
+MAX_STOP_LEN = 256  # characters per stop string: the engine checks every one against every new token
+MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
 MAX_LOGPROBS = 20
 MAX_TOOLS = 128
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: int() also takes "²", " 5" and "-0"
 
 
 class _Body(BaseModel):
@@ -158,9 +162,13 @@ class _Sampling(_Body):
             raise ValueError(f"stop: at most {MAX_STOP} stop strings are allowed")
         if any(s == "" for s in stops):
             raise ValueError("stop: stop strings must not be empty")
+        if any(len(s) > MAX_STOP_LEN for s in stops):
+            raise ValueError(f"stop: stop strings may have at most {MAX_STOP_LEN} characters")
+        if len(self.logit_bias or {}) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries are allowed")
         for k, v in (self.logit_bias or {}).items():
-            if not k.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias: keys must be token ids, got {k!r}")
+            if not _TOKEN_ID.fullmatch(k):
+                raise ValueError(f"logit_bias: keys must be token ids (digits), got {k!r}")
             if not -100.0 <= v <= 100.0:
                 raise ValueError(f"logit_bias: values must lie in [-100, 100], got {v}")
         if isinstance(self.guided_json, str):

@@ -75,6 +75,8 @@ access_log = logging.getLogger("ernie45.serve.access")
 
 DEFAULT_MAX_BODY = 4 * 2**20
 OPEN_PATHS = ("/health", "/metrics")  # reachable without the API key, as in vLLM
+HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})  # metric labels
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -122,6 +124,7 @@ class ServerConfig:
     drain_timeout: float = 10.0
     reasoning_parser: str = "auto"  # auto: on when the rendered prompt ends in <think>
     tool_call_parser: str = "ernie45"
+    allowed_hosts: frozenset[str] | None = None  # Host/Origin names a keyless server answers (None: any)
 
 
 class _State:
@@ -267,10 +270,16 @@ class _Guard:
         status = 500
         received = 0
 
+        too_large = False  # the body outgrew the limit while the app read it: answer 413, whatever the app says
+
+        started = False
+
         async def send_with_id(message) -> None:
-            nonlocal status
+            nonlocal status, started
+            if too_large:
+                return
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message = {
                     **message,
                     "headers": [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))],
@@ -278,18 +287,27 @@ class _Guard:
             await send(message)
 
         async def receive_limited():
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > cfg.max_body_bytes:
+                    too_large = True
                     raise _BodyTooLarge
             return message
 
         try:
             length = headers.get(b"content-length")
             error = None
-            if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
+            if not _host_allowed(headers, cfg):
+                error = APIError(
+                    403,
+                    "this Host/Origin is not allowed (a loopback server without an API key answers only "
+                    "loopback names; add others with --allowed-hosts)",
+                    "permission_error",
+                    code="host_not_allowed",
+                )
+            elif length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
                 error = _too_large(cfg.max_body_bytes)
             elif cfg.api_key and scope["path"] not in OPEN_PATHS and not _authorized(headers, cfg.api_key):
                 error = APIError(
@@ -302,12 +320,15 @@ class _Guard:
                 if error is None:
                     await self.app(scope, receive_limited, send_with_id)
             except _BodyTooLarge:
-                error = _too_large(cfg.max_body_bytes)
-            if error is not None:
+                pass
+            if too_large:
+                error, too_large = _too_large(cfg.max_body_bytes), False
+            if error is not None and not started:
                 await error.response()(scope, receive, send_with_id)
         finally:
             route = getattr(scope.get("route"), "path", "other")
-            self.st.metrics.http.labels(scope["method"], route, str(status)).inc()
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"
+            self.st.metrics.http.labels(method, route, str(status)).inc()
             client = scope.get("client")
             access_log.info(
                 json.dumps(
@@ -315,8 +336,8 @@ class _Guard:
                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         "request_id": rid,
                         "client": f"{client[0]}:{client[1]}" if client else None,
-                        "method": scope["method"],
-                        "path": scope["path"],
+                        "method": scope["method"][:16],
+                        "path": scope["path"][:256],
                         "status": status,
                         "duration_ms": round((time.perf_counter() - start) * 1000, 2),
                     }
@@ -330,6 +351,26 @@ class _BodyTooLarge(Exception):
 
 def _too_large(limit: int) -> APIError:
     return APIError(413, f"request body too large (limit {limit} bytes)", code="request_too_large")
+
+
+def _host_allowed(headers: dict[bytes, bytes], cfg: ServerConfig) -> bool:
+    """DNS-rebinding guard for a keyless server bound to loopback: a browser page on another site can make
+    requests to 127.0.0.1 under its own host name, so only loopback names (and --allowed-hosts) may appear in
+    Host and Origin. Servers with an API key or bound elsewhere answer any host."""
+    if cfg.api_key or cfg.allowed_hosts is None:
+        return True
+    for name, value in ((b"host", headers.get(b"host")), (b"origin", headers.get(b"origin"))):
+        if value is None:
+            continue
+        text = value.decode("latin-1").strip().lower()
+        if name == b"origin":
+            if text == "null":
+                return False
+            text = text.split("://", 1)[-1]
+        host = text.rsplit("]", 1)[0].lstrip("[") if text.startswith("[") else text.split(":", 1)[0]
+        if host not in cfg.allowed_hosts:
+            return False
+    return True
 
 
 def _authorized(headers: dict[bytes, bytes], key: str) -> bool:
@@ -432,7 +473,8 @@ def _install_routes(app: FastAPI, st: _State) -> None:
         if req.messages is not None:
             tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
             try:
-                ids = st.tokenizer.apply_chat_template(
+                ids = await asyncio.to_thread(
+                    st.tokenizer.apply_chat_template,
                     [m.as_template_dict() for m in req.messages],
                     add_generation_prompt=req.add_generation_prompt,
                     tokenize=True,
@@ -441,7 +483,7 @@ def _install_routes(app: FastAPI, st: _State) -> None:
             except ErnieError as e:
                 raise APIError(400, f"messages: {e}", param="messages") from None
         else:
-            ids = st.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await asyncio.to_thread(st.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": cfg.engine.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
@@ -449,7 +491,7 @@ def _install_routes(app: FastAPI, st: _State) -> None:
         st.ready()
         _check_model(req.model, cfg)
         _check_ids(req.tokens, st.vocab_size, "tokens")
-        return {"prompt": st.tokenizer.decode(req.tokens)}
+        return {"prompt": await asyncio.to_thread(st.tokenizer.decode, req.tokens)}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
@@ -505,15 +547,21 @@ def _install_routes(app: FastAPI, st: _State) -> None:
         engine = st.ready()
         _check_model(req.model, cfg)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens  # an explicit null: OpenAI's default
-        prompts = []
-        for p in req.prompts():
-            if isinstance(p, str):
-                ids = st.tokenizer.encode(p)
-            else:
-                _check_ids(p, st.vocab_size, "prompt")
-                ids = p
+        if len(req.prompts()) * req.n > cfg.engine.max_queue_len:
+            raise APIError(
+                400,
+                f"prompt: {len(req.prompts())} prompts x n={req.n} sequences exceed what the server queues "
+                f"({cfg.engine.max_queue_len})",
+                param="prompt",
+            )
+
+        def encode_all() -> list[list[int]]:  # off the event loop: a long text takes a while to tokenize
+            return [st.tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts()]
+
+        prompts = await asyncio.to_thread(encode_all)
+        for ids in prompts:
+            _check_ids(ids, st.vocab_size, "prompt")
             _check_length(len(ids), max_tokens, cfg.engine.max_model_len, "prompt")
-            prompts.append(ids)
         k = req.logprobs
         params = _params(req, st, max_tokens, k, k if req.echo and k is not None else None)
         if (fmt := req.output_format()) is not None:
@@ -521,10 +569,11 @@ def _install_routes(app: FastAPI, st: _State) -> None:
         flat = [p for p in prompts for _ in range(req.n)]
         group = engine.submit(flat, [_with_seed(params, i % req.n) for i in range(len(flat))])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echo = [
-            st.tokenizer.decode(p, skip_special_tokens=req.skip_special_tokens) if req.echo else ""
-            for p in flat
-        ]
+        echo = [""] * len(flat)
+        if req.echo:
+            echo = await asyncio.to_thread(
+                lambda: [st.tokenizer.decode(p, skip_special_tokens=req.skip_special_tokens) for p in flat]
+            )
         if req.stream:
             return _EventStream(_completion_events(st, req, group, rid, created, flat, echo), group.abort)
         results = await _collect(request, group, len(flat))
@@ -678,9 +727,9 @@ async def _collect(request: Request, group, n: int) -> list[_Result] | None:
     finally:
         if not work.done():
             group.abort()
-            work.cancel()
+            work.cancel()  # takes effect at the task's next step: until then it is neither done nor cancelled
         watch.cancel()
-    if work.cancelled():
+    if not work.done() or work.cancelled():
         return None
     work.result()  # re-raises an EngineError
     return results
@@ -889,6 +938,7 @@ def serve(
     kv_cache_dtype: str = "auto",
     reasoning_parser: str = "auto",
     tool_call_parser: str = "ernie45",
+    allowed_hosts: list[str] | None = None,
 ) -> None:
     """Serve a checkpoint over HTTP until interrupted (Ctrl-C / SIGTERM shut down gracefully).
 
@@ -905,6 +955,7 @@ def serve(
         reasoning_parser: "auto" splits reasoning from content when a chat prompt ends in `<think>` (a Thinking
             model's template), "ernie45" always, "none" never.
         tool_call_parser: "ernie45" turns `<tool_call>` blocks into `tool_calls` when a request has tools.
+        allowed_hosts: more Host/Origin names a keyless loopback server answers (DNS-rebinding guard).
         threads: CPU threads for the model; default all cores (shared among the ranks). The HTTP loop only
             formats and sends events, so it needs no core of its own: on a 2-core machine all cores decoded a
             0.3B bf16 stream at 71 tok/s against 46 with one core kept free, with a lower p99 inter-token latency.
@@ -958,7 +1009,9 @@ def serve(
 
         if quantize not in MODES:
             raise ErnieError(f"--quantize must be one of {', '.join(MODES)}, got {quantize!r}")
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if api_key is not None and not api_key.strip():
+        raise ErnieError("the API key is empty (--api-key or ERNIE45_API_KEY): give a key, or unset it")
+    if host not in LOOPBACK_HOSTS and not api_key:
         log.warning(
             "listening on %s without --api-key: anyone who can reach this address can use the model", host
         )
@@ -980,6 +1033,10 @@ def serve(
         drain_timeout=min(shutdown_timeout, 10.0),
         reasoning_parser=reasoning_parser,
         tool_call_parser=tool_call_parser,
+        # a keyless server on loopback answers loopback names only (and the listed ones): see _host_allowed
+        allowed_hosts=(LOOPBACK_HOSTS | {host} | {h.strip().lower() for h in allowed_hosts or []})
+        if host in LOOPBACK_HOSTS
+        else None,
     )
     source = ModelSource(path=path, dtype=dtype, device=device, quantize=quantize, adapter=adapter)
     if parallel:
@@ -1127,6 +1184,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn <tool_call> blocks into OpenAI tool_calls when a request has tools (default: ernie45)",
     )
     p.add_argument(
+        "--allowed-hosts",
+        type=lambda v: [h for h in v.split(",") if h.strip()],
+        default=None,
+        metavar="NAMES",
+        help="comma list of extra Host names a keyless loopback server answers (it refuses other Host/Origin "
+        "headers, a guard against DNS rebinding)",
+    )
+    p.add_argument(
         "--enable-auto-tool-choice",
         action="store_true",
         help="accepted for vLLM command lines; tool_choice auto is always on here",
@@ -1164,5 +1229,6 @@ def main(argv: list[str] | None = None) -> int:
         kv_cache_dtype=args.kv_cache_dtype,
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
+        allowed_hosts=args.allowed_hosts,
     )
     return 0
