@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ernie45.bench import SHAPES, decode_bytes_per_token
+from ernie45.bench import decode_bytes_per_token
 from ernie45.bench import main as bench_main
+from ernie45.bench_checkpoints import SHAPES
 from ernie45.checkpoint import build_model
 from ernie45.config import ErnieConfig
 from ernie45.errors import ErnieError
@@ -115,7 +116,7 @@ def test_isa_avx2_rows_run_at_avx2(tmp_path, monkeypatch):
     fake = tmp_path / "llama-avx2"
     (fake / "llama_cpp").mkdir(parents=True)
     (fake / "llama_cpp" / "__init__.py").write_text(_FAKE_LLAMA)
-    from ernie45.bench import make_checkpoint
+    from ernie45.bench_checkpoints import make_checkpoint
 
     # the stand-in never reads its GGUF (and the tiny shape's vocabulary is smaller than the bundled tokenizer's)
     (Path(make_checkpoint("tiny", str(tmp_path / "w"))) / "bench-q8_0.gguf").write_bytes(b"")
@@ -172,7 +173,7 @@ def test_level_the_cpu_cannot_execute_is_refused(monkeypatch, level, flags):
 
 
 def test_llama_cpp_dir_is_validated(tmp_path):
-    from ernie45.bench import parse_llama_cpp
+    from ernie45.bench_isa import parse_llama_cpp
 
     with pytest.raises(ErnieError, match="--llama-cpp avx2=/nonexistent: /nonexistent does not exist"):
         bench_main(["--shape", "tiny", "--vs", "llama.cpp", "--isa", "native", "--llama-cpp", "avx2=/nonexistent"])
@@ -187,7 +188,7 @@ def test_llama_cpp_dir_is_validated(tmp_path):
 
 
 def test_isa_names_and_worker_environment():
-    from ernie45.bench import isa_env, normalize_isa
+    from ernie45.bench_isa import isa_env, normalize_isa
 
     assert [normalize_isa(v) for v in ("native", "AVX2", "x86-64-v3", "generic", "x86-64-v2")] == [
         "native", "avx2", "avx2", "generic", "generic"]
@@ -231,7 +232,7 @@ def test_markdown_compares_within_one_isa():
 
 # ---- the a3b shape and --layers --------------------------------------------------------------------------
 def test_a3b_shape_is_ernie_45_21b_a3b():
-    from ernie45.bench import shape_config
+    from ernie45.bench_checkpoints import shape_config
 
     cfg = shape_config("a3b")
     assert cfg.model_type == "ernie4_5_moe" and cfg.is_moe
@@ -252,7 +253,7 @@ def test_a3b_shape_is_ernie_45_21b_a3b():
 
 
 def test_layers_sets_depth_and_moe_end():
-    from ernie45.bench import checkpoint_name, shape_config
+    from ernie45.bench_checkpoints import checkpoint_name, shape_config
 
     for n in (1, 2, 5, 28):
         cfg = shape_config("a3b", n)
@@ -280,7 +281,7 @@ def test_bad_layers_are_one_line_errors(argv, message):
 
 def _small_a3b(**kw):
     """The a3b layout (dense first layer, routed + shared experts, tied head) at a tenth of the width."""
-    from ernie45.bench import shape_config
+    from ernie45.bench_checkpoints import shape_config
 
     cfg = shape_config("a3b", 3)
     return cfg.replace(vocab_size=512, hidden_size=64, intermediate_size=192, num_attention_heads=4,
@@ -288,8 +289,9 @@ def _small_a3b(**kw):
 
 
 def test_streaming_generator_writes_a_loadable_bf16_checkpoint(tmp_path):
-    from ernie45.bench import init_std, write_random_checkpoint
-    from ernie45.checkpoint import load_checkpoint, read_header
+    from ernie45.bench_checkpoints import init_std, write_random_checkpoint
+    from ernie45.checkpoint import load_checkpoint
+    from ernie45.checkpoint_read import read_header
 
     cfg = _small_a3b()
     path = write_random_checkpoint(cfg, str(tmp_path / "ckpt"), "bfloat16", seed=3, max_shard_size="200KB")
@@ -332,8 +334,8 @@ def test_streaming_generator_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
     import gc
     import weakref
 
-    import ernie45.bench as bench
-    from ernie45.bench import write_random_checkpoint
+    import ernie45.bench_checkpoints as bench
+    from ernie45.bench_checkpoints import write_random_checkpoint
 
     alive: list[weakref.ref] = []
     most = 0
@@ -353,7 +355,7 @@ def test_streaming_generator_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
 
 
 def test_make_checkpoint_is_cached_per_shape_and_layers(tmp_path, monkeypatch):
-    import ernie45.bench as bench
+    import ernie45.bench_checkpoints as bench
 
     calls = []
     monkeypatch.setattr(bench, "write_random_checkpoint",

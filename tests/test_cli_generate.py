@@ -376,6 +376,22 @@ def test_docs_commands_run(ckpt, capsys, guide):
                 mp.setenv(key, value)
             rc, out, err = _run(argv[1:], capsys, stdin=stdin)
         assert rc == 0, (body, err)
-        assert out.strip() or argv[1] == "generate"
+        if argv[1] == "generate":
+            _check_generated(argv[1:], out, capsys, stdin)
+        assert out.strip(), body
         ran += 1
     assert ran >= 10
+
+
+def _check_generated(argv, out, capsys, stdin):
+    """What `generate` printed is the text it generated: the run's own --json, or the same run with --json added,
+    reports that text, non-blank, from 1 to --max-new-tokens new tokens."""
+    if "--json" in argv:
+        result = json.loads(out)
+    else:
+        rc, printed, err = _run([*argv, "--json"], capsys, stdin=stdin)
+        assert rc == 0, err
+        result = json.loads(printed)
+        assert out == result["text"] + "\n"
+    limit = int(argv[argv.index("--max-new-tokens") + 1])
+    assert result["text"].strip() and 1 <= len(result["token_ids"]) <= limit, (argv, result)

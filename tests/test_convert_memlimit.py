@@ -10,7 +10,8 @@ import uuid
 import pytest
 import torch
 
-from ernie45.checkpoint import build_model, read_state_dict, save_checkpoint
+from ernie45.checkpoint import build_model, save_checkpoint
+from ernie45.checkpoint_read import read_state_dict
 from ernie45.config import ErnieConfig
 
 CGROUP_ROOT = "/sys/fs/cgroup/memory"

@@ -1,5 +1,8 @@
 """Inference-only module swaps: pre-packed bf16 Linears give bit-identical logits and greedy tokens."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -231,6 +234,24 @@ def test_c_decode_is_skipped_where_it_does_not_apply():
     assert torch.equal(generate(m, ids[1:], max_new_tokens=6, num_beams=3, do_sample=False), ref_beam)
 
 
+def test_c_decoder_exits_cleanly():
+    """At interpreter exit the decoder's C scratch is released with no "Exception ignored" (a `__del__` that
+    looked up module globals found them torn down)."""
+    _native_or_skip()
+    code = (
+        "import torch\n"
+        "import ernie45\n"
+        "from ernie45.fast import optimize_for_inference\n"
+        "m, _ = ernie45.load('ernie-tiny', dtype='float32', device='cpu')\n"
+        "optimize_for_inference(m)\n"
+        "assert m.fast_decoder is not None\n"
+        "print(m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).tolist())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Exception ignored" not in r.stderr, r.stderr
+
+
 def test_relocated_weights_keep_values_and_ties():
     from ernie45.fast import relocate_weights
 
@@ -424,7 +445,7 @@ def _c_linears(dec):
     """Every `_Linear` struct the decoder hands the C step: per layer's attention, MLP / experts, and lm_head."""
     import ctypes
 
-    from ernie45.fast import _Layer, _Linear
+    from ernie45.native_abi import _Layer, _Linear
 
     n = dec._m.n_layers
     layers = ctypes.cast(dec._m.layers, ctypes.POINTER(_Layer * n)).contents
@@ -447,7 +468,8 @@ def _c_linears(dec):
 def test_c_decoder_reads_quantization_scales_in_place(name, dtype, mode):
     """The C step reads each Int8Linear / Int4Linear's own weight_scale and weight_zero (no fp32 copies of them,
     no zero - 8 * scale tensor), in the model's dtype."""
-    from ernie45.fast import W_I4, W_I8, FastDecoder
+    from ernie45.fast import FastDecoder
+    from ernie45.native_abi import W_I4, W_I8
     from ernie45.quant.linear import Int4Linear, Int8Linear
 
     _native_or_skip()
@@ -502,7 +524,7 @@ def _random_quantized(mode, dtype, out_features=40, in_features=256, group_size=
 def test_dequant_rows_is_bit_identical_to_pytorch(mode, group_size, dtype, isa):
     """`dequant_rows` (the C kernel, scales and zeros read in their own dtype) gives the module's
     `dequantize(torch.float32)` bit for bit, for all rows and for a tile of rows."""
-    from ernie45.fast import W_I4, W_I8, dequant_rows
+    from ernie45.native_abi import W_I4, W_I8, dequant_rows
 
     _native_or_skip(isa)
     q = _random_quantized(mode, dtype, group_size=group_size or 64)

@@ -20,6 +20,7 @@ import ernie45
 from ernie45.cli import main as cli
 from ernie45.errors import ErnieError
 from ernie45.tokenizer import Tokenizer
+from ernie45.train import core
 from ernie45.train import data as D
 from ernie45.train import finetune as FT
 
@@ -74,7 +75,7 @@ def sft_rows(n: int, offset: int = 0) -> list[dict]:
 
 
 def log_of(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, FT.LOG_FILE), encoding="utf-8") as f:
+    with open(os.path.join(run_dir, core.LOG_FILE), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
@@ -267,7 +268,7 @@ def test_lora_training_changes_only_adapter_weights(dense_dir, tmp_path, tok):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
-    opt = FT.build_optimizer(model, 1e-2, 0.0)
+    opt = core.build_optimizer(model, 1e-2, 0.0)
     samples = [D.tokenize_conversation(tok, D.parse_conversation(r)) for r in sft_rows(6)]
     n = sum(s.n_targets for s in samples)
     losses = []
@@ -513,7 +514,7 @@ def test_dpo_raises_margin_on_held_out_pairs(dense_dir, tmp_path):
 
 def test_full_finetune_moe_router_frozen_and_aux_loss(moe_dir, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", sft_rows(8))
-    from ernie45.checkpoint import read_state_dict
+    from ernie45.checkpoint_read import read_state_dict
 
     base = read_state_dict(moe_dir)
     for extra, router_changes in (([], False), (["--train-router"], True)):
@@ -646,7 +647,7 @@ def test_resume_continues_the_same_curve(dense_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(FT, "sft_micro_step", crash_at_step_4)
     assert cli([*argv, "--out", str(tmp_path / "cut")]) == 130
     monkeypatch.setattr(FT, "sft_micro_step", real)
-    assert FT.list_checkpoints(str(tmp_path / "cut")) == ["step-0000002"]
+    assert core.list_checkpoints(str(tmp_path / "cut")) == ["step-0000002"]
     assert cli([*argv, "--out", str(tmp_path / "cut")]) == 1  # refuses to mix runs without --resume
     assert cli([*argv, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     got = log_of(tmp_path / "cut")
@@ -750,7 +751,7 @@ def test_packing_and_eval_split_run(dense_dir, tmp_path):
         == 0
     )
     log = log_of(out)
-    summary = json.loads((out / "final" / FT.SUMMARY_FILE).read_text())
+    summary = json.loads((out / "final" / core.SUMMARY_FILE).read_text())
     assert summary["eval_records"] == 4 and summary["train_records"] < 16  # 16 conversations packed into rows
     assert len(log) == math.ceil(2 * summary["train_records"] / 2) and "eval_loss" in log[-1]
     assert all(r["tokens"] > 2 * 3 for r in log)  # several examples' targets per row

@@ -20,7 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ernie45 import native
-from ernie45.checkpoint import CheckpointReader, load_checkpoint, read_header
+from ernie45.checkpoint import CheckpointReader, load_checkpoint
+from ernie45.checkpoint_read import read_header
 from ernie45.cli import main as cli
 from ernie45.convert.paddle import convert_checkpoint
 from ernie45.convert.split import split_checkpoint

@@ -197,7 +197,7 @@ def test_documented_snippets_run(long_ckpt, capsys):
     assert len(local) >= 3
     scope: dict = {}  # the blocks build on each other, as in a notebook
     for block in local:
-        exec(compile(block.replace("ERNIE-4.5-0.3B-PT", ckpt[1]), "docs/langchain.md", "exec"), scope)
+        exec(compile(block.replace("ERNIE-4.5-0.3B-PT", ckpt[1]), "docs/langchain.md", "exec", dont_inherit=True), scope)
     assert capsys.readouterr().out.strip()
 
 
@@ -237,7 +237,7 @@ def test_chatopenai_recipe_against_ernie45_serve(ckpt, llm, capsys):
         block = next(b for b in re.findall(r"```python\n(.*?)```", f.read(), re.S) if "ChatOpenAI" in b)
     with serving(ckpt[1]) as base:
         scope: dict = {}
-        exec(compile(block.replace("http://127.0.0.1:8000", base), "docs/langchain.md", "exec"), scope)
+        exec(compile(block.replace("http://127.0.0.1:8000", base), "docs/langchain.md", "exec", dont_inherit=True), scope)
         remote = scope["reply"]
         local = llm.invoke(QUESTION, max_tokens=64, repetition_penalty=1.0)
         assert remote.content == local.content

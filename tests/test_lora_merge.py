@@ -196,6 +196,25 @@ def test_merge_cli_writes_plain_checkpoint(dense_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_merge_dtype_auto_is_the_stored_one(dense_dir, tmp_path):
+    """auto keeps the dtype the base weights are stored in, even where config.json names another."""
+    import shutil
+
+    from ernie45.checkpoint_read import read_header
+
+    base = tmp_path / "base"
+    shutil.copytree(dense_dir, base)
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))  # the tensors are fp32
+    lora.save_adapter(_ernie_with_adapter(str(base), seed=8), tmp_path / "ad")
+    argv = ["merge-lora", "--model", str(base), "--adapter", str(tmp_path / "ad")]
+    for dtype, stored in ((None, "F32"), ("bf16", "BF16"), ("fp32", "F32")):
+        out = tmp_path / f"merged-{dtype}"
+        assert cli([*argv, "--out", str(out), *(["--dtype", dtype] if dtype else [])]) == 0
+        header, _ = read_header(str(out / "model.safetensors"))
+        assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {stored}, dtype
+
+
 def test_example_script_matches_cli(dense_dir, tmp_path, monkeypatch):
     import runpy
 

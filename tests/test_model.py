@@ -285,7 +285,10 @@ def test_cli_help_and_unknown_command():
 
 
 def test_load_peak_rss_within_1_2x_checkpoint_size(tmp_path):
-    """Memory-mapped loading: RSS growth while loading a ~60 MB bf16 checkpoint stays ≤ 1.2× its size."""
+    """Memory-mapped loading: the peak RSS while loading a ~45 MB bf16 checkpoint grows by ≤ 1.2× its size.
+
+    Measured in a fresh process (earlier tests do not raise its peak): the kernel's high-water mark (VmHWM) is
+    reset to the current RSS after the warm-up, so it records the peak of the load alone."""
     from ernie45.checkpoint import build_model
 
     cfg = ErnieConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
@@ -299,19 +302,26 @@ def test_load_peak_rss_within_1_2x_checkpoint_size(tmp_path):
         "import torch, sys\n"
         "from ernie45.checkpoint import build_model, load_checkpoint\n"
         "from ernie45.config import preset\n"
-        "def rss():\n"
-        "    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "def status(key):\n"
+        "    line = next(x for x in open('/proc/self/status') if x.startswith(key + ':'))\n"
+        "    return int(line.split()[1]) * 1024\n"
         "# warm up torch's one-off lazy initialisation (~80 MB, independent of the model)\n"
         "w = build_model(preset('tiny'), torch.bfloat16, meta=True)\n"
         "w = build_model(preset('tiny'), torch.bfloat16)\n"
         "with torch.no_grad(): w(torch.tensor([[1, 2, 3]]))\n"
-        "base = rss()\n"
+        "try:\n"
+        "    open('/proc/self/clear_refs', 'w').write('5')  # VmHWM := VmRSS\n"
+        "except OSError:\n"
+        "    sys.exit(77)\n"
+        "base = status('VmHWM')\n"
         "m = load_checkpoint(sys.argv[1], dtype='bfloat16', device='cpu')\n"
         "with torch.no_grad(): m(torch.tensor([[1, 2, 3]]))\n"
-        "print(rss() - base)\n"
+        "print(status('VmHWM') - base)\n"
     )
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ck")], capture_output=True, text=True,
                        timeout=300)
+    if r.returncode == 77:
+        pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
     assert r.returncode == 0, r.stderr
     growth = int(r.stdout.strip().splitlines()[-1])
     assert growth <= 1.2 * size, (growth, size)

@@ -123,7 +123,7 @@ def test_resume_replays_the_uninterrupted_curve(data_dir, tokenizer_dir, tmp_pat
         if "eval_loss" in ra:
             assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], abs=1e-6)
     assert [h["step"] for h in s["history"]] == list(range(1, 13))
-    from ernie45.checkpoint import read_state_dict
+    from ernie45.checkpoint_read import read_state_dict
 
     wa, wb = read_state_dict(str(full / "final")), read_state_dict(str(crashed / "final"))
     assert wa.keys() == wb.keys()

@@ -12,13 +12,13 @@ from conftest import make_hf_model, save_hf
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ernie45.checkpoint import parse_size
 from ernie45.cli import main as cli
 from ernie45.convert.manifest import verify_manifest
 from ernie45.convert.paddle import convert_checkpoint
 from ernie45.convert.safetensors_io import natural_key
 from ernie45.convert.split import split_checkpoint
 from ernie45.errors import ErnieError
+from ernie45.utils import parse_size
 
 
 @pytest.fixture(scope="module")

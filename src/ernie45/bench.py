@@ -21,6 +21,7 @@ every row reports its load time beside its peak RSS.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -31,108 +32,32 @@ import tempfile
 import time
 from typing import Any
 
+from ernie45.bench_checkpoints import (
+    FULL_LAYERS,
+    SHAPES,
+    export_gguf,
+    gguf_path,
+    make_checkpoint,
+    quantized_checkpoint,
+    shape_config,
+)
+from ernie45.bench_isa import (
+    _ISA_VARS,
+    _isa_meaning,
+    _vector_flags,
+    check_isa,
+    isa_env,
+    normalize_isa,
+    parse_llama_cpp,
+)
+from ernie45.commands import add_max_new_tokens_arg, dtype_name
 from ernie45.errors import ErnieError
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "0.3b": dict(model_type="ernie4_5"),
-    # a scaled MoE: first layer dense, 64 experts top-6 of width 512, 2 shared experts
-    "moe": dict(model_type="ernie4_5_moe", hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
-                num_attention_heads=8, num_key_value_heads=2, head_dim=128, moe_num_experts=64, moe_k=6,
-                moe_intermediate_size=512, moe_num_shared_experts=2, moe_layer_start_index=1,
-                moe_layer_end_index=7, tie_word_embeddings=True),
-    "tiny": dict(model_type="ernie4_5", vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-    # ERNIE-4.5-21B-A3B's layers: layer 0 dense (FFN 12288), then MoE (64 experts of 1536, top-6, 2 shared);
-    # `--layers N` keeps the first N of its 28 (default 3: one dense and two MoE layers)
-    "a3b": dict(model_type="ernie4_5_moe", vocab_size=103424, hidden_size=2560, intermediate_size=12288,
-                num_hidden_layers=3, num_attention_heads=20, num_key_value_heads=4, head_dim=128, moe_num_experts=64,
-                moe_k=6, moe_intermediate_size=1536, moe_num_shared_experts=2, moe_layer_start_index=1,
-                moe_layer_end_index=2, tie_word_embeddings=True, rope_theta=500000.0),
-}
-FULL_LAYERS = {"a3b": 28}  # shapes whose depth `--layers` sets: the released model's layer count
-DISK_DTYPE = {"a3b": "bfloat16"}  # how a shape's random checkpoint is stored (default float32)
 ENGINES = ("ernie45", "transformers", "llama.cpp")
 DTYPES = ("fp32", "bf16", "wint8", "wint4")
 _BYTES = {"fp32": 4.0, "bf16": 2.0, "wint8": 1.0, "wint4": 0.5}
 _TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}  # wint8/wint4: the worker's resolve_dtype("auto")
 _ACT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-_GGUF_TYPE = {"fp32": "f32", "bf16": "f16", "wint8": "q8_0", "wint4": "q4_0"}
-
-
-# ---- instruction-set levels ----------------------------------------------------------------------------
-# what the worker's environment gets, before torch is imported: the library kernels capped at the same level
-_ISA_ENV = {
-    "native": {},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-    "generic": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
-}
-_ISA_VARS = ("ERNIE45_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-_ISA_MEANING = {"avx2": "x86-64-v3 kernels, AVX-512 off, on this CPU",
-                "generic": "x86-64-v2 kernels (SSE4.2), AVX off, on this CPU"}
-
-
-def normalize_isa(value: str) -> str:
-    """`native` / `avx2` / `generic`, with the aliases x86-64-v3 = avx2 and x86-64-v2 = generic (the names
-    `ernie45.device.isa_level()` accepts in ERNIE45_ISA, which the worker process gets)."""
-    from ernie45.device import ISA_LEVELS
-
-    level = ISA_LEVELS.get(value.strip().lower())
-    if level is None:
-        raise ErnieError(f"unknown ISA level {value!r}; choose from native, avx2 (x86-64-v3), generic (x86-64-v2)")
-    return level
-
-
-def check_isa(level: str) -> None:
-    """ErnieError unless this CPU can execute `level` (its /proc/cpuinfo flags)."""
-    from ernie45 import native
-    from ernie45.device import cpu_info
-
-    if not native.can_execute(level):
-        flags = set(cpu_info().get("flags", "").split())
-        missing = [f for f in native.NEEDS[level] if f not in flags] or ["an x86-64 CPU"]
-        raise ErnieError(f"this CPU cannot run the {level} level (it needs {', '.join(native.NEEDS[level])}; "
-                         f"missing: {', '.join(missing)})")
-
-
-def isa_env(level: str, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The worker's environment for `level`: ERNIE45_ISA plus the ATen / oneDNN / MKL caps (none for native,
-    where caps inherited from the caller are dropped so native means this CPU's best)."""
-    env = dict(os.environ if base is None else base)
-    for key in _ISA_VARS[1:]:
-        env.pop(key, None)
-    env.update(_ISA_ENV[level], ERNIE45_ISA=level)
-    return env
-
-
-def _isa_meaning(level: str) -> str:
-    if level != "native":
-        return _ISA_MEANING[level]
-    best = _vector_flags()
-    return "the best kernels this CPU runs" + (f" ({', '.join(best)})" if best else "")
-
-
-def _vector_flags() -> list[str]:
-    """The cpuinfo flags that decide the kernels: the AVX-512 / AMX ones present, else avx2 if present."""
-    from ernie45.device import cpu_info
-
-    have = set(cpu_info().get("flags", "").split())
-    return [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in have] or (
-        ["avx2"] if "avx2" in have else [])
-
-
-def parse_llama_cpp(values: list[str] | None) -> dict[str, str]:
-    """`--llama-cpp LEVEL=DIR` options → {level: absolute DIR}; DIR must hold a `llama_cpp` package."""
-    dirs: dict[str, str] = {}
-    for value in values or []:
-        level, sep, path = value.partition("=")
-        if not sep or not path:
-            raise ErnieError(f"--llama-cpp wants LEVEL=DIR (e.g. avx2=./llama-avx2), got {value!r}")
-        level = normalize_isa(level)
-        if not os.path.isdir(os.path.join(path, "llama_cpp")):
-            raise ErnieError(f"--llama-cpp {value}: {path} does not exist or holds no llama_cpp/ package "
-                             "(build one with pip install --target DIR llama-cpp-python)")
-        dirs[level] = os.path.abspath(path)
-    return dirs
 
 
 # ---- measurements -----------------------------------------------------------------------------------
@@ -170,7 +95,8 @@ def _native_bandwidth_gbs(threads: int, n: int) -> float:
     import torch
 
     from ernie45 import native
-    from ernie45.fast import W_BF16, _Linear, _Model, hugepage_buffer
+    from ernie45.checkpoint import hugepage_buffer
+    from ernie45.native_abi import W_BF16, _Linear, _Model
 
     lib = native.load("decode")
     per = 3072 * 1024 * 2
@@ -191,21 +117,6 @@ def _native_bandwidth_gbs(threads: int, n: int) -> float:
         best = min(best, time.perf_counter() - t)
     lib.ernie_release(ctypes.byref(m))
     return per * n / best / 1e9
-
-
-def shape_config(shape: str, layers: int | None = None):
-    """The ErnieConfig of a bench shape; `layers` (a3b only) keeps the first N layers, the MoE range ending at the
-    last one."""
-    from ernie45.config import ErnieConfig
-
-    if shape not in SHAPES:
-        raise ErnieError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
-    spec = dict(SHAPES[shape])
-    if shape in FULL_LAYERS and layers is not None:
-        if not 1 <= layers <= FULL_LAYERS[shape]:
-            raise ErnieError(f"--layers must be in 1..{FULL_LAYERS[shape]} for {shape}, got {layers}")
-        spec.update(num_hidden_layers=layers, moe_layer_end_index=layers - 1)
-    return ErnieConfig(**spec)
 
 
 def decode_bytes_per_token(cfg, dtype: str) -> float:
@@ -374,128 +285,6 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-# ---- the random checkpoints ----------------------------------------------------------------------------
-def init_std(config) -> float:
-    """The std of the random normal weights: config.json's `initializer_range` (ERNIE 4.5 ships 0.02, the default
-    of `ErnieForCausalLM.init_weights` too)."""
-    return float(getattr(config, "initializer_range", None) or config.extra.get("initializer_range", 0.02))
-
-
-def checkpoint_specs(config, dtype):
-    """The tensors of `config`'s checkpoint, in file order, as `TensorSpec`s: what `save_checkpoint` would write
-    for a model of `dtype` (per-expert tensors, the tied lm_head omitted, router and correction bias fp32). Built
-    on the meta device, so nothing is allocated."""
-    from ernie45.checkpoint import build_model, checkpoint_state_dict
-    from ernie45.convert.safetensors_io import TensorSpec
-
-    model = build_model(config, dtype, meta=True)
-    return [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in checkpoint_state_dict(model).items()]
-
-
-def random_tensor(spec, std: float, seed: int, chunk: int = 1 << 22):
-    """One tensor of the random checkpoint: norms 1, biases and the MoE correction bias 0, everything else (the
-    router included) normal(0, std) drawn from its own seeded generator, `chunk` values at a time (the fp32 draws of
-    the whole tensor are never held)."""
-    import torch
-
-    if spec.name.endswith("norm.weight"):
-        return torch.ones(spec.shape, dtype=spec.dtype)
-    if spec.name.endswith(".bias") or "e_score_correction_bias" in spec.name:
-        return torch.zeros(spec.shape, dtype=spec.dtype)
-    g = torch.Generator().manual_seed(seed)
-    out = torch.empty(spec.shape, dtype=spec.dtype)
-    flat = out.view(-1)
-    draw = torch.empty(min(chunk, flat.numel()), dtype=torch.float32)
-    for i in range(0, flat.numel(), chunk):
-        n = min(chunk, flat.numel() - i)
-        d = draw[:n].normal_(0.0, std, generator=g)
-        flat[i:i + n].copy_(d)
-    return out
-
-
-def write_random_checkpoint(config, path: str, dtype: str = "float32", seed: int = 0, tokenizer: bool = True,
-                            max_shard_size: str | int = "5GB", progress: bool = False) -> str:
-    """Write a random-weight checkpoint of `config` (an ErnieConfig) to `path`, atomically, one tensor in memory at a
-    time (`write_shards`): the model is never built, so a checkpoint larger than the machine's memory can be written.
-
-    `dtype` is how the weights are stored ("float32" or "bfloat16"; router and correction bias stay fp32).
-    `tokenizer`: add the bundled tokenizer, for tools that need one (GGUF export embeds a vocabulary).
-    """
-    import torch
-
-    from ernie45.convert.safetensors_io import output_directory, write_shards
-
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise ErnieError(f"a random checkpoint is stored as float32 or bfloat16, not {dtype!r}")
-    specs = checkpoint_specs(config, torch_dtype)
-    index = {s.name: i for i, s in enumerate(specs)}
-    std = init_std(config)
-    with output_directory(path, overwrite=True) as tmp:
-        write_shards(tmp, specs, lambda spec: random_tensor(spec, std, seed * 1_000_003 + index[spec.name]),
-                     max_shard_size=max_shard_size, progress=progress)
-        config.replace(torch_dtype=dtype).save(tmp)
-        gen = {"_from_model_config": True, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-               "pad_token_id": config.pad_token_id}
-        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
-            json.dump(gen, f, indent=2)
-        if tokenizer:
-            from ernie45.models import bundled_path
-            from ernie45.tokenizer import Tokenizer
-
-            Tokenizer.from_pretrained(bundled_path()).save_pretrained(tmp)
-    return path
-
-
-def checkpoint_name(shape: str, layers: int | None = None) -> str:
-    """The cache directory name of a shape's checkpoint: `ernie45-bench-a3b-3l` for a layered shape."""
-    if shape in FULL_LAYERS:
-        return f"ernie45-bench-{shape}-{shape_config(shape, layers).num_hidden_layers}l"
-    return f"ernie45-bench-{shape}"
-
-
-def make_checkpoint(shape: str, directory: str, layers: int | None = None) -> str:
-    """Write (once; cached in `directory` by shape and layer count) the random-weight checkpoint of `shape`: fp32 on
-    disk, or bf16 for a3b (as the released checkpoint), with the bundled tokenizer."""
-    path = os.path.join(directory, checkpoint_name(shape, layers))
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    write_random_checkpoint(shape_config(shape, layers), path, DISK_DTYPE.get(shape, "float32"),
-                            progress=sys.stderr.isatty())
-    return path
-
-
-def quantized_path(ckpt: str, mode: str) -> str:
-    # "e": the token embedding is quantized too (int8 per row); caches written before that end in -wint8 / -wint4
-    return f"{ckpt.rstrip(os.sep)}-{mode}e"
-
-
-def quantized_checkpoint(ckpt: str, mode: str) -> str:
-    """`ckpt` quantized to `mode` (wint8 / wint4) with its output head and its token embedding (int8, one scale per
-    row), as llama.cpp's q8_0 / q4_0 GGUF files quantize token_embd, written once beside it."""
-    out = quantized_path(ckpt, mode)
-    if not os.path.isfile(os.path.join(out, "config.json")):
-        from ernie45.quant.cli import quantize_checkpoint
-
-        quantize_checkpoint(ckpt, out, mode, quantize_lm_head=True, quantize_embedding=True, progress=False,
-                            overwrite=True)
-    return out
-
-
-def gguf_path(ckpt: str, dtype: str) -> str:
-    return os.path.join(ckpt, f"bench-{_GGUF_TYPE[dtype]}.gguf")
-
-
-def export_gguf(ckpt: str, dtype: str) -> str:
-    """The GGUF llama.cpp runs for `dtype` (f32 / f16 / q8_0 / q4_0), exported once into the checkpoint."""
-    path = gguf_path(ckpt, dtype)
-    if not os.path.exists(path):
-        from ernie45.convert.gguf_export import export_gguf as export
-
-        export(ckpt, path, _GGUF_TYPE[dtype], progress=False)
-    return path
-
-
 def _prepare(spec: dict[str, Any]) -> str:
     if spec["what"] == "quantize":
         return quantized_checkpoint(spec["ckpt"], spec["dtype"])
@@ -541,12 +330,13 @@ def bench(shapes: list[str], dtypes: list[str], engines: list[str], prompt_len: 
     threads = threads or os.cpu_count() or 1
     workdir = workdir or os.path.join(tempfile.gettempdir(), "ernie45-bench")
     os.makedirs(workdir, exist_ok=True)
-    bw = measure_bandwidth_gbs(threads)
     rows = []
     for shape in shapes:
         cfg = shape_config(shape, layers)
         ckpt = make_checkpoint(shape, workdir, layers)
         for dtype in dtypes:
+            # measured right before each group: a shared machine's bandwidth drifts from minute to minute
+            bw = measure_bandwidth_gbs(threads)
             floor = bw * 1e9 / decode_bytes_per_token(cfg, dtype)
             # what the engines load, written once beforehand, each in a process of its own
             sources: dict[str, str] = {e: ckpt for e in engines}
@@ -632,7 +422,7 @@ def _fmt_row(r: dict[str, Any]) -> str:
     if "skipped" in r:
         return f"{head}  skipped: {r['skipped']}"
     return (f"{head}  prefill {r['prefill_tok_s']:8.1f} tok/s  "
-            f"decode {r['decode_tok_s']:6.1f} tok/s ({r['decode_tok_s'] / r['floor_decode_tok_s']:.0%} of floor)  "
+            f"decode {r['decode_tok_s']:6.1f} tok/s ({r['decode_tok_s'] / r['floor_decode_tok_s']:.0%} of the bandwidth bound)  "
             f"TTFT {r['ttft_s'] * 1e3:7.1f} ms  load {_load_cell(r):>5} s  RSS {r['peak_rss_mb']:6.0f} MB")
 
 
@@ -641,14 +431,16 @@ def _load_cell(r: dict[str, Any]) -> str:
 
 
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    bws = sorted({round(r["bandwidth_gbs"], 1) for r in rows if r.get("bandwidth_gbs")}) or [meta["bandwidth_gbs"]]
+    bw_text = f"{bws[0]:.1f}" if len(bws) == 1 else f"{bws[0]:.1f}–{bws[-1]:.1f}"
     lines = [f"Machine: {meta['machine']}; {meta['threads']} threads; torch {meta['torch']}; measured read bandwidth "
-             f"{meta['bandwidth_gbs']:.1f} GB/s; prompt {meta['prompt_len']} tokens, {meta['gen_len']} generated, "
+             f"{bw_text} GB/s (before each shape and dtype); prompt {meta['prompt_len']} tokens, {meta['gen_len']} generated, "
              f"median of {meta['runs']} runs" + (f" in each of {meta['rounds']} interleaved rounds (median over rounds)"
                                                 if meta.get("rounds", 1) > 1 else "") + f", {meta['date']}."]
     if meta.get("isa"):
         lines.append("ISA levels: " + "; ".join(f"{k} = {v}" for k, v in meta["isa"].items()) + ".")
     lines += ["",
-              "| shape | dtype | isa | engine | prefill tok/s | decode tok/s | vs ernie45 | % of floor | TTFT ms "
+              "| shape | dtype | isa | engine | prefill tok/s | decode tok/s | vs ernie45 | ÷ bandwidth bound | TTFT ms "
               "| load s | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     key = lambda r: (r["shape"], r["dtype"], r.get("isa", "native"))  # noqa: E731
@@ -664,6 +456,10 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                      f"{r['decode_tok_s'] / r['floor_decode_tok_s']:.0%} | {r['ttft_s'] * 1e3:.0f} | "
                      f"{_load_cell(r)} | {r['peak_rss_mb']:.0f} |")
     lines.append("")
+    lines.append("`÷ bandwidth bound` is decode tokens/s divided by the read bandwidth measured before the group over "
+                 "the bytes of weights one token reads (every weight once): the share of the memory-bound limit "
+                 "reached. Above 100 % means the bandwidth moved between the measurement and the run, or some "
+                 "weights stayed in cache.")
     lines.append("`vs ernie45` is ernie45's decode tokens/s divided by the peer's of the same shape, dtype and isa "
                  "(> 1 means ernie45 is faster). `load s` runs from the start of loading to a model ready to "
                  "generate (ernie45's wint8/wint4 rows load a checkpoint quantized beforehand, as llama.cpp loads its "
@@ -692,25 +488,34 @@ def _csv(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
     return items
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:  # `ernie45 bench serve`: the server under load
-        from ernie45.bench_serve import main as serve_main
+# `ernie45 bench <name>`: the benchmarks with their own options -> their module (`build_parser`, `main`)
+SUBCOMMANDS = {
+    "serve": "ernie45.bench_serve",  # the server under concurrent and multi-turn load
+    "grammar": "ernie45.bench_grammar",  # structured output's cost per token
+}
 
-        return serve_main(argv[1:])
-    if argv[:1] == ["grammar"]:  # `ernie45 bench grammar`: structured output's cost per token
-        from ernie45.bench_grammar import main as grammar_main
 
-        return grammar_main(argv[1:])
+def row_dtypes(value: str) -> str:
+    """The benchmarks' --dtype: a comma list of row names (fp32, bf16, wint8, wint4) in any spelling `--dtype`
+    takes elsewhere (float32 = fp32, ...), `auto` being what loading picks on this CPU. Unknown names are kept, for
+    `_csv` to refuse with the list of row names."""
+    from ernie45.device import cpu_has_fast_bf16
+
+    names = [dtype_name(v, short=True) for v in value.split(",") if v.strip()]
+    return ",".join(("bf16" if cpu_has_fast_bf16() else "fp32") if n == "auto" else n for n in names)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie45 bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="`ernie45 bench serve --help`: the server under concurrent and multi-turn load; "
                                        "`ernie45 bench grammar --help`: structured output's cost per token.")
     p.add_argument("--shape", default="0.3b", help=f"comma list of {', '.join(SHAPES)}")
-    p.add_argument("--dtype", default="fp32,bf16", help=f"comma list of {', '.join(DTYPES)}")
+    p.add_argument("--dtype", type=row_dtypes, default="fp32,bf16",
+                   help=f"comma list of {', '.join(DTYPES)} (or float32, bfloat16, auto)")
     p.add_argument("--vs", default="transformers", help="peers: comma list of transformers, llama.cpp, or none")
     p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen-len", type=int, default=128)
+    add_max_new_tokens_arg(p, 128, "tokens generated per run (the end-of-text token is ignored)", old=("--gen-len",))
     p.add_argument("--runs", type=int, default=3, help="measured runs per process (after one warm-up)")
     p.add_argument("--rounds", type=int, default=1,
                    help="processes per configuration, the engines taking turns; rows report the median")
@@ -732,6 +537,14 @@ def main(argv: list[str] | None = None) -> int:
                         "native uses the installed llama_cpp")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+    p = build_parser()
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(_worker(json.loads(a.worker))))
@@ -748,8 +561,8 @@ def main(argv: list[str] | None = None) -> int:
             shape_config(shape, a.layers)  # checks the range
     dtypes = _csv(a.dtype, DTYPES, "dtype")
     peers = [] if a.vs == "none" else _csv(a.vs, ENGINES[1:], "peer")
-    if a.prompt_len < 1 or a.gen_len < 2 or a.runs < 1 or a.rounds < 1:
-        raise ErnieError("--prompt-len must be >= 1, --gen-len >= 2, --runs >= 1 and --rounds >= 1")
+    if a.prompt_len < 1 or a.max_new_tokens < 2 or a.runs < 1 or a.rounds < 1:
+        raise ErnieError("--prompt-len must be >= 1, --max-new-tokens (--gen-len) >= 2, --runs >= 1 and --rounds >= 1")
     from ernie45.device import isa_level
 
     levels = a.isa or isa_level()  # isa_level: ERNIE45_ISA, the level ernie45 runs at here
@@ -762,11 +575,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: --llama-cpp {level}=... is unused: --isa does not include {level}", file=sys.stderr)
     import torch
 
-    rows = bench(shapes, dtypes, ["ernie45", *peers], a.prompt_len, a.gen_len, a.runs, a.threads, a.workdir,
+    rows = bench(shapes, dtypes, ["ernie45", *peers], a.prompt_len, a.max_new_tokens, a.runs, a.threads, a.workdir,
                  a.rounds, isas, llama_dirs, a.layers)
     meta = dict(machine=f"{_cpu_name()}, {os.cpu_count()} cores", torch=torch.__version__,
                 threads=a.threads or os.cpu_count(), bandwidth_gbs=rows[0]["bandwidth_gbs"] if rows else 0.0,
-                prompt_len=a.prompt_len, gen_len=a.gen_len, runs=a.runs, rounds=a.rounds,
+                prompt_len=a.prompt_len, gen_len=a.max_new_tokens, runs=a.runs, rounds=a.rounds,
                 layers={s: shape_config(s, a.layers).num_hidden_layers for s in shapes if s in FULL_LAYERS},
                 isa={level: _isa_meaning(level) for level in isas},
                 llama_cpp={r["isa"]: r["llama_cpp_version"] for r in rows if r.get("llama_cpp_version")},

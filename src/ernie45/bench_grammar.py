@@ -18,6 +18,7 @@ import statistics
 import time
 from typing import Any
 
+from ernie45.commands import add_max_new_tokens_arg
 from ernie45.errors import ErnieError
 
 ERNIE_VOCAB = 103424
@@ -143,7 +144,8 @@ def decode_rows(shape: str, dtype: str, gen_len: int, runs: int, workdir: str | 
 
     import torch
 
-    from ernie45.bench import _ACT, _TORCH_DTYPE, make_checkpoint, peak_rss_mb
+    from ernie45.bench import _ACT, _TORCH_DTYPE, peak_rss_mb
+    from ernie45.bench_checkpoints import make_checkpoint
     from ernie45.checkpoint import load_checkpoint
     from ernie45.fast import optimize_for_inference
     from ernie45.generation import stream_generate, structured
@@ -200,6 +202,24 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from ernie45.bench import row_dtypes
+
+    p = argparse.ArgumentParser(prog="ernie45 bench grammar", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=500, help="tokens walked per grammar and vocabulary")
+    p.add_argument("--shape", default="0.3b", help="bench shape of the decode rows ('none': no decode rows)")
+    p.add_argument("--dtype", type=row_dtypes, default="bf16",
+                   help="weights of the decode rows: fp32 or bf16 (or float32, bfloat16, auto)")
+    add_max_new_tokens_arg(p, 128, "tokens generated per decode run", old=("--gen-len",))
+    p.add_argument("--runs", type=int, default=3, help="measured decode runs per mode (after one warm-up)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--workdir", default=None, help="where the random checkpoints are kept")
+    p.add_argument("--json", dest="json_out", default=None, help="write the rows as JSON here")
+    p.add_argument("--out", default=None, help="write a Markdown table here (e.g. bench/results-structured.md)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     import datetime
     import sys
@@ -208,27 +228,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from ernie45.bench import _cpu_name, write_results
 
-    p = argparse.ArgumentParser(prog="ernie45 bench grammar", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=500, help="tokens walked per grammar and vocabulary")
-    p.add_argument("--shape", default="0.3b", help="bench shape of the decode rows ('none': no decode rows)")
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="weights of the decode rows")
-    p.add_argument("--gen-len", type=int, default=128, help="tokens generated per decode run")
-    p.add_argument("--runs", type=int, default=3, help="measured decode runs per mode (after one warm-up)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--workdir", default=None, help="where the random checkpoints are kept")
-    p.add_argument("--json", dest="json_out", default=None, help="write the rows as JSON here")
-    p.add_argument("--out", default=None, help="write a Markdown table here (e.g. bench/results-structured.md)")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.steps < 10:
         raise ErnieError(f"--steps must be at least 10, got {args.steps}")
-    if args.runs < 1 or args.gen_len < 8:
-        raise ErnieError("--runs must be at least 1 and --gen-len at least 8")
+    if args.runs < 1 or args.max_new_tokens < 8:
+        raise ErnieError("--runs must be at least 1 and --max-new-tokens (--gen-len) at least 8")
+    if args.dtype not in ("fp32", "bf16"):
+        raise ErnieError(f"unknown dtype {args.dtype!r} for the decode rows; choose from fp32, bf16")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = mask_rows(args.steps)
     if args.shape != "none":
-        rows += decode_rows(args.shape, args.dtype, args.gen_len, args.runs, args.workdir)
+        rows += decode_rows(args.shape, args.dtype, args.max_new_tokens, args.runs, args.workdir)
     meta = dict(cpu=_cpu_name(), threads=torch.get_num_threads(), date=datetime.date.today().isoformat(),
                 command="ernie45 bench grammar " + " ".join(sys.argv[3:] if argv is None else argv))
     write_results(rows, meta, to_markdown(rows, meta), args.json_out, args.out)

@@ -35,12 +35,13 @@ from ernie45.bench import (
     DTYPES,
     _cpu_name,
     _csv,
-    isa_env,
-    make_checkpoint,
     prepare,
-    shape_config,
+    row_dtypes,
     write_results,
 )
+from ernie45.bench_checkpoints import make_checkpoint, shape_config
+from ernie45.bench_isa import isa_env
+from ernie45.commands import add_max_new_tokens_arg
 from ernie45.errors import ErnieError
 
 SERVE_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "wint8": "auto", "wint4": "auto"}
@@ -389,15 +390,16 @@ def _ints(value: str, what: str) -> list[int]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie45 bench serve", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shape", default="0.3b", help="a bench shape (see `ernie45 bench --help`)")
     p.add_argument("--layers", type=int, default=None, help="depth of the a3b shape")
-    p.add_argument("--dtype", default="bf16", help=f"comma list of {', '.join(DTYPES)}")
+    p.add_argument("--dtype", type=row_dtypes, default="bf16",
+                   help=f"comma list of {', '.join(DTYPES)} (or float32, bfloat16, auto)")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma list of concurrent streams")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens of the concurrency rows")
-    p.add_argument("--output-len", type=int, default=128, help="tokens generated per request")
+    add_max_new_tokens_arg(p, 128, "tokens generated per request", old=("--output-len",))
     p.add_argument("--turns", type=int, default=4, help="turns per multi-turn conversation (1: no such rows)")
     p.add_argument("--turn-prefix", type=int, default=1500, help="first prompt of a conversation, tokens")
     p.add_argument("--turn-len", type=int, default=10, help="new tokens per later turn")
@@ -410,7 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="where the random checkpoints are kept")
     p.add_argument("--json", dest="json_out", default=None, help="write the rows as JSON here")
     p.add_argument("--out", default=None, help="write a Markdown table here (e.g. bench/results-serve.md)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     if a.context_worker:
         print(json.dumps(context_worker(json.loads(a.context_worker))))
         return 0
@@ -422,15 +428,16 @@ def main(argv: list[str] | None = None) -> int:
         raise ErnieError(f"--context wants a comma list of positive positions, got {a.context!r}")
     dtypes = _csv(a.dtype, DTYPES, "dtype")
     conc = _ints(a.concurrency, "--concurrency")
-    if a.input_len < 1 or a.output_len < 2 or a.turns < 1 or a.turn_prefix < 1 or a.turn_len < 1 or a.long_prompt < 0:
-        raise ErnieError("--input-len, --turns, --turn-prefix, --turn-len must be >= 1, --output-len >= 2 and "
-                         "--long-prompt >= 0")
+    if (a.input_len < 1 or a.max_new_tokens < 2 or a.turns < 1 or a.turn_prefix < 1 or a.turn_len < 1
+            or a.long_prompt < 0):
+        raise ErnieError("--input-len, --turns, --turn-prefix, --turn-len must be >= 1, --max-new-tokens "
+                         "(--output-len) >= 2 and --long-prompt >= 0")
     import torch
 
-    rows = bench_serve(a.shape, dtypes, conc, a.input_len, a.output_len, a.threads, a.workdir, a.turns,
+    rows = bench_serve(a.shape, dtypes, conc, a.input_len, a.max_new_tokens, a.threads, a.workdir, a.turns,
                        a.turn_prefix, a.turn_len, a.long_prompt, a.layers, context)
     meta = dict(machine=f"{_cpu_name()}, {os.cpu_count()} cores", torch=torch.__version__,
-                threads=a.threads or os.cpu_count(), input_len=a.input_len, output_len=a.output_len,
+                threads=a.threads or os.cpu_count(), input_len=a.input_len, output_len=a.max_new_tokens,
                 date=time.strftime("%Y-%m-%d"))
     write_results(rows, meta, to_markdown(rows, meta), a.json_out, a.out)
     return 0

@@ -1,6 +1,7 @@
 """`ernie45 <command>`: a thin, lazy dispatcher.
 
-Each command lives in its own module exposing `main(argv: list[str] | None) -> int | None`; modules are
+Each command lives in its own module exposing `main(argv: list[str] | None) -> int | None` and `build_parser()`
+(tests/test_cli_consistency.py checks that every command spells the shared options the same way); modules are
 imported only when their command runs, so `ernie45 --help` never imports torch, gradio or FastAPI.
 """
 
@@ -10,35 +11,47 @@ import importlib
 import os
 import sys
 
-# name -> (module, one-line summary)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("ernie45.commands.generate", "continue a prompt (raw text, streamed)"),
-    "chat": ("ernie45.commands.chat", "multi-turn chat in the terminal"),
-    "bench": ("ernie45.bench", "prefill / decode throughput and first-token latency"),
-    "preprocess": ("ernie45.data.preprocess", "clean, dedup, tokenise and pack a corpus"),
-    "train-tokenizer": ("ernie45.data.train_tokenizer", "train an ERNIE-format SentencePiece tokenizer"),
-    "pretrain": ("ernie45.train.pretrain", "pre-train or continue pre-training on packed shards"),
-    "finetune": ("ernie45.train.finetune", "SFT / LoRA / QLoRA / DPO fine-tuning"),
-    "merge-lora": ("ernie45.train.merge", "merge a LoRA adapter into its base model"),
-    "quantize": ("ernie45.quant.cli", "write a wint8 / wint4 / llm.int8 / nf4 checkpoint"),
-    "serve": ("ernie45.serve.server", "OpenAI-compatible HTTP server"),
-    "loadtest": ("ernie45.serve.loadtest", "concurrent load test against a running server"),
-    "webui": ("ernie45.webui", "Gradio streaming web chat"),
-    "moe-stats": ("ernie45.moe_stats", "MoE routing statistics and plots"),
-    "convert": ("ernie45.convert.paddle", "convert checkpoints between Paddle and HF layouts"),
-    "export-gguf": ("ernie45.convert.gguf_export", "export a GGUF file for llama.cpp / Ollama"),
-    "split": ("ernie45.convert.split", "re-shard a safetensors checkpoint"),
-    "verify": ("ernie45.convert.manifest", "check a checkpoint or GGUF file against its SHA-256 manifest"),
-    "eval": ("ernie45.eval.cli", "C-Eval, CMMLU, CLUE and perplexity"),
-    "export": ("ernie45.export.aoti", "export prefill/decode for the C++ runtime (AOTInductor)"),
-    "info": ("ernie45.commands.info", "show a checkpoint's config, size and files"),
+# The groups `ernie45 --help` lists the commands under, in this order.
+GROUPS: dict[str, str] = {
+    "run": "use a model in the terminal",
+    "tune": "prepare data, train and fine-tune",
+    "serve": "serve a model over HTTP",
+    "convert": "quantize, convert and export checkpoints",
+    "evaluate": "score a model",
+    "measure": "inspect checkpoints, time and load-test",
+}
+
+# name -> (module, group, one-line summary); each module has `build_parser()` and `main(argv)`.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "generate": ("ernie45.commands.generate", "run", "continue a prompt (raw text, streamed)"),
+    "chat": ("ernie45.commands.chat", "run", "multi-turn chat in the terminal"),
+    "preprocess": ("ernie45.data.preprocess", "tune", "clean, dedup, tokenise and pack a corpus"),
+    "train-tokenizer": ("ernie45.data.train_tokenizer", "tune", "train an ERNIE-format SentencePiece tokenizer"),
+    "pretrain": ("ernie45.train.pretrain", "tune", "pre-train or continue pre-training on packed shards"),
+    "finetune": ("ernie45.train.finetune", "tune", "SFT / LoRA / QLoRA / DPO fine-tuning"),
+    "merge-lora": ("ernie45.train.merge", "tune", "merge a LoRA adapter into its base model"),
+    "serve": ("ernie45.serve.server", "serve", "OpenAI-compatible HTTP server"),
+    "webui": ("ernie45.webui", "serve", "Gradio streaming web chat"),
+    "quantize": ("ernie45.quant.cli", "convert", "write a wint8 / wint4 / llm.int8 / nf4 checkpoint"),
+    "convert": ("ernie45.convert.paddle", "convert", "convert checkpoints between Paddle and HF layouts"),
+    "split": ("ernie45.convert.split", "convert", "re-shard a safetensors checkpoint"),
+    "export-gguf": ("ernie45.convert.gguf_export", "convert", "export a GGUF file for llama.cpp / Ollama"),
+    "export": ("ernie45.export.aoti", "convert", "export prefill/decode for the C++ runtime (AOTInductor)"),
+    "verify": ("ernie45.convert.manifest", "convert", "check a checkpoint or GGUF file against its SHA-256 manifest"),
+    "eval": ("ernie45.eval.cli", "evaluate", "C-Eval, CMMLU, CLUE and perplexity"),
+    "moe-stats": ("ernie45.moe_stats", "evaluate", "MoE routing statistics and plots"),
+    "info": ("ernie45.commands.info", "measure", "show a checkpoint's config, size, files and memory needs"),
+    "bench": ("ernie45.bench", "measure", "prefill / decode throughput and first-token latency"),
+    "loadtest": ("ernie45.serve.loadtest", "measure", "concurrent load test against a running server"),
 }
 
 
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
-    lines = ["usage: ernie45 <command> [options]", "", "ERNIE 4.5 toolkit (PyTorch). Commands:"]
-    lines += [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines = ["usage: ernie45 <command> [options]", "", "ERNIE 4.5 toolkit (PyTorch)."]
+    for group, title in GROUPS.items():
+        lines += ["", f"{group}: {title}"]
+        lines += [f"  {name.ljust(width)}  {summary}" for name, (_, g, summary) in COMMANDS.items() if g == group]
     lines += ["", "Run `ernie45 <command> --help` for the options of a command."]
     return "\n".join(lines)
 

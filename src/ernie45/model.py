@@ -96,20 +96,41 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None) -> Tensor:
-        B, S, _ = x.shape
-        # Head counts come from the projection widths so that tensor-parallel shards work unchanged.
-        q = self.q_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, nH, S, d)
-        k = self.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, nKV, S, d)
-        v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nKV, T, d)
-        if S == 1 and cache is not None:
+        if q.shape[2] == 1 and cache is not None:
             o = decode_attention(q, k, v, mask, self.head_dim**-0.5)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               scale=self.head_dim**-0.5, enable_gqa=q.shape[1] != k.shape[1])
-        return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))  # (B, S, nH*d) -> (B, S, H)
+            o = self.attend(q, k, v, mask)
+        return self.output(o)
+
+    def forward_step(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_past: Tensor,
+                     v_past: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`forward` for torch.export: keys are [k_past, new keys], one SDPA call for any length S (a branch on S
+        would pin the traced length). -> (output, new k, new v).
+
+        k_past, v_past: (B, nKV, M, d) cache slots; mask: bool (S, M + S), True where attention is allowed.
+        """
+        q, k, v = self.project(x, cos, sin)
+        o = self.attend(q, torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2), mask)
+        return self.output(o), k, v
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, S, H) -> q (B, nH, S, d), k and v (B, nKV, S, d), RoPE applied to q and k."""
+        B, S, _ = x.shape
+        # Head counts come from the projection widths so that tensor-parallel shards work unchanged.
+        q = self.q_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              scale=self.head_dim**-0.5, enable_gqa=q.shape[1] != k.shape[1])
+
+    def output(self, o: Tensor) -> Tensor:
+        return self.o_proj(o.transpose(1, 2).flatten(2))  # (B, nH, S, d) -> (B, S, nH*d) -> (B, S, H)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
@@ -202,31 +223,44 @@ class MoE(nn.Module):
         w = w / w.sum(-1, keepdim=True).clamp(min=self.norm_min)
         return logits, w.to(x.dtype), idx
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, all_experts: bool = False) -> tuple[Tensor, Tensor]:
+        """x (B, S, H) -> (output (B, S, H), router logits (T, E)).
+
+        `all_experts`: the torch.export variant, without data-dependent shapes (which torch.export cannot trace):
+        every expert runs on every token, weighted 0 where not routed. The zero contributions leave the sum
+        bit-identical, at num_experts / k times the expert compute.
+        """
         B, S, H = x.shape
         x = x.reshape(-1, H)  # (T, H)
         logits, w, idx = self.route(x)
         out = torch.zeros_like(x)
-        # Group (token, slot) pairs by expert with one sort, then run each hit expert once.
-        flat = idx.flatten()  # (T*K,)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        tok = order // self.top_k
-        wts = w.flatten()[order]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0 or (self.local_experts is not None and e not in self.local_experts):
+        if all_experts:
+            for e, expert in enumerate(self.experts):
+                if self._local(e):
+                    we = (w * (idx == e)).sum(-1, keepdim=True)  # (T, 1): expert e's weight, 0 when not chosen
+                    out = out + (expert(x) * we).to(out.dtype)
+        else:
+            # Group (token, slot) pairs by expert with one sort, then run each hit expert once.
+            flat = idx.flatten()  # (T*K,)
+            order = flat.argsort(stable=True)
+            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+            tok = order // self.top_k
+            wts = w.flatten()[order]
+            start = 0
+            for e, n in enumerate(counts):
+                if n and self._local(e):
+                    t = tok[start:start + n]
+                    y = self.experts[e](x[t]) * wts[start:start + n, None]
+                    out.index_add_(0, t, y.to(out.dtype))
                 start += n
-                continue
-            t = tok[start:start + n]
-            y = self.experts[e](x[t]) * wts[start:start + n, None]
-            out.index_add_(0, t, y.to(out.dtype))
-            start += n
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         if self.reduce_output is not None:
             out = self.reduce_output(out)
         return out.view(B, S, H), logits
+
+    def _local(self, e: int) -> bool:
+        return self.local_experts is None or e in self.local_experts
 
 
 class DecoderLayer(nn.Module):
@@ -240,10 +274,18 @@ class DecoderLayer(nn.Module):
                                                          config.use_bias)
 
     def forward(self, x, cos, sin, mask, cache) -> tuple[Tensor, Tensor | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        """-> (x, router logits of a MoE layer, else None)."""
+        return self.feed_forward(x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+
+    def forward_step(self, x, cos, sin, mask, k_past, v_past) -> tuple[Tensor, Tensor, Tensor]:
+        """`forward` for torch.export (`Attention.forward_step`, all experts): -> (x, new k, new v)."""
+        h, k, v = self.self_attn.forward_step(self.input_layernorm(x), cos, sin, mask, k_past, v_past)
+        return self.feed_forward(x + h, all_experts=True)[0], k, v
+
+    def feed_forward(self, x: Tensor, all_experts: bool = False) -> tuple[Tensor, Tensor | None]:
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            h, router_logits = self.mlp(h)
+            h, router_logits = self.mlp(h, all_experts)
             return x + h, router_logits
         return x + self.mlp(h), None
 
@@ -336,9 +378,13 @@ class ErnieForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def kv_heads(self) -> int:
+        """KV heads held by this process (fewer than the config's under tensor parallelism)."""
+        return self.model.layers[0].self_attn.k_proj.out_features // self.config.head_dim
+
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        n_kv = self.model.layers[0].self_attn.k_proj.out_features // self.config.head_dim
-        return KVCache(self.config, batch_size, max_len, self.dtype, self.device, n_kv)
+        return KVCache(self.config, batch_size, max_len, self.dtype, self.device, self.kv_heads)
 
     def forward(
         self,

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ernie45.commands import add_device_arg, add_dtype_arg, add_model_arg, add_out_arg
 from ernie45.errors import ErnieError
 
 # Fonts with CJK glyphs, most common first (Debian fonts-wqy-microhei / fonts-noto-cjk, macOS, Windows).
@@ -432,16 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="MoE routing statistics: load heatmap, token -> expert grid, "
         "load imbalance and aux loss (PNG + JSON).",
     )
-    p.add_argument(
-        "--model", required=True, metavar="DIR", help="MoE checkpoint directory or bundled model name"
-    )
+    add_model_arg(p, "MoE checkpoint directory or bundled model name")
     p.add_argument(
         "--data",
         required=True,
         metavar="FILE",
         help='texts: .jsonl with a "text" field per line, or plain text with one sample per line',
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (PNGs + stats.json)")
+    add_out_arg(p, "output directory (PNGs + stats.json)")
     p.add_argument("--max-samples", type=int, default=64, metavar="N", help="texts to read (default 64)")
     p.add_argument(
         "--max-length",
@@ -456,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grid-tokens", type=int, default=48, metavar="N", help="tokens shown in the grid (default 48)"
     )
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_dtype_arg(p)
+    add_device_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return p
 

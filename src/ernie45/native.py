@@ -127,7 +127,7 @@ def _load(name: str, isa: str) -> ctypes.CDLL | None:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)  # a loaded library stays mapped
     lib.ernie_isa.restype = ctypes.c_char_p
-    # (const Linear *, row0, row1, float *out, threads): the Linear struct is ernie45.fast._Linear
+    # (const Linear *, row0, row1, float *out, threads): the Linear struct is ernie45.native_abi._Linear
     lib.ernie_dequant.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     return lib
 

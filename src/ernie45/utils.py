@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes (nothing half-written is ever left behind)."""
+"""Small shared helpers: atomic writes (nothing half-written is ever left behind) and size strings."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+
+from ernie45.errors import ErnieError
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -62,3 +64,22 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def parse_size(size: str | int) -> int:
+    """'2GB' / '500MB' / '10KB' / bytes -> bytes (decimal units, like transformers)."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper().replace("IB", "B")
+    for unit, mult in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            try:
+                val = float(s[: -len(unit)])
+            except ValueError:
+                break
+            if val <= 0:
+                break
+            return int(val * mult)
+    if s.isdigit() and int(s) > 0:
+        return int(s)
+    raise ErnieError(f"invalid size {size!r}; use e.g. 2GB, 500MB")

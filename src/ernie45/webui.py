@@ -16,6 +16,13 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from ernie45.commands import (
+    add_device_arg,
+    add_dtype_arg,
+    add_inference_args,
+    add_max_new_tokens_arg,
+    add_model_arg,
+)
 from ernie45.errors import ErnieError
 from ernie45.serve.parsers import StreamEvent
 
@@ -258,6 +265,8 @@ def make_backend(
     served_model: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
+    quantize: str | None = None,
+    adapter: str | None = None,
 ) -> Any:
     """The in-process back end for `model` (None: the bundled model), or the server one for `server_url`."""
     if server_url:
@@ -265,6 +274,8 @@ def make_backend(
             raise ErnieError(
                 "give either --model (load it here) or --server-url (use a running server), not both"
             )
+        if quantize or adapter:
+            raise ErnieError("--quantize and --adapter apply to a model loaded here, not with --server-url")
         if not server_url.startswith(("http://", "https://")):
             raise ErnieError(f"--server-url must start with http:// or https://, got {server_url!r}")
         return OpenAIBackend(server_url, api_key, served_model)
@@ -274,7 +285,7 @@ def make_backend(
     from ernie45.models import resolve_model_path
 
     path = resolve_model_path(model)
-    m, tok = load_model(path, dtype, device)
+    m, tok = load_model(path, dtype, device, quantize=quantize, adapter=adapter)
     return LocalBackend(m, tok, os.path.basename(os.path.normpath(path)))
 
 
@@ -333,8 +344,11 @@ def webui(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     dtype: str = "auto",
     device: str = "auto",
+    quantize: str | None = None,
+    adapter: str | None = None,
 ) -> None:
-    """Serve the chat page until interrupted. `auth`: `USER:PASSWORD` pairs, comma-separated (`parse_auth`)."""
+    """Serve the chat page until interrupted. `auth`: `USER:PASSWORD` pairs, comma-separated (`parse_auth`).
+    `quantize`, `adapter`: as `ernie45 generate --quantize / --adapter`, for the model loaded here."""
     if not 0 < port < 65536:
         raise ErnieError(f"--port must be between 1 and 65535, got {port}")
     if temperature is not None and not 0 <= temperature <= 2:
@@ -348,7 +362,7 @@ def webui(
         raise ErnieError(
             f"--share puts the chat on a public gradio.live link: give --auth USER:PASSWORD (or set ${AUTH_ENV})"
         )
-    backend = make_backend(model, server_url, api_key, served_model, dtype, device)
+    backend = make_backend(model, server_url, api_key, served_model, dtype, device, quantize, adapter)
     if backend.context is not None and max_tokens >= backend.context:
         raise ErnieError(f"--max-tokens must be below the model's context window ({backend.context})")
     if host not in LOOPBACK and logins is None:
@@ -380,12 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Streaming web chat (Gradio) with the model "
         "loaded here or with a running `ernie45 serve`.",
     )
-    p.add_argument(
-        "--model",
-        default=None,
-        metavar="DIR",
-        help="checkpoint directory or bundled model name to load here (default: the bundled ernie-tiny)",
-    )
+    add_model_arg(p, "checkpoint directory or bundled model name to load here (default: the bundled ernie-tiny)",
+                  required=False)
     p.add_argument(
         "--server-url",
         default=None,
@@ -427,15 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--top-p", type=float, default=None, metavar="P", help="initial top-p (default: the checkpoint's)"
     )
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        default=DEFAULT_MAX_TOKENS,
-        metavar="N",
-        help=f"initial max new tokens per reply (default {DEFAULT_MAX_TOKENS})",
-    )
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_max_new_tokens_arg(p, DEFAULT_MAX_TOKENS, f"initial max new tokens per reply (default {DEFAULT_MAX_TOKENS})",
+                           old=("--max-tokens",))
+    add_dtype_arg(p)
+    add_device_arg(p)
+    add_inference_args(p)
     return p
 
 
@@ -453,8 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         system_prompt=args.system,
         temperature=args.temperature,
         top_p=args.top_p,
-        max_tokens=args.max_tokens,
+        max_tokens=args.max_new_tokens,
         dtype=args.dtype,
         device=args.device,
+        quantize=args.quantize,
+        adapter=args.adapter,
     )
     return 0

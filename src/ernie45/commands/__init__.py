@@ -1,5 +1,6 @@
-"""Terminal commands (`ernie45 generate`, `chat`, `info`) and what `generate` and `chat` share: the sampling
-flags, turning them into generation keywords, and loading a model behind a spinner.
+"""Terminal commands (`ernie45 generate`, `chat`, `info`), what `generate` and `chat` share (the sampling flags,
+turning them into generation keywords, loading a model behind a spinner), and the options every command spells the
+same way: `--model`, `--out`, `--dtype`, `--device`, `--quantize`, `--adapter`, `--max-new-tokens`.
 """
 
 from __future__ import annotations
@@ -12,19 +13,105 @@ import threading
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from ernie45.errors import ErnieError
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        metavar="DIR",
-        help="checkpoint directory or bundled model name (default: the bundled ernie-tiny)",
-    )
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--quantize", default=None, choices=["wint8", "wint4", "llm.int8", "nf4"],
+# Every --dtype takes these spellings; the short ones are the names the benchmarks give their rows.
+DTYPE_CHOICES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+_LONG_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_SHORT_DTYPE = {v: k for k, v in _LONG_DTYPE.items()}
+QUANTIZE_MODES = ("wint8", "wint4", "llm.int8", "nf4")
+# Positional arguments of earlier releases, folded into their flag by `parse_args`: dest -> (flag, what it names)
+_POSITIONAL = {"model": ("--model", "checkpoint"), "out": ("--out", "output")}
+
+
+def dtype_name(value: str, short: bool = False) -> str:
+    """A --dtype spelling as the code names it: float32 / bfloat16 / float16 / auto, or with `short` fp32 / bf16 /
+    fp16 / auto (the benchmarks' row names). Other values come back as given, for the caller to refuse."""
+    name = _LONG_DTYPE.get(value.strip().lower(), value.strip().lower())
+    return _SHORT_DTYPE.get(name, name) if short else name
+
+
+def _checked_dtype_name(value: str) -> str:
+    if dtype_name(value) not in DTYPE_CHOICES:
+        raise ErnieError(f"unknown dtype {value!r}; choose from {', '.join(DTYPE_CHOICES)}")
+    return dtype_name(value)
+
+
+def add_dtype_arg(p: argparse.ArgumentParser, default: str = "auto",
+                  help: str = "weights and activations; auto: bf16 where the hardware runs it fast, else fp32", *,
+                  one_line_error: bool = False) -> None:
+    """`--dtype`, the same seven spellings in every command (fp32 = float32, ...), normalised by `dtype_name`. An
+    unknown value is argparse's usage error, or with `one_line_error` an ErnieError (for a command that reports
+    all its bad options that way)."""
+    if one_line_error:
+        kw: dict[str, Any] = dict(type=_checked_dtype_name)
+    else:
+        kw = dict(type=dtype_name, choices=DTYPE_CHOICES)
+    p.add_argument("--dtype", default=default, metavar="DTYPE", help=f"{help} (auto, fp32 or float32, bf16 or "
+                   f"bfloat16, fp16 or float16; default {default})", **kw)
+
+
+def add_device_arg(p: argparse.ArgumentParser, help: str = "where to run") -> None:
+    p.add_argument("--device", default="auto", help=f"{help}: auto (CUDA when present, else CPU; the default), "
+                   "cpu, cuda or cuda:N")
+
+
+def add_model_arg(p: argparse.ArgumentParser, help: str, *, required: bool = True,
+                  positional: str | None = None) -> None:
+    """`--model DIR`, the checkpoint a command reads. `positional` (a metavar, e.g. SRC) also takes it as the bare
+    first argument, as earlier releases did; `parse_args` then checks that it is given (once)."""
+    if positional:
+        p.add_argument("model_arg", nargs="?", metavar=positional, help="the same as --model")
+    p.add_argument("--model", required=required and not positional, metavar="DIR", help=help)
+
+
+def add_out_arg(p: argparse.ArgumentParser, help: str, *, metavar: str = "DIR", positional: str | None = None,
+                required: bool = True) -> None:
+    """`--out`, where a command writes; `positional` as for `add_model_arg`."""
+    if positional:
+        p.add_argument("out_arg", nargs="?", metavar=positional, help="the same as --out")
+    p.add_argument("--out", required=required and not positional, metavar=metavar, help=help)
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`p.parse_args(argv)`, with the positional SRC / DST of earlier releases folded into `--model` / `--out`:
+    either spelling, or both when they agree; a one-line ErnieError otherwise. Intermixed, so that options may
+    still stand between SRC and DST (optional positionals would otherwise take only what precedes the first)."""
+    args = p.parse_intermixed_args(argv)
+    for dest, (flag, what) in _POSITIONAL.items():
+        if not hasattr(args, f"{dest}_arg"):
+            continue
+        bare, given = vars(args).pop(f"{dest}_arg"), getattr(args, dest)
+        if bare is not None and given is not None and bare != given:
+            raise ErnieError(f"the {what} is given twice, as {bare!r} and {flag} {given!r}: give it once")
+        if bare is None and given is None:
+            raise ErnieError(f"no {what} given: pass {flag}")
+        setattr(args, dest, given if given is not None else bare)
+    return args
+
+
+def add_inference_args(p: argparse.ArgumentParser) -> None:
+    """`--quantize` and `--adapter`, for every command that loads a model to run it (see `load_model`)."""
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
                    help="quantize the weights on the fly after loading (see docs/quantize.md)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter (PEFT layout) without merging")
+
+
+def add_max_new_tokens_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup, default: int, help: str,
+                           old: tuple[str, ...] = ()) -> None:
+    """`--max-new-tokens N`, the reply length in every command; `old`: earlier spellings, still taken but not
+    shown by --help."""
+    p.add_argument("--max-new-tokens", type=int, default=default, metavar="N", help=help)
+    for flag in old:
+        p.add_argument(flag, dest="max_new_tokens", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options of a command that loads a model to generate text (generate, chat)."""
+    add_model_arg(p, "checkpoint directory or bundled model name (default: the bundled ernie-tiny)", required=False)
+    add_dtype_arg(p)
+    add_device_arg(p)
+    add_inference_args(p)
     p.add_argument("--verbose", action="store_true", help="report prompt and decode speed on stderr")
 
 
@@ -36,7 +123,7 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N")
+    add_max_new_tokens_arg(g, max_new_tokens, f"tokens to generate at most (default {max_new_tokens})")
     g.add_argument(
         "--temperature",
         type=float,
@@ -120,11 +207,11 @@ def spinner(message: str, stream: TextIO | None = None) -> Iterator[None]:
 
 
 def load_model(path: str | None, dtype: str, device: str, *, quantize: str | None = None,
-               adapter: str | None = None, tp: int = 1, ep: int = 1) -> tuple[Any, Any]:
+               adapter: str | None = None, tp: int = 1, ep: int = 1, optimize: bool = True) -> tuple[Any, Any]:
     """Load a model behind a spinner (`path=None` is the bundled default model), then apply the on-the-fly
-    quantization and LoRA adapter flags; with `tp > 1`, load this rank's tensor-parallel shard."""
+    quantization and LoRA adapter flags; with `tp > 1`, load this rank's tensor-parallel shard. `optimize=False`
+    skips `optimize_for_inference` (its kernels decode faster but round differently: scores stay comparable)."""
     import ernie45
-    from ernie45.errors import ErnieError
     from ernie45.models import resolve_model_path
     from ernie45.tokenizer import Tokenizer
 
@@ -150,9 +237,10 @@ def load_model(path: str | None, dtype: str, device: str, *, quantize: str | Non
             from ernie45.quant import quantize_model
 
             quantize_model(model, quantize, tokenizer=tokenizer, progress=False)
-        from ernie45.fast import optimize_for_inference
+        if optimize:
+            from ernie45.fast import optimize_for_inference
 
-        optimize_for_inference(model)
+            optimize_for_inference(model)
     return model, tokenizer
 
 

@@ -11,6 +11,7 @@ import os
 from collections import Counter
 from typing import Any
 
+from ernie45.commands import add_dtype_arg, add_model_arg, parse_args
 from ernie45.errors import ErnieError
 
 # Resident memory of the runtime itself, beside the weights and the KV cache: the Python interpreter, torch (with
@@ -26,7 +27,7 @@ DEFAULT_MAX_MODEL_LEN = 4096  # as `ernie45 serve`: min(the context window, 4096
 def checkpoint_info(path: str, dtype: str = "auto") -> dict[str, Any]:
     """Config summary, parameter counts (total and, for MoE, active per token), stored dtypes, files, and the KV
     cache bytes per token in the run dtype `dtype` (auto: what loading picks on this CPU)."""
-    from ernie45.checkpoint import read_header, safetensors_files
+    from ernie45.checkpoint_read import read_header, safetensors_files
     from ernie45.config import ErnieConfig
     from ernie45.models import resolve_model_path
 
@@ -275,13 +276,13 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ernie45 info",
         description="Show a checkpoint's config, parameter count, dtypes and files; with --memory, predict the "
         "resident memory of an inference run before loading it.",
     )
-    p.add_argument("model", metavar="DIR", help="checkpoint directory or bundled model name")
+    add_model_arg(p, "checkpoint directory or bundled model name", positional="DIR")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--memory", action="store_true",
                    help="predict resident memory: weights as held + KV cache + runtime overhead (implied by "
@@ -293,9 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --quantize: predict the checkpoint `ernie45 quantize --quantize-embedding` writes, "
                         "the token embedding in int8 with one scale per row (where the embeddings are tied to the "
                         "head, that needs --quantize-lm-head, so the head is counted quantized too)")
-    p.add_argument("--dtype", default="auto",
-                   help="run dtype: auto (what loading picks on this CPU: bf16 where it is fast, else fp32), "
-                        "float32, bfloat16 or float16")
+    add_dtype_arg(p, help="run dtype; auto: what loading picks on this CPU, bf16 where it is fast, else fp32",
+                  one_line_error=True)
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help=f"positions cached per sequence (default: min(context window, {DEFAULT_MAX_MODEL_LEN}))")
     p.add_argument("--max-num-seqs", type=int, default=None, metavar="S",
@@ -303,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                         "--max-num-seqs, default 8)")
     p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8"],
                    help="the KV cache's dtype: auto (the run dtype) or int8 (ernie45 serve --kv-cache-dtype int8)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
     memory = args.memory or args.quantize_embedding or any(
         v is not None for v in (args.quantize, args.max_model_len, args.max_num_seqs, args.kv_cache_dtype))
     mem = None

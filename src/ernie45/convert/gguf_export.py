@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ernie45.commands import add_model_arg, add_out_arg, parse_args
 from ernie45.config import ErnieConfig
 from ernie45.convert.manifest import sha256_file, verify_checksum_file, write_checksum_file
 from ernie45.convert.paddle import open_as_hf
@@ -331,18 +332,22 @@ def check_gguf(path: str, planned: list[PlannedTensor]) -> None:
         raise ErnieError(f"{path}: the written tensor table differs from the plan: {diff}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ernie45 export-gguf",
         description="Export an ERNIE 4.5 checkpoint (HF or Paddle) to GGUF for llama.cpp / Ollama.",
     )
-    p.add_argument("src", metavar="SRC", help="checkpoint directory (with tokenizer.model)")
-    p.add_argument("out", metavar="OUT.gguf", help="GGUF file to write")
+    add_model_arg(p, "checkpoint directory (with tokenizer.model)", positional="SRC")
+    add_out_arg(p, "GGUF file to write", metavar="FILE.gguf", positional="OUT.gguf")
     p.add_argument("--outtype", default="f16", choices=OUTTYPES, help="weight type (default f16)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--verify", action="store_true", help="read the file back and check it before publishing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
-    out = export_gguf(a.src, a.out, a.outtype, overwrite=a.overwrite, verify=a.verify, progress=not a.quiet)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(build_parser(), argv)
+    out = export_gguf(a.model, a.out, a.outtype, overwrite=a.overwrite, verify=a.verify, progress=not a.quiet)
     print(f"wrote {out} ({a.outtype})" + (" (verified)" if a.verify else ""))
     return 0

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 
+from ernie45.commands import add_model_arg, parse_args
 from ernie45.errors import ErnieError
 from ernie45.utils import atomic_write_text
 
@@ -108,14 +109,22 @@ def verify(path: str) -> str:
     raise ErnieError(f"path not found: {path}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m ernie45.convert.manifest",
+        prog="ernie45 verify",
         description="Check a converted checkpoint (or GGUF file) against its SHA-256s.",
     )
-    p.add_argument("path", help="checkpoint directory with manifest.json, or a file with a .sha256 beside it")
-    args = p.parse_args(argv)
-    print(verify(args.path))
+    add_model_arg(p, "checkpoint directory with manifest.json, or a file with a .sha256 beside it",
+                  positional="PATH")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success (the exit code says it)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
+    result = verify(args.model)
+    if not args.quiet:
+        print(result)
     return 0
 
 

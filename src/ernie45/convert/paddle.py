@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ernie45.commands import add_dtype_arg, add_model_arg, add_out_arg, parse_args
 from ernie45.config import DENSE, MOE, ErnieConfig
 from ernie45.convert.manifest import verify_manifest, write_manifest
 from ernie45.convert.safetensors_io import (
@@ -496,31 +497,30 @@ def convert_checkpoint(
     return dst
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ernie45 convert",
         description="Convert an ERNIE 4.5 checkpoint between the Paddle (-Paddle) and Hugging Face (-PT) layouts.",
     )
-    p.add_argument("--from", dest="src_format", required=True, choices=FORMATS, help="layout of SRC")
+    p.add_argument("--from", dest="src_format", required=True, choices=FORMATS, help="layout of --model")
     p.add_argument("--to", dest="dst_format", required=True, choices=FORMATS, help="layout to write")
-    p.add_argument("src", metavar="SRC", help="checkpoint directory to read")
-    p.add_argument("dst", metavar="DST", help="directory to create")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=list(DTYPES),
-        help="cast floating tensors (router and correction bias stay float32); default: keep",
-    )
+    add_model_arg(p, "checkpoint directory to read", positional="SRC")
+    add_out_arg(p, "directory to create", positional="DST")
+    add_dtype_arg(p, help="cast floating tensors (router and correction bias stay float32); auto: keep")
     p.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB (default 5GB)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--verify", action="store_true", help="re-read the output and check its SHA-256 manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(build_parser(), argv)
     out = convert_checkpoint(
-        a.src,
-        a.dst,
+        a.model,
+        a.out,
         a.src_format,
         a.dst_format,
         dtype=a.dtype,

@@ -1,6 +1,6 @@
 """Streaming safetensors I/O, so that converting a checkpoint never holds more than a few tensors in memory.
 
-Reading is `ernie45.checkpoint.CheckpointReader` (positional reads, no mapping). Writing is our own:
+Reading is `ernie45.checkpoint_read.CheckpointReader` (positional reads, no mapping). Writing is our own:
 safetensors' `save_file` needs a whole shard as a dict in memory, whereas here the header is laid out from the
 planned names/dtypes/shapes first and each tensor's bytes are appended as soon as it is produced, and hashed
 (SHA-256) on the way out.
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ernie45.checkpoint import ST_DTYPES, CheckpointReader, inside_checkpoint, parse_size
+from ernie45.checkpoint_read import ST_DTYPES, CheckpointReader, inside_checkpoint
 from ernie45.errors import ErnieError
-from ernie45.utils import atomic_directory
+from ernie45.utils import atomic_directory, parse_size
 
 log = logging.getLogger("ernie45")
 
@@ -65,7 +65,7 @@ class TensorSource:
 
 class SafetensorsReader(TensorSource):
     """The tensors of a safetensors checkpoint directory (single file or sharded), read one at a time with
-    `ernie45.checkpoint.CheckpointReader` (positional reads: nothing stays resident), names as stored.
+    `ernie45.checkpoint_read.CheckpointReader` (positional reads: nothing stays resident), names as stored.
 
     The last `cache_size` tensors read are kept, so that a fused tensor split into consecutive outputs is read
     once.

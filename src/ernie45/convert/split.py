@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ernie45.checkpoint import parse_size
+from ernie45.commands import add_model_arg, add_out_arg, parse_args
 from ernie45.convert.manifest import verify_manifest, write_manifest
 from ernie45.convert.safetensors_io import (
     SafetensorsReader,
@@ -21,6 +21,7 @@ from ernie45.convert.safetensors_io import (
     write_shards,
 )
 from ernie45.errors import ErnieError
+from ernie45.utils import parse_size
 
 
 def split_checkpoint(
@@ -57,19 +58,23 @@ def split_checkpoint(
     return dst
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ernie45 split", description="Re-shard a safetensors checkpoint directory."
     )
-    p.add_argument("src", metavar="SRC", help="checkpoint directory to read")
-    p.add_argument("dst", metavar="DST", help="directory to create")
+    add_model_arg(p, "checkpoint directory to read", positional="SRC")
+    add_out_arg(p, "directory to create", positional="DST")
     p.add_argument("--max-shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB (default 2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--verify", action="store_true", help="re-read the output and check its SHA-256 manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(build_parser(), argv)
     out = split_checkpoint(
-        a.src, a.dst, a.max_shard_size, overwrite=a.overwrite, verify=a.verify, progress=not a.quiet
+        a.model, a.out, a.max_shard_size, overwrite=a.overwrite, verify=a.verify, progress=not a.quiet
     )
     print(f"wrote {out}" + (" (verified)" if a.verify else ""))
     return 0

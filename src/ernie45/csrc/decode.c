@@ -1941,7 +1941,7 @@ int ernie_step(Model *m, int token, int pos, int max_len, void **kc, void **vc, 
     return ernie_step_batch(m, 1, &token, &pos, kc, vc, &one_page, 1, max_len, logits);
 }
 
-/* y = L x for one Linear (kernel tests and `ernie45 bench --kernels`); m supplies threads and scratch. */
+/* y = L x for one Linear (the read-bandwidth probe of `ernie45 bench`); m supplies threads and scratch. */
 int ernie_gemv(Model *m, const Linear *L, const float *x, float *y) {
     if (prepare(m, 1, 1, 1)) return -1;
     Job j = JOB(L, x, y);

@@ -19,6 +19,14 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from ernie45.commands import (
+    add_device_arg,
+    add_dtype_arg,
+    add_inference_args,
+    add_model_arg,
+    add_out_arg,
+    load_model,
+)
 from ernie45.errors import ErnieError
 from ernie45.eval.tasks import TASKS, Subset, check_task, load_subsets
 from ernie45.utils import atomic_write_text
@@ -276,6 +284,8 @@ def run_eval(
     window: int | None = None,
     stride: int | None = None,
     progress: bool = True,
+    quantize: str | None = None,
+    adapter: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the checkpoint `model` on `task` and write the report to `out` (atomically).
 
@@ -288,6 +298,7 @@ def run_eval(
         batch_size: model inputs per forward pass.
         max_length: longest model input (default: the model's max_position_embeddings).
         window, stride: perplexity window and step in tokens (default min(max_length, 4096) and window // 2).
+        quantize, adapter: score the model quantized on the fly, or with a LoRA adapter (as `generate`).
 
     Returns:
         The report that was written: task, config, model fingerprint, results and timings.
@@ -312,7 +323,7 @@ def run_eval(
     started = time.perf_counter()
     subsets = load_subsets(task, data_dir, shots, limit) if task != "ppl" else []
     files = text_files(os.fspath(data_dir)) if task == "ppl" else []
-    lm, tokenizer = ernie45.load(model, dtype=dtype, device=device)
+    lm, tokenizer = load_model(model, dtype, device, quantize=quantize, adapter=adapter, optimize=False)
     max_length = max_length or lm.config.max_position_embeddings
     if task == "ppl":
         window = window or min(max_length, 4096)
@@ -333,6 +344,13 @@ def run_eval(
     }
     if task == "ppl":
         config.update(window=window, stride=stride)
+    if quantize:
+        config["quantize"] = quantize
+    if adapter:
+        from ernie45.train.lora import resolve_adapter_dir
+
+        adapter = resolve_adapter_dir(adapter)
+        config["adapter"] = {"path": os.path.abspath(adapter), "fingerprint": model_fingerprint(adapter)}
     fingerprint = model_fingerprint(model)
     data_files = [f for s in subsets for f in s.files] + files
     run_key = {k: v for k, v in config.items() if k not in ("batch_size", "data_dir")}
@@ -386,22 +404,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score a checkpoint on C-Eval, CMMLU, CLUE or "
         "perplexity, from local copies of the official files (nothing is downloaded).",
     )
-    p.add_argument("--model", required=True, help="checkpoint directory (HF layout with tokenizer files)")
+    add_model_arg(p, "checkpoint directory (HF layout with tokenizer files)")
     p.add_argument("--task", required=True, metavar="TASK", help=f"one of: {', '.join(TASKS)}")
     p.add_argument(
         "--data-dir",
         required=True,
         help="the benchmark's official files; for ppl a UTF-8 text file or a folder of *.txt",
     )
-    p.add_argument("--out", required=True, help="results JSON (written atomically)")
+    add_out_arg(p, "results JSON (written atomically)", metavar="FILE")
     p.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt (default 0)")
     p.add_argument("--limit", type=int, help="score only the first N items of each subject/task")
     p.add_argument("--batch-size", type=int, default=8, help="model inputs per forward pass (default 8)")
     p.add_argument("--max-length", type=int, help="longest model input (default: the model's context)")
     p.add_argument("--window", type=int, help="ppl: tokens per window (default min(context, 4096))")
     p.add_argument("--stride", type=int, help="ppl: tokens the window moves by (default window/2)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    add_dtype_arg(p)
+    add_device_arg(p)
+    add_inference_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -422,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         window=a.window,
         stride=a.stride,
         progress=not a.no_progress,
+        quantize=a.quantize,
+        adapter=a.adapter,
     )
     print(format_table(report))
     print(f"wrote {a.out}")

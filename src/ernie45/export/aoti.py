@@ -18,12 +18,11 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ernie45.config import ErnieConfig
 from ernie45.errors import ErnieError
-from ernie45.model import Attention, ErnieForCausalLM, MoE, apply_rope
+from ernie45.model import ErnieForCausalLM, rope_cos_sin
 
 FORMAT_VERSION = 1
 PACKAGE_FILE = "model.pt2"
@@ -35,97 +34,45 @@ DEFAULT_MAX_SEQ_LEN = 2048
 MMAP_WEIGHTS_BYTES = 1 << 30
 
 
-def cached_attention(
-    att: Attention, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor, v_cache: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`Attention.forward` over [cache slots, new keys] for any length S: -> (output, new k, new v).
-
-    The eager model picks a different attention kernel for one query; a branch on S would pin the traced
-    length, so one SDPA call serves the prefill and the decode steps. Projections and RoPE are the model's.
-    x: (B, S, H); k_cache, v_cache: (B, nKV, M, d); mask: (S, M + S) bool, True where attention is allowed.
-    """
-    B, S, _ = x.shape
-    d = att.head_dim
-    q = att.q_proj(x).view(B, S, -1, d).transpose(1, 2)  # (B, nH, S, d)
-    k = att.k_proj(x).view(B, S, -1, d).transpose(1, 2)  # (B, nKV, S, d)
-    v = att.v_proj(x).view(B, S, -1, d).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys = torch.cat([k_cache, k], dim=2)  # (B, nKV, M + S, d); the mask hides unfilled slots
-    values = torch.cat([v_cache, v], dim=2)
-    o = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=d**-0.5, enable_gqa=q.shape[1] != keys.shape[1]
-    )
-    return att.o_proj(o.transpose(1, 2).reshape(B, S, -1)), k, v  # (B, S, nH*d) -> (B, S, H)
-
-
-def moe_all_experts(moe: MoE, x: Tensor) -> Tensor:
-    """`MoE.forward` without data-dependent shapes: every expert runs on every token, weighted 0 if unrouted.
-
-    torch.export cannot trace the per-expert token gather of the eager model. Routing is the model's own
-    (`MoE.route`), and adding the zero contributions leaves the sum bit-identical, at num_experts / k times
-    the expert compute.
-    """
-    B, S, H = x.shape
-    t = x.reshape(-1, H)  # (T, H)
-    _, w, idx = moe.route(t)  # (T, K) weights and expert ids
-    out = torch.zeros_like(t)
-    for e, expert in enumerate(moe.experts):
-        we = (w * (idx == e)).sum(-1, keepdim=True)  # (T, 1): the weight of expert e, 0 when not chosen
-        out = out + (expert(t) * we).to(out.dtype)
-    if moe.shared_experts is not None:
-        out = out + moe.shared_experts(t)
-    return out.view(B, S, H)
-
-
 class StepModule(nn.Module):
     """One cached forward step over explicit cache tensors: what `torch.export` can trace.
 
     forward(input_ids (B, S) int64, k_cache, v_cache (L, B, nKV, M, d), pos (1,) int64 = positions filled)
     -> (logits (B, V) fp32 of the last position, new_k, new_v (L, B, nKV, S, d) for positions [pos, pos + S)).
-    Reuses the model's modules and RoPE rotation, so the logits match `ErnieForCausalLM` with a `KVCache` to ~1e-6 (fp32).
+    The layers run their export variants (`DecoderLayer.forward_step`: one SDPA call over [cache slots, new keys]
+    for any S, every expert on every token), so the logits match `ErnieForCausalLM` with a `KVCache` to ~1e-6
+    (fp32).
     """
 
     def __init__(self, model: ErnieForCausalLM, max_seq_len: int):
         super().__init__()
         self.model = model
         self.max_seq_len = max_seq_len
-        # rope_cos_sin's formula, held here: it caches inv_freq per process, and a cache filled while
-        # torch.export traces would hold a fake tensor
-        d, theta = model.config.head_dim, model.config.rope_theta
-        inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=model.device) / d))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(
         self, input_ids: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        inner = self.model.model
+        inner, cfg = self.model.model, self.model.config
         S = input_ids.shape[1]
         dev = input_ids.device
         x = inner.embed_tokens(input_ids)
         positions = pos + torch.arange(S, device=dev)  # (S,)
-        freqs = positions[None, :, None].float() * self.inv_freq  # (1, S, d/2)
-        cos, sin = freqs.cos(), freqs.sin()
+        cos, sin = rope_cos_sin(positions[None], cfg.head_dim, cfg.rope_theta)  # (1, S, d/2)
         filled = torch.arange(self.max_seq_len, device=dev) < pos  # (M,) cache slots holding earlier tokens
         causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
         mask = torch.cat([filled.expand(S, -1), causal], dim=1)  # (S, M + S), True = may attend
         new_k, new_v = [], []
         for i, layer in enumerate(inner.layers):
-            h, k, v = cached_attention(
-                layer.self_attn, layer.input_layernorm(x), cos, sin, mask, k_cache[i], v_cache[i]
-            )
+            x, k, v = layer.forward_step(x, cos, sin, mask, k_cache[i], v_cache[i])
             new_k.append(k)
             new_v.append(v)
-            x = x + h
-            h = layer.post_attention_layernorm(x)
-            x = x + (moe_all_experts(layer.mlp, h) if layer.is_moe else layer.mlp(h))
         logits = self.model.lm_head(inner.norm(x[:, -1:]))[:, -1].float()  # (B, V)
         return logits, torch.stack(new_k), torch.stack(new_v)
 
     def empty_cache(self, batch_size: int = 1) -> tuple[Tensor, Tensor]:
         """Zeroed (k_cache, v_cache) of shape (L, B, nKV, M, d) in the model's dtype."""
         m = self.model
-        n_kv = m.model.layers[0].self_attn.k_proj.out_features // m.config.head_dim
-        shape = (m.config.num_hidden_layers, batch_size, n_kv, self.max_seq_len, m.config.head_dim)
+        shape = (m.config.num_hidden_layers, batch_size, m.kv_heads, self.max_seq_len, m.config.head_dim)
         k = torch.zeros(shape, dtype=m.dtype, device=m.device)
         return k, torch.zeros_like(k)
 
@@ -179,7 +126,7 @@ def build_manifest(model: ErnieForCausalLM, tokenizer: Any, max_seq_len: int, dt
 
     cfg = model.config
     gen = resolve_config(model)
-    n_kv = model.model.layers[0].self_attn.k_proj.out_features // cfg.head_dim
+    n_kv = model.kv_heads
     cache = [cfg.num_hidden_layers, 1, n_kv, max_seq_len, cfg.head_dim]
     new = [cfg.num_hidden_layers, 1, n_kv, "S", cfg.head_dim]
     return {
@@ -344,13 +291,15 @@ def export_aoti(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ernie45.commands import add_dtype_arg, add_model_arg, add_out_arg
+
     p = argparse.ArgumentParser(
         prog="ernie45 export",
         description="Compile the model ahead of time (torch.export + AOTInductor) into a package that the "
         "libtorch C++ runtime loads; see deploy/cpp and docs/cpp.md.",
     )
-    p.add_argument("src", metavar="SRC", help="checkpoint directory or bundled model name (e.g. ernie-tiny)")
-    p.add_argument("out", metavar="OUT", help="output directory")
+    add_model_arg(p, "checkpoint directory or bundled model name (e.g. ernie-tiny)", positional="SRC")
+    add_out_arg(p, "output directory", positional="OUT")
     p.add_argument("--format", default="aoti", choices=["aoti"], help="export format (default aoti)")
     p.add_argument(
         "--max-seq-len",
@@ -359,16 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"KV cache length, prompt plus generated tokens (default: min(context, {DEFAULT_MAX_SEQ_LEN}))",
     )
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (default float32)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_dtype_arg(p, "float32", help="weights and KV cache: float32 or bfloat16")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from ernie45.commands import parse_args
+
+    args = parse_args(build_parser(), argv)
     out = export_aoti(
-        args.src,
+        args.model,
         args.out,
         max_seq_len=args.max_seq_len,
         dtype=args.dtype,

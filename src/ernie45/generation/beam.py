@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ernie45.generation.config import GenerationConfig
-from ernie45.generation.generate import decode_step, pad_token_id
+from ernie45.generation.decode import decode_step, pad_token_id
 from ernie45.generation.sampling import apply_all, make_processors, make_warpers
 from ernie45.generation.streaming import ends_with_stop_string
 

@@ -1,5 +1,6 @@
-"""The one decode loop: `generate` (transformers-compatible), `generate_step` (one yield per token) and
-`stream_generate` (text deltas). Greedy and sampling live here, beam search in beam.py.
+"""The decode loop of the Python API and the CLI: `generate` (transformers-compatible), `generate_step` (one yield
+per token) and `stream_generate` (text deltas). Greedy and sampling live here, beam search in beam.py; the server,
+web UI and LangChain run the serving engine's batched loop (`ernie45.serve.engine`), with the same processors.
 
 Built for speed: a preallocated KV cache and output buffer, a prefill that computes only the last
 position's logits, and a decode step (`decode_step`) with one host sync per token (the new token ids).
@@ -17,7 +18,9 @@ import torch
 from torch import Tensor
 
 from ernie45.errors import ErnieError
+from ernie45.generation.beam import beam_search
 from ernie45.generation.config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
+from ernie45.generation.decode import decode_step, pad_token_id
 from ernie45.generation.prompt_cache import PromptCache
 from ernie45.generation.sampling import apply_all, make_processors, make_sampler
 from ernie45.generation.streaming import IncrementalDetokenizer, StopStringFilter, ends_with_stop_string
@@ -107,13 +110,6 @@ def resolve_lengths(cfg: GenerationConfig, prompt_len: int, context: int) -> tup
     return max_new, min_new
 
 
-def pad_token_id(cfg: GenerationConfig) -> int:
-    """transformers: pad_token_id, else the first EOS id; 0 when neither is set."""
-    if cfg.pad_token_id is not None:
-        return cfg.pad_token_id
-    return cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
-
-
 def prepare_inputs(model: Any, input_ids: Any, attention_mask: Any = None) -> tuple[Tensor, Tensor | None]:
     """Prompt ids (B, S) and mask on the model's device; the mask is None when there is no padding.
 
@@ -164,20 +160,6 @@ def make_generator(
 
 
 # ---- the decode loop -------------------------------------------------------------------------------
-def decode_step(
-    model: Any, tokens: Tensor, cache: Any, attention_mask: Tensor | None, position_ids: Tensor
-) -> Tensor:
-    """One cached forward for the newest tokens (B, 1) -> next-token logits (B, V).
-
-    A plain function of tensors and the cache, so that benchmarks can time it and `torch.compile` can wrap it.
-    Batch-1 steps go to the model's C decoder when `ernie45.fast.optimize_for_inference` attached one.
-    """
-    fast = getattr(model, "fast_decoder", None)
-    if fast is not None and fast.accepts(tokens, cache, attention_mask, position_ids):
-        return fast(tokens, cache)
-    return model(tokens, attention_mask=attention_mask, position_ids=position_ids, cache=cache).logits[:, -1]
-
-
 @torch.inference_mode()
 def _decode(
     model: Any,
@@ -455,8 +437,6 @@ def generate(
     if cfg.num_beams > 1:
         if streamer is not None:
             raise ErnieError("streaming is not supported with beam search (num_beams > 1)")
-        from ernie45.generation.beam import beam_search
-
         return beam_search(model, ids, mask, cfg, max_new, min_new, tokenizer, gen)
     ids, mask = _expand(ids, mask, cfg.num_return_sequences)
     if streamer is not None:

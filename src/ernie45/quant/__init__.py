@@ -174,7 +174,8 @@ def quantize_linear(
     The quantizer used by `quantize_model` and by the tensor-by-tensor `ernie45.quant.stream.StreamQuantizer`,
     so that both give the same tensors. `nf4`: the class from `nf4_linear_class()` (mode nf4 only).
     """
-    from ernie45.quant.linear import Int4Linear, Int8Linear, LLMInt8Linear, nf4_linear_class, rel_error
+    from ernie45.quant.linear import Int4Linear, Int8Linear, LLMInt8Linear, rel_error
+    from ernie45.quant.nf4 import nf4_linear_class
 
     stats: dict = {}
     if mode == "wint8":
@@ -306,7 +307,7 @@ def quantize_model(
     """
     from tqdm import tqdm
 
-    from ernie45.quant.linear import import_bitsandbytes, nf4_linear_class
+    from ernie45.quant.nf4 import import_bitsandbytes, nf4_linear_class
 
     validate_options(mode, 128 if group_size is None else group_size, threshold, calib_method, percentile)
     config = model.config
@@ -411,7 +412,8 @@ def prepare_for_load(model: nn.Module, quantization_config: dict) -> None:
 
     Called by `ernie45.checkpoint.load_checkpoint` before `load_state_dict(..., assign=True)`.
     """
-    from ernie45.quant.linear import Int4Linear, Int8Embedding, Int8Linear, LLMInt8Linear, nf4_linear_class
+    from ernie45.quant.linear import Int4Linear, Int8Embedding, Int8Linear, LLMInt8Linear
+    from ernie45.quant.nf4 import nf4_linear_class
 
     qc = quantization_config
     if not isinstance(qc, dict):

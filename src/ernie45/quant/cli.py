@@ -11,7 +11,8 @@ import os
 import sys
 import time
 
-from ernie45.checkpoint import inside_checkpoint
+from ernie45.checkpoint_read import inside_checkpoint
+from ernie45.commands import add_device_arg, add_dtype_arg, add_model_arg, add_out_arg
 from ernie45.errors import ErnieError
 from ernie45.quant import (
     MODES,
@@ -27,7 +28,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _weights_bytes(path: str) -> int:
-    from ernie45.checkpoint import safetensors_files
+    from ernie45.checkpoint_read import safetensors_files
 
     return sum(os.path.getsize(f) for f in safetensors_files(path))
 
@@ -47,11 +48,12 @@ def peak_rss() -> int:
 
 
 def streams(mode: str, calib=None, device: str = "cpu") -> bool:
-    """Whether `quantize_checkpoint` quantizes tensor by tensor (wint8, wint4, uncalibrated llm.int8 on CPU)."""
+    """Whether `quantize_checkpoint` quantizes tensor by tensor (wint8, wint4, uncalibrated llm.int8 on CPU).
+    `auto` streams whenever the mode can: memory stays bounded, and these modes gain little from a GPU."""
     from ernie45.device import resolve_device
     from ernie45.quant.stream import STREAM_MODES
 
-    return mode in STREAM_MODES and calib is None and resolve_device(device).type == "cpu"
+    return mode in STREAM_MODES and calib is None and (device == "auto" or resolve_device(device).type == "cpu")
 
 
 def quantize_checkpoint(
@@ -86,8 +88,8 @@ def quantize_checkpoint(
     embeddings need `quantize_lm_head`). Returns (report, weight bytes before, weight bytes after) as stored on disk;
     `stats`, if given, receives `params` (source parameters), `seconds` and `streamed`.
     """
-    from ernie45.checkpoint import parse_size
     from ernie45.config import ErnieConfig
+    from ernie45.utils import parse_size
 
     validate_options(mode, 128 if group_size is None else group_size, threshold, calib_method)
     if calib is not None and mode != "llm.int8":
@@ -198,7 +200,7 @@ def _quantize_streaming(
     """Read, quantize and write one tensor at a time (`StreamQuantizer`); the same files as the in-memory path."""
     from tqdm import tqdm
 
-    from ernie45.checkpoint import CheckpointReader
+    from ernie45.checkpoint_read import CheckpointReader
     from ernie45.convert import safetensors_io
     from ernie45.quant.stream import StreamQuantizer
     from ernie45.tokenizer import Tokenizer
@@ -253,9 +255,9 @@ def _write_side_files(tmp: str, model_dir: str, config, tokenizer, extra_files: 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie45 quantize", description=__doc__)
-    p.add_argument("--model", required=True, help="float checkpoint directory (HF layout)")
+    add_model_arg(p, "float checkpoint directory (HF layout)")
     p.add_argument("--mode", required=True, choices=MODES, help="quantization mode")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    add_out_arg(p, "output directory (written atomically)")
     p.add_argument(
         "--group-size",
         type=int,
@@ -291,18 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="leave Linears with this name or name suffix in float (e.g. down_proj); repeatable",
     )
-    p.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="auto",
-        help="dtype of everything left in float (default: the checkpoint's)",
-    )
-    p.add_argument(
-        "--device",
-        default="cpu",
-        help="where to quantize: cpu (default; wint8, wint4 and llm.int8 without --calib stream tensor by "
-        "tensor), cuda, auto (these load the whole model)",
-    )
+    add_dtype_arg(p, help="dtype of everything left in float; auto: the checkpoint's")
+    add_device_arg(p, "where to quantize (wint8, wint4 and llm.int8 without --calib stream tensor by tensor on the "
+                   "CPU, as auto does; nf4, calibrated llm.int8 and cuda load the whole model)")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,9 +1,9 @@
 """Matrix-product kernels for the quantized Linears, chosen per device, dtype, shape and batch rows.
 
 Each operation has a fast kernel where PyTorch ships one and a pure-torch dequantise+matmul fallback that runs
-anywhere (CUDA, CPUs without AVX2, autograd). `bench_kernels()` measures them side by side; the rules in
-`choose_kernel` come from those measurements on a 2-core AVX-512 (AVX512-BF16, VNNI) CPU, one thread, bf16
-activations, weights streamed from memory (a 0.3B MLP projection, 3072x1024, ms per call):
+anywhere (CUDA, CPUs without AVX2, autograd). `ernie45.quant.kernel_bench.bench_kernels()` times them side by
+side; the rules in `choose_kernel` come from those measurements on a 2-core AVX-512 (AVX512-BF16, VNNI) CPU, one
+thread, bf16 activations, weights streamed from memory (a 0.3B MLP projection, 3072x1024, ms per call):
 
     rows  fp32 linear  bf16 linear  int8pack  int8 dequant  int4pack  int4 dequant  int8 x int8 (_int_mm)
       1       0.92         0.66        0.46       0.67        0.17        5.0            0.36
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ernie45.device import cpu_has_fast_bf16
+from ernie45.native_abi import W_I4, W_I8, dequant_rows
 
 KERNELS = {
     "wint8": ("int8pack", "dequant"),
@@ -307,9 +307,7 @@ def int8_weight_mm(x2: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     dtype = matmul_dtype(x2)
     n, k = weight.shape
     rows = None
-    if x2.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-        from ernie45.fast import W_I8, dequant_rows  # the same widening in one pass of the C kernel
-
+    if x2.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):  # the same widening, one C pass
         rows = _c_rows(dequant_rows(W_I8, weight, n, k, torch.ones(n)), dtype)
     y = tiled_mm(x2, n, rows or (lambda i, j: weight[i:j].to(dtype)), dtype)
     return y.mul_(scale.to(dtype)).to(x2.dtype)
@@ -338,9 +336,7 @@ def int4_weight_mm(
     def weight_rows(i: int, j: int) -> Tensor:
         return dequantize_int4(packed[i:j], scale[i:j], zero[i:j], group_size, layout, dtype)
 
-    if layout == ROWMAJOR_INT4_LAYOUT and x2.device.type == "cpu":
-        from ernie45.fast import W_I4, dequant_rows  # the same values in one pass of the C kernel
-
+    if layout == ROWMAJOR_INT4_LAYOUT and x2.device.type == "cpu":  # the same values in one pass of the C kernel
         weight_rows = _c_rows(dequant_rows(W_I4, packed, n, k, scale, zero, group_size), dtype) or weight_rows
     return tiled_mm(x2, n, weight_rows, dtype).to(x2.dtype)
 
@@ -375,98 +371,3 @@ def int8_int8_mm(xq: Tensor, weight: Tensor) -> Tensor:
         return torch._int_mm(xq, weight.t())
     # fp32 holds every partial sum exactly while |sum| < 2^24, i.e. for K up to ~1000 at full range.
     return torch.matmul(xq.float(), weight.float().t()).round_().to(torch.int32)
-
-
-# ---- micro-benchmark ------------------------------------------------------------------------------
-def bench_kernels(
-    n: int = 3072,
-    k: int = 1024,
-    rows: tuple[int, ...] = (1, 8, 64),
-    copies: int = 16,
-    reps: int = 5,
-    threads: int | None = None,
-    group_size: int = 128,
-) -> list[dict]:
-    """Time every kernel on a (n, k) projection, cycling `copies` weights so they stream from memory.
-
-    Returns one dict per (op, kernel, dtype, rows): milliseconds per call (best of `reps`) and the weight bytes
-    read per second. Not a test: numbers depend on the machine and its load. Called by `ernie45 bench`.
-    """
-    from ernie45.quant.linear import quantize_int4_groupwise, quantize_int8_per_channel
-
-    g = torch.Generator().manual_seed(0)
-    ws = [torch.randn(n, k, generator=g) * 0.02 for _ in range(copies)]
-    bf16 = [w.bfloat16() for w in ws]
-    i8 = [quantize_int8_per_channel(w, torch.bfloat16) for w in ws]
-    cpu4 = int4pack_usable(torch.device("cpu"), n, k, group_size)
-    layout4 = CPU_INT4_LAYOUT if cpu4 else ROWMAJOR_INT4_LAYOUT
-    i4 = []
-    for w in ws:
-        packed, scale, zero = quantize_int4_groupwise(w, group_size, torch.bfloat16)
-        sz = int4_scales_and_zeros(scale, zero, torch.bfloat16)
-        i4.append((to_cpu_int4_layout(packed) if cpu4 else packed, scale, zero, sz))
-
-    def run_fp32(i: int, x: Tensor) -> Tensor:
-        return F.linear(x.float(), ws[i])
-
-    def run_bf16(i: int, x: Tensor) -> Tensor:
-        return F.linear(x, bf16[i])
-
-    def run_wint8(i: int, x: Tensor) -> Tensor:
-        return int8_weight_mm(x, i8[i][0], i8[i][1])
-
-    def run_wint4(i: int, x: Tensor) -> Tensor:
-        return int4_weight_mm(x, i4[i][0], layout4, i4[i][1], i4[i][2], group_size, i4[i][3])
-
-    def run_llm_int8(i: int, x: Tensor) -> Tensor:
-        xq, step = quantize_rows_int8(x)
-        return int8_int8_mm(xq, i8[i][0]).float() * step[:, None] * i8[i][1].float()
-
-    cases = [("fp32", "F.linear", 4.0, run_fp32), ("bf16", "F.linear", 2.0, run_bf16)]
-    cases += [("wint8", kern, 1.0, run_wint8) for kern in KERNELS["wint8"]]
-    cases += [("wint4", kern, 0.5, run_wint4) for kern in KERNELS["wint4"]]
-    cases += [("llm.int8", kern, 1.0, run_llm_int8) for kern in KERNELS["llm.int8"]]
-    results: list[dict] = []
-    prev_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            for m in rows:
-                x = torch.randn(m, k, generator=g).bfloat16()
-                for op, kern, bytes_per_weight, fn in cases:
-                    forced = use_kernel(op, kern) if op in KERNELS else contextlib.nullcontext()
-                    with forced:
-                        if op in KERNELS and choose_kernel(op, x, n, k, group_size) != kern:
-                            continue  # not usable here (device, dtype or shape)
-                        fn(0, x)
-                        best = float("inf")
-                        for _ in range(reps):
-                            t0 = time.perf_counter()
-                            for i in range(copies):
-                                fn(i, x)
-                            best = min(best, (time.perf_counter() - t0) / copies)
-                    results.append(
-                        {
-                            "op": op,
-                            "kernel": kern,
-                            "dtype": "bfloat16" if op != "fp32" else "float32",
-                            "rows": m,
-                            "ms": best * 1e3,
-                            "gb_s": n * k * bytes_per_weight / best / 1e9,
-                            "shape": [n, k],
-                        }
-                    )
-    finally:
-        torch.set_num_threads(prev_threads)
-    return results
-
-
-def format_bench(results: list[dict]) -> str:
-    """A plain-text table of `bench_kernels()` results."""
-    lines = [f"{'op':<9} {'kernel':<9} {'dtype':<9} {'rows':>5} {'ms':>9} {'GB/s':>7}"]
-    for r in results:
-        lines.append(
-            f"{r['op']:<9} {r['kernel']:<9} {r['dtype']:<9} {r['rows']:>5} {r['ms']:>9.3f} {r['gb_s']:>7.1f}"
-        )
-    return "\n".join(lines)

@@ -6,7 +6,7 @@ quantized checkpoint in file order. Its output is what `ernie45.load(dtype=...)`
 `save_checkpoint` write for the same dtype, bit for bit (same quantizers, same names, dtypes and order), without
 ever building the float model:
 
-    from ernie45.checkpoint import CheckpointReader
+    from ernie45.checkpoint_read import CheckpointReader
     from ernie45.config import ErnieConfig
     from ernie45.convert.safetensors_io import write_shards
 
@@ -69,7 +69,7 @@ class StreamQuantizer:
     """The tensors of the quantized checkpoint, computed one source tensor at a time.
 
     Args:
-        reader: an open `ernie45.checkpoint.CheckpointReader` on the float checkpoint (kept open while in use).
+        reader: an open `ernie45.checkpoint_read.CheckpointReader` on the float checkpoint (kept open while in use).
         config: that checkpoint's `ErnieConfig` (not quantized).
         mode: "wint8", "wint4" or "llm.int8" (uncalibrated: outlier columns are found per batch at run time).
         group_size: wint4: 64 or 128; None picks 128 when it divides every quantized width, else 64.
@@ -120,7 +120,7 @@ class StreamQuantizer:
         threshold: float = 6.0,
         prefetch: bool = True,
     ):
-        from ernie45.checkpoint import build_model, plan_tensors
+        from ernie45.checkpoint_read import build_model, plan_tensors
         from ernie45.convert.safetensors_io import TensorSpec
 
         validate_options(mode, 128 if group_size is None else group_size, threshold)

@@ -18,9 +18,12 @@ short and long sequences share memory and a sequence uses only what it fills.
   back to the head of the queue to be recomputed later, mostly from the prefix cache.
 
 Decode runs every decoding sequence in one call (in C when the model has a native step, reading the pages in
-place). Sampling reuses the pure processors of `ernie45.generation.sampling` per row (penalties) or per group
-of rows that share the same warper settings; text is produced by `ernie45.generation.streaming`'s incremental
-detokeniser.
+place). Sampling (`ernie45.serve.sampler`) reuses the pure processors of `ernie45.generation.sampling` per row
+(penalties) or per group of rows that share the same warper settings; text is produced by
+`ernie45.generation.streaming`'s incremental detokeniser.
+
+This module holds the engine thread, its model calls and token emission; the scheduling policy above is
+`ernie45.serve.scheduler`, and the types the engine and its callers exchange are `ernie45.serve.request`.
 
 Every model call goes through a `ModelRunner`, which under tensor parallelism replays it on the other ranks.
 There, any error in a step is fatal (the ranks may no longer agree): the engine answers every request with
@@ -36,186 +39,32 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ernie45.generation import sampling, structured
-from ernie45.generation.streaming import IncrementalDetokenizer, StopStringFilter
-from ernie45.generation.structured import Grammar
-from ernie45.serve.blocks import BlockManager, block_hashes
+from ernie45.serve.blocks import BlockManager
 from ernie45.serve.kv import kv_cache_blocks
 from ernie45.serve.metrics import ServerMetrics
+from ernie45.serve.request import (
+    EngineArgs,
+    EngineError,
+    Output,
+    RequestGroup,
+    SamplingParams,
+    Seq,
+    TokenLogprob,
+    deliver,
+)
 from ernie45.serve.runner import ModelRunner
+from ernie45.serve.sampler import pick_logprobs, sample
+from ernie45.serve.scheduler import Scheduler
 
 log = logging.getLogger("ernie45.serve")
 
-LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM reports masked tokens with this value too
 
-
-class EngineError(Exception):
-    """A request the engine refuses or could not finish; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int, type_: str = "server_error", code: str | None = None):
-        super().__init__(message)
-        self.message, self.status, self.type, self.code = message, status, type_, code
-
-
-@dataclass
-class EngineArgs:
-    """Capacity and limits. The KV pool holds `kv_cache_memory` bytes (default: room for `max_num_seqs`
-    sequences of `max_model_len`, at most half the memory available at start) in blocks of `block_size`."""
-
-    max_num_seqs: int = 8  # sequences admitted at once (prefilling or decoding)
-    max_model_len: int = 2048
-    max_queue_len: int = 256  # waiting requests beyond this are refused with 429
-    max_num_batched_tokens: int = 2048  # tokens one step computes (decode tokens + prompt chunks)
-    request_timeout: float = 600.0  # seconds from arrival; then the request ends with an error
-    block_size: int = 16
-    kv_cache_memory: int | None = None
-    enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"  # auto (the model dtype) or int8 (per-row scales: half of bf16's memory)
-
-
-CHUNK_LATENCY = 1.5  # while sequences decode, a prompt chunk costs at most about this many decode steps
-# in a mixed C step the chunk's rows cost more as the prompt's position grows (attention), so aim lower
-MIXED_CHUNK_LATENCY = 1.0
-MASK_ENTRIES = (
-    1 << 26
-)  # a prompt chunk's query x key mask stays within 64 MiB (chunks shrink at long contexts)
-
-
-# Temperatures below this decode greedily (vLLM's rule): dividing logits by 1e-45 makes them inf and the draw NaN.
-MIN_TEMPERATURE = 1e-5
-
-
-@dataclass
-class SamplingParams:
-    """Per-request decoding settings (OpenAI/vLLM meaning). temperature below MIN_TEMPERATURE means greedy."""
-
-    max_tokens: int = 16
-    min_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None  # alternatives per generated token; 0 = only the chosen token's logprob
-    prompt_logprobs: int | None = None  # same, for the prompt tokens (completions with echo)
-    skip_special_tokens: bool = True
-    logit_bias: dict[int, float] | None = None
-    grammar: Grammar | None = None  # structured output: every sequence's tokens follow it
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token id, logprob), best first
-
-
-@dataclass
-class Output:
-    """What one request gained in one engine step."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only; entry 0 is None
-    finish_reason: str | None = None  # "stop" | "length" once finished
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
-
-
-class _Seq:
-    """Engine-side state of one sequence (one choice of one HTTP request)."""
-
-    def __init__(
-        self,
-        group: RequestGroup,
-        index: int,
-        prompt: list[int],
-        params: SamplingParams,
-        tokenizer,
-        generator: torch.Generator | None,
-        deadline: float,
-    ):
-        self.group, self.index, self.prompt, self.params = group, index, prompt, params
-        self.generator, self.deadline = generator, deadline
-        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
-        self.stops = StopStringFilter(params.stop)
-        self.guide = params.grammar.guide() if params.grammar is not None else None
-        self.bias = None  # logit_bias as (ids, values) tensors, built once per sequence, not per token
-        if params.logit_bias:
-            self.bias = (torch.tensor(list(params.logit_bias), dtype=torch.long),
-                         torch.tensor(list(params.logit_bias.values()), dtype=torch.float32))
-        self.prompt_lps: list[TokenLogprob | None] | None = None  # sent with the first output
-        self.output: list[int] = []
-        self.blocks: list[int] = []  # block table: position t lives in blocks[t // block_size]
-        self.hashes: list[bytes] = []  # chained hashes of the full blocks of prompt + output known so far
-        self.registered = 0  # leading blocks registered in the prefix cache
-        self.computed = 0  # positions whose keys/values are in the cache
-        self.cached_tokens = 0  # prompt tokens found in the prefix cache at admission
-        self.admitted = False
-        self.cancelled = False
-        self.arrival = time.monotonic()
-        self.first_token_at: float | None = None
-        self.finish_reason: str | None = None
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
-
-    @property
-    def target(self) -> int:
-        """Positions to prefill before decoding: the prompt (its last logits give the first token), or after a
-        preemption all but the last token (which the next decode step feeds)."""
-        return len(self.prompt) + len(self.output) - (1 if self.output else 0)
-
-    @property
-    def decoding(self) -> bool:
-        return bool(self.output) and self.computed == self.target
-
-
-class RequestGroup:
-    """The n choices of one HTTP request; iterate it (in the event loop) for `(choice index, Output)` pairs.
-
-    Raises the `EngineError` of a choice that failed. `abort()` (e.g. on client disconnect) frees the
-    choices' KV blocks at the engine's next step.
-    """
-
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, n: int):
-        self._engine, self._loop, self._n = engine, loop, n
-        self._queue: asyncio.Queue[tuple[int, Output | EngineError]] = asyncio.Queue()
-        self.seqs: list[_Seq] = []
-
-    def abort(self) -> None:
-        for s in self.seqs:
-            s.cancelled = True
-        self._engine._wake()
-
-    async def __aiter__(self) -> AsyncIterator[tuple[int, Output]]:
-        open_ = self._n
-        while open_:
-            index, item = await self._queue.get()
-            if isinstance(item, EngineError):
-                self.abort()
-                raise item
-            if item.finish_reason is not None:
-                open_ -= 1
-            yield index, item
-
-
-class Engine:
+class Engine(Scheduler):
     """Owns the model runner (model + slot cache) and the engine thread.
 
     Args:
@@ -245,14 +94,14 @@ class Engine:
         self.on_fatal = on_fatal
         self.failed: BaseException | None = None  # set when a tensor-parallel step failed; the engine is gone
         self.eos_ids = frozenset(model.config.eos_token_ids) | frozenset(tokenizer.stop_token_ids)
-        self._incoming: queue.SimpleQueue[_Seq | None] = queue.SimpleQueue()
-        self._waiting: deque[_Seq] = deque()
-        self._rows: list[_Seq] = []  # admitted sequences (prefilling or decoding), oldest first
+        self._incoming: queue.SimpleQueue[Seq | None] = queue.SimpleQueue()
+        self._waiting: deque[Seq] = deque()
+        self._rows: list[Seq] = []  # admitted sequences (prefilling or decoding), oldest first
         self._prefill_tok_s: float | None = None  # measured seconds per prompt token (moving average)
         self._decode_s: float | None = None  # measured seconds per decode step (moving average)
         self._row_s: float | None = None  # measured seconds a prompt-chunk row adds to a C decode step
         self._pending = 0  # submitted, not yet holding a row (incoming + waiting)
-        self._outbox: list[tuple[_Seq, Output | EngineError]] = []
+        self._outbox: list[tuple[Seq, Output | EngineError]] = []
         self._lock = threading.Lock()
         self._stopping = False
         self._drain_deadline = float("inf")
@@ -292,14 +141,14 @@ class Engine:
                 400,
                 "invalid_request_error",
             )
-        group = RequestGroup(self, asyncio.get_running_loop(), len(prompts))
+        group = RequestGroup(self._wake, asyncio.get_running_loop(), len(prompts))
         deadline = time.monotonic() + self.args.request_timeout
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             gen = None
             if p.seed is not None:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(p.seed % 2**64)
-            group.seqs.append(_Seq(group, i, list(prompt), p, self.tokenizer, gen, deadline))
+            group.seqs.append(Seq(group, i, list(prompt), p, self.tokenizer, gen, deadline))
         with self._lock:  # the check and the enqueue are one step, so shutdown never strands a request
             if self.failed is not None:
                 raise _rank_failed()
@@ -424,10 +273,6 @@ class Engine:
         self._update_gauges()
         return not self._rows
 
-    def _release_pending(self, n: int) -> None:
-        with self._lock:
-            self._pending -= n
-
     def _reap(self, now: float) -> None:
         """Drop cancelled and timed-out sequences, running or waiting."""
         for s in [s for s in self._rows if s.cancelled or now > s.deadline]:
@@ -435,7 +280,7 @@ class Engine:
                 self._retire(s, "abort")
             else:
                 self._fail(s, _timeout_error(self.args.request_timeout))
-        kept: deque[_Seq] = deque()
+        kept: deque[Seq] = deque()
         for s in self._waiting:
             if s.cancelled or now > s.deadline:
                 self._release_pending(1)
@@ -447,126 +292,8 @@ class Engine:
                 kept.append(s)
         self._waiting = kept
 
-    # ---- scheduling ------------------------------------------------------------------------------
-    def _reserve_decode_blocks(self) -> list[_Seq]:
-        """The sequences that decode this step, each with a block for its next position; when the pool is
-        out of blocks, the youngest sequences are preempted to make room."""
-        bs = self.args.block_size
-        out: list[_Seq] = []
-        for s in list(self._rows):
-            if not s.admitted or not s.decoding:
-                continue
-            while s.admitted and len(s.blocks) <= s.computed // bs:
-                got = self.blocks.allocate(1)
-                if got is not None:
-                    s.blocks += got
-                else:
-                    self._preempt(self._rows[-1])  # the youngest, possibly s itself
-            if s.admitted:
-                out.append(s)
-        return [s for s in out if s.admitted]
-
-    def _preempt(self, s: _Seq) -> None:
-        """Give back every block of `s` (full ones stay cached) and requeue it first; recomputed later."""
-        log.info("KV cache full: preempting a sequence of %d tokens", len(s.tokens))
-        self.metrics.preemptions.inc()
-        self._rows.remove(s)
-        self.blocks.free(s.blocks)
-        s.blocks, s.computed, s.registered, s.admitted = [], 0, 0, False
-        self._waiting.appendleft(s)
-        with self._lock:
-            self._pending += 1
-
-    def _chunk_cap(self, decoding: bool, mixed: bool) -> int:
-        """Prompt tokens one step may prefill: all of the budget when nothing decodes, else about
-        `CHUNK_LATENCY` (`MIXED_CHUNK_LATENCY`) decode steps' worth, so streams keep flowing. Measured, not guessed: from the
-        seconds per prompt token of PyTorch chunks (a multiple of the block size), or, in `mixed` steps (the
-        chunk's tokens are extra rows of the C decode step, which has no per-call cost of its own), from what
-        each extra row added to the step."""
-        if not decoding:
-            return self.args.max_num_batched_tokens
-        if mixed:
-            if self._row_s is None or self._decode_s is None:
-                return 4
-            rows = MIXED_CHUNK_LATENCY * self._decode_s / max(self._row_s, 1e-6)  # a row may measure as free
-            return max(1, min(self.args.max_num_batched_tokens, int(rows)))
-        bs = self.args.block_size
-        if self._prefill_tok_s is None or self._decode_s is None:
-            return 4 * bs
-        tokens = int(CHUNK_LATENCY * self._decode_s / self._prefill_tok_s)
-        return max(bs, tokens // bs * bs)
-
-    def _schedule(self, budget: int, decoding: bool, mixed: bool = False) -> list[tuple[_Seq, int]]:
-        """Prompt chunks for this step: first the sequences already prefilling (oldest first), then newly
-        admitted ones (FIFO) while seats, blocks and the token budget last. Returns (sequence, tokens)."""
-        budget = min(budget, self._chunk_cap(decoding, mixed))
-        chunks: list[tuple[_Seq, int]] = []
-        for s in self._rows:
-            if budget <= 0:
-                return chunks
-            budget -= self._add_chunk(chunks, s, budget)
-        while budget > 0 and self._waiting and len(self._rows) < self.args.max_num_seqs:
-            s = self._waiting[0]
-            if not self._admit(s):
-                break  # FIFO: a later, smaller request does not overtake a waiting one
-            self._waiting.popleft()
-            self._release_pending(1)
-            budget -= self._add_chunk(chunks, s, budget)
-        return chunks
-
-    def _add_chunk(self, chunks: list[tuple[_Seq, int]], s: _Seq, budget: int) -> int:
-        """Schedule the next prompt chunk of `s` (if it is prefilling) within `budget`; returns its length."""
-        left = s.target - s.computed
-        if left <= 0:
-            return 0
-        bs = self.args.block_size
-        # the chunk's mask has take x (computed + take) entries: shrink it at long contexts
-        by_mask = max(bs, MASK_ENTRIES // (s.computed + min(left, budget)))
-        take = min(left, budget, by_mask)
-        chunks.append((s, take))
-        return take
-
-    def _admit(self, s: _Seq) -> bool:
-        """Give `s` its cached prefix and blocks for the rest of its prompt; False if the pool is too full."""
-        bs, bm = self.args.block_size, self.blocks
-        tokens = s.tokens
-        use_cache = s.params.prompt_logprobs is None or bool(s.output)  # prompt logprobs need every position
-        if use_cache:
-            s.hashes = block_hashes(tokens[: s.target // bs * bs], bs, start=s.hashes)
-        # at least one prompt token is computed: its logits give the first output token
-        limit = (s.target - (0 if s.output else 1)) // bs if use_cache else 0
-        hit = bm.match(s.hashes, limit)
-        need = -(-s.target // bs) - len(hit)
-        fresh = bm.allocate(need) if need > 0 else []
-        if fresh is None:
-            bm.free(hit)
-            return False
-        if not s.output:
-            bm.count_query(len(s.prompt), len(hit) * bs)
-            self.metrics.prefix_queries.inc(len(s.prompt))
-            self.metrics.prefix_hits.inc(len(hit) * bs)
-            s.cached_tokens = len(hit) * bs
-            self.metrics.prompt_tokens.inc(len(s.prompt))
-            self.metrics.queue_time.observe(time.monotonic() - s.arrival)
-            if s.params.prompt_logprobs is not None:
-                s.prompt_lps = [None]
-        s.blocks, s.computed, s.registered, s.admitted = hit + fresh, len(hit) * bs, len(hit), True
-        self._rows.append(s)
-        return True
-
-    def _register_blocks(self, s: _Seq) -> None:
-        """Enter the newly filled blocks of `s` into the prefix cache."""
-        full = s.computed // self.args.block_size
-        if not self.args.enable_prefix_caching or full <= s.registered:
-            return
-        bs = self.args.block_size
-        s.hashes = block_hashes(s.tokens[: full * bs], bs, start=s.hashes[:full])
-        for i in range(s.registered, full):
-            self.blocks.register(s.blocks[i], s.hashes[i])
-        s.registered = full
-
     # ---- model calls ------------------------------------------------------------------------------
-    def _prefill(self, chunks: list[tuple[_Seq, int]]) -> None:
+    def _prefill(self, chunks: list[tuple[Seq, int]]) -> None:
         seqs = [s for s, _ in chunks]
         past = [s.computed for s in seqs]
         toks = [s.tokens[s.computed : s.computed + n] for s, n in chunks]
@@ -584,7 +311,7 @@ class Engine:
             self._register_blocks(s)
         self._first_tokens(seqs, logits)
 
-    def _first_tokens(self, seqs: list[_Seq], logits: Tensor) -> None:
+    def _first_tokens(self, seqs: list[Seq], logits: Tensor) -> None:
         """Sequences whose prompt is now all prefilled get their first token from their row of `logits`."""
         done = [i for i, s in enumerate(seqs) if s.computed == s.target and not s.output]
         now = time.monotonic()
@@ -599,7 +326,7 @@ class Engine:
         if generate:
             self._advance([seqs[i] for i in generate], logits[generate])
 
-    def _prompt_logprobs(self, i: int, s: _Seq, start: int, n: int) -> list[TokenLogprob]:
+    def _prompt_logprobs(self, i: int, s: Seq, start: int, n: int) -> list[TokenLogprob]:
         """Logprobs of the prompt tokens that positions start..start+n-1 predict (row i of the last prefill)."""
         k = s.params.prompt_logprobs or 0
         stop = min(n, len(s.prompt) - 1 - start)  # the last prompt position predicts no prompt token
@@ -608,10 +335,10 @@ class Engine:
             b = min(a + 512, stop)
             targets = torch.tensor(s.prompt[start + a + 1 : start + b + 1], device=self.device)
             lp = torch.log_softmax(self.runner.prompt_logits(i, a, b), dim=-1)
-            res.extend(_pick_logprobs(lp, targets, k))
+            res.extend(pick_logprobs(lp, targets, k))
         return res
 
-    def _decode(self, seqs: list[_Seq], chunks: list[tuple[_Seq, int]] = ()) -> None:
+    def _decode(self, seqs: list[Seq], chunks: list[tuple[Seq, int]] = ()) -> None:
         """One token for each decoding sequence; `chunks` (C decode step only) add a prompt chunk's tokens as
         rows of the same step, at consecutive positions of their sequence (the step stores every row's keys
         and values before any row attends, so the chunk is causal), and only its last row's logits are used."""
@@ -647,20 +374,20 @@ class Engine:
         if chunks:
             self._first_tokens([s for s, _ in chunks], logits[last])
 
-    # ---- sampling ----------------------------------------------------------------------------------
-    def _advance(self, seqs: list[_Seq], logits: Tensor) -> None:
+    # ---- sampling and token emission ------------------------------------------------------------------
+    def _advance(self, seqs: list[Seq], logits: Tensor) -> None:
         """Pick the next token of each sequence from its logits (n, V); emit, and retire finished ones.
 
         A failure that belongs to one sequence (its sampling parameters, its stop strings, its grammar) fails that
         sequence alone; the others continue with the tokens they would have had without it.
         """
         try:
-            tokens, lps = self._sample(seqs, logits)
+            tokens, lps = sample(seqs, logits, self.eos_ids, self._rng)
         except Exception:
             tokens, lps, kept = [], [], []
             for i, s in enumerate(seqs):  # find the culprit(s): sample each row on its own
                 try:
-                    t, lp = self._sample([s], logits[i : i + 1])
+                    t, lp = sample([s], logits[i : i + 1], self.eos_ids, self._rng)
                 except Exception as e:
                     self._fail_alone(s, e)
                     continue
@@ -676,13 +403,13 @@ class Engine:
             except Exception as e:
                 self._fail_alone(s, e)
 
-    def _fail_alone(self, s: _Seq, e: Exception) -> None:
+    def _fail_alone(self, s: Seq, e: Exception) -> None:
         """Fail one sequence whose own processing raised (400: what it asked for cannot be computed)."""
         log.warning("request %s failed alone: %s: %s", id(s.group), type(e).__name__, e)
         self._fail(s, EngineError(f"generation failed for this request's parameters: {e}", 400,
                                   "invalid_request_error"))
 
-    def _emit_token(self, s: _Seq, tok: int, lp: TokenLogprob | None, now: float) -> None:
+    def _emit_token(self, s: Seq, tok: int, lp: TokenLogprob | None, now: float) -> None:
         p = s.params
         s.output.append(tok)
         if s.first_token_at is None:
@@ -705,80 +432,9 @@ class Engine:
             out.text += s.stops.add(s.detok.flush())[0] + s.stops.flush()
         self._emit_output(s, out, finish)
 
-    def _sample(self, seqs: list[_Seq], logits: Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Penalties per row, warpers per group of rows with equal settings, then argmax or a draw."""
-        if all(_plain_greedy(s) for s in seqs):  # the common agent case: one argmax, no per-row work
-            return sampling.greedy(logits).tolist(), [None] * len(seqs)
-        dev = logits.device
-        scores = logits
-        for i, s in enumerate(seqs):
-            p = s.params
-            row = None
-            if s.bias is not None:
-                row = scores[i : i + 1].clone()
-                ids, values = s.bias
-                row[0, ids.to(dev)] += values.to(device=dev, dtype=row.dtype)
-            if len(s.output) < p.min_tokens:
-                stop = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids)))
-                if stop:
-                    row = sampling.suppress_tokens(
-                        scores[i : i + 1] if row is None else row, torch.tensor(stop, device=dev)
-                    )
-            if p.repetition_penalty != 1.0:
-                hist = torch.tensor([s.prompt + s.output], device=dev)
-                row = sampling.apply_repetition_penalty(
-                    scores[i : i + 1] if row is None else row, hist, p.repetition_penalty
-                )
-            if (p.presence_penalty or p.frequency_penalty) and s.output:
-                gen = torch.tensor([s.output], device=dev)
-                row = sampling.apply_presence_frequency_penalty(
-                    scores[i : i + 1] if row is None else row, gen, p.presence_penalty, p.frequency_penalty
-                )
-            if row is not None:
-                if scores is logits:
-                    scores = logits.clone()
-                scores[i : i + 1] = row
-        guides = [s.guide for s in seqs]
-        if any(g is not None for g in guides):  # grammar last: it overrides what the penalties left
-            scores = structured.mask_rows_(logits.clone() if scores is logits else scores, guides)
-        chosen = torch.empty(len(seqs), dtype=torch.long, device=dev)
-        groups: dict[tuple, list[int]] = {}
-        for i, s in enumerate(seqs):
-            p = s.params
-            key = (p.temperature, p.top_k if p.top_k > 0 else 0, p.top_p, p.min_p or None)
-            groups.setdefault(key if p.temperature >= MIN_TEMPERATURE else ("greedy",), []).append(i)
-        for key, idx in groups.items():
-            ix = torch.tensor(idx, device=dev)
-            sub = scores[ix]
-            if key == ("greedy",):
-                chosen[ix] = sampling.greedy(sub)
-                continue
-            temperature, top_k, top_p, min_p = key
-            for w in sampling.make_warpers(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p):
-                sub = w(sub)
-            seeded = [j for j, i in enumerate(idx) if seqs[i].generator is not None]
-            unseeded = [j for j in range(len(idx)) if seqs[idx[j]].generator is None]
-            for j in seeded:  # a request's own generator: its draws do not depend on its batch mates
-                chosen[idx[j]] = sampling.sample(sub[j : j + 1], seqs[idx[j]].generator)[0]
-            if unseeded:
-                u = torch.tensor(unseeded, device=dev)
-                chosen[ix[u]] = sampling.sample(sub[u], self._rng)
-        tokens = chosen.tolist()
-        lps: list[TokenLogprob | None] = [None] * len(seqs)
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        if want:
-            w = torch.tensor(want, device=dev)
-            # Logprobs of the raw model distribution (before penalties and warpers), as vLLM reports them.
-            raw = torch.log_softmax(logits[w], dim=-1)
-            k = max(seqs[i].params.logprobs or 0 for i in want)
-            picked = _pick_logprobs(raw, chosen[w], k)
-            for j, i in enumerate(want):
-                kk = seqs[i].params.logprobs or 0
-                lps[i] = TokenLogprob(picked[j].token_id, picked[j].logprob, picked[j].top[:kk])
-        return tokens, lps
 
     # ---- bookkeeping --------------------------------------------------------------------------------
-    def _emit_output(self, s: _Seq, out: Output, finish: str | None) -> None:
+    def _emit_output(self, s: Seq, out: Output, finish: str | None) -> None:
         out.num_prompt_tokens, out.num_output_tokens = len(s.prompt), len(s.output)
         out.num_cached_tokens = s.cached_tokens
         out.finish_reason = finish
@@ -788,22 +444,22 @@ class Engine:
 
     def _flush(self) -> None:
         """Hand this step's outputs to their event loops: one cross-thread wake-up per loop, not per token."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Seq, Output | EngineError]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Seq, Output | EngineError]]] = {}
         for s, item in self._outbox:
             by_loop.setdefault(s.group._loop, []).append((s, item))
         self._outbox = []
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(deliver, items)
             except RuntimeError:  # the event loop has closed: nobody is listening any more
                 for s, _ in items:
                     s.cancelled = True
 
-    def _fail(self, s: _Seq, err: EngineError) -> None:
+    def _fail(self, s: Seq, err: EngineError) -> None:
         self._retire(s, "timeout" if err.status == 408 else "error")
         self._outbox.append((s, err))
 
-    def _retire(self, s: _Seq, outcome: str) -> None:
+    def _retire(self, s: Seq, outcome: str) -> None:
         """Record the outcome once and give back the blocks of `s` (full ones stay in the prefix cache)."""
         if s.finish_reason is None:
             s.finish_reason = outcome
@@ -824,27 +480,6 @@ class Engine:
         self.metrics.kv_usage.set(self.blocks.num_used / self.blocks.num_blocks)
 
 
-def _plain_greedy(s: _Seq) -> bool:
-    """Greedy with nothing that changes the scores or asks for logprobs."""
-    p = s.params
-    return (
-        p.temperature < MIN_TEMPERATURE
-        and p.logprobs is None
-        and not p.logit_bias
-        and p.grammar is None
-        and p.repetition_penalty == 1.0
-        and not p.presence_penalty
-        and not p.frequency_penalty
-        and len(s.output) >= p.min_tokens
-    )
-
-
-def _deliver(items: list[tuple[_Seq, Output | EngineError]]) -> None:
-    """Runs in the event loop: route outputs to their request queues."""
-    for s, item in items:
-        s.group._queue.put_nowait((s.index, item))
-
-
 def _rank_failed() -> EngineError:
     return EngineError(
         "the server lost a tensor-parallel rank and is stopping", 503, "server_error", "rank_failed"
@@ -859,16 +494,3 @@ def _timeout_error(limit: float) -> EngineError:
         "request_timeout",
     )
 
-
-def _pick_logprobs(lp: Tensor, targets: Tensor, k: int) -> list[TokenLogprob]:
-    """Logprob of `targets` (n,) under `lp` (n, V) plus the k best alternatives, on the host."""
-    chosen = lp.gather(1, targets[:, None])[:, 0].clamp(min=LOGPROB_FLOOR).tolist()
-    if k:
-        top_v, top_i = lp.topk(k, dim=-1)
-        top_v, top_i = top_v.clamp(min=LOGPROB_FLOOR).tolist(), top_i.tolist()
-    else:
-        top_v = top_i = [[] for _ in chosen]
-    return [
-        TokenLogprob(int(t), c, list(zip(ti, tv)))
-        for t, c, ti, tv in zip(targets.tolist(), chosen, top_i, top_v)
-    ]

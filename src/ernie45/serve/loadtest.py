@@ -3,8 +3,8 @@
 Reports vLLM `bench serve`'s metric set and names (ECOSYSTEM.md §6.6): request/output/total-token throughput
 and mean/median/std/p50/p90/p99 of TTFT, TPOT, ITL and E2E latency, as a table and as JSON. It streams
 `/v1/completions` with random token-id prompts of a fixed length (from the server's vocabulary), so input and
-output lengths are exact with `--ignore-eos`. Loopback only unless `--allow-remote`; the number of requests
-and the total time are capped.
+output lengths (`--input-len`, `--max-new-tokens`) are exact with `--ignore-eos`. Loopback only unless
+`--allow-remote`; the number of requests and the total time are capped.
 
 `--turns N` replays multi-turn conversations as an agent sends them: each of `--num-prompts` conversations
 starts with `--input-len` tokens, and every next turn re-sends the whole history (earlier prompts and the
@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from ernie45.commands import add_max_new_tokens_arg, add_out_arg
 from ernie45.errors import ErnieError
 
 MAX_PROMPTS = 100_000
@@ -189,7 +190,7 @@ async def run_load(
         raise ErnieError(f"--max-concurrency must be between 1 and {MAX_CONCURRENCY}")
     if input_len < 1 or output_len < 1 or request_rate <= 0 or timeout <= 0 or max_duration <= 0:
         raise ErnieError(
-            "--input-len, --output-len, --request-rate, --timeout and --max-duration must be > 0"
+            "--input-len, --max-new-tokens, --request-rate, --timeout and --max-duration must be > 0"
         )
     if not 1 <= turns <= 1000 or turn_len < 1:
         raise ErnieError("--turns must be between 1 and 1000 and --turn-len > 0")
@@ -344,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Poisson arrival rate in requests/s (default: inf, all at once)",
     )
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
-    p.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
-    p.add_argument("--ignore-eos", action="store_true", help="always generate --output-len tokens")
+    add_max_new_tokens_arg(p, 128, "max_tokens per request (default: %(default)s)", old=("--output-len",))
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument(
         "--turns",
         type=int,
@@ -361,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--max-duration", type=float, default=1800.0, help="seconds for the whole run")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --base-url")
-    p.add_argument("--out", help="write the metrics as JSON here")
+    add_out_arg(p, "write the metrics as JSON here", metavar="FILE", required=False)
     return p
 
 
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_concurrency,
             args.request_rate,
             args.input_len,
-            args.output_len,
+            args.max_new_tokens,
             args.ignore_eos,
             args.seed,
             args.api_key,

@@ -11,86 +11,22 @@ adapter directory for LoRA/QLoRA, a Hugging Face checkpoint for full fine-tuning
 from __future__ import annotations
 
 import argparse
-import functools
-import io
-import json
 import math
 import os
-import shutil
 import sys
-import time
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from ernie45.commands import add_model_arg, add_out_arg
 from ernie45.errors import ErnieError
-from ernie45.train.data import FORMATS, IGNORE, TOO_LONG, collate
+from ernie45.train import core
+from ernie45.train.data import FORMATS, TOO_LONG
 from ernie45.train.distributed import Dist, all_reduce_sum, barrier, init_distributed, shutdown
-from ernie45.train.schedule import SCHEDULES, lr_at
-
-CKPT_DIR, FINAL_DIR, LOG_FILE = "checkpoints", "final", "log.jsonl"
-STATE_FILE, OPTIM_FILE, SUMMARY_FILE = "trainer_state.json", "optimizer.pt", "training_summary.json"
-DEFAULT_LR = {("full", False): 1e-5, ("lora", False): 2e-4, ("full", True): 1e-6, ("lora", True): 5e-5}
-
-
-@dataclass
-class FinetuneArgs:
-    """Everything a run depends on (saved in each checkpoint; `--resume` checks the ones that matter)."""
-
-    model: str
-    data: str
-    out: str
-    eval_data: str | None = None
-    eval_split: float = 0.0
-    format: str = "auto"
-    dpo: bool = False
-    beta: float = 0.1
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    target_modules: list[str] | None = None
-    rslora: bool = False
-    lora_experts: bool = False
-    qlora: bool = False
-    train_router: bool = False
-    epochs: int | None = None
-    max_steps: int | None = None
-    lr: float | None = None
-    min_lr: float = 0.0
-    schedule: str = "cosine"
-    warmup: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 2048
-    pack: bool = False
-    too_long: str = "skip"
-    skip_bad_lines: bool = False
-    gradient_checkpointing: bool = False
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: bool = False
-    overwrite: bool = False
-    seed: int = 0
-    bf16: str = "auto"
-    device: str = "auto"
-    progress: bool = True
-
-    @property
-    def method(self) -> str:
-        return "qlora" if self.qlora else "lora" if self.lora_rank else "full"
-
-    @property
-    def learning_rate(self) -> float:
-        return (
-            self.lr
-            if self.lr is not None
-            else DEFAULT_LR[("full" if self.method == "full" else "lora", self.dpo)]
-        )
+from ernie45.train.finetune_args import FinetuneArgs
+from ernie45.train.finetune_model import build_model, weights_writer
+from ernie45.train.objectives import dpo_micro_step, evaluate, sft_micro_step
+from ernie45.train.schedule import SCHEDULES
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -150,234 +86,8 @@ class Stream:
     def __getitem__(self, position: int):
         epoch, i = divmod(position, len(self.items))
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(len(self.items), generator=g).tolist(), epoch
+            self._perm, self._epoch = core.epoch_order(len(self.items), self.seed, epoch).tolist(), epoch
         return self.items[self._perm[i]]
-
-
-# ---- model ------------------------------------------------------------------------------------------
-def resolve_bf16(mode: str, device: torch.device) -> bool:
-    from ernie45.device import cpu_has_fast_bf16
-
-    if mode == "off":
-        return False
-    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else True
-    if mode == "on":
-        if not supported:
-            raise ErnieError("--bf16 on: this GPU does not support bfloat16")
-        return True
-    return supported if device.type == "cuda" else cpu_has_fast_bf16()
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute each decoder layer in the backward pass instead of storing its activations."""
-    from torch.utils.checkpoint import checkpoint
-
-    for layer in model.model.layers:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-
-
-def build_model(a: FinetuneArgs, device: torch.device, bf16: bool, resume_dir: str | None):
-    """The model to train: fp32 weights for full fine-tuning, a frozen (bf16 / NF4) base plus an fp32 LoRA
-    adapter otherwise. Resuming reloads the trained weights (full) or the adapter (LoRA) of the checkpoint."""
-    from ernie45.checkpoint import load_checkpoint
-    from ernie45.train import lora
-
-    if a.method == "full":
-        model = load_checkpoint(resume_dir or a.model, dtype="float32", device=device)
-        model.requires_grad_(True)
-        for name, p in model.named_parameters():
-            if "e_score_correction_bias" in name or (name.endswith("mlp.gate.weight") and not a.train_router):
-                p.requires_grad_(False)
-    else:
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        if a.qlora:
-            model = lora.quantize_nf4(load_checkpoint(a.model, dtype=dtype, device="cpu"), dtype, device)
-        else:
-            model = load_checkpoint(a.model, dtype=dtype, device=device)
-        if resume_dir:
-            lora.load_adapter(model, resume_dir, trainable=True)
-        else:
-            torch.manual_seed(a.seed)  # identical adapter init on every rank
-            cfg = lora.lora_config(
-                model,
-                a.lora_rank or 8,
-                a.lora_alpha,
-                a.lora_dropout,
-                a.target_modules,
-                a.rslora,
-                a.lora_experts,
-                base_model_name_or_path=os.path.abspath(a.model),
-            )
-            lora.add_lora(model, cfg)
-    if a.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    model.train()
-    return model
-
-
-def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no decay on vectors (norms, biases)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [
-        g
-        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-        if g["params"]
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=False)
-
-
-# ---- losses -----------------------------------------------------------------------------------------
-def _forward(model, rows: list, device, bf16: bool):
-    ids, labels, mask = (t.to(device) for t in collate(rows, model.config.pad_token_id))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(ids, attention_mask=mask, output_router_logits=model.config.is_moe)
-    return out, labels
-
-
-def sft_micro_step(model, rows: list, n_targets: int, n_rows: int, device, bf16: bool) -> torch.Tensor:
-    """Backward one micro-batch's share of the global loss; returns [ce_sum, aux_weighted] (detached)."""
-    out, labels = _forward(model, rows, device, bf16)
-    V = out.logits.shape[-1]
-    ce = F.cross_entropy(
-        out.logits[:, :-1].float().reshape(-1, V),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-    loss = ce / n_targets
-    aux = torch.zeros((), device=device)
-    if out.aux_loss is not None:
-        aux = out.aux_loss.float() * (len(rows) / n_rows)
-        loss = loss + model.config.router_aux_loss_coef * aux
-    loss.backward()
-    return torch.stack([ce.detach().double(), aux.detach().double()])
-
-
-def dpo_logps(model, ref_model, pairs: list, device, bf16: bool):
-    """Policy and reference log-probabilities of chosen and rejected; reference = ref_model or the base with
-    the adapter disabled. Returns (pc, pr, rc, rr, policy aux loss or None)."""
-    from ernie45.train.dpo import sequence_logprobs
-    from ernie45.train.lora import adapters_disabled
-
-    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    out, labels = _forward(model, rows, device, bf16)
-    logps = sequence_logprobs(out.logits, labels)
-    with torch.no_grad():
-        if ref_model is not None:
-            ref_out, _ = _forward(ref_model, rows, device, bf16)
-        else:
-            with adapters_disabled(model):
-                ref_out, _ = _forward(model, rows, device, bf16)
-        ref = sequence_logprobs(ref_out.logits, labels)
-    k = len(pairs)
-    return logps[:k], logps[k:], ref[:k], ref[k:], out.aux_loss
-
-
-def dpo_micro_step(
-    model, ref_model, pairs: list, n_pairs: int, beta: float, device, bf16: bool
-) -> torch.Tensor:
-    """Backward one micro-batch's share of the mean DPO loss; returns [loss_sum, margin_sum, correct, aux]."""
-    from ernie45.train.dpo import dpo_loss
-
-    pc, pr, rc, rr, aux_loss = dpo_logps(model, ref_model, pairs, device, bf16)
-    losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, beta)
-    loss = losses.sum() / n_pairs
-    aux = torch.zeros((), device=device)
-    if aux_loss is not None:
-        aux = aux_loss.float() * (len(pairs) / n_pairs)
-        loss = loss + model.config.router_aux_loss_coef * aux
-    loss.backward()
-    return torch.stack(
-        [
-            losses.detach().sum().double(),
-            (pc - pr).detach().sum().double(),
-            (r_c > r_r).sum().double(),
-            aux.detach().double(),
-        ]
-    )
-
-
-@torch.no_grad()
-def evaluate(model, ref_model, items: list, a: FinetuneArgs, device, bf16: bool, d: Dist) -> dict[str, float]:
-    """Held-out metrics: token-mean LM loss (SFT), or DPO loss, chosen-minus-rejected log-prob margin and
-    reward accuracy (DPO). Ranks split the items and sum."""
-    from ernie45.train.dpo import dpo_loss
-
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(4, dtype=torch.float64, device=device)
-    for start in range(0, len(items), a.batch_size):
-        mine = items[start : start + a.batch_size][d.rank :: d.world]
-        if not mine:
-            continue
-        if a.dpo:
-            pc, pr, rc, rr, _ = dpo_logps(model, ref_model, mine, device, bf16)
-            losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, a.beta)
-            total += (
-                torch.stack(
-                    [losses.sum(), (pc - pr).sum(), (r_c > r_r).sum(), torch.tensor(float(len(mine)))]
-                )
-                .double()
-                .to(device)
-            )
-        else:
-            out, labels = _forward(model, mine, device, bf16)
-            V = out.logits.shape[-1]
-            ce = F.cross_entropy(
-                out.logits[:, :-1].float().reshape(-1, V),
-                labels[:, 1:].reshape(-1),
-                ignore_index=IGNORE,
-                reduction="sum",
-            )
-            total[0] += ce.double()
-            total[3] += int((labels[:, 1:] != IGNORE).sum())
-    all_reduce_sum([total], d)
-    model.train(was_training)
-    n = float(total[3]) or float("nan")
-    if a.dpo:
-        return {
-            "eval_loss": float(total[0]) / n,
-            "eval_margin": float(total[1]) / n,
-            "eval_accuracy": float(total[2]) / n,
-        }
-    return {"eval_loss": float(total[0]) / n}
-
-
-# ---- checkpoints ------------------------------------------------------------------------------------
-def list_checkpoints(out: str) -> list[str]:
-    d = os.path.join(out, CKPT_DIR)
-    if not os.path.isdir(d):
-        return []
-    return sorted(
-        n for n in os.listdir(d) if n.startswith("step-") and os.path.isfile(os.path.join(d, n, STATE_FILE))
-    )
-
-
-def save_training_checkpoint(a: FinetuneArgs, step: int, model, optimizer, tokenizer, state: dict) -> str:
-    """checkpoints/step-NNNNNNN/, atomically: trained weights (adapter or full), optimizer, trainer state."""
-    from ernie45.checkpoint import checkpoint_state_dict, write_safetensors_shards
-    from ernie45.train.lora import write_adapter
-    from ernie45.utils import atomic_directory
-
-    path = os.path.join(a.out, CKPT_DIR, f"step-{step:07d}")
-    with atomic_directory(path, overwrite=True) as tmp:
-        if a.method == "full":
-            write_safetensors_shards(checkpoint_state_dict(model), tmp)
-            model.config.replace(torch_dtype="float32").save(tmp)
-        else:
-            write_adapter(model, tmp, base_model_name_or_path=os.path.abspath(a.model))
-        tokenizer.save_pretrained(tmp)
-        buf = io.BytesIO()
-        torch.save(optimizer.state_dict(), buf)
-        with open(os.path.join(tmp, OPTIM_FILE), "wb") as f:
-            f.write(buf.getvalue())
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2)
-    for old in list_checkpoints(a.out)[: -a.keep_checkpoints]:
-        shutil.rmtree(os.path.join(a.out, CKPT_DIR, old), ignore_errors=True)
-    return path
 
 
 _RESUME_KEYS = (
@@ -412,61 +122,6 @@ _RESUME_KEYS = (
 )
 
 
-def _check_resume(saved: dict[str, Any], a: FinetuneArgs) -> None:
-    """A resumed run must see the same data order, model and schedule, else it is not a continuation."""
-    diff = [k for k in _RESUME_KEYS if saved.get(k) != getattr(a, k)]
-    if diff:
-        raise ErnieError("--resume with different settings than the checkpoint: " + ", ".join(diff))
-
-
-def _prepare_out(a: FinetuneArgs, d: Dist) -> str | None:
-    """The checkpoint to resume from (or None); refuses to mix a new run into an old one."""
-    ckpts = list_checkpoints(a.out)
-    if a.resume:
-        if not ckpts:
-            raise ErnieError(f"--resume: no checkpoint in {os.path.join(a.out, CKPT_DIR)}")
-        return os.path.join(a.out, CKPT_DIR, ckpts[-1])
-    if os.path.isdir(a.out) and os.listdir(a.out):
-        if not a.overwrite:
-            raise ErnieError(
-                f"output directory {a.out} is not empty (pass --resume to continue it, "
-                "or --overwrite to start over)"
-            )
-        if d.main:
-            for name in (CKPT_DIR, FINAL_DIR, LOG_FILE):
-                p = os.path.join(a.out, name)
-                if os.path.isdir(p):
-                    shutil.rmtree(p)
-                elif os.path.exists(p):
-                    os.unlink(p)
-    elif os.path.exists(a.out) and not os.path.isdir(a.out):
-        raise ErnieError(f"--out {a.out} exists and is not a directory")
-    return None
-
-
-class Log:
-    """log.jsonl: one record per step and eval; on resume, lines past the checkpoint are dropped."""
-
-    def __init__(self, out: str, resume_step: int | None):
-        from ernie45.utils import atomic_write_text
-
-        os.makedirs(out, exist_ok=True)
-        self.path = os.path.join(out, LOG_FILE)
-        keep = ""
-        if resume_step is not None and os.path.isfile(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                keep = "".join(ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step)
-        atomic_write_text(self.path, keep)
-        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
 # ---- the loop ---------------------------------------------------------------------------------------
 def finetune(a: FinetuneArgs) -> dict[str, Any]:
     """Run (or resume) a fine-tuning job; returns a summary (steps, losses, eval metrics, output path)."""
@@ -484,9 +139,9 @@ def finetune(a: FinetuneArgs) -> dict[str, Any]:
             raise ErnieError(
                 f"--batch-size {a.batch_size} must be divisible by the number of processes ({d.world})"
             )
-        resume_dir = _prepare_out(a, d)
+        resume_dir = core.prepare_run_dir(a.out, a.resume, a.overwrite, d.main)
         barrier(d)
-        bf16 = resolve_bf16(a.bf16, device)
+        bf16 = core.use_bf16(a.bf16, device)
         model = build_model(a, device, bf16, resume_dir)
         ref_model = None
         if a.dpo and a.method == "full":
@@ -494,19 +149,12 @@ def finetune(a: FinetuneArgs) -> dict[str, Any]:
 
             ref_model = load_checkpoint(a.model, dtype="float32", device=device)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(model, a.learning_rate, a.weight_decay)
+        optimizer = core.build_optimizer(model, a.learning_rate, a.weight_decay, betas=(0.9, 0.999))
         state: dict[str, Any] = {}
         if resume_dir:
-            with open(os.path.join(resume_dir, STATE_FILE), encoding="utf-8") as f:
-                state = json.load(f)
-            _check_resume(state["args"], a)
-            try:
-                optimizer.load_state_dict(
-                    torch.load(os.path.join(resume_dir, OPTIM_FILE), map_location=device, weights_only=True)
-                )
-            except (OSError, RuntimeError, ValueError) as e:
-                raise ErnieError(f"checkpoint {resume_dir}: unreadable optimizer state: {e}") from None
-        start = int(state.get("step", 0))
+            state = core.read_state(resume_dir)
+            core.check_resume(state["args"], a, _RESUME_KEYS)
+            core.restore_optimizer(resume_dir, optimizer, device)
         per_step = a.batch_size * a.grad_accum
         total_steps = a.max_steps or math.ceil((a.epochs or 1) * len(train) / per_step)
         summary = _train_loop(
@@ -521,7 +169,6 @@ def finetune(a: FinetuneArgs) -> dict[str, Any]:
             device,
             bf16,
             d,
-            start,
             total_steps,
             state,
         )
@@ -531,45 +178,22 @@ def finetune(a: FinetuneArgs) -> dict[str, Any]:
 
 
 def _train_loop(
-    a,
-    model,
-    ref_model,
-    optimizer,
-    params,
-    train,
-    evals,
-    tokenizer,
-    device,
-    bf16,
-    d,
-    start,
-    total_steps,
-    state,
+    a, model, ref_model, optimizer, params, train, evals, tokenizer, device, bf16, d, total_steps, state
 ) -> dict[str, Any]:
-    from tqdm import tqdm
-
     stream = Stream(train, a.seed)
     per_step, local = a.batch_size * a.grad_accum, a.batch_size // d.world
-    lr_max = a.learning_rate
-    history: list[dict[str, Any]] = list(state.get("history", []))
+    start = int(state.get("step", 0))
     metrics: dict[str, float] = dict(state.get("eval", {}))
-    log = Log(a.out, start if start else None) if d.main else None
-    bar = tqdm(
-        total=total_steps,
-        initial=start,
-        desc=f"finetune ({a.method}{', dpo' if a.dpo else ''})",
-        unit="step",
-        dynamic_ncols=True,
-        disable=not (a.progress and d.main),
-    )
-    t0, wall_before = time.perf_counter(), float(state.get("wall_time_s", 0.0))
+    desc = f"finetune ({a.method}{', dpo' if a.dpo else ''})"
+    log = core.StepLog(a.out, state, total_steps, desc, d.main, a.progress)
+    write_weights = weights_writer(a, model, tokenizer)
     record: dict[str, Any] = {}
     try:
         for step in range(start, total_steps):
             torch.manual_seed(a.seed * 1_000_003 + step * 1009 + d.rank)  # LoRA dropout: replayable on resume
-            lr = lr_at(step, total_steps, lr_max, a.min_lr, a.warmup, a.schedule)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            lr = core.schedule_lr(
+                optimizer, step, total_steps, a.learning_rate, a.min_lr, a.warmup, a.schedule
+            )
             batch = [stream[step * per_step + i] for i in range(per_step)]
             n_targets = sum(s.n_targets for s in batch) if not a.dpo else per_step
             stats = torch.zeros(4, dtype=torch.float64, device=device)
@@ -588,42 +212,19 @@ def _train_loop(
                 grads.append(p.grad)
             all_reduce_sum(grads, d)
             all_reduce_sum([stats], d)
-            norm = torch.nn.utils.clip_grad_norm_(
-                params, a.max_grad_norm if a.max_grad_norm > 0 else math.inf
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            norm = core.optimizer_step(optimizer, params, a.max_grad_norm)
             done = step + 1
-            record = _step_record(a, done, stats, n_targets, lr, float(norm), model)
-            if not math.isfinite(record["loss"]):
-                raise ErnieError(f"loss became {record['loss']} at step {done}; lower --lr or check the data")
+            record = _step_record(a, done, stats, n_targets, lr, norm, model)
+            core.check_finite(record["loss"], done)
             if evals and ((a.eval_every and done % a.eval_every == 0) or done == total_steps):
                 metrics = evaluate(model, ref_model, evals, a, device, bf16, d)
                 record.update(metrics)
-            history.append({"step": done, "loss": record["loss"]})
-            if d.main:
-                log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update(1)
-                if a.save_every and done % a.save_every == 0 and done < total_steps:
-                    save_training_checkpoint(
-                        a,
-                        done,
-                        model,
-                        optimizer,
-                        tokenizer,
-                        {
-                            "step": done,
-                            "args": asdict(a),
-                            "history": history,
-                            "eval": metrics,
-                            "wall_time_s": wall_before + time.perf_counter() - t0,
-                        },
-                    )
+            log.write(record, loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+            if d.main and a.save_every and done % a.save_every == 0 and done < total_steps:
+                state = core.trainer_state(done, a, log.history, log.wall_time_s, eval=metrics)
+                core.save_step(a.out, done, write_weights, optimizer, state, a.keep_checkpoints)
     finally:
-        bar.close()
-        if log is not None:
-            log.close()
+        log.close()
     summary = {
         "method": a.method,
         "dpo": a.dpo,
@@ -631,16 +232,19 @@ def _train_loop(
         "final_loss": record.get("loss"),
         **metrics,
         "world_size": d.world,
-        "wall_time_s": wall_before + time.perf_counter() - t0,
+        "wall_time_s": log.wall_time_s,
         "trainable_parameters": sum(p.numel() for p in params),
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "train_records": len(train),
         "eval_records": len(evals),
-        "history": history,
-        "out": os.path.join(a.out, FINAL_DIR),
+        "history": log.history,
+        "out": os.path.join(a.out, core.FINAL_DIR),
     }
     if d.main and start < total_steps:
-        _save_final(a, model, tokenizer, {k: v for k, v in summary.items() if k != "history"})
+        if a.method == "full":
+            model.eval()
+            model.to(core.stored_dtype(a.model))  # final/ keeps the base checkpoint's dtype
+        core.save_final(a.out, write_weights, summary)
     barrier(d)
     return summary
 
@@ -662,25 +266,6 @@ def _step_record(a, step: int, stats: torch.Tensor, n_targets: int, lr: float, n
         rec["aux_loss"] = aux
     rec.update(lr=lr, grad_norm=norm)
     return rec
-
-
-def _save_final(a: FinetuneArgs, model, tokenizer, summary: dict) -> None:
-    """final/: the adapter (PEFT layout) or the full model (HF layout, the base checkpoint's dtype)."""
-    from ernie45.checkpoint import save_checkpoint
-    from ernie45.config import ErnieConfig
-    from ernie45.device import resolve_dtype
-    from ernie45.train.lora import save_adapter
-    from ernie45.utils import atomic_write_text
-
-    path = os.path.join(a.out, FINAL_DIR)
-    text = json.dumps(summary, indent=2) + "\n"
-    if a.method == "full":
-        model.eval()
-        model.to(resolve_dtype(ErnieConfig.from_pretrained(a.model).torch_dtype or "float32"))
-        save_checkpoint(model, path, tokenizer=tokenizer, overwrite=True, extra_files={SUMMARY_FILE: text})
-        return
-    save_adapter(model, path, base_model_name_or_path=os.path.abspath(a.model), tokenizer=tokenizer)
-    atomic_write_text(os.path.join(path, SUMMARY_FILE), text)
 
 
 def _validate(a: FinetuneArgs) -> None:
@@ -719,7 +304,7 @@ def _validate(a: FinetuneArgs) -> None:
         raise ErnieError(
             f"--format must be one of {', '.join(FORMATS)}; --too-long one of {', '.join(TOO_LONG)}"
         )
-    if a.bf16 not in ("auto", "on", "off"):
+    if a.bf16 not in core.BF16_MODES:
         raise ErnieError("--bf16 must be auto, on or off")
     if a.dpo and a.pack:
         raise ErnieError("--pack does not apply to --dpo (pairs are scored separately)")
@@ -744,13 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", help="base checkpoint directory (HF layout, with tokenizer)")
+    add_model_arg(p, "base checkpoint directory (HF layout, with tokenizer)", required=False)
     p.add_argument(
         "--data",
         required=True,
         help="training jsonl (chat messages, ERNIEKit src/tgt, Alpaca; prompt/chosen/rejected with --dpo)",
     )
-    p.add_argument("--out", help="run directory: checkpoints/, log.jsonl, final/")
+    add_out_arg(p, "run directory: checkpoints/, log.jsonl, final/", required=False)
     p.add_argument(
         "--validate",
         action="store_true",
@@ -784,14 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=float, help="peak learning rate (default 2e-4 LoRA, 1e-5 full; /4 and /10 for DPO)"
     )
     p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     p.add_argument(
         "--batch-size", type=int, default=8, help="sequences (pairs) per micro-batch, all processes"
     )
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-length", type=int, default=2048, help="max tokens per sequence (and packed row)")
     p.add_argument("--pack", action="store_true", help="pack several examples into each row")
     p.add_argument(
@@ -806,18 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers to save memory")
     p.add_argument("--eval-every", type=int, default=0, help="eval every N steps (always at the end)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--bf16",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="bf16 compute (and bf16 frozen base for LoRA)",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    core.add_run_args(p, bf16_help="bf16 compute (and bf16 frozen base for LoRA)")
     return p
 
 
@@ -843,9 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         return _validate_only(ns)
     if not ns.model or not ns.out:
         raise ErnieError("--model and --out are required (only --validate works without them)")
-    # Every option's dest is the FinetuneArgs field of the same name.
-    args = FinetuneArgs(**{f.name: getattr(ns, f.name) for f in fields(FinetuneArgs)})
-    s = finetune(args)
+    s = finetune(core.args_from(FinetuneArgs, ns))
     if int(os.environ.get("RANK", "0")) == 0:
         ev = "".join(
             f", {k.replace('_', ' ')} {s[k]:.4f}"

@@ -319,7 +319,7 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype, device: torch.dev
     full-precision layer.
     """
     from ernie45.quant import quantizable_linears
-    from ernie45.quant.linear import nf4_linear_class
+    from ernie45.quant.nf4 import nf4_linear_class
 
     nf4 = nf4_linear_class()
     with torch.no_grad():

@@ -1,8 +1,8 @@
 """`ernie45 merge-lora`: fold a LoRA adapter into its base model and write a plain HF-layout checkpoint.
 
 The merged directory needs neither peft nor ernie45 to load (transformers, vLLM, llama.cpp converters); it
-keeps the base checkpoint's dtype unless `--dtype` says otherwise, and is written atomically with the
-tokenizer and generation config.
+keeps the dtype the base checkpoint's weights are stored in unless `--dtype` says otherwise, and is written
+atomically with the tokenizer and generation config.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ernie45.commands import add_dtype_arg, add_model_arg, add_out_arg
 from ernie45.errors import ErnieError
 
 
@@ -24,14 +25,14 @@ def merge_adapter(
     """Load `model_dir`, apply and merge `adapter_dir` (W += scale * B @ A in fp32), save to `out_dir`.
 
     Args:
-        dtype: output dtype; "auto" keeps the base checkpoint's `torch_dtype`.
+        dtype: output dtype; "auto" keeps the dtype the base weights are stored in (not config.json's).
     Returns:
         the output directory.
     """
     from ernie45.checkpoint import load_checkpoint, save_checkpoint
-    from ernie45.config import ErnieConfig
     from ernie45.device import resolve_dtype
     from ernie45.tokenizer import Tokenizer
+    from ernie45.train.core import stored_dtype
     from ernie45.train.lora import load_adapter, merge_lora, resolve_adapter_dir
 
     if not os.path.isdir(model_dir):
@@ -41,8 +42,7 @@ def merge_adapter(
         raise ErnieError("--out must differ from --model and --adapter")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ErnieError(f"destination exists and is not empty: {out_dir} (pass --overwrite to replace it)")
-    stored = ErnieConfig.from_pretrained(model_dir).torch_dtype or "float32"
-    target = resolve_dtype(stored if dtype == "auto" else dtype)
+    target = stored_dtype(model_dir) if dtype == "auto" else resolve_dtype(dtype)
     model = load_checkpoint(model_dir, dtype=target, device="cpu")
     load_adapter(model, adapter_dir)
     merge_lora(model)
@@ -57,15 +57,12 @@ def merge_adapter(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie45 merge-lora", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="base checkpoint directory")
-    p.add_argument("--adapter", required=True, help="LoRA adapter directory (or a finetune run directory)")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
+    add_model_arg(p, "base checkpoint directory")
     p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="output dtype (auto: the base checkpoint's)",
+        "--adapter", required=True, metavar="DIR", help="LoRA adapter directory (or a finetune run directory)"
     )
+    add_out_arg(p, "output checkpoint directory")
+    add_dtype_arg(p, help="output dtype; auto: the dtype the base checkpoint's weights are stored in")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return p

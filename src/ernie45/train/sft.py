@@ -6,14 +6,13 @@ LoRA/QLoRA and data options on the same pieces (`ernie45.train.data` renders and
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from ernie45.errors import ErnieError
-from ernie45.train.schedule import lr_at
+from ernie45.train.core import build_optimizer, check_finite, optimizer_step, schedule_lr
 
 
 def encode_examples(tokenizer, examples: Sequence[Any], max_length: int) -> list:
@@ -74,7 +73,7 @@ def sft_train(
     model.requires_grad_(True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, foreach=False)
+    optimizer = build_optimizer(model, lr, weight_decay)
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
     losses: list[float] = []
@@ -85,18 +84,13 @@ def sft_train(
             order += torch.randperm(len(samples), generator=g).tolist()
         batch, order = [samples[i] for i in order[:batch_size]], order[batch_size:]
         ids, labels, mask = (t.to(device) for t in collate(batch, pad))  # each (B, S)
-        cur_lr = lr_at(step, steps, lr, min_lr, warmup, "cosine")
-        for group in optimizer.param_groups:
-            group["lr"] = cur_lr
+        cur_lr = schedule_lr(optimizer, step, steps, lr, min_lr, warmup, "cosine")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(ids, attention_mask=mask, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, params, max_grad_norm)
         value = float(loss.detach())
-        if not math.isfinite(value):
-            raise ErnieError(f"SFT loss became {value} at step {step + 1}; lower lr")
+        check_finite(value, step + 1)
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if on_step is not None:
