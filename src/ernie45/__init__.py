@@ -9,17 +9,20 @@ __all__ = ["load", "ErnieConfig", "__version__"]
 
 
 def load(path: str | os.PathLike | None = None, dtype: str = "auto", device: str = "auto",
-         quantize: str | None = None):
+         quantize: str | None = None, tokenizer: str | os.PathLike | None = None):
     """Load a model and its tokenizer: `model, tokenizer = ernie45.load("ERNIE-4.5-0.3B-PT")`.
 
     Args:
-        path: an HF-layout checkpoint directory (`config.json`, `*.safetensors`, `tokenizer.model`), or
-            None / a bundled model name ("ernie-tiny", "ernie-tiny-moe") for the model shipped with ernie45.
+        path: an HF-layout checkpoint directory (`config.json`, `*.safetensors`, `tokenizer.model`), a GGUF file
+            (`ernie4_5` / `ernie4_5-moe`: Q4_0 weights load as int4, other quantized types are dequantized, the
+            tokenizer is rebuilt from the file's vocabulary), or None / a bundled model name ("ernie-tiny",
+            "ernie-tiny-moe") for the model shipped with ernie45.
         dtype: "auto" (bf16 where the hardware runs it fast, else fp32; a quantized bf16 checkpoint stays bf16 on
             every CPU), "float32", "bfloat16" or "float16".
         device: "auto" (CUDA when available), "cpu" or "cuda".
         quantize: "wint8", "wint4" or "llm.int8" (uncalibrated) to quantize a float checkpoint while loading,
             one tensor at a time (the float model is never in memory). A quantized checkpoint needs no flag.
+        tokenizer: a directory with `tokenizer.model` to use instead of the checkpoint's (or the GGUF's) own.
 
     Returns:
         (ErnieForCausalLM in eval mode, Tokenizer)
@@ -29,9 +32,9 @@ def load(path: str | os.PathLike | None = None, dtype: str = "auto", device: str
     from ernie45.tokenizer import Tokenizer
 
     path = resolve_model_path(path)
-    model = load_checkpoint(path, dtype=dtype, device=device, quantize=quantize)
-    tokenizer = Tokenizer.from_pretrained(path)
-    return model, tokenizer
+    # the tokenizer first: a GGUF vocabulary is parsed before any weight storage exists (see ernie45.gguf_load)
+    tok = Tokenizer.from_pretrained(path if tokenizer is None else tokenizer)
+    return load_checkpoint(path, dtype=dtype, device=device, quantize=quantize), tok
 
 
 def __getattr__(name: str):

@@ -113,19 +113,35 @@ def _allocate(model, plan: dict[str, tuple[torch.dtype, tuple[int, ...]]], dev: 
     return out
 
 
+def load_config(path: str | os.PathLike) -> ErnieConfig:
+    """The ErnieConfig of a checkpoint directory, or of a GGUF file (with the quantization its Q4_0 weights imply)."""
+    from ernie45.gguf_file import is_gguf
+
+    if is_gguf(path):
+        from ernie45.gguf_load import GGUFCheckpoint
+
+        return GGUFCheckpoint(path).config
+    return ErnieConfig.from_pretrained(path)
+
+
 def load_checkpoint(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
                     device: str | torch.device = "auto", quantize: str | None = None):
-    """Load an HF-layout checkpoint directory into an ErnieForCausalLM (eval mode), one copy of each weight.
+    """Load an HF-layout checkpoint directory, or a GGUF file (`ernie45.gguf_load`), into an ErnieForCausalLM (eval
+    mode), one copy of each weight.
 
     `quantize`: quantize a float checkpoint while loading ("wint8", "wint4" or uncalibrated "llm.int8", as
-    `ernie45.quant.quantize_model` would, bit for bit), one tensor at a time: the float model is never held.
+    `ernie45.quant.quantize_model` would, bit for bit), one tensor at a time: the float model is never held (a GGUF
+    file's float weights are quantized after loading).
     Raises ErnieError naming every missing, unexpected or mis-shaped tensor.
     """
     from ernie45.device import resolve_device, resolve_dtype
+    from ernie45.gguf_file import is_gguf
 
     path = os.fspath(path)
-    config = ErnieConfig.from_pretrained(path)
     dev = resolve_device(device)
+    if is_gguf(path):
+        return _load_gguf(path, resolve_dtype(dtype, dev), dev, quantize)
+    config = ErnieConfig.from_pretrained(path)
     dt = resolve_dtype(dtype, dev)
     if dtype == "auto" and dev.type == "cpu" and (config.quantization_config or quantize) \
             and config.torch_dtype == "bfloat16":
@@ -157,6 +173,35 @@ def load_checkpoint(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
                 storage[name].copy_(source.tensor(name))
             else:
                 reader.read(name, out=storage[name])
+    return _assemble(model, storage, dev, path)
+
+
+def _load_gguf(path: str, dt: torch.dtype, dev: torch.device, quantize: str | None):
+    """A GGUF file through the same steps: the model on the meta device (Int4Linear where the file holds Q4_0 Linear
+    weights), a placement per tensor, one pass over the file; `model.gguf_layout` records how each tensor is held."""
+    from ernie45.generation.config import GenerationConfig
+    from ernie45.gguf_load import GGUFCheckpoint
+    from ernie45.quant import prepare_for_load, quantize_model
+
+    src = GGUFCheckpoint(path)
+    if quantize and src.config.quantization_config:
+        raise ErnieError(f"{path} holds Q4_0 weights, loaded as int4 as they are: --quantize applies to a file of "
+                         "float (F32/F16/BF16) or dequantized weights")
+    model = build_model(src.config, dt, dev, meta=True)
+    if src.config.quantization_config:
+        prepare_for_load(model, src.config.quantization_config)
+    storage = _allocate(model, src.plan(model, dt), dev)
+    src.read_into(storage)
+    model = _assemble(model, storage, dev, path)
+    model.gguf_layout = src.layout(dt)
+    model.generation_config = GenerationConfig.from_model_config(src.config)  # a GGUF has no generation_config.json
+    if quantize:
+        quantize_model(model, quantize, progress=False)
+    return model
+
+
+def _assemble(model, storage: dict[str, Tensor], dev: torch.device, path: str):
+    """The loaded model: `storage` assigned, embeddings tied, buffers materialised, eval mode, frozen."""
     model.load_state_dict(storage, strict=False, assign=True)
     model.tie_weights()
     _materialise_buffers(model, dev)

@@ -171,6 +171,10 @@ class ErnieConfig:
             raise ErnieError(f"model path not found: {path}")
         if not os.path.isfile(file):
             raise ErnieError(f"no config.json in {path}")
+        from ernie45.gguf_file import is_gguf
+
+        if is_gguf(file):  # never read a multi-GB file as JSON
+            raise ErnieError(f"{path} is a GGUF file; this needs a checkpoint directory (config.json)")
         try:
             with open(file, encoding="utf-8") as f:
                 d = json.load(f)

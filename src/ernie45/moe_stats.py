@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ernie45.checkpoint import load_config
 from ernie45.commands import add_device_arg, add_dtype_arg, add_model_arg, add_out_arg
 from ernie45.errors import ErnieError
 
@@ -334,7 +335,6 @@ def moe_stats(
         grid_tokens: how many of its tokens the grid shows.
     """
     import ernie45
-    from ernie45.config import ErnieConfig
     from ernie45.models import resolve_model_path
     from ernie45.utils import atomic_directory, atomic_write_text
 
@@ -343,7 +343,7 @@ def moe_stats(
     if grid_tokens < 1:
         raise ErnieError(f"--grid-tokens must be >= 1, got {grid_tokens}")
     path = resolve_model_path(model_path)
-    config = ErnieConfig.from_pretrained(path)
+    config = load_config(path)
     if not config.is_moe:
         raise ErnieError(
             f"{path} is a dense model (model_type {config.model_type!r}); moe-stats needs a MoE "

@@ -56,19 +56,24 @@ class Tokenizer:
     """SentencePiece tokenizer with ERNIE's special tokens and chat template.
 
     Args:
-        model_file: path to `tokenizer.model`.
+        model_file: path to `tokenizer.model` (None with `model_proto`).
         config: the parsed `tokenizer_config.json` (may be empty).
+        model_proto: a serialized SentencePiece ModelProto instead of a file (a vocabulary rebuilt from a GGUF).
     """
 
-    def __init__(self, model_file: str, config: dict[str, Any] | None = None):
+    def __init__(self, model_file: str | None, config: dict[str, Any] | None = None, *,
+                 model_proto: bytes | None = None):
         import sentencepiece as spm
 
         self.config = dict(config or {})
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(model_file)
+            if model_proto is None:
+                self.sp.Load(model_file)
+            else:
+                self.sp.LoadFromSerializedProto(model_proto)
         except (OSError, RuntimeError) as e:
-            raise ErnieError(f"cannot read SentencePiece model {model_file}: {e}") from None
+            raise ErnieError(f"cannot read SentencePiece model {model_file or 'rebuilt from GGUF'}: {e}") from None
         cfg = self.config
         self.add_bos_token = bool(cfg.get("add_bos_token", False))
         self.add_eos_token = bool(cfg.get("add_eos_token", False))
@@ -225,7 +230,12 @@ class Tokenizer:
     # ---- files -----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
+        """From a checkpoint directory (`tokenizer.model`, `tokenizer_config.json`), or a GGUF file's vocabulary."""
+        from ernie45.gguf_file import is_gguf
+
         path = os.fspath(path)
+        if is_gguf(path):
+            return cls.from_gguf(path)
         model_file = os.path.join(path, "tokenizer.model")
         if not os.path.isfile(model_file):
             raise ErnieError(f"no tokenizer.model in {path}")
@@ -242,6 +252,15 @@ class Tokenizer:
             with open(tmpl, encoding="utf-8") as f:
                 cfg["chat_template"] = f.read()
         return cls(model_file, cfg)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+        """The tokenizer a GGUF file embeds (llama.cpp's "llama" SentencePiece vocabulary, `ernie45.gguf_tokenizer`)."""
+        from ernie45.gguf_file import GGUFFile
+        from ernie45.gguf_tokenizer import sentencepiece_from_gguf
+
+        proto, cfg = sentencepiece_from_gguf(GGUFFile(path))
+        return cls(None, cfg, model_proto=proto)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         write_tokenizer_files(self.sp.serialized_model_proto(), directory, chat_template=self.chat_template)

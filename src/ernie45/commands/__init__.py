@@ -58,8 +58,9 @@ def add_device_arg(p: argparse.ArgumentParser, help: str = "where to run") -> No
 
 def add_model_arg(p: argparse.ArgumentParser, help: str, *, required: bool = True,
                   positional: str | None = None) -> None:
-    """`--model DIR`, the checkpoint a command reads. `positional` (a metavar, e.g. SRC) also takes it as the bare
-    first argument, as earlier releases did; `parse_args` then checks that it is given (once)."""
+    """`--model DIR` (or FILE.gguf where the command loads a model), the checkpoint a command reads. `positional`
+    (a metavar, e.g. SRC) also takes it as the bare first argument, as earlier releases did; `parse_args` then checks
+    that it is given (once)."""
     if positional:
         p.add_argument("model_arg", nargs="?", metavar=positional, help="the same as --model")
     p.add_argument("--model", required=required and not positional, metavar="DIR", help=help)
@@ -108,7 +109,8 @@ def add_max_new_tokens_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup,
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The options of a command that loads a model to generate text (generate, chat)."""
-    add_model_arg(p, "checkpoint directory or bundled model name (default: the bundled ernie-tiny)", required=False)
+    add_model_arg(p, "checkpoint directory, GGUF file or bundled model name (default: the bundled ernie-tiny)",
+                  required=False)
     add_dtype_arg(p)
     add_device_arg(p)
     add_inference_args(p)
@@ -217,8 +219,12 @@ def load_model(path: str | None, dtype: str, device: str, *, quantize: str | Non
 
     path = resolve_model_path(path)
     if tp > 1 or ep > 1:
+        from ernie45.gguf_file import is_gguf
+
         if quantize or adapter:
             raise ErnieError("--tp/--ep cannot be combined with --quantize or --adapter yet")
+        if is_gguf(path):
+            raise ErnieError("--tp/--ep load checkpoint directories, not GGUF files")
         from ernie45.parallel import init_distributed, load_parallel
 
         init_distributed(device)

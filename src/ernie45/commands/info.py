@@ -1,6 +1,8 @@
-"""`ernie45 info DIR`: what a checkpoint is, without loading its weights (reads config.json and the
-safetensors headers only). `--memory` predicts the resident memory of an inference run before anything is loaded:
-the weights as they will be held, the KV cache and the runtime's own overhead."""
+"""`ernie45 info DIR` / `ernie45 info FILE.gguf`: what a checkpoint is, without loading its weights (reads
+config.json and the safetensors headers, or a GGUF file's metadata and tensor table, only). `--memory` predicts the
+resident memory of an inference run before anything is loaded: the weights as they will be held, the KV cache and the
+runtime's own overhead. For a GGUF file, whose weights a run holds in another form than the file's, it also tells per
+tensor group the GGUF type and how ernie45 holds it, and always predicts the memory."""
 
 from __future__ import annotations
 
@@ -29,9 +31,12 @@ def checkpoint_info(path: str, dtype: str = "auto") -> dict[str, Any]:
     cache bytes per token in the run dtype `dtype` (auto: what loading picks on this CPU)."""
     from ernie45.checkpoint_read import read_header, safetensors_files
     from ernie45.config import ErnieConfig
+    from ernie45.gguf_file import is_gguf
     from ernie45.models import resolve_model_path
 
     path = resolve_model_path(path)
+    if is_gguf(path):
+        return gguf_info(path, dtype)
     cfg = ErnieConfig.from_pretrained(path)
     params: Counter[str] = Counter()  # dtype -> parameter count
     routed = 0  # parameters inside routed experts (only moe_k of moe_num_experts run per token)
@@ -44,9 +49,59 @@ def checkpoint_info(path: str, dtype: str = "auto") -> dict[str, Any]:
             params[entry["dtype"]] += n
             if ".mlp.experts." in name:
                 routed += n
-    total = sum(params.values())
+    info: dict[str, Any] = {"path": os.path.abspath(path)}
+    info.update(_summary(cfg, params, routed, dtype, config_dtype=cfg.torch_dtype))
+    if cfg.quantization_config:
+        info["quantization_config"] = cfg.quantization_config
+    info["files"] = {
+        f: os.path.getsize(os.path.join(path, f))
+        for f in sorted(os.listdir(path))
+        if not f.startswith(".") and os.path.isfile(os.path.join(path, f))
+    }
+    return info
+
+
+def gguf_info(path: str, dtype: str = "auto") -> dict[str, Any]:
+    """`checkpoint_info` of a GGUF file: the config its metadata gives, parameters per GGUF type, and per tensor group
+    (layers folded into blk.N) its GGUF type and how a run in `dtype` holds it: Q4_0 Linear weights as int4 (group
+    32, as stored), other quantized types dequantized to the run dtype."""
+    from ernie45.gguf_load import GGUFCheckpoint, group_layout
+
+    src = GGUFCheckpoint(path)
+    params: Counter[str] = Counter()
+    routed = 0
+    for t in src.file.tensors.values():
+        params[t.tensor_type.name] += int(t.n_elements)
+        if "_exps." in t.name:
+            routed += int(t.n_elements)
     info: dict[str, Any] = {
         "path": os.path.abspath(path),
+        "format": "gguf",
+        "architecture": src.architecture,
+        "file_type": None if src.file_type is None else _file_type_name(src.file_type),
+    }
+    info.update(_summary(src.config, params, routed, dtype))
+    if src.config.quantization_config:
+        info["quantization_config"] = src.config.quantization_config
+    info["tensors"] = [{"group": g, "gguf_type": q, "held_as": held, "count": n}
+                       for g, q, held, n in group_layout(src.layout(run_dtype(dtype)))]
+    info["files"] = {os.path.basename(path): os.path.getsize(path)}
+    return info
+
+
+def _file_type_name(value: int) -> str:
+    import gguf
+
+    try:
+        return gguf.LlamaFileType(value).name
+    except ValueError:  # written by a newer llama.cpp
+        return str(value)
+
+
+def _summary(cfg, params: Counter[str], routed: int, dtype: str, **extra: Any) -> dict[str, Any]:
+    """The config, parameter counts (for MoE also active per token) and KV cache bytes per token in `dtype`."""
+    total = sum(params.values())
+    info: dict[str, Any] = {
         "model_type": cfg.model_type,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_hidden_layers,
@@ -60,7 +115,7 @@ def checkpoint_info(path: str, dtype: str = "auto") -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "parameters": total,
         "dtypes": dict(params),
-        "config_dtype": cfg.torch_dtype,
+        **extra,
     }
     if cfg.is_moe:
         info.update(
@@ -74,13 +129,6 @@ def checkpoint_info(path: str, dtype: str = "auto") -> dict[str, Any]:
     dt = run_dtype(dtype)
     info["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(cfg, dt)
     info["kv_cache_dtype"] = str(dt).replace("torch.", "")
-    if cfg.quantization_config:
-        info["quantization_config"] = cfg.quantization_config
-    info["files"] = {
-        f: os.path.getsize(os.path.join(path, f))
-        for f in sorted(os.listdir(path))
-        if not f.startswith(".") and os.path.isfile(os.path.join(path, f))
-    }
     return info
 
 
@@ -180,7 +228,7 @@ def memory_estimate(path: str, quantize: str | None = None, dtype: str = "auto",
     (`max_num_seqs` sequences of `max_model_len` positions, default min(context window, 4096)) + the runtime's
     fixed overhead (`RUNTIME_OVERHEAD_BYTES`). Nothing is loaded. `quantize_embedding` (with `quantize`): predict
     the checkpoint `ernie45 quantize --quantize-embedding` writes (the token embedding in int8)."""
-    from ernie45.config import ErnieConfig
+    from ernie45.checkpoint import load_config
     from ernie45.models import resolve_model_path
 
     if quantize is not None:
@@ -193,7 +241,7 @@ def memory_estimate(path: str, quantize: str | None = None, dtype: str = "auto",
         raise ErnieError(f"--max-model-len must be positive, got {max_model_len}")
     if max_num_seqs <= 0:
         raise ErnieError(f"--max-num-seqs must be positive, got {max_num_seqs}")
-    cfg = ErnieConfig.from_pretrained(resolve_model_path(path))
+    cfg = load_config(resolve_model_path(path))
     if max_model_len is None:
         max_model_len = min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     elif max_model_len > cfg.max_position_embeddings:
@@ -257,7 +305,7 @@ def _human(n: float, unit: str = "") -> str:
 def format_info(info: dict[str, Any]) -> str:
     lines = [f"{info['path']}"]
     for k, v in info.items():
-        if k in ("path", "files", "dtypes"):
+        if k in ("path", "files", "dtypes", "tensors"):
             continue
         if k in ("parameters", "active_parameters"):
             v = f"{v:,} ({_human(v)})"
@@ -269,6 +317,11 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append(
         "  stored dtypes            " + ", ".join(f"{d}: {_human(n)}" for d, n in info["dtypes"].items())
     )
+    if "tensors" in info:
+        lines.append(f"  tensors (GGUF type -> held as, in a {info['kv_cache_dtype']} run)")
+        width = max(len(t["group"]) + len(str(t["count"])) + 2 for t in info["tensors"])
+        lines += [f"    {t['group'] + ' x' + str(t['count']):<{width}}  {t['gguf_type']:<6} -> {t['held_as']}"
+                  for t in info["tensors"]]
     lines.append("  files")
     lines += [f"    {name:<38} {_human(size, 'B'):>9}" for name, size in info["files"].items()]
     if "memory" in info:
@@ -282,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show a checkpoint's config, parameter count, dtypes and files; with --memory, predict the "
         "resident memory of an inference run before loading it.",
     )
-    add_model_arg(p, "checkpoint directory or bundled model name", positional="DIR")
+    add_model_arg(p, "checkpoint directory, GGUF file or bundled model name", positional="DIR")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--memory", action="store_true",
                    help="predict resident memory: weights as held + KV cache + runtime overhead (implied by "
@@ -307,8 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ernie45.gguf_file import is_gguf
+
     args = parse_args(build_parser(), argv)
-    memory = args.memory or args.quantize_embedding or any(
+    memory = args.memory or is_gguf(args.model) or args.quantize_embedding or any(
         v is not None for v in (args.quantize, args.max_model_len, args.max_num_seqs, args.kv_cache_dtype))
     mem = None
     if memory:  # options are checked before anything is read

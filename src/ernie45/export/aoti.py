@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ernie45.config import ErnieConfig
+from ernie45.checkpoint import load_config
 from ernie45.errors import ErnieError
 from ernie45.model import ErnieForCausalLM, rope_cos_sin
 
@@ -245,7 +245,7 @@ def export_aoti(
     out = os.fspath(out)
     if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
         raise ErnieError(f"destination exists and is not empty: {out} (pass --overwrite to replace it)")
-    config = ErnieConfig.from_pretrained(path)
+    config = load_config(path)
     if config.quantization_config:
         raise ErnieError(
             "the AOTInductor export takes an unquantized checkpoint (float32 or bfloat16 weights)"

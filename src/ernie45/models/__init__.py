@@ -16,7 +16,10 @@ def bundled_path(name: str = DEFAULT) -> str:
 
 
 def resolve_model_path(path: str | os.PathLike | None) -> str:
-    """A user path, or a bundled model name; None means the default bundled model."""
+    """A user path (a checkpoint directory or a GGUF file), or a bundled model name; None means the default bundled
+    model."""
+    from ernie45.gguf_file import is_gguf
+
     if path is None:
         path = DEFAULT
     path = os.fspath(path)
@@ -28,6 +31,6 @@ def resolve_model_path(path: str | os.PathLike | None) -> str:
         return p
     if not os.path.exists(path):
         raise ErnieError(f"model path not found: {path}")
-    if not os.path.isdir(path):
-        raise ErnieError(f"model path is not a directory: {path}")
+    if not (os.path.isdir(path) or is_gguf(path)):
+        raise ErnieError(f"model path is neither a checkpoint directory nor a GGUF file: {path}")
     return path

@@ -1,8 +1,8 @@
 """Quantized Linear modules and the tensor quantizers behind them.
 
 - `Int8Linear` (wint8): weight-only int8, one scale per output channel.
-- `Int4Linear` (wint4): weight-only int4, asymmetric, one scale and zero per group of 64/128 input columns,
-  two values per byte.
+- `Int4Linear` (wint4): weight-only int4, asymmetric, one scale and zero per group of 64/128 input columns (32:
+  a GGUF file's Q4_0 blocks, loaded as they are), two values per byte.
 - `LLMInt8Linear` (llm.int8): LLM.int8() (Dettmers et al., 2022): int8 weights times per-token int8
   activations, with outlier input columns computed in floating point.
 - `nf4_linear_class()` (nf4, in nf4.py): a bitsandbytes `Linear4bit` (NF4, double quantization) for QLoRA bases.
@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from ernie45.errors import ErnieError
 from ernie45.quant import kernels
 
-GROUP_SIZES = (64, 128)
+GROUP_SIZES = (64, 128)  # what the quantizer writes
+HELD_GROUP_SIZES = (32, *GROUP_SIZES)  # what an Int4Linear holds: GGUF Q4_0 blocks are 32 columns (`ernie45.gguf_load`)
 # Shrinking a group's range trades clipping of its extremes for finer steps; per group we keep the ratio with
 # the smallest squared error (the clip search of AWQ / llama.cpp's k-quants, in its simplest form).
 INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
@@ -124,9 +125,10 @@ def quantize_int8_per_channel(
     return q, scale
 
 
-def check_group_size(group_size: int, in_features: int, name: str = "layer") -> None:
-    if group_size not in GROUP_SIZES:
-        raise ErnieError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+def check_group_size(group_size: int, in_features: int, name: str = "layer",
+                     allowed: tuple[int, ...] = GROUP_SIZES) -> None:
+    if group_size not in allowed:
+        raise ErnieError(f"group size must be one of {', '.join(map(str, allowed))}, got {group_size}")
     if in_features % group_size:
         leaf = name.rsplit(".", 1)[-1]
         hint = (
@@ -316,7 +318,7 @@ class Int4Linear(QuantLinear):
         device: torch.device | str | None = None,
         group_size: int = 128,
     ):
-        check_group_size(group_size, in_features)
+        check_group_size(group_size, in_features, allowed=HELD_GROUP_SIZES)
         super().__init__(in_features, out_features, bias, dtype, device)
         self.group_size = group_size
         groups = in_features // group_size

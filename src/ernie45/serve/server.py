@@ -179,11 +179,11 @@ def serve(
     import torch
     import uvicorn
 
-    from ernie45.config import ErnieConfig
+    from ernie45.checkpoint import load_config
     from ernie45.models import resolve_model_path
 
     path = resolve_model_path(model)
-    mcfg = ErnieConfig.from_pretrained(path)
+    mcfg = load_config(path)
     max_model_len = max_model_len or min(mcfg.max_position_embeddings, 4096)
     _check_range("--port", port, 0, 65535)
     _check_range("--max-num-seqs", max_num_seqs, 1, 4096)
