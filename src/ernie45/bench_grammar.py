@@ -119,10 +119,10 @@ def mask_rows(steps: int, seed: int = 0) -> list[dict[str, Any]]:
             logits = torch.randn(width)
             while n < steps:
                 t = time.perf_counter()
-                allowed = guide.allowed(width)
-                logits.masked_fill(~allowed, float("-inf"))
+                banned = guide.disallowed(width)  # as the sampling path (`mask_rows_`) does it
+                logits.masked_fill(banned, float("-inf"))
                 times.append(time.perf_counter() - t)
-                ids = allowed.nonzero().flatten().tolist()
+                ids = (~banned).nonzero().flatten().tolist()
                 choice = rng.choice(ids)
                 n += 1
                 if choice in eos or guide.finished:

@@ -343,13 +343,7 @@ def plan_tensors(model, reader: CheckpointReader, config: ErnieConfig, dt: torch
     unexpected = [k for k in entries if k not in expected and not (tied and k == "lm_head.weight")]
     bad_shape = [f"{k} {entries[k].shape} (expected {tuple(expected[k].shape)})"
                  for k in expected if k in entries and entries[k].shape != tuple(expected[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_short(missing)}")
-    if bad_shape:
-        problems.append(f"wrong shapes: {_short(bad_shape)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_short(unexpected)}")
+    problems = mismatch_problems(missing, bad_shape, unexpected)
     if problems:
         raise ErnieError(f"checkpoint {path} does not match its config.json — " + "; ".join(problems))
     plan = {}
@@ -365,6 +359,12 @@ def plan_tensors(model, reader: CheckpointReader, config: ErnieConfig, dt: torch
             target = stored if not ref.is_floating_point() else ref.dtype
         plan[k] = (target, tuple(ref.shape))
     return plan
+
+
+def mismatch_problems(missing: list[str], bad_shape: list[str], unexpected: list[str]) -> list[str]:
+    """The parts of a "does not match" error (each list shortened), in the order users fix them; [] when none."""
+    parts = (("missing tensors", missing), ("wrong shapes", bad_shape), ("unexpected tensors", unexpected))
+    return [f"{what}: {_short(items)}" for what, items in parts if items]
 
 
 def _short(items: list[str], n: int = 8) -> str:

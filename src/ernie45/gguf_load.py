@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ernie45.checkpoint_read import _FP32_KEYS, _short, build_model
+from ernie45.checkpoint_read import _FP32_KEYS, _short, build_model, mismatch_problems
 from ernie45.config import DENSE, MOE, ErnieConfig
 from ernie45.errors import ErnieError
 from ernie45.gguf_file import ARCHITECTURES, REQUIRED, GGUFFile
@@ -174,13 +174,7 @@ class GGUFCheckpoint:
                 gguf.quants.dequantize(np.zeros(gguf.GGML_QUANT_SIZES[qtype][1], np.uint8), qtype)
             except (NotImplementedError, KeyError, ValueError):
                 bad_type.append(qtype.name)
-        problems = []
-        if missing:
-            problems.append(f"missing tensors: {_short(missing)}")
-        if bad_shape:
-            problems.append(f"wrong shapes: {_short(sorted(set(bad_shape)))}")
-        if unexpected:
-            problems.append(f"unexpected tensors: {_short(unexpected)}")
+        problems = mismatch_problems(missing, sorted(set(bad_shape)), unexpected)
         if bad_type:
             problems.append(f"tensor types the gguf library cannot dequantize: {', '.join(sorted(bad_type))}")
         if problems:

@@ -217,8 +217,8 @@ class ChatErnie(BaseChatModel):
             text += out.text
         finish, extra, calls = out.finish_reason, {}, []
         if plan.reasoning or plan.tools:
-            parsed = parse_output(text, plan.reasoning, plan.tools, finish)
-            text, finish, calls = parsed.content, parsed.finish_reason, parsed.tool_calls[: plan.max_calls]
+            parsed = parse_output(text, plan.reasoning, plan.tools, finish, plan.max_calls)
+            text, finish, calls = parsed.content, parsed.finish_reason, parsed.tool_calls
             if parsed.reasoning is not None:
                 extra["reasoning_content"] = parsed.reasoning
         message = AIMessage(
@@ -244,7 +244,7 @@ class ChatErnie(BaseChatModel):
         from ernie45.serve.parsers import OutputStream
 
         engine, ids, params, plan = self._prepare(messages, stop, kwargs)
-        parser = OutputStream(plan.reasoning, plan.tools) if plan.reasoning or plan.tools else None
+        parser = OutputStream(plan.reasoning, plan.tools, plan.max_calls) if plan.reasoning or plan.tools else None
         outputs = engine.stream(ids, params)
         try:
             for out in outputs:
@@ -252,8 +252,7 @@ class ChatErnie(BaseChatModel):
                 if parser is None:
                     pieces = [StreamEvent("content", out.text)]
                 else:
-                    pieces = parser.feed(out.text) + (parser.finish() if last else [])
-                    pieces = [e for e in pieces if not _dropped(e, plan.max_calls)] or [StreamEvent("content", "")]
+                    pieces = parser.feed(out.text) + (parser.finish() if last else []) or [StreamEvent("content", "")]
                 for k, ev in enumerate(pieces):
                     final = last and k == len(pieces) - 1
                     finish = (parser.finish_reason(out.finish_reason) if parser else out.finish_reason) if final else None
@@ -357,10 +356,6 @@ def _tool_choice(choice: dict | str | bool, tools: list[dict[str, Any]]) -> dict
     if isinstance(choice, str) and choice not in ("auto", "none", "required"):
         return {"type": "function", "function": {"name": choice}}
     return choice
-
-
-def _dropped(ev: StreamEvent, max_calls: int | None) -> bool:
-    return ev.kind == "tool_call" and max_calls is not None and ev.value["index"] >= max_calls
 
 
 def _chunk_message(ev: StreamEvent) -> AIMessageChunk:

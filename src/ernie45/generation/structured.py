@@ -117,17 +117,27 @@ def json_options(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "x-guidance": {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}}
 
 
-def json_schema_grammar(schema: dict[str, Any] | None, strict: bool = False) -> str:
-    """Output is JSON matching `schema` (None: any JSON object, OpenAI's `json_object`)."""
-    llg = _llg()
+def prepared_schema(schema: dict[str, Any] | None, strict: bool = False) -> dict[str, Any]:
+    """A request's schema as the grammar compiler gets it: None is any JSON object (OpenAI's `json_object`),
+    `strict` closes its objects, and ernie45's JSON layout applies."""
     if schema is None:
         schema = {"type": "object"}
     if not isinstance(schema, dict):
         raise ErnieError("a JSON schema must be a JSON object")
-    if strict:
-        schema = closed_schema(schema)
+    return json_options(closed_schema(schema) if strict else schema)
+
+
+def choice_rule(choices: list[str]) -> str:
+    """A Lark alternation of literal strings (vLLM's `guided_choice`)."""
+    return " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def json_schema_grammar(schema: dict[str, Any] | None, strict: bool = False) -> str:
+    """Output is JSON matching `schema` (None: any JSON object, OpenAI's `json_object`)."""
+    llg = _llg()
+    schema = prepared_schema(schema, strict)
     try:
-        return llg.LLMatcher.grammar_from_json_schema(json_options(schema))
+        return llg.LLMatcher.grammar_from_json_schema(schema)
     except ValueError as e:
         raise ErnieError(f"invalid JSON schema: {e}") from None
 

@@ -144,15 +144,13 @@ def output_grammar(
             return structured.json_schema_grammar(*value)
         if kind == "regex":
             return structured.regex_grammar(value)
-        return structured.lark_grammar("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
+        return structured.lark_grammar("start: " + structured.choice_rule(value))
     if kind == "json":
-        schema, strict = value
-        schema = structured.closed_schema(schema) if strict and schema is not None else schema
-        body = "%json " + json.dumps(structured.json_options(schema or {"type": "object"}), ensure_ascii=False)
+        body = "%json " + json.dumps(structured.prepared_schema(*value), ensure_ascii=False)
     elif kind == "regex":
         body = "/" + value.replace("/", "\\/") + "/"
     else:
-        body = " | ".join(json.dumps(c, ensure_ascii=False) for c in value)
+        body = structured.choice_rule(value)
     return structured.reasoning_grammar(
         f"body: {body}", "response", budget=reasoning_budget, marker_ids=marker_ids or {}
     )

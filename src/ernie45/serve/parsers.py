@@ -341,23 +341,29 @@ def adjust_finish_reason(finish_reason: str | None, tool_calls: bool) -> str | N
     return "tool_calls" if tool_calls else finish_reason
 
 
-def parse_output(text: str, reasoning: bool, tools: bool, finish_reason: str | None = None) -> ParsedOutput:
-    """Parse a whole output: reasoning (for a Thinking model), then tool calls (when the request has tools)."""
+def parse_output(
+    text: str, reasoning: bool, tools: bool, finish_reason: str | None = None, max_calls: int | None = None
+) -> ParsedOutput:
+    """Parse a whole output: reasoning (for a Thinking model), then tool calls (when the request has tools; only
+    the first `max_calls` are kept, e.g. 1 for `parallel_tool_calls: false`)."""
     thought, content = ReasoningParser.extract(text) if reasoning else (None, text)
     calls: list[ToolCall] = []
     if tools:
         content, calls = ToolCallParser.extract(content)
+        calls = calls[:max_calls]
     return ParsedOutput(thought, content, calls, adjust_finish_reason(finish_reason, bool(calls)))
 
 
 class OutputStream:
     """Streaming twin of `parse_output`: `feed(delta)` per text delta, `finish()` once at the end; both return
-    `StreamEvent`s in order (reasoning, content, tool_call). Their concatenation equals `parse_output`.
+    `StreamEvent`s in order (reasoning, content, tool_call). Their concatenation equals `parse_output` (with the
+    same `max_calls`: later calls are not sent).
     """
 
-    def __init__(self, reasoning: bool, tools: bool):
+    def __init__(self, reasoning: bool, tools: bool, max_calls: int | None = None):
         self.reasoning = ReasoningParser() if reasoning else None
         self.tools = ToolCallParser() if tools else None
+        self.max_calls = max_calls
 
     @property
     def tool_calls(self) -> list[ToolCall]:
@@ -380,7 +386,8 @@ class OutputStream:
         merged: list[StreamEvent] = []
         for ev in out:
             if ev.kind == "tool_call":
-                merged.append(ev)
+                if self.max_calls is None or ev.value["index"] < self.max_calls:
+                    merged.append(ev)
             else:
                 _emit(merged, ev.kind, ev.value)
         return merged

@@ -151,8 +151,7 @@ def install_routes(app: FastAPI, st: ServerState) -> None:
         for i, r in enumerate(results):
             message, finish = {"role": "assistant", "content": r.text}, r.finish_reason
             if parsing:
-                parsed = parse_output(r.text, plan.reasoning, plan.tools, r.finish_reason)
-                parsed.tool_calls = parsed.tool_calls[: plan.max_calls]
+                parsed = parse_output(r.text, plan.reasoning, plan.tools, r.finish_reason, plan.max_calls)
                 message, finish = parsed.message(), parsed.finish_reason
             lps = ChatLogprobs(content=[chat_logprob(st, t) for t in r.logprobs]) if req.logprobs else None
             choices.append(ChatChoice(index=i, message=message, finish_reason=finish, logprobs=lps))

@@ -124,7 +124,7 @@ async def chat_events(
     }
     counts, cached = [0] * req.n, [0] * req.n
     parsing = plan.reasoning or plan.tools
-    streams = [OutputStream(plan.reasoning, plan.tools) for _ in range(req.n)] if parsing else None
+    streams = [OutputStream(plan.reasoning, plan.tools, plan.max_calls) for _ in range(req.n)] if parsing else None
 
     def chunk(i: int, delta: dict, finish: str | None = None, lps: list | None = None) -> str:
         choice = {"index": i, "delta": delta, "logprobs": lps, "finish_reason": finish}
@@ -150,11 +150,7 @@ async def chat_events(
             if out.finish_reason is not None:
                 events += streams[i].finish()
                 finish = streams[i].finish_reason(out.finish_reason)
-            deltas = [
-                ev.delta()
-                for ev in events
-                if not (ev.kind == "tool_call" and plan.max_calls is not None and ev.value["index"] >= plan.max_calls)
-            ] or [{}]  # still one event per token
+            deltas = [ev.delta() for ev in events] or [{}]  # still one event per token
             for k, delta in enumerate(deltas):
                 last = k == len(deltas) - 1
                 yield chunk(i, delta, finish if last else None, lps if k == 0 else None)
