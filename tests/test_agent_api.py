@@ -351,6 +351,7 @@ def test_plain_template_falls_back_to_thinking_format_for_tools(plain):
         ({"guided_regex": "[a-", "guided_json": {"type": "object"}}, "guided_regex"),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
         ({"guided_grammar": "start: nosuchrule"}, "response_format"),
+        ({"guided_grammar": "::= not gbnf either"}, "response_format"),  # the GBNF converter's own error
     ],
 )
 def test_bad_agent_requests(plain, body, param):

@@ -76,7 +76,7 @@ ISAS = native.levels()
 
 def _native_or_skip(isa="native"):
     lib = native.load("decode", isa)
-    if lib is None or (isa == "native" and lib.ernie_simd_width() < 256):
+    if lib is None or (isa == "native" and lib.ernie_simd_width() < 128):
         pytest.skip(f"no C compiler, or no {isa} build: the C decode step is not built here")
     return lib
 
@@ -188,6 +188,59 @@ def test_c_decode_step_with_an_int8_embedding(name, dtype, mode, isa, two_thread
         for layer in range(len(cache.k)):
             assert torch.equal(twin_cache.k[layer], cache.k[layer])
             assert torch.equal(twin_cache.v[layer], cache.v[layer])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_decode_step_with_an_int8_group_embedding_tied_to_the_head(dtype, isa, two_threads):
+    """A GGUF Q8_0 token_embd: an Int8Embedding with a scale per 32 columns, the head an Int8Linear over its tensors.
+    The C step reads both in place; greedy tokens and logits match the PyTorch forward, and its embedding rows are
+    Int8Embedding's bit for bit (the logits equal those with a float table of the dequantized rows)."""
+    from torch import nn
+
+    from ernie45.fast import FastDecoder
+    from ernie45.native_abi import W_I8
+    from ernie45.quant.linear import Int8Embedding, Int8Linear
+
+    _native_or_skip(isa)
+    m = _textured("tiny", dtype, "wint8", 32)
+    table = m.model.embed_tokens.weight.detach()
+    emb = Int8Embedding(*table.shape, dtype, group_size=32)
+    src = Int8Linear.from_float(_as_linear(table), dtype, group_size=32)
+    emb.weight, emb.weight_scale = src.weight, src.weight_scale
+    m.model.embed_tokens, m.config.tie_word_embeddings = emb, True
+    m.tie_weights()
+    assert m.lm_head.weight is emb.weight and m.lm_head.weight_scale is emb.weight_scale
+    ids = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(1))
+    step = torch.tensor([[17]])
+    with torch.inference_mode():
+        ref_tokens = generate(m, ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        ref_cache = m.new_cache(1, 12)
+        m(ids, cache=ref_cache)
+        ref = m(step, cache=ref_cache).logits[:, -1].float()
+        dec = FastDecoder.attach(m, isa=isa)
+        assert dec is not None and (dec._m.embed_kind, dec._m.embed_group) == (W_I8, 32)
+        cache = m.new_cache(1, 12)
+        m(ids, cache=cache)
+        out = dec(step, cache)
+        tokens = generate(m, ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol)
+    assert torch.equal(tokens, ref_tokens)
+    m.model.embed_tokens, m.config.tie_word_embeddings = nn.Embedding.from_pretrained(emb.dequantize()), False
+    with torch.inference_mode():
+        twin = FastDecoder.attach(m, isa=isa)
+        assert twin is not None and twin._m.embed_kind == 0
+        twin_cache = m.new_cache(1, 12)
+        m(ids, cache=twin_cache)
+        assert torch.equal(twin(step, twin_cache), out)
+
+
+def _as_linear(w):
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin
 
 
 def test_c_decoder_rejects_an_int8_embedding_it_cannot_read():
@@ -312,7 +365,7 @@ def test_kernels_build_from_an_empty_cache(monkeypatch, tmp_path):
     native.cache_clear()
     try:
         lib = native.load("decode")
-        assert lib is not None and lib.ernie_simd_width() in (0, 256, 512)
+        assert lib is not None and lib.ernie_simd_width() in (0, 128, 256, 512)
         built = list((tmp_path / "native").glob("decode-*.so"))
         assert len(built) == 1 and not [p for p in (tmp_path / "native").iterdir() if p not in built]
         mtime = built[0].stat().st_mtime_ns
@@ -341,9 +394,24 @@ def test_c_decode_other_attention_shapes(dtype, heads, kv, head_dim, isa):
     assert torch.equal(generate(m, ids, max_new_tokens=20, min_new_tokens=20, do_sample=False), ref)
 
 
+def _int8_groups(m, group_size=32):
+    """Every quantizable Linear (the head too) as an Int8Linear with one scale per `group_size` columns, as a GGUF's
+    Q8_0 weights load (the quantizer writes one scale per row)."""
+    from ernie45.quant import _swap, quantizable_linears, quantization_config
+    from ernie45.quant.linear import Int8Linear
+
+    with torch.no_grad():
+        for lname, lin in quantizable_linears(m).items():
+            _swap(m, lname, Int8Linear.from_float(lin, m.dtype, group_size=group_size))
+    m.config.tie_word_embeddings = False
+    m.config.quantization_config = quantization_config("wint8", [], int8_group_size=group_size)
+    return m
+
+
 def _textured(name, dtype, mode, group_size=64, hidden=256, intermediate=512, head_dim=64):
     """A random model whose every part matters: norms away from 1, Linear biases, a correction bias that changes
-    which experts are selected, widths that fill whole vectors (hidden 256, head_dim 64, GQA 4:1)."""
+    which experts are selected, widths that fill whole vectors (hidden 256, head_dim 64, GQA 4:1). wint8 with
+    `group_size` 32: int8 with one scale per 32 columns (GGUF Q8_0's layout); other group sizes: per row."""
     moe = dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=128, moe_num_shared_experts=1,
                moe_layer_start_index=1) if name == "tiny-moe" else {}
     cfg = preset(name, hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=8,
@@ -358,6 +426,8 @@ def _textured(name, dtype, mode, group_size=64, hidden=256, intermediate=512, he
             elif pname.endswith((".bias", "e_score_correction_bias")):
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     m.eval()
+    if mode == "wint8" and group_size == 32:
+        return _int8_groups(m, group_size)
     if mode:
         from ernie45.quant import quantize_model
 
@@ -366,7 +436,8 @@ def _textured(name, dtype, mode, group_size=64, hidden=256, intermediate=512, he
     return m
 
 
-@pytest.mark.parametrize("mode, group_size", [(None, 0), ("wint8", 0), ("wint4", 64), ("wint4", 128)])
+@pytest.mark.parametrize("mode, group_size", [(None, 0), ("wint8", 0), ("wint8", 32), ("wint4", 32), ("wint4", 64),
+                                              ("wint4", 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 def test_c_decode_long_context(name, dtype, mode, group_size, two_threads):
@@ -419,6 +490,8 @@ def test_isa_levels_follow_the_machine():
             assert lib.ernie_simd_width() == 256 and name.startswith("avx2+fma")
         elif isa == "generic":
             assert lib.ernie_simd_width() == 0 and name == "generic"
+        elif native.arch() == "aarch64":  # native and neon: the NEON kernels (+bf16: BFDOT where targeted)
+            assert lib.ernie_simd_width() == 128 and name.startswith("neon")
         else:
             assert name.startswith("avx512") == ("avx512f" in flags)
             assert ("+bf16" in name) == ("avx512_bf16" in flags)
@@ -498,7 +571,7 @@ def test_c_decoder_reads_quantization_scales_in_place(name, dtype, mode):
 
 def _random_quantized(mode, dtype, out_features=40, in_features=256, group_size=64):
     """An Int8Linear / Int4Linear (row-major) with random codes, scales over a wide range and zeros of both signs,
-    so zero - 8 * scale needs its fp32 rounding."""
+    so zero - 8 * scale needs its fp32 rounding. wint8: `group_size` 0 one scale per row, 32 per 32 columns."""
     from ernie45.quant.linear import Int4Linear, Int8Linear
 
     g = torch.Generator().manual_seed(11)
@@ -511,7 +584,7 @@ def _random_quantized(mode, dtype, out_features=40, in_features=256, group_size=
         q.weight_scale = (torch.rand(shape, generator=g) * 10 ** torch.randint(-4, 2, shape, generator=g)).to(dtype)
         q.weight_zero = (torch.randn(shape, generator=g) * 0.3).to(dtype)
     else:
-        q = Int8Linear.from_float(lin, dtype)
+        q = Int8Linear.from_float(lin, dtype, group_size=group_size)
         q.weight = torch.randint(-127, 128, q.weight.shape, generator=g, dtype=torch.int8)
         shape = q.weight_scale.shape
         q.weight_scale = (torch.rand(shape, generator=g) * 10 ** torch.randint(-4, 2, shape, generator=g)).to(dtype)
@@ -520,19 +593,21 @@ def _random_quantized(mode, dtype, out_features=40, in_features=256, group_size=
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode, group_size", [("wint8", 0), ("wint4", 64), ("wint4", 128)])
+@pytest.mark.parametrize("mode, group_size", [("wint8", 0), ("wint8", 32), ("wint4", 32), ("wint4", 64),
+                                              ("wint4", 128)])
 def test_dequant_rows_is_bit_identical_to_pytorch(mode, group_size, dtype, isa):
     """`dequant_rows` (the C kernel, scales and zeros read in their own dtype) gives the module's
-    `dequantize(torch.float32)` bit for bit, for all rows and for a tile of rows."""
+    `dequantize(torch.float32)` bit for bit, for all rows and for a tile of rows (int8: one scale per row, and per
+    32 columns as GGUF's Q8_0)."""
     from ernie45.native_abi import W_I4, W_I8, dequant_rows
 
     _native_or_skip(isa)
-    q = _random_quantized(mode, dtype, group_size=group_size or 64)
+    q = _random_quantized(mode, dtype, group_size=group_size)
     n, k = q.out_features, q.in_features
     if mode == "wint4":
         rows = dequant_rows(W_I4, q.weight, n, k, q.weight_scale, q.weight_zero, group_size, isa=isa)
     else:
-        rows = dequant_rows(W_I8, q.weight, n, k, q.weight_scale, isa=isa)
+        rows = dequant_rows(W_I8, q.weight, n, k, q.weight_scale, None, group_size, isa=isa)
     assert rows is not None
     ref = q.dequantize(torch.float32)
     assert torch.equal(rows(0, n), ref)

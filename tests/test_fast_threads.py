@@ -28,7 +28,7 @@ def ckpt(tmp_path_factory, tokenizer_dir):
 def test_concurrent_generate_matches_single_thread(ckpt, dtype):
     """Two threads decode two prompts on one model at once, several times: each gets its single-thread tokens."""
     lib = native.load("decode")
-    if lib is None or lib.ernie_simd_width() < 256:
+    if lib is None or lib.ernie_simd_width() < 128:
         pytest.skip("no C compiler: the C decode step is not built here")
     if dtype == "bfloat16" and not cpu_has_fast_bf16():
         pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX)")

@@ -1,5 +1,5 @@
 """Loading GGUF files: ernie45's own exports (f32 exactly the source; f16/bf16/q8_0/q4_0 the model of the file's
-dequantized weights, Q4_0 held as int4 bit for bit), a file written by the gguf library's GGUFWriter with K-quants,
+dequantized weights, Q4_0 held as int4 and Q8_0 as int8 groups, bit for bit), a file written by the gguf library's GGUFWriter with K-quants,
 the tokenizer rebuilt from the GGUF vocabulary, llama.cpp parity (when llama-cpp-python is installed), bad input and
 the CLI. Every file is built here."""
 
@@ -27,7 +27,7 @@ from ernie45.config import ErnieConfig
 from ernie45.convert.gguf_export import export_gguf
 from ernie45.errors import ErnieError
 from ernie45.quant.kernels import use_kernel
-from ernie45.quant.linear import Int4Linear
+from ernie45.quant.linear import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from ernie45.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -130,8 +130,9 @@ def greedy(model, ids: list[int], n: int = 8) -> list[int]:
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_exported_file_loads_as_its_weights(kind, outtype, ckpts, exported):
     """f32: the source model (logits within 1e-4); other types: the source with the file's dequantized weights
-    (logits within 1e-3 of the largest); greedy tokens equal; Q4_0 Linears held as int4 groups of 32 whose
-    dequantization is the gguf library's bit for bit, other types dequantized to the run dtype."""
+    (logits within 1e-3 of the largest); greedy tokens equal; Q4_0 Linears held as int4 groups of 32 and Q8_0 ones
+    as int8 groups of 32 (no requantizing, no dequantizing) whose dequantization is the gguf library's bit for bit,
+    other types dequantized to the run dtype."""
     path = exported(kind, outtype)
     model, tok = ernie45.load(path, dtype="float32", device="cpu")
     src, _ = ernie45.load(ckpts[kind], dtype="float32", device="cpu")
@@ -150,10 +151,37 @@ def test_exported_file_loads_as_its_weights(kind, outtype, ckpts, exported):
         linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"]
         assert linears == [] and set(int4) >= {"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"
                                               if kind == "dense" else "model.layers.1.mlp.experts.5.up_proj"}
-        assert ("lm_head" in int4) == (kind == "moe")  # a tied head shares the (dequantized) embedding
+        assert "lm_head" in int4
+        emb = model.model.embed_tokens  # Q4_0 token_embd: int4 too, bit for bit the gguf library's dequantization
+        assert isinstance(emb, Int4Embedding) and emb.group_size == 32
+        assert torch.equal(emb.dequantize(torch.float32), sd["model.embed_tokens.weight"])
+        if model.config.tie_word_embeddings:  # the tied head is an Int4Linear over the embedding's own tensors
+            assert kind == "dense"
+            for t in ("weight", "weight_scale", "weight_zero"):
+                assert getattr(model.lm_head, t) is getattr(emb, t), t
         for name, mod in int4.items():
-            assert mod.group_size == 32 and torch.equal(mod.dequantize(torch.float32), sd[f"{name}.weight"]), name
+            want = sd["model.embed_tokens.weight" if name == "lm_head" and kind == "dense" else f"{name}.weight"]
+            assert mod.group_size == 32 and torch.equal(mod.dequantize(torch.float32), want), name
         assert model.config.quantization_config["group_size"] == 32
+    elif outtype == "q8_0":
+        int8 = {n: m for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+        linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"]
+        assert int4 == {} and linears == [] and set(int8) >= {"model.layers.1.self_attn.q_proj",
+                                                              "model.layers.1.mlp.down_proj" if kind == "dense"
+                                                              else "model.layers.1.mlp.experts.5.up_proj"}
+        assert "lm_head" in int8
+        for name, mod in int8.items():
+            want = sd["model.embed_tokens.weight" if name == "lm_head" and kind == "dense" else f"{name}.weight"]
+            assert mod.group_size == 32 and mod.weight.dtype == torch.int8, name
+            assert mod.weight_scale.shape == (mod.out_features, mod.in_features // 32), name
+            assert torch.equal(mod.dequantize(torch.float32), want), name
+        qc = model.config.quantization_config
+        assert qc["mode"] == "wint8" and qc["group_size"] == 32 and "module_overrides" not in qc
+        emb = model.model.embed_tokens  # Q8_0 token_embd: int8 groups too, bit for bit
+        assert isinstance(emb, Int8Embedding) and emb.group_size == 32 and qc["embedding_group_size"] == 32
+        assert torch.equal(emb.dequantize(torch.float32), sd["model.embed_tokens.weight"])
+        if model.config.tie_word_embeddings:  # the tied head is an Int8Linear over the embedding's own tensors
+            assert model.lm_head.weight is emb.weight and model.lm_head.weight_scale is emb.weight_scale
     else:
         assert int4 == {} and model.config.quantization_config is None
         got = model.state_dict()
@@ -161,7 +189,7 @@ def test_exported_file_loads_as_its_weights(kind, outtype, ckpts, exported):
             assert torch.equal(got[key], w), key
     held = dict((name, h) for name, _, h in model.gguf_layout)
     assert held["blk.1.attn_q.weight"] == {"f32": "float32", "f16": "float32", "bf16": "float32",
-                                            "q8_0": "float32, dequantized", "q4_0": "int4, group 32, exact"}[outtype]
+                                            "q8_0": "int8, group 32, exact", "q4_0": "int4, group 32, exact"}[outtype]
     assert held["output_norm.weight"] == "float32"
 
 
@@ -171,12 +199,12 @@ def test_dtype_is_honoured(dtype, exported):
     model, tok = ernie45.load(path, dtype=dtype, device="cpu")
     dt = getattr(torch, dtype)
     mlp = model.model.layers[1].mlp
-    assert model.model.embed_tokens.weight.dtype == dt and model.model.norm.weight.dtype == dt
+    assert model.model.embed_tokens.weight_scale.dtype == dt and model.model.norm.weight.dtype == dt
     assert mlp.experts[0].gate_proj.weight_scale.dtype == dt and mlp.gate.weight.dtype == torch.float32
     assert mlp.moe_statics.e_score_correction_bias.dtype == torch.float32
     held = {h for _, q, h in model.gguf_layout if q == "Q4_0"}
     want = "exact" if dtype == "float16" else "scales rounded to bfloat16"
-    assert held == {f"int4, group 32, {want}", f"{dtype}, dequantized"}
+    assert held == {f"int4, group 32, {want}"}  # the Linears and the token embedding
     out = logits(model, PROMPTS[0], tok)
     assert torch.isfinite(out).all()
 
@@ -316,8 +344,13 @@ def write_gguf(path, tokenizer_dir: str, *, arch: str = "ernie4_5", drop: tuple[
 
 def test_file_written_by_the_gguf_library_with_k_quants(tmp_path, tokenizer_dir):
     """Mixed types (K-quants Q4_K/Q5_K/Q6_K, Q4_0/Q4_1/Q5_0/Q8_0, F16, BF16): the model of the library's
-    dequantization (logits within 1e-3 of the largest, greedy tokens equal); Q4_0 Linears held as int4, the rest
-    float; no vocab_size key (taken from token_embd)."""
+    dequantization (logits within 1e-3 of the largest, greedy tokens equal); Q4_0 and Q4_K Linears (and the Q4_0
+    embedding) held as int4 groups of 32 whose dequantization is the library's (Q4_0 bit for bit, Q4_K within one
+    fp32 rounding of the zero point), the Q8_0 one beside them as int8 groups of 32 (bit for bit, recorded as a
+    module override of the wint4 mode), the rest float; no vocab_size key (taken from token_embd). Saved as a
+    checkpoint, the mix reloads as the same model."""
+    from ernie45.checkpoint import save_checkpoint
+
     path = tmp_path / "writer.gguf"
     ref_w = write_gguf(path, tokenizer_dir)
     model, tok = ernie45.load(path, dtype="float32", device="cpu")
@@ -334,52 +367,130 @@ def test_file_written_by_the_gguf_library_with_k_quants(tmp_path, tokenizer_dir)
         a, b = logits(ref, text, tok), logits(model, text, tok)
         assert (a - b).abs().max() <= 1e-3 * a.abs().max(), text
         assert greedy(model, tok.encode(text)) == greedy(ref, tok.encode(text)), text
-    int4 = sorted(n for n, m in model.named_modules() if isinstance(m, Int4Linear))
-    assert int4 == ["model.layers.0.mlp.gate_proj", "model.layers.0.self_attn.o_proj", "model.layers.1.mlp.up_proj",
-                    "model.layers.1.self_attn.q_proj"]
+    int4 = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    assert sorted(int4) == ["model.layers.0.mlp.gate_proj", "model.layers.0.self_attn.o_proj",
+                            "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+                            "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj",
+                            "model.layers.1.self_attn.q_proj"]
+    gguf_names = {f"model.layers.{i}.{v}": f"blk.{i}.{k}.weight" for i in range(2) for k, v in LAYER_NAMES.items()}
+    for name, mod in int4.items():
+        got, want = mod.dequantize(torch.float32), torch.from_numpy(ref_w[gguf_names[name]])
+        if WRITER_TYPES[gguf_names[name]] == Q.Q4_0:
+            assert torch.equal(got, want), name
+        else:  # zero = 8 scale - dmin m is rounded once in fp32
+            torch.testing.assert_close(got, want, atol=2e-7 * want.abs().max().item(), rtol=0, msg=name)
     held = {name: (q, h) for name, q, h in model.gguf_layout}
-    assert held["blk.0.attn_q.weight"] == ("Q4_K", "float32, dequantized")
+    assert held["blk.0.attn_q.weight"] == ("Q4_K", "int4, group 32, exact")
+    assert held["blk.0.attn_k.weight"] == ("Q5_K", "float32, dequantized")
     assert held["output.weight"] == ("Q6_K", "float32, dequantized")
-    assert held["token_embd.weight"] == ("Q4_0", "float32, dequantized")
+    assert held["token_embd.weight"] == ("Q4_0", "int4, group 32, exact")  # an Int4Embedding (the head is untied)
+    assert isinstance(model.model.embed_tokens, Int4Embedding)
     assert held["blk.1.attn_q.weight"] == ("Q4_0", "int4, group 32, exact")
     assert held["blk.0.ffn_down.weight"] == ("BF16", "float32")
+    assert held["blk.0.attn_v.weight"] == ("Q8_0", "int8, group 32, exact")
+    int8 = {n: m for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    assert list(int8) == ["model.layers.0.self_attn.v_proj"]
+    v = int8["model.layers.0.self_attn.v_proj"]
+    assert v.group_size == 32 and torch.equal(v.dequantize(torch.float32), torch.from_numpy(ref_w["blk.0.attn_v.weight"]))
+    qc = model.config.quantization_config
+    assert qc["mode"] == "wint4" and qc["group_size"] == 32
+    assert qc["module_overrides"] == {"model.layers.0.self_attn.v_proj": {"mode": "wint8", "group_size": 32}}
+    save_checkpoint(model, tmp_path / "ck", tokenizer=tok)
+    again, _ = ernie45.load(tmp_path / "ck", dtype="float32", device="cpu")
+    assert again.config.quantization_config == qc
+    assert type(again.model.layers[0].self_attn.v_proj) is Int8Linear
+    torch.testing.assert_close(logits(again, PROMPTS[0], tok), logits(model, PROMPTS[0], tok), atol=0, rtol=0)
 
 
 # ---- (c) llama.cpp -------------------------------------------------------------------------------------
 LLAMA_TOL = 0.05  # of the largest logit; measured 1.3–1.9 % on the dense and MoE test files
+
+
+def llama_greedy(llm, prompt: list[int], n: int = 8) -> list[int]:
+    """llama.cpp's own greedy continuation of `prompt`: the sequence the comparisons teacher-force."""
+    got = []
+    for t in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        got.append(t)
+        if len(got) == n:
+            break
+    return got
+
+
+def llama_logits(llm, seq: list[int]) -> torch.Tensor:
+    """llama.cpp's logits (len(seq), vocab) at every position of `seq`, from a fresh context."""
+    llm.reset()
+    llm.eval(seq)
+    return torch.tensor(np.array(llm.scores[: len(seq)]), dtype=torch.float32)
 @pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f32", "q8_0", "q4_0"])
 @pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_llama_cpp_agrees_on_the_same_q4_0_file(kind, exported):
-    """llama.cpp on the same Q4_0 file: the same tokenization; teacher-forced on llama.cpp's own greedy
-    continuation, logits within LLAMA_TOL of the largest (llama.cpp multiplies Q4_0 weights by activations it
-    rounds to 8 bits, ernie45 by fp32 activations); and each of llama.cpp's greedy tokens is ernie45's argmax
-    wherever ernie45's top-2 margin is wider than that difference (random weights leave near-ties elsewhere)."""
+def test_llama_cpp_agrees_on_the_same_file(kind, outtype, exported):
+    """llama.cpp on the same F32 / Q8_0 / Q4_0 file: the same tokenization; teacher-forced on llama.cpp's own
+    greedy continuation, logits within 1e-3 of the largest for F32, and for Q8_0 / Q4_0 (where llama.cpp multiplies
+    by activations it rounds to 8 bits, ernie45 by fp32 ones) within LLAMA_TOL at every position but, in an MoE, one
+    (measured: 1-2.5 %, and 20 % at one position where two experts are near-tied); each of llama.cpp's greedy tokens
+    is ernie45's argmax wherever ernie45's top-2 margin is wider than twice that position's difference (random
+    weights leave near-ties elsewhere)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (llama_cpp) is not installed")
-    path = exported(kind, "q4_0")
+    path = exported(kind, outtype)
     model, tok = ernie45.load(path, dtype="float32", device="cpu")
     llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=1, verbose=False, logits_all=True)
     for text in PROMPTS:
         prompt = tok.encode(text)
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == prompt, text
-        got = []
-        for t in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            got.append(t)
-            if len(got) == 8:
-                break
+        got = llama_greedy(llm, prompt)
         seq = prompt + got
-        llm.reset()
-        llm.eval(seq)
-        theirs = torch.tensor(np.array(llm.scores[: len(seq)]), dtype=torch.float32)
+        theirs = llama_logits(llm, seq)
         with torch.no_grad():
             ours = model(torch.tensor([seq])).logits[0].float()
         scale = float(ours.abs().max())
-        diff = float((ours - theirs[:, : ours.shape[1]]).abs().max())
-        assert diff <= LLAMA_TOL * scale, (text, diff / scale)
+        per_position = (ours - theirs[:, : ours.shape[1]]).abs().amax(-1)  # (positions,)
+        if outtype == "f32":
+            assert float(per_position.max()) <= 1e-3 * scale, text
+        else:  # an MoE position may route to another expert where two are near-tied: one per sequence allowed
+            outliers = int((per_position > LLAMA_TOL * scale).sum())
+            assert outliers <= (1 if kind == "moe" else 0), (text, (per_position / scale).tolist())
         for i, t in enumerate(got):
             row = ours[len(prompt) - 1 + i]
             top = row.topk(2).values
-            if float(top[0] - top[1]) > 2 * diff:
+            if float(top[0] - top[1]) > 2 * float(per_position[len(prompt) - 1 + i]):
                 assert int(row.argmax()) == t, (text, i)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_llama_cpp_agrees_on_a_q4_k_m_file_it_quantized(kind, tmp_path, tokenizer_dir):
+    """A Q4_K_M file made by llama.cpp's own quantizer (`llama_model_quantize`, from ernie45's f32 export of a
+    256-wide model, so the K-quants' 256-weight blocks fit): its Q4_K weights held as int4 groups, Q6_K ones
+    dequantized. Teacher-forced on llama.cpp's greedy continuation, ernie45's logits differ from llama.cpp's on the
+    same file by no more than the quantization moves llama.cpp's own (Q4_K_M against the f32 file), at most
+    LLAMA_TOL of the largest logit where that is smaller."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (llama_cpp) is not installed")
+    wide = dict(hidden_size=256, intermediate_size=256, head_dim=64, vocab_size=512)
+    if kind == "moe":
+        wide["moe_intermediate_size"] = 256
+    src = save_hf(make_hf_model(kind, bias_scale=0.3, **wide), tmp_path / "hf", tokenizer_dir)
+    f32 = export_gguf(src, tmp_path / "f32.gguf", "f32", progress=False)
+    path = str(tmp_path / "q4_k_m.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 1
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), path.encode(), params) == 0
+    model, tok = ernie45.load(path, dtype="float32", device="cpu")
+    held = {(q, h) for _, q, h in model.gguf_layout}
+    assert ("Q4_K", "int4, group 32, exact") in held and ("Q6_K", "float32, dequantized") in held, held
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=1, verbose=False, logits_all=True)
+    exact = llama_cpp.Llama(model_path=str(f32), n_ctx=64, n_threads=1, verbose=False, logits_all=True)
+    for text in PROMPTS:
+        prompt = tok.encode(text)
+        seq = prompt + llama_greedy(llm, prompt)
+        theirs, unquantized = llama_logits(llm, seq), llama_logits(exact, seq)
+        with torch.no_grad():
+            ours = model(torch.tensor([seq])).logits[0].float()
+        v = ours.shape[1]
+        scale = float(ours.abs().max())
+        ours_vs_theirs = float((ours - theirs[:, :v]).abs().max()) / scale
+        quantization = float((theirs[:, :v] - unquantized[:, :v]).abs().max()) / scale
+        assert ours_vs_theirs <= max(LLAMA_TOL, quantization), (text, ours_vs_theirs, quantization)
 
 
 # ---- (d) bad input -------------------------------------------------------------------------------------
@@ -465,7 +576,8 @@ def test_cli_generate_and_info(kind, exported, capsys):
     arch = "ernie4_5-moe" if kind == "moe" else "ernie4_5"
     assert rc == 0 and f"architecture             {arch}" in out and "file_type                MOSTLY_Q4_0" in out
     assert "blk.N.attn_q.weight x" in out and "Q4_0   -> int4, group 32, exact" in out
-    assert "token_embd.weight x1" in out and "Q4_0   -> float32, dequantized" in out
+    tied = "; also the tied output head" if kind == "dense" else ""
+    assert "token_embd.weight x1" in out and f"Q4_0   -> int4, group 32, exact{tied}" in out
     assert "memory (predicted, before loading)" in out
     rc, out, _ = _run(["info", path, "--dtype", "float32", "--json"], capsys)
     info = json.loads(out)
@@ -479,6 +591,23 @@ def test_cli_generate_and_info(kind, exported, capsys):
     assert info["files"] == {os.path.basename(path): os.path.getsize(path)}
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_info_on_a_q8_0_file(dtype, exported, capsys):
+    """`ernie45 info` on a Q8_0 file: its Linears held as int8 groups of 32 (exact in fp32, scales rounded in
+    bf16), and predicted weight memory equal to the loaded model's (int8 plus a scale per 32 weights)."""
+    path = exported("moe", "q8_0")
+    model, _ = ernie45.load(path, dtype=dtype, device="cpu")
+    rc, out, _ = _run(["info", path, "--dtype", dtype, "--json"], capsys)
+    info = json.loads(out)
+    held = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        held[t.data_ptr()] = t.numel() * t.element_size()
+    assert rc == 0 and info["memory"]["weights_bytes"] == sum(held.values())
+    groups = {(t["group"], t["gguf_type"], t["held_as"]) for t in info["tensors"]}
+    want = "exact" if dtype == "float32" else "scales rounded to bfloat16"
+    assert ("blk.N.attn_q.weight", "Q8_0", f"int8, group 32, {want}") in groups
+
+
 def test_gguf_path_without_extension(exported, tmp_path):
     """A GGUF file is recognised by its magic too, whatever its name."""
     bare = tmp_path / "model"
@@ -489,7 +618,8 @@ def test_gguf_path_without_extension(exported, tmp_path):
 
 def test_saved_as_a_checkpoint_and_quantize(exported, tmp_path):
     """A loaded GGUF saves as an ernie45 checkpoint (wint4, group 32) that reloads to the same logits and tokens;
-    `quantize=` applies to a file's float or dequantized weights and is refused for Q4_0 ones, before loading."""
+    `quantize=` applies to a file's float or dequantized weights and is refused for Q4_0 and Q8_0 ones, before
+    loading."""
     from ernie45.checkpoint import save_checkpoint
 
     model, tok = ernie45.load(exported("moe", "q4_0"), dtype="float32", device="cpu")
@@ -498,9 +628,65 @@ def test_saved_as_a_checkpoint_and_quantize(exported, tmp_path):
     assert again.config.quantization_config == model.config.quantization_config
     torch.testing.assert_close(logits(again, PROMPTS[0], tok), logits(model, PROMPTS[0], tok), atol=0, rtol=0)
     assert [tok2.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
-    assert "holds Q4_0 weights" in _error(ernie45.load, exported("moe", "q4_0"), quantize="wint8")
-    q8, _ = ernie45.load(exported("moe", "q8_0"), dtype="float32", device="cpu", quantize="wint8")
+    assert "holds Q4_0/Q4_K/Q8_0 weights" in _error(ernie45.load, exported("moe", "q4_0"), quantize="wint8")
+    assert "holds Q4_0/Q4_K/Q8_0 weights" in _error(ernie45.load, exported("moe", "q8_0"), quantize="wint4")
+    q8, _ = ernie45.load(exported("moe", "f16"), dtype="float32", device="cpu", quantize="wint8")
     assert type(q8.model.layers[1].mlp.experts[0].gate_proj).__name__ == "Int8Linear"
+
+
+@pytest.mark.parametrize("outtype", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_c_step_reads_a_quantized_file_as_loaded(kind, outtype, exported, tmp_path):
+    """The C decode step runs a Q4_0 file as it is held: int4 groups of 32 (two per 64-column chunk of the tiled
+    int16 kernel) and the int4 token embedding (dense: the head tied to it, the same three tensors), and a Q8_0 file:
+    int8 with a scale per 32 columns (exact int32 sums per group; the embedding and its tied head likewise), at every
+    ISA level this machine runs: logits within the int4 parity tests' bound of the PyTorch forward and the same
+    greedy tokens. Saved as a checkpoint (the tied head written once) and reloaded, it is the same model."""
+    from ernie45 import native
+    from ernie45.checkpoint import save_checkpoint
+    from ernie45.fast import FastDecoder
+    from ernie45.generation import generate
+
+    path = exported(kind, outtype)
+    model, tok = ernie45.load(path, dtype="float32", device="cpu")
+    ids = torch.tensor([tok.encode(PROMPTS[1])])
+    with torch.inference_mode():
+        ref_tokens = generate(model, ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        cache = model.new_cache(1, 64)
+        model(ids[:, :-1], cache=cache)
+        ref = model(ids[:, -1:], cache=cache).logits[:, -1].float()
+    ran = 0
+    for isa in native.levels():
+        if native.load("decode", isa) is None:
+            continue
+        dec = FastDecoder.attach(model, isa=isa)
+        assert dec is not None, isa
+        with torch.inference_mode():
+            cache = model.new_cache(1, 64)
+            model(ids[:, :-1], cache=cache)
+            out = dec(ids[:, -1:], cache)
+            tokens = generate(model, ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        torch.testing.assert_close(out, ref, atol=2e-2 * max(1.0, ref.abs().max().item()), rtol=2e-2, msg=isa)
+        assert torch.equal(tokens, ref_tokens), isa
+        ran += 1
+    if outtype == "q8_0" and ran:  # the int8 groups run as such, not dequantized
+        import ctypes
+
+        from ernie45.native_abi import W_I8, _Layer
+
+        layer = ctypes.cast(dec._m.layers, ctypes.POINTER(_Layer))[0]
+        assert (layer.q.kind, layer.q.group) == (W_I8, 32) == (dec._m.embed_kind, dec._m.embed_group)
+    if kind == "dense":
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # still one copy after the decoder attached
+        save_checkpoint(model, tmp_path / "ck", tokenizer=tok)
+        with open(tmp_path / "ck" / "model.safetensors", "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        assert not [k for k in header if k.startswith("lm_head.")]
+        again, _ = ernie45.load(tmp_path / "ck", dtype="float32", device="cpu")
+        assert again.lm_head.weight_scale is again.model.embed_tokens.weight_scale
+        torch.testing.assert_close(logits(again, PROMPTS[0], tok), logits(model, PROMPTS[0], tok), atol=0, rtol=0)
+    if not ran:
+        pytest.skip("no C compiler: the C decode step is not built here")
 
 
 def test_serve_a_gguf_file_and_refuse_directory_only_commands(exported, capsys, tmp_path):

@@ -27,7 +27,7 @@ def _decoder_or_skip(model, isa):
     from ernie45.fast import FastDecoder
 
     lib = native.load("decode", isa)
-    if lib is None or (isa == "native" and lib.ernie_simd_width() < 256):
+    if lib is None or (isa == "native" and lib.ernie_simd_width() < 128):
         pytest.skip(f"no C compiler, or no {isa} build: the C decode step is not built here")
     dec = FastDecoder.attach(model, isa=isa)
     assert dec is not None
@@ -139,14 +139,17 @@ def _wide_model(dtype: torch.dtype, mode: str | None, group_size: int, hidden: i
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("mode, group_size, hidden, intermediate", [
     (None, 0, 128, 4224), ("wint8", 0, 128, 4224), ("wint4", 64, 128, 4224), ("wint4", 128, 128, 4224),
+    ("wint4", 32, 128, 4224), ("wint4", 32, 128, 16448), ("wint8", 32, 128, 4224), ("wint8", 32, 160, 288),
     (None, 0, 144, 272), ("wint8", 0, 144, 272),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_batched_step_other_widths(dtype, mode, group_size, hidden, intermediate, isa, threads):
     """The tiled GEMVs' other paths: rows longer than an int8 block (4,224 columns: more than 4,096 / 2,048 int8
-    columns summed per int32 block) and with more int4 groups than a vector has lanes (33 of 128, 66 of 64), and
-    widths that leave a partial vector (144, 272: row by row where a kernel needs whole vectors). Each row of a batch
-    of B = 1, 3, 8 equals its sequence stepped alone, bit for bit."""
+    columns summed per int32 block) and with more int4 groups than a vector has lanes (33 of 128, 66 of 64, 132 of
+    32: Q4_0's groups, two per 64-column chunk; 514 of 32: more than the tiled kernel takes, row by row), int8 with
+    one scale per 32 columns (Q8_0's groups: 132 of them, and widths of 5 and 9 groups, not whole 64-column lines),
+    and widths that leave a partial vector (144, 272: row by row where a kernel needs whole vectors). Each row of a
+    batch of B = 1, 3, 8 equals its sequence stepped alone, bit for bit."""
     m = _wide_model(dtype, mode, group_size, hidden, intermediate)
     dec = _decoder_or_skip(m, isa)
     prompts = _prompts(8, seed=1)

@@ -319,7 +319,7 @@ def test_bundled_model(name):
 
     path = bundled_path(name)
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
-    assert size < 11e6
+    assert size < 12e6  # ernie-tiny-moe: 9.8 MB, plus 1.4 MB of MTP head (docs/speculative.md)
     model, tok = ernie45.load(name, dtype="float32", device="cpu")
     assert model.config.is_moe == name.endswith("moe")
     with open(os.path.join(path, "generation_config.json"), encoding="utf-8") as f:

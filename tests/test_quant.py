@@ -751,8 +751,12 @@ def test_prepare_for_load_rejects_foreign_or_future_configs(ckpts):
         prepare_for_load(model, {"quant_method": "ernie45", "format_version": 2, "mode": "wint8"})
     with pytest.raises(ErnieError, match="unknown quantization mode"):
         prepare_for_load(model, {"quant_method": "ernie45", "mode": "int3"})
-    with pytest.raises(ErnieError, match="unknown embedding quantization 'int4'"):
+    with pytest.raises(ErnieError, match="unknown embedding quantization 'int2'"):
+        prepare_for_load(model, {"quant_method": "ernie45", "mode": "wint8", "embedding": "int2"})
+    with pytest.raises(ErnieError, match="an int4 embedding needs wint4 weights"):
         prepare_for_load(model, {"quant_method": "ernie45", "mode": "wint8", "embedding": "int4"})
+    with pytest.raises(ErnieError, match="an int4 head where it is tied"):  # the tied head left float
+        prepare_for_load(model, {"quant_method": "ernie45", "mode": "wint4", "group_size": 32, "embedding": "int4"})
     assert model.config.tie_word_embeddings
     with pytest.raises(ErnieError, match="cannot be tied to the output head"):
         prepare_for_load(model, {"quant_method": "ernie45", "mode": "wint8", "embedding": "int8"})
@@ -769,6 +773,39 @@ def test_prepare_for_load_rejects_foreign_or_future_configs(ckpts):
     assert type(model.model.layers[0].mlp.down_proj) is nn.Linear and type(model.lm_head) is nn.Linear
 
 
+def test_prepare_for_load_int8_groups_and_module_overrides(ckpts):
+    """wint8 checkpoints without a group size load per row as before; `"group_size": 32` (a GGUF's Q8_0) gives
+    int8 groups, `module_overrides` other modes per Linear, and an int8 embedding with groups may be tied to an int8
+    head of the same groups (only to such a head)."""
+    from ernie45.checkpoint import build_model
+    from ernie45.config import ErnieConfig
+    from ernie45.quant.linear import Int8Embedding, Int8Linear
+
+    config = ErnieConfig.from_pretrained(ckpts["dense"])
+    assert config.tie_word_embeddings
+    model = build_model(config, torch.float32, meta=True)
+    prepare_for_load(model, {"quant_method": "ernie45", "mode": "wint8", "modules_to_not_convert": ["lm_head"]})
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q) is Int8Linear and q.group_size == 0 and q.weight_scale.shape == (q.out_features,)
+
+    model = build_model(config, torch.float32, meta=True)
+    grouped = {"quant_method": "ernie45", "mode": "wint8", "embedding": "int8", "embedding_group_size": 32}
+    with pytest.raises(ErnieError, match="cannot be tied to the output head"):  # the head's int8 is per row
+        prepare_for_load(model, {**grouped, "modules_to_not_convert": []})
+    with pytest.raises(ErnieError, match="module_overrides must map"):
+        prepare_for_load(model, {**grouped, "module_overrides": {"lm_head": {"mode": "nf4"}}})
+    prepare_for_load(model, {**grouped, "mode": "wint4", "group_size": 32, "modules_to_not_convert": [],
+                             "module_overrides": {n: {"mode": "wint8", "group_size": 32}
+                                                  for n in ("lm_head", "model.layers.0.mlp.up_proj")}})
+    up, emb = model.model.layers[0].mlp.up_proj, model.model.embed_tokens
+    assert type(up) is Int8Linear and up.group_size == 32 and up.weight_scale.shape == (up.out_features,
+                                                                                         up.in_features // 32)
+    assert isinstance(model.model.layers[0].mlp.gate_proj, Int4Linear) and model.lm_head.group_size == 32
+    assert type(emb) is Int8Embedding and emb.weight_scale.shape == (emb.num_embeddings, emb.embedding_dim // 32)
+    model.tie_weights()
+    assert model.lm_head.weight is emb.weight and model.lm_head.weight_scale is emb.weight_scale
+
+
 # ---- command line ---------------------------------------------------------------------------------
 def test_cli_errors_and_interrupted_run(ckpts, tmp_path, tokenizer_dir, monkeypatch, capsys):
     dense = ckpts["dense"]
@@ -777,7 +814,7 @@ def test_cli_errors_and_interrupted_run(ckpts, tmp_path, tokenizer_dir, monkeypa
         cli_main(["quantize", "--model", dense, "--mode", "int3", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
     cases = [
-        (["--mode", "wint4", "--group-size", "100"], "group size must be one of 64, 128, got 100"),
+        (["--mode", "wint4", "--group-size", "100"], "group size must be one of 32, 64, 128, got 100"),
         (["--mode", "llm.int8", "--calib", str(tmp_path / "none.jsonl")], "calibration file not found"),
         (["--mode", "wint8", "--calib", dense + "/config.json"], "--calib is only used by --mode llm.int8"),
         (["--mode", "llm.int8", "--threshold", "0"], "outlier threshold must be > 0"),

@@ -276,7 +276,7 @@ def test_stream_quantizer_api(tmp_path, tokenizer_dir):
         with pytest.raises(ErnieError, match="not quantized tensor by tensor"):
             StreamQuantizer(reader, ErnieConfig.from_pretrained(src), "nf4")
         with pytest.raises(ErnieError, match="group size must be one of"):
-            StreamQuantizer(reader, ErnieConfig.from_pretrained(src), "wint4", group_size=32)
+            StreamQuantizer(reader, ErnieConfig.from_pretrained(src), "wint4", group_size=48)
         with pytest.raises(ErnieError, match="already quantized"):
             StreamQuantizer(reader, sq.config, "wint8")
         bad = ErnieConfig.from_pretrained(src).replace(intermediate_size=256)
@@ -379,7 +379,7 @@ def test_cli_bad_input_is_one_line(tmp_path, tokenizer_dir, capsys, monkeypatch)
     rc, err = run("--model", src, "--mode", "wint4", "--out", out, "--max-shard-size", "lots")
     assert rc == 1 and "invalid size" in err
     rc, err = run("--model", src, "--mode", "wint4", "--out", out, "--group-size", "96")
-    assert rc == 1 and "group size must be one of 64, 128" in err
+    assert rc == 1 and "group size must be one of 32, 64, 128" in err
     rc, err = run("--model", src, "--mode", "wint4", "--out", src)
     assert rc == 1 and "--out must differ" in err
 

@@ -14,8 +14,8 @@ def load(path: str | os.PathLike | None = None, dtype: str = "auto", device: str
 
     Args:
         path: an HF-layout checkpoint directory (`config.json`, `*.safetensors`, `tokenizer.model`), a GGUF file
-            (`ernie4_5` / `ernie4_5-moe`: Q4_0 weights load as int4, other quantized types are dequantized, the
-            tokenizer is rebuilt from the file's vocabulary), or None / a bundled model name ("ernie-tiny",
+            (`ernie4_5` / `ernie4_5-moe`: Q4_0 / Q4_K weights load as int4 and Q8_0 ones as int8, groups of 32,
+            other quantized types are dequantized; the tokenizer is rebuilt from the file's vocabulary), or None / a bundled model name ("ernie-tiny",
             "ernie-tiny-moe") for the model shipped with ernie45.
         dtype: "auto" (bf16 where the hardware runs it fast, else fp32; a quantized bf16 checkpoint stays bf16 on
             every CPU), "float32", "bfloat16" or "float16".

@@ -16,6 +16,9 @@ disk, like the released one, and is written tensor by tensor, so the full model 
 less memory than the model. The wint8/wint4 rows of ernie45 load a checkpoint quantized once into the work
 directory, as llama.cpp loads a q8_0/q4_0 GGUF (output head and token embedding quantized too, as in those files);
 every row reports its load time beside its peak RSS.
+
+`--vs gguf` adds ernie45 reading the very GGUF file llama.cpp reads (engine `gguf`: f32 / f16 / q8_0 / q4_0, held as
+`ernie45.gguf_load` holds them), so both engines run one file side by side.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from ernie45.bench_isa import (
 from ernie45.commands import add_max_new_tokens_arg, dtype_name
 from ernie45.errors import ErnieError
 
-ENGINES = ("ernie45", "transformers", "llama.cpp")
+ENGINES = ("ernie45", "transformers", "llama.cpp", "gguf")  # gguf: ernie45 on llama.cpp's file
 DTYPES = ("fp32", "bf16", "wint8", "wint4")
 _BYTES = {"fp32": 4.0, "bf16": 2.0, "wint8": 1.0, "wint4": 0.5}
 _TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}  # wint8/wint4: the worker's resolve_dtype("auto")
@@ -62,8 +65,15 @@ _ACT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 # ---- measurements -----------------------------------------------------------------------------------
 def peak_rss_mb() -> float:
-    with open("/proc/self/status", encoding="utf-8") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+    """This process's peak resident memory: VmHWM on Linux (mapped file pages included), else getrusage's."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB elsewhere
 
 
 def measure_bandwidth_gbs(threads: int) -> float:
@@ -178,7 +188,8 @@ def run_ernie45(ckpt: str, dtype: str, prompt_len: int, gen_len: int, runs: int)
     native.load("decode")  # a first-ever run compiles the C kernels: an install cost, not a load cost
     t_load = time.perf_counter()
     model = load_checkpoint(ckpt, dtype=act, device="cpu")
-    if dtype in ("wint8", "wint4") and (model.config.quantization_config or {}).get("mode") != dtype:
+    if (dtype in ("wint8", "wint4") and not ckpt.endswith(".gguf")
+            and (model.config.quantization_config or {}).get("mode") != dtype):
         raise ErnieError(f"{ckpt} is not a {dtype} checkpoint")
     optimize_for_inference(model)
     load_s = time.perf_counter() - t_load
@@ -273,7 +284,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    fn = {"ernie45": run_ernie45, "transformers": run_transformers}.get(spec["engine"])
+    fn = {"ernie45": run_ernie45, "gguf": run_ernie45, "transformers": run_transformers}.get(spec["engine"])
     args = (spec["ckpt"], spec["dtype"], spec["prompt_len"], spec["gen_len"], spec["runs"])
     if spec["engine"] == "llama.cpp":
         res = run_llama_cpp(*args, spec["threads"], spec.get("llama_dir"))
@@ -347,10 +358,15 @@ def bench(shapes: list[str], dtypes: list[str], engines: list[str], prompt_len: 
                     sources["ernie45"] = path
                 else:
                     failed["ernie45"] = f"quantizing the checkpoint failed: {why}"
-            if "llama.cpp" in engines and any(_llama_cpp_installed(llama_dirs.get(i)) for i in isas):
+            gguf_peers = [e for e in ("llama.cpp", "gguf") if e in engines]
+            if "gguf" in engines or ("llama.cpp" in engines
+                                     and any(_llama_cpp_installed(llama_dirs.get(i)) for i in isas)):
                 path, why = prepare("gguf", ckpt, dtype)
-                if not path:
-                    failed["llama.cpp"] = f"GGUF export failed: {why}"
+                if path:
+                    if "gguf" in engines:
+                        sources["gguf"] = path
+                else:
+                    failed.update((e, f"GGUF export failed: {why}") for e in gguf_peers)
             for isa in isas:
                 rows += _bench_group(sources, shape, dtype, isa, engines, floor, bw, prompt_len, gen_len, runs,
                                      threads, rounds, llama_dirs.get(isa), failed, cfg.num_hidden_layers)
@@ -464,6 +480,15 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                  "(> 1 means ernie45 is faster). `load s` runs from the start of loading to a model ready to "
                  "generate (ernie45's wint8/wint4 rows load a checkpoint quantized beforehand, as llama.cpp loads its "
                  "q8_0/q4_0 GGUF; llama.cpp maps the file and reads pages as they are first used).")
+    llama = {key(r): r for r in rows if r["engine"] == "llama.cpp" and "skipped" not in r}
+    same_file = [(r, llama[key(r)]) for r in rows
+                 if r["engine"] == "gguf" and "skipped" not in r and key(r) in llama]
+    if same_file:
+        lines.append("`gguf` is ernie45 running the GGUF file llama.cpp runs; on the same file, ernie45 ÷ llama.cpp: "
+                     + "; ".join(f"{_shape_cell(g)} {g['dtype']} ({g.get('isa', 'native')}) decode "
+                                 f"{g['decode_tok_s'] / ll['decode_tok_s']:.2f}×, prefill "
+                                 f"{g['prefill_tok_s'] / ll['prefill_tok_s']:.2f}×, peak RSS "
+                                 f"{g['peak_rss_mb'] / ll['peak_rss_mb']:.2f}×" for g, ll in same_file) + ".")
     builds = {r.get("isa", "native"): r["llama_cpp_version"] for r in rows if r.get("llama_cpp_version")}
     if builds:
         lines.append("llama.cpp: " + "; ".join(f"llama-cpp-python {v} built for {k}" for k, v in builds.items())
@@ -492,6 +517,7 @@ def _csv(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
 SUBCOMMANDS = {
     "serve": "ernie45.bench_serve",  # the server under concurrent and multi-turn load
     "grammar": "ernie45.bench_grammar",  # structured output's cost per token
+    "speculative": "ernie45.bench_speculative",  # speculative decoding: cost of a pass, acceptance, speedup
 }
 
 
@@ -509,11 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie45 bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="`ernie45 bench serve --help`: the server under concurrent and multi-turn load; "
-                                       "`ernie45 bench grammar --help`: structured output's cost per token.")
+                                       "`ernie45 bench grammar --help`: structured output's cost per token; "
+                                       "`ernie45 bench --speculative mtp,ngram` (`ernie45 bench speculative --help`): "
+                                       "speculative decoding's cost per pass, acceptance and speedup.")
     p.add_argument("--shape", default="0.3b", help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--dtype", type=row_dtypes, default="fp32,bf16",
                    help=f"comma list of {', '.join(DTYPES)} (or float32, bfloat16, auto)")
-    p.add_argument("--vs", default="transformers", help="peers: comma list of transformers, llama.cpp, or none")
+    p.add_argument("--vs", default="transformers",
+                   help="peers: comma list of transformers, llama.cpp, gguf (ernie45 running llama.cpp's GGUF file), "
+                        "or none")
     p.add_argument("--prompt-len", type=int, default=512)
     add_max_new_tokens_arg(p, 128, "tokens generated per run (the end-of-text token is ignored)", old=("--gen-len",))
     p.add_argument("--runs", type=int, default=3, help="measured runs per process (after one warm-up)")
@@ -542,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--speculative" or a.startswith("--speculative=") for a in argv):
+        argv = ["speculative", *argv]  # `ernie45 bench --speculative mtp,ngram` = `ernie45 bench speculative ...`
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     p = build_parser()

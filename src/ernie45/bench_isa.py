@@ -12,10 +12,12 @@ _ISA_ENV = {
     "native": {},
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "generic": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "neon": {},  # aarch64: every CPU runs NEON, PyTorch's kernels stay as they are
 }
 _ISA_VARS = ("ERNIE45_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 _ISA_MEANING = {"avx2": "x86-64-v3 kernels, AVX-512 off, on this CPU",
-                "generic": "x86-64-v2 kernels (SSE4.2), AVX off, on this CPU"}
+                "generic": "x86-64-v2 kernels (SSE4.2), AVX off, on this CPU",
+                "neon": "armv8-a NEON kernels (aarch64), on this CPU"}
 
 
 def normalize_isa(value: str) -> str:
@@ -36,6 +38,8 @@ def check_isa(level: str) -> None:
 
     if not native.can_execute(level):
         flags = set(cpu_info().get("flags", "").split())
+        if level not in native.NEEDS:
+            raise ErnieError(f"this CPU cannot run the {level} level (it needs an aarch64 CPU)")
         missing = [f for f in native.NEEDS[level] if f not in flags] or ["an x86-64 CPU"]
         raise ErnieError(f"this CPU cannot run the {level} level (it needs {', '.join(native.NEEDS[level])}; "
                          f"missing: {', '.join(missing)})")

@@ -85,10 +85,14 @@ class Server:
         raise ErnieError("the server did not become ready in time")
 
     def peak_rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+        """The server's peak resident memory (VmHWM); 0 where /proc is not there (not Linux)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
         return 0.0
 
     def tail(self) -> str:

@@ -5,8 +5,9 @@ quantized checkpoint) -> a placement per tensor (its dtype and final storage: on
 step streams get one huge-page arena in reading order) -> one pass over the shards in file order that reads
 every tensor straight into that storage with positional reads. Nothing is memory-mapped, so no file page is
 counted twice and nothing of the files stays resident after loading: the process holds one copy of the weights.
-Router weights and the correction bias stay fp32; `mtp*` keys (the multi-token-prediction head) are ignored,
-as transformers does. `CheckpointReader` is also what quantization, conversion and tensor-parallel loading read
+Router weights and the correction bias stay fp32; the `mtp*` keys (the multi-token-prediction head) load into
+`ernie45.mtp`'s modules when the config declares `num_nextn_predict_layers`, and are ignored otherwise (as
+transformers does). `CheckpointReader` is also what quantization, conversion and tensor-parallel loading read
 with.
 """
 
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ernie45.checkpoint_read import (
+    TIED_HEAD_KEYS,
     CheckpointReader,
     _numel,
     _short,
@@ -30,6 +32,7 @@ from ernie45.checkpoint_read import (
 )
 from ernie45.config import ErnieConfig
 from ernie45.errors import ErnieError
+from ernie45.mtp import plan_mtp, read_mtp
 
 ARENA_MIN_BYTES = 1 << 16  # smaller tensors (norms, biases, scales) are not worth an arena slot
 
@@ -72,7 +75,7 @@ def decode_stream_names(model) -> list[str]:
     from torch import nn
 
     from ernie45.quant import kernels
-    from ernie45.quant.linear import Int4Linear, Int8Embedding, Int8Linear
+    from ernie45.quant.linear import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 
     names, seen = [], set()
     inner = model.model
@@ -81,7 +84,7 @@ def decode_stream_names(model) -> list[str]:
     mods.append(("lm_head", model.lm_head))
     for prefix, mod in mods:
         w = getattr(mod, "weight", None)
-        plain = type(mod) in (nn.Linear, nn.Embedding, Int8Embedding, Int8Linear) or type(mod).__name__ in (
+        plain = type(mod) in (nn.Linear, nn.Embedding, Int8Embedding, Int4Embedding, Int8Linear) or type(mod).__name__ in (
             "UpcastLinear", "DnnLinear")
         if w is None or not (plain or (type(mod) is Int4Linear and mod._layout == kernels.ROWMAJOR_INT4_LAYOUT)):
             continue
@@ -114,7 +117,8 @@ def _allocate(model, plan: dict[str, tuple[torch.dtype, tuple[int, ...]]], dev: 
 
 
 def load_config(path: str | os.PathLike) -> ErnieConfig:
-    """The ErnieConfig of a checkpoint directory, or of a GGUF file (with the quantization its Q4_0 weights imply)."""
+    """The ErnieConfig of a checkpoint directory, or of a GGUF file (with the quantization its Q4_0 / Q4_K / Q8_0
+    weights imply)."""
     from ernie45.gguf_file import is_gguf
 
     if is_gguf(path):
@@ -167,26 +171,33 @@ def load_checkpoint(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
         if not quantize:
             plan = plan_tensors(model, reader, config, dt, path)
             order = sorted(plan, key=lambda n: (reader.entries[n].file, reader.entries[n].offset))  # file order
+        mtp_plan, mtp_fix = plan_mtp(model, reader.mtp_entries, dt, path)  # after plan_tensors: not in its check
         storage = _allocate(model, plan, dev)
         for name in order:
             if quantize:
                 storage[name].copy_(source.tensor(name))
             else:
                 reader.read(name, out=storage[name])
+        mtp_plan = {k: v for k, v in mtp_plan.items() if k not in storage}  # a quantizing source carries them
+        if mtp_plan:
+            reader.keep_mtp()
+            read_mtp(reader, mtp_plan, mtp_fix, storage)
+            for name in mtp_plan:
+                storage[name] = storage[name].to(dev)
     return _assemble(model, storage, dev, path)
 
 
 def _load_gguf(path: str, dt: torch.dtype, dev: torch.device, quantize: str | None):
-    """A GGUF file through the same steps: the model on the meta device (Int4Linear where the file holds Q4_0 Linear
-    weights), a placement per tensor, one pass over the file; `model.gguf_layout` records how each tensor is held."""
+    """A GGUF file through the same steps: the model on the meta device (Int4Linear / Int8Linear where the file holds
+    Q4_0 or Q4_K / Q8_0 Linear weights), a placement per tensor, one pass over the file; `model.gguf_layout` records how each tensor is held."""
     from ernie45.generation.config import GenerationConfig
     from ernie45.gguf_load import GGUFCheckpoint
     from ernie45.quant import prepare_for_load, quantize_model
 
     src = GGUFCheckpoint(path)
     if quantize and src.config.quantization_config:
-        raise ErnieError(f"{path} holds Q4_0 weights, loaded as int4 as they are: --quantize applies to a file of "
-                         "float (F32/F16/BF16) or dequantized weights")
+        raise ErnieError(f"{path} holds Q4_0/Q4_K/Q8_0 weights, loaded as int4/int8 as they are: --quantize applies "
+                         "to a file of float (F32/F16/BF16) or dequantized weights")
     model = build_model(src.config, dt, dev, meta=True)
     if src.config.quantization_config:
         prepare_for_load(model, src.config.quantization_config)
@@ -226,7 +237,7 @@ def checkpoint_state_dict(model) -> dict[str, Tensor]:
     """The on-disk state dict: per-expert keys, tied lm_head omitted, router kept fp32."""
     sd = {}
     for k, v in model.state_dict().items():
-        if k == "lm_head.weight" and model.config.tie_word_embeddings:
+        if k in TIED_HEAD_KEYS and model.config.tie_word_embeddings:
             continue
         sd[k] = v
     return sd

@@ -25,6 +25,8 @@ ST_DTYPES = {
     "U16": torch.uint16, "BOOL": torch.bool,
 }
 _FP32_KEYS = ("mlp.gate.weight", "e_score_correction_bias")
+# a tied head's entries: the embedding's tensors (an int4 head tied to an int4 embedding shares all three)
+TIED_HEAD_KEYS = ("lm_head.weight", "lm_head.weight_scale", "lm_head.weight_zero")
 _IGNORED_PREFIXES = ("model.mtp", "mtp")
 READ_CHUNK = 16 << 20  # bytes per read when a tensor is converted on the way in (a bounded bounce buffer)
 
@@ -194,8 +196,8 @@ class CheckpointReader:
 
     A mapping keeps every page it touched resident (and counted in the process's RSS) while it lives; plain
     reads go through the page cache, which the kernel drops under pressure, so a reader holds only what it
-    returns. Entries are keyed by the names the model uses (`normalise=True`): MTP tensors are dropped, and the
-    fused expert tensors of transformers' in-memory layout are split per expert (row ranges of the same bytes).
+    returns. Entries are keyed by the names the model uses (`normalise=True`): MTP tensors are set apart
+    (`mtp_entries`, see `keep_mtp`), and the fused expert tensors of transformers' in-memory layout are split per expert (row ranges of the same bytes).
     """
 
     def __init__(self, path: str | os.PathLike, normalise: bool = True):
@@ -214,8 +216,14 @@ class CheckpointReader:
                     raise ErnieError(f"tensor {name!r} appears in both {self.entries[name].file} and {file}")
                 self.entries[name] = TensorEntry(file, ST_DTYPES[info["dtype"]], tuple(info["shape"]),
                                                  start + info["data_offsets"][0])
+        self.mtp_entries: dict[str, TensorEntry] = {}  # MTP tensors, apart until `keep_mtp` (ernie45.mtp)
         if normalise:
+            self.mtp_entries = {k: e for k, e in self.entries.items() if k.startswith(_IGNORED_PREFIXES)}
             self.entries = _normalise_entries(self.entries)
+
+    def keep_mtp(self) -> None:
+        """Make the MTP tensors readable entries (the model has MTP modules to load them into)."""
+        self.entries.update(self.mtp_entries)
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -339,8 +347,8 @@ def plan_tensors(model, reader: CheckpointReader, config: ErnieConfig, dt: torch
     entries = reader.entries
     expected = model.state_dict()
     tied = config.tie_word_embeddings
-    missing = [k for k in expected if k not in entries and not (tied and k == "lm_head.weight")]
-    unexpected = [k for k in entries if k not in expected and not (tied and k == "lm_head.weight")]
+    missing = [k for k in expected if k not in entries and not (tied and k in TIED_HEAD_KEYS)]
+    unexpected = [k for k in entries if k not in expected and not (tied and k in TIED_HEAD_KEYS)]
     bad_shape = [f"{k} {entries[k].shape} (expected {tuple(expected[k].shape)})"
                  for k in expected if k in entries and entries[k].shape != tuple(expected[k].shape)]
     problems = mismatch_problems(missing, bad_shape, unexpected)
@@ -348,7 +356,7 @@ def plan_tensors(model, reader: CheckpointReader, config: ErnieConfig, dt: torch
         raise ErnieError(f"checkpoint {path} does not match its config.json — " + "; ".join(problems))
     plan = {}
     for k, ref in expected.items():
-        if k not in entries or (tied and k == "lm_head.weight"):
+        if k not in entries or (tied and k in TIED_HEAD_KEYS):
             continue
         stored = entries[k].dtype
         if k.endswith(_FP32_KEYS) and stored.is_floating_point:

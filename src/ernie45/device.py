@@ -13,7 +13,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 # ERNIE45_ISA values (and the x86-64 microarchitecture level names) -> the level ernie45 behaves as
 ISA_LEVELS = {"native": "native", "avx2": "avx2", "x86-64-v3": "avx2", "generic": "generic",
-              "x86-64-v2": "generic"}
+              "x86-64-v2": "generic", "neon": "neon", "armv8-a": "neon"}
 
 
 @functools.cache
@@ -40,8 +40,8 @@ def isa_level() -> str:
     """
     value = os.environ.get("ERNIE45_ISA", "").strip().lower() or "native"
     if value not in ISA_LEVELS:
-        raise ErnieError(f"ERNIE45_ISA={value!r} is not an ISA level; use native, avx2 (x86-64-v3) or "
-                         "generic (x86-64-v2)")
+        raise ErnieError(f"ERNIE45_ISA={value!r} is not an ISA level; use native, avx2 (x86-64-v3), "
+                         "neon (aarch64: armv8-a) or generic (x86-64-v2 / the plain C loops)")
     return ISA_LEVELS[value]
 
 

@@ -206,7 +206,7 @@ class FastDecoder:
 
     def __init__(self, model: nn.Module, lib: ctypes.CDLL):
         from ernie45.model import MoE
-        from ernie45.quant.linear import Int8Embedding
+        from ernie45.quant.linear import Int4Embedding, Int8Embedding
 
         cfg = model.config
         if cfg.head_dim > 512:
@@ -249,18 +249,28 @@ class FastDecoder:
             else:
                 L.gate, L.up, L.down = (self._linear(m, widths) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
         self._keep.append(layers)
-        # the token embedding: a plain table in the model dtype (Model.embed_kind 0), or an `Int8Embedding`
-        # (W_I8: int8 rows and one scale per row, in the model dtype, both read in place)
-        embed = inner.embed_tokens.weight.detach()
-        if embed.device.type != "cpu" or not embed.is_contiguous() or tuple(embed.shape) != (cfg.vocab_size,
-                                                                                           cfg.hidden_size):
+        # the token embedding: a plain table in the model dtype (Model.embed_kind 0), an `Int8Embedding` (W_I8:
+        # int8 rows and one scale per row, in the model dtype, both read in place) or an `Int4Embedding` (W_I4:
+        # Int4Linear's layout, its scales and zeros read in place)
+        emb = inner.embed_tokens
+        embed = emb.weight.detach()
+        width = cfg.hidden_size // 2 if type(emb) is Int4Embedding else cfg.hidden_size
+        if embed.device.type != "cpu" or not embed.is_contiguous() or tuple(embed.shape) != (cfg.vocab_size, width):
             raise Unsupported("embedding dtype/layout")
-        embed_kind, embed_sdt, embed_scale = 0, 0, None
-        if type(inner.embed_tokens) is Int8Embedding:
-            scale = inner.embed_tokens.weight_scale
-            if embed.dtype != torch.int8 or scale.dtype != model.dtype or tuple(scale.shape) != (cfg.vocab_size,):
+        embed_kind, embed_sdt, embed_scale, embed_zero, embed_group = 0, 0, None, None, 0
+        if type(emb) is Int8Embedding:  # one scale per row, or per group of columns (embed_group)
+            scale, embed_group = emb.weight_scale, emb.group_size
+            rows = (cfg.vocab_size, cfg.hidden_size // embed_group) if embed_group else (cfg.vocab_size,)
+            if embed.dtype != torch.int8 or scale.dtype != model.dtype or tuple(scale.shape) != rows:
                 raise Unsupported("int8 embedding dtype/shape")
             embed_kind, embed_sdt, embed_scale = W_I8, self._in_place(scale), scale.data_ptr()
+        elif type(emb) is Int4Embedding:
+            groups = (cfg.vocab_size, cfg.hidden_size // emb.group_size)
+            if (embed.dtype != torch.uint8 or emb.weight_scale.dtype != model.dtype
+                    or tuple(emb.weight_scale.shape) != groups or tuple(emb.weight_zero.shape) != groups):
+                raise Unsupported("int4 embedding dtype/shape")
+            embed_kind, embed_sdt, embed_group = W_I4, self._in_place(emb.weight_scale, emb.weight_zero), emb.group_size
+            embed_scale, embed_zero = emb.weight_scale.data_ptr(), emb.weight_zero.data_ptr()
         elif embed.dtype != model.dtype:
             raise Unsupported("embedding dtype/layout")
         self._keep.append(embed)
@@ -268,7 +278,8 @@ class FastDecoder:
         m = _Model(hidden=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
                    n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab=cfg.vocab_size, bf16=int(self.bf16),
                    n_threads=1, eps=cfg.rms_norm_eps, theta=cfg.rope_theta, embed=embed.data_ptr(),
-                   embed_kind=embed_kind, embed_sdt=embed_sdt, embed_scale=embed_scale,
+                   embed_kind=embed_kind, embed_sdt=embed_sdt, embed_scale=embed_scale, embed_zero=embed_zero,
+                   embed_group=embed_group,
                    norm=self._f32(inner.norm.weight), head=self._linear(model.lm_head, []),
                    layers=ctypes.addressof(layers), max_width=max(widths), max_experts=slots)
         self._m = m
@@ -287,7 +298,11 @@ class FastDecoder:
         # float pages storing each new row as its int8 round trip (the arguments of ernie_step_batch)
         lib.ernie_step_batch_rt.argtypes = lib.ernie_step_batch.argtypes
         lib.ernie_step_batch_rt.restype = c_int
+        # ernie_step_batch's arguments + (hidden out (B, H) fp32, 1: pre-norm / 0: post-norm)
+        lib.ernie_step_batch_h.argtypes = [*lib.ernie_step_batch.argtypes, c_void_p, c_int]
+        lib.ernie_step_batch_h.restype = c_int
         self.n_layers, self.n_kv, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        self.hidden = cfg.hidden_size
         lib.ernie_release.argtypes = [ctypes.POINTER(_Model)]
         # frees the C scratch when the decoder is collected, or at exit before modules are torn down; it holds
         # what it calls (no module global is looked up then) and not the decoder
@@ -320,8 +335,11 @@ class FastDecoder:
                 raise Unsupported(f"{w.dtype} Linear in a {want} model")
             L.kind = W_BF16 if self.bf16 else W_F32
         elif type(mod) is Int8Linear:
-            w, L.kind = mod.weight, W_I8
-            if tuple(mod.weight_scale.shape) != (mod.out_features,):
+            w, L.kind, L.group = mod.weight, W_I8, mod.group_size  # group 0: one scale per row; 32: per 32 columns
+            if mod.group_size not in (0, 32) or (mod.group_size and mod.in_features % mod.group_size):
+                raise Unsupported("int8 group size")
+            scales = (mod.out_features, mod.in_features // mod.group_size) if mod.group_size else (mod.out_features,)
+            if tuple(mod.weight_scale.shape) != scales:
                 raise Unsupported("int8 scale shape")
             L.sdt = self._in_place(mod.weight_scale)
             L.scale = mod.weight_scale.data_ptr()
@@ -361,7 +379,7 @@ class FastDecoder:
             return None
         isa = isa or isa_level()
         lib = native.load("decode", isa)
-        if lib is None or (lib.ernie_simd_width() < 256 and isa == "native"):
+        if lib is None or (lib.ernie_simd_width() < 128 and isa == "native"):
             return None
         try:
             dec = cls(model, lib)
@@ -374,6 +392,32 @@ class FastDecoder:
             dec = cls(model, lib)
         model.fast_decoder = dec
         return dec
+
+    def linear_struct(self, mod: nn.Module) -> _Linear | None:
+        """The C view of one more Linear (read in place, kept alive by the decoder), for `gemv`; None where the
+        kernels cannot read it. Used for the MTP layer's Linears (ernie45.mtp), which the step itself never runs."""
+        try:
+            return self._linear(mod, [])
+        except Unsupported:
+            return None
+
+    def gemv(self, L: _Linear, x: Tensor) -> Tensor:
+        """x (..., in) -> fp32 (..., out) = the C GEMV of `L` (a `linear_struct`, or `_m.head`), row by row on this
+        decoder's scratch: for a few rows it streams the weight at full bandwidth, where PyTorch's one-row bf16
+        matmul is several times slower."""
+        lib = self._lib
+        if not getattr(lib, "_gemv_typed", False):
+            lib.ernie_gemv.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Linear), c_void_p, c_void_p]
+            lib.ernie_gemv.restype = c_int
+            lib._gemv_typed = True
+        rows = x.reshape(-1, L.in_).float().contiguous()  # (n, in)
+        y = torch.empty(rows.shape[0], L.out, dtype=torch.float32)
+        with _STEP_LOCK:
+            self._m.n_threads = torch.get_num_threads()
+            for i in range(rows.shape[0]):
+                if lib.ernie_gemv(ctypes.byref(self._m), ctypes.byref(L), rows[i].data_ptr(), y[i].data_ptr()):
+                    raise RuntimeError("C GEMV failed")
+        return y.view(*x.shape[:-1], L.out)
 
     PROFILE_PARTS = ("attention projections", "attention", "MLP / experts", "router", "lm_head", "other")
 
@@ -414,7 +458,8 @@ class FastDecoder:
 
     def step_batch(self, tokens: list[int], positions: list[int], tables: Tensor, k_pages: list[Tensor],
                    v_pages: list[Tensor], k_scales: list[Tensor] | None = None,
-                   v_scales: list[Tensor] | None = None, *, int8_round_trip: bool = False) -> Tensor:
+                   v_scales: list[Tensor] | None = None, *, int8_round_trip: bool = False,
+                   hidden_out: Tensor | None = None, pre_norm: bool = False) -> Tensor:
         """One decode step of B sequences over a paged KV cache; returns the next-token logits (B, vocab), fp32.
 
         Row b feeds `tokens[b]` at position `positions[b]` (the positions it has cached). `k_pages[l]` /
@@ -428,8 +473,17 @@ class FastDecoder:
         q = round(x / s) (half to even, clamped to +-127), s = max|x| / 127; attention reads `(q * s)` rounded to
         the model dtype, and the logits equal, bit for bit, those of float pages holding those dequantised values.
         `int8_round_trip` (float pages): store each new row as that dequantised int8 row, so the float pages hold
-        what the int8 cache's attention reads and the logits are the int8 cache's (its float reference)."""
+        what the int8 cache's attention reads and the logits are the int8 cache's (its float reference).
+
+        `hidden_out` (float pages): a contiguous fp32 (B, hidden) tensor that receives each row's last hidden state,
+        the final norm's output (what the head reads) or, with `pre_norm`, its input: what a multi-token-prediction
+        draft head (`ernie45.mtp`) is fed after a verification step."""
         B = len(tokens)
+        if hidden_out is not None and (k_scales is not None or v_scales is not None or int8_round_trip):
+            raise ValueError("step_batch: hidden_out applies to float pages")
+        if hidden_out is not None and (hidden_out.dtype != torch.float32 or hidden_out.device.type != "cpu"
+                                       or not hidden_out.is_contiguous() or tuple(hidden_out.shape) != (B, self.hidden)):
+            raise ValueError(f"step_batch: hidden_out must be a contiguous CPU fp32 ({B}, {self.hidden}) tensor")
         q8 = k_scales is not None or v_scales is not None
         if q8 and (k_scales is None or v_scales is None):
             raise ValueError("step_batch: int8 pages need both k_scales and v_scales")
@@ -459,6 +513,10 @@ class FastDecoder:
             if q8:
                 rc = self._lib.ernie_step_batch_q8(ctypes.byref(self._m), B, toks, pos, kp, vp, ks, vs,
                                                    tables.data_ptr(), tables.shape[1], block_size, logits.data_ptr())
+            elif hidden_out is not None:
+                rc = self._lib.ernie_step_batch_h(ctypes.byref(self._m), B, toks, pos, kp, vp, tables.data_ptr(),
+                                                  tables.shape[1], block_size, logits.data_ptr(),
+                                                  hidden_out.data_ptr(), int(pre_norm))
             else:
                 fn = self._lib.ernie_step_batch_rt if int8_round_trip else self._lib.ernie_step_batch
                 rc = fn(ctypes.byref(self._m), B, toks, pos, kp, vp, tables.data_ptr(), tables.shape[1], block_size,

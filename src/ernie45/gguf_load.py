@@ -12,8 +12,21 @@ the resident set once copied, so the process holds about one copy of the model. 
 - Q4_0 Linear weights: ernie45's wint4 `Int4Linear` with groups of 32, without requantizing. A Q4_0 block is 32
   codes q in [0, 15] and an fp16 scale d, w = (q - 8) * d: Int4Linear's w = (q - 8) * scale + zero with zero 0,
   bit for bit where the scales are held in fp32 or fp16 (a bf16 run rounds d to bf16).
-- the rest, dequantized by `gguf.quants.dequantize` to the run's dtype: Q8_0 (one scale per 32 weights, which
-  Int8Linear's one scale per output row cannot hold), the K-quants and other types, and Q4_0 embeddings or routers.
+- Q4_K Linear weights (most of a Q4_K_M file): the same int4 groups of 32, without requantizing. A Q4_K super-block
+  of 256 weights holds 8 groups with 6-bit scale and min codes (sc, m) under fp16 (d, dmin): w = d sc q - dmin m,
+  Int4Linear's (q - 8) * scale + zero with scale = d sc and zero = 8 scale - dmin m, computed in fp32 (a bf16 or
+  fp16 run rounds the scales and zeros to its dtype).
+- Q8_0 Linear weights: ernie45's wint8 `Int8Linear` with groups of 32, without requantizing. A Q8_0 block is an
+  fp16 scale d and 32 int8 codes q, w = d q: Int8Linear's w = q * scale with one scale per 32 columns, bit for bit
+  where the scales are held in fp32 or fp16 (a bf16 run rounds d to bf16). A Q8_0 token embedding: an
+  `Int8Embedding` with the same groups, and a head tied to it an Int8Linear over the same tensors.
+- a Q4_0 / Q4_K token embedding: an `Int4Embedding` in the same layout; where the output head is tied to it (no
+  output.weight, as in the 0.3B), the head is an Int4Linear over the same tensors — one copy for both, as in the file.
+- the rest, dequantized by `gguf.quants.dequantize` to the run's dtype: Q5_K / Q6_K (no 5- or 6-bit layout) and
+  other types, and quantized routers.
+
+A file mixing Q8_0 and Q4_0 / Q4_K Linears records the more common of wint8 / wint4 as the `quantization_config`
+mode and the others under `module_overrides`.
 """
 
 from __future__ import annotations
@@ -25,18 +38,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ernie45.checkpoint_read import _FP32_KEYS, _short, build_model, mismatch_problems
+from ernie45.checkpoint_read import _FP32_KEYS, TIED_HEAD_KEYS, _short, build_model, mismatch_problems
 from ernie45.config import DENSE, MOE, ErnieConfig
 from ernie45.errors import ErnieError
 from ernie45.gguf_file import ARCHITECTURES, REQUIRED, GGUFFile
 
 MODEL_TYPES = dict(zip(ARCHITECTURES, (DENSE, MOE)))  # GGUF architecture -> ErnieConfig.model_type
 Q4_0_GROUP = 32
+Q8_0_GROUP = 32
 # Weights converted at a time: the bounded bounce buffer, 4 MB as fp32; `gguf.quants.dequantize` makes a few
 # temporaries of that size, and a block of Q4_0 bytes is 7x smaller than its dequantization.
 BLOCK_WEIGHTS = 1 << 20
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _CORRECTION = "moe_statics.e_score_correction_bias"
+EMBED = "model.embed_tokens"
 
 
 def _types():
@@ -112,8 +127,9 @@ def gguf_name(key: str, tmap) -> tuple[str, int | None]:
 
 
 class GGUFCheckpoint:
-    """A GGUF file as ernie45 loads it: `config` (with the wint4 `quantization_config` its Q4_0 Linear weights make:
-    group size 32, every other Linear left float), and where each state-dict entry comes from."""
+    """A GGUF file as ernie45 loads it: `config` (with the `quantization_config` its Q4_0 / Q4_K and Q8_0 Linear
+    weights make: wint4 / wint8 with groups of 32, every other Linear left float), and where each state-dict entry
+    comes from."""
 
     def __init__(self, path: str | os.PathLike):
         import gguf
@@ -138,12 +154,31 @@ class GGUFCheckpoint:
         }
         self._check(expected, config)
         Q = _types()
-        linears = set(quantizable_linears(model))  # a tied lm_head has no tensor of its own: it stays float
+        linears = set(quantizable_linears(model))
+        int4_types = (Q.Q4_0, Q.Q4_K)
         self.int4 = {name for name in linears if f"{name}.weight" in self.sources
-                     and f.tensors[self.sources[f"{name}.weight"][0]].tensor_type == Q.Q4_0}
-        if self.int4:
-            float_linears = sorted(linears - self.int4)
-            config.quantization_config = quantization_config("wint4", float_linears, group_size=Q4_0_GROUP)
+                     and f.tensors[self.sources[f"{name}.weight"][0]].tensor_type in int4_types}
+        # an int4 token embedding stays int4; a head tied to it is an Int4Linear over the same tensors
+        self.int4_embedding = (f.tensors[self.sources[f"{EMBED}.weight"][0]].tensor_type in int4_types
+                               and config.hidden_size % Q4_0_GROUP == 0)
+        if self.int4_embedding and config.tie_word_embeddings:
+            self.int4.add("lm_head")
+        self.int8 = {name for name in linears - self.int4 if f"{name}.weight" in self.sources
+                     and f.tensors[self.sources[f"{name}.weight"][0]].tensor_type == Q.Q8_0}
+        # likewise an int8 token embedding, and an Int8Linear head over its tensors
+        self.int8_embedding = f.tensors[self.sources[f"{EMBED}.weight"][0]].tensor_type == Q.Q8_0
+        if self.int8_embedding and config.tie_word_embeddings:
+            self.int8.add("lm_head")
+        if self.int4 or self.int4_embedding or self.int8 or self.int8_embedding:
+            float_linears = sorted(linears - self.int4 - self.int8)
+            # the more common kind is the mode, the other one per module
+            int8_mode = len(self.int8) > len(self.int4) or not (self.int4 or self.int4_embedding)
+            mode, others = ("wint8", self.int4) if int8_mode else ("wint4", self.int8)
+            other = {"mode": "wint4" if mode == "wint8" else "wint8", "group_size": Q4_0_GROUP}
+            config.quantization_config = quantization_config(
+                mode, float_linears, group_size=Q4_0_GROUP, int8_group_size=Q8_0_GROUP,
+                embedding="int4" if self.int4_embedding else "int8" if self.int8_embedding else None,
+                embedding_group_size=Q8_0_GROUP, module_overrides={name: other for name in sorted(others)})
         self.config = config
 
     def _check(self, expected: dict[str, Tensor], config: ErnieConfig) -> None:
@@ -185,7 +220,7 @@ class GGUFCheckpoint:
         """{state-dict name: (dtype, shape)} of the storage to allocate for `model` (built from `config`)."""
         plan = {}
         for key, ref in model.state_dict().items():
-            if self.config.tie_word_embeddings and key == "lm_head.weight":
+            if self.config.tie_word_embeddings and key in TIED_HEAD_KEYS:  # the embedding's tensors (`tie_weights`)
                 continue
             if key.endswith(_FP32_KEYS):
                 plan[key] = (torch.float32, tuple(ref.shape))
@@ -201,9 +236,11 @@ class GGUFCheckpoint:
         for t in sorted(self.file.tensors.values(), key=lambda t: t.data_offset):
             for key, expert in targets[t.name]:
                 module = key.removesuffix(".weight")
-                if module in self.int4:
-                    self._read_q4_0(t, expert, *(storage[module + s] for s in (".weight", ".weight_scale",
-                                                                                 ".weight_zero")))
+                if module in self.int4 or (module == EMBED and self.int4_embedding):
+                    read = self._read_q4_0 if t.tensor_type == _types().Q4_0 else self._read_q4_k
+                    read(t, expert, *(storage[module + s] for s in (".weight", ".weight_scale", ".weight_zero")))
+                elif module in self.int8 or (module == EMBED and self.int8_embedding):
+                    self._read_q8_0(t, expert, storage[module + ".weight"], storage[module + ".weight_scale"])
                 else:
                     out = storage[key]
                     flat = out.view(-1, out.shape[-1]) if out.dim() > 1 else out.view(1, -1)
@@ -228,11 +265,42 @@ class GGUFCheckpoint:
         -> Int4Linear's row-major nibbles (byte i = q[2i] | q[2i + 1] << 4), scale d and zero 0."""
         zero.zero_()
         for r0, r1, block in self._blocks(t, expert):
-            b = torch.from_numpy(block).view(r1 - r0, -1, 2 + Q4_0_GROUP // 2)  # (rows, groups, 18 bytes)
-            scale[r0:r1] = b[..., :2].contiguous().view(torch.float16).squeeze(-1)
-            qs = b[..., 2:]
-            q = torch.cat((qs & 15, qs >> 4), dim=-1)  # (rows, groups, 32) codes in block order
-            weight[r0:r1] = (q[..., 0::2] | (q[..., 1::2] << 4)).view(r1 - r0, -1)
+            b = block.reshape(r1 - r0, -1, 2 + Q4_0_GROUP // 2)  # (rows, groups, 18 bytes)
+            scale[r0:r1] = torch.from_numpy(np.ascontiguousarray(b[..., :2]).view(np.float16)[..., 0])
+            # byte pairs as little-endian uint16 v = b0 | b1 << 8 (b0 = q[2p] | q[2p + 16] << 4, b1 = q[2p + 1] |
+            # q[2p + 17] << 4): output byte p holds q[2p], q[2p + 1] and byte 8 + p holds q[2p + 16], q[2p + 17]
+            v = np.ascontiguousarray(b[..., 2:]).view(np.uint16)  # (rows, groups, 8)
+            lo = (v & 0xF) | ((v >> 4) & 0xF0)
+            hi = ((v >> 4) & 0xF) | ((v >> 8) & 0xF0)
+            weight[r0:r1] = torch.from_numpy(np.concatenate((lo, hi), axis=-1).astype(np.uint8).reshape(r1 - r0, -1))
+
+    def _read_q8_0(self, t, expert: int | None, weight: Tensor, scale: Tensor) -> None:
+        """Q8_0 blocks (fp16 d, then 32 int8 codes in column order) -> Int8Linear's int8 rows and scale d per
+        group of 32 (rounded to the scale's dtype: exact in fp32 and fp16)."""
+        for r0, r1, block in self._blocks(t, expert):
+            b = block.reshape(r1 - r0, -1, 2 + Q8_0_GROUP)  # (rows, groups, 34 bytes)
+            scale[r0:r1] = torch.from_numpy(np.ascontiguousarray(b[..., :2]).view(np.float16)[..., 0])
+            weight[r0:r1] = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(r1 - r0, -1))
+
+    def _read_q4_k(self, t, expert: int | None, weight: Tensor, scale: Tensor, zero: Tensor) -> None:
+        """Q4_K super-blocks (fp16 d, fp16 dmin, 12 bytes of 6-bit scale/min codes, 128 bytes: each 32 bytes hold
+        group 2c in their low nibbles and group 2c + 1 in their high ones) -> Int4Linear's row-major nibbles,
+        scale d sc and zero 8 scale - dmin m (so that (q - 8) scale + zero = d sc q - dmin m)."""
+        import gguf
+
+        for r0, r1, block in self._blocks(t, expert):
+            rows = r1 - r0
+            b = block.reshape(rows, -1, 144)  # (rows, super-blocks, 144 bytes)
+            d = np.ascontiguousarray(b[..., 0:2]).view(np.float16).astype(np.float32)  # (rows, nb, 1)
+            dmin = np.ascontiguousarray(b[..., 2:4]).view(np.float16).astype(np.float32)
+            sc, m = gguf.quants.Q4_K.get_scale_min(np.ascontiguousarray(b[..., 4:16]).reshape(-1, 12))
+            s = d * sc.reshape(rows, -1, 8).astype(np.float32)  # (rows, nb, 8): one per group of 32
+            scale[r0:r1] = torch.from_numpy(s.reshape(rows, -1))
+            zero[r0:r1] = torch.from_numpy((8 * s - dmin * m.reshape(rows, -1, 8).astype(np.float32)).reshape(rows, -1))
+            qs = b[..., 16:].reshape(rows, -1, 4, 1, 32)  # (rows, nb, chunk, 1, 32 bytes)
+            q = (qs >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)) & 15  # (rows, nb, chunk, nibble, 32)
+            q = q.reshape(rows, -1, 2)  # codes in weight order, in pairs
+            weight[r0:r1] = torch.from_numpy((q[..., 0] | (q[..., 1] << 4)).astype(np.uint8))
 
     def layout(self, dt: torch.dtype) -> list[tuple[str, str, str]]:
         """(GGUF tensor, its type, how ernie45 holds it) for every tensor, in file order."""
@@ -241,8 +309,17 @@ class GGUFCheckpoint:
         name_of = {name: key for key, (name, _) in self.sources.items()}
         for t in sorted(self.file.tensors.values(), key=lambda t: t.data_offset):
             key = name_of[t.name]
-            if key.removesuffix(".weight") in self.int4:
-                held = "int4, group 32, " + ("exact" if dt != torch.bfloat16 else "scales rounded to bfloat16")
+            module = key.removesuffix(".weight")
+            if module in self.int4 or (module == EMBED and self.int4_embedding):
+                exact = dt == torch.float32 or (dt == torch.float16 and t.tensor_type == Q.Q4_0)
+                held = "int4, group 32, " + ("exact" if exact else f"scales rounded to {str(dt)[6:]}")
+                if module == EMBED and self.config.tie_word_embeddings:
+                    held += "; also the tied output head"
+            elif module in self.int8 or (module == EMBED and self.int8_embedding):  # d is fp16: exact in fp32/fp16
+                exact = dt in (torch.float32, torch.float16)
+                held = "int8, group 32, " + ("exact" if exact else f"scales rounded to {str(dt)[6:]}")
+                if module == EMBED and self.config.tie_word_embeddings:
+                    held += "; also the tied output head"
             else:
                 held = str(torch.float32 if key.endswith(_FP32_KEYS) else dt).replace("torch.", "")
                 if t.tensor_type not in (Q.F32, Q.F16, Q.BF16):
@@ -258,6 +335,10 @@ def _as_torch(block: np.ndarray, qtype) -> Tensor:
         return torch.from_numpy(block)
     if qtype == Q.BF16:
         return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
+    if qtype == Q.Q8_0:  # d * q in fp32, as the gguf library computes it, on torch's threads (~10x its numpy)
+        b = torch.from_numpy(block).view(block.shape[0], -1, 34)  # (rows, blocks, fp16 d + 32 int8)
+        d = b[..., :2].contiguous().view(torch.float16).float()
+        return (b[..., 2:].contiguous().view(torch.int8).float() * d).view(block.shape[0], -1)
     import gguf
 
     return torch.from_numpy(gguf.quants.dequantize(block, qtype))

@@ -376,7 +376,11 @@ class ErnieForCausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            emb = self.model.embed_tokens
+            if hasattr(emb, "tie_head"):  # a quantized table that is the quantized head's storage too
+                emb.tie_head(self.lm_head)
+            else:
+                self.lm_head.weight = emb.weight
 
     @property
     def kv_heads(self) -> int:

@@ -21,7 +21,8 @@ _SDT = {torch.float32: 0, torch.bfloat16: 1}  # Linear.sdt: the dtype of the sca
 
 
 class _Linear(ctypes.Structure):
-    # scale / zero: the quantized module's own tensors, read in place in their dtype `sdt` (_SDT)
+    # scale / zero: the quantized module's own tensors, read in place in their dtype `sdt` (_SDT); group: columns
+    # per scale (int4: its group size; int8: 0 for one scale per row (scale [out]), 32 for [out][in/32])
     _fields_ = [("kind", c_int), ("out", c_int), ("in_", c_int), ("group", c_int), ("sdt", c_int), ("w", c_void_p),
                 ("scale", c_void_p), ("zero", c_void_p), ("bias", c_void_p)]
 
@@ -38,6 +39,7 @@ class _Model(ctypes.Structure):
     _fields_ = [("hidden", c_int), ("n_layers", c_int), ("n_heads", c_int), ("n_kv", c_int), ("head_dim", c_int),
                 ("vocab", c_int), ("bf16", c_int), ("n_threads", c_int), ("eps", c_float), ("theta", c_float),
                 ("embed", c_void_p), ("embed_kind", c_int), ("embed_sdt", c_int), ("embed_scale", c_void_p),
+                ("embed_zero", c_void_p), ("embed_group", c_int),
                 ("norm", c_void_p), ("head", _Linear), ("layers", c_void_p),
                 ("max_width", c_int), ("max_experts", c_int), ("scratch", c_void_p), ("scratch_len", c_int),
                 ("scores", c_void_p)]
@@ -49,7 +51,7 @@ def dequant_rows(kind: int, weight: Tensor, out_features: int, in_features: int,
     """A `weight_rows(i, j)` for `ernie45.quant.kernels.tiled_mm` that widens rows i:j to fp32 with the C kernel
     `ernie_dequant` (one pass, both cores, the same values as the PyTorch dequantisation, ~6x faster), or None
     where the C kernels are not built. int4 weights must be row-major, w = (q - 8) * scale + zero; int8
-    w = q * scale. `scale` and `zero` are read in place when fp32 or bf16 (one dtype) and contiguous, else
+    w = q * scale (scale (out,) with `group` 0, else (out, in/group)). `scale` and `zero` are read in place when fp32 or bf16 (one dtype) and contiguous, else
     widened to fp32 (exact, so the same values). `isa`: the kernels' ISA level (default `ERNIE45_ISA`)."""
     lib = native.load("decode", isa)
     if lib is None or weight.device.type != "cpu" or not weight.is_contiguous():

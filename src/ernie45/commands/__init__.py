@@ -178,6 +178,39 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    """`--speculative mtp|ngram` and `--num-speculative-tokens K` (generate, chat, serve; docs/speculative.md)."""
+    from ernie45.generation.speculative import DEFAULT_TOKENS, MAX_SPECULATIVE_TOKENS, METHODS
+
+    g = p.add_argument_group("speculative decoding (one sequence at a time; docs/speculative.md)")
+    g.add_argument("--speculative", default=None, metavar="METHOD", type=_speculative_method,
+                   help=f"draft tokens and verify them in one pass: {' or '.join(METHODS)} (the checkpoint's MTP head, "
+                   "or prompt lookup); greedy output is unchanged, sampling keeps its distribution")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help=f"draft tokens per pass, 1 to {MAX_SPECULATIVE_TOKENS} (default: "
+                   + ", ".join(f"{m} {k}" for m, k in DEFAULT_TOKENS.items()) + ")")
+
+
+def _speculative_method(value: str) -> str:
+    from ernie45.generation.speculative import METHODS
+
+    if value not in METHODS:
+        raise ErnieError(f"--speculative must be one of {', '.join(METHODS)}, got {value!r}")
+    return value
+
+
+def speculative_from_args(args: argparse.Namespace) -> Any:
+    """The `Speculative` the flags ask for (None without --speculative); ErnieError for a bad K."""
+    from ernie45.generation.speculative import Speculative
+
+    method, k = getattr(args, "speculative", None), getattr(args, "num_speculative_tokens", None)
+    if method is None:
+        if k is not None:
+            raise ErnieError("--num-speculative-tokens needs --speculative mtp or ngram")
+        return None
+    return Speculative(method, k)
+
+
 @contextlib.contextmanager
 def spinner(message: str, stream: TextIO | None = None) -> Iterator[None]:
     """An animated spinner on stderr while a slow step runs; silent when stderr is not a terminal.

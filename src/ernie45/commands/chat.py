@@ -15,9 +15,11 @@ from ernie45.commands import (
     add_model_args,
     add_reasoning_args,
     add_sampling_args,
+    add_speculative_args,
     generation_kwargs,
     load_model,
     report_speed,
+    speculative_from_args,
 )
 from ernie45.errors import ErnieError
 
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
     add_sampling_args(p, max_new_tokens=512)
+    add_speculative_args(p)
     add_reasoning_args(p)
     return p
 
@@ -78,6 +81,7 @@ def chat(
 
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     interactive = stdin.isatty()
+    spec = kwargs.pop("speculative", None)
     cfg = resolve_config(model, **kwargs)
     if "eos_token_id" not in kwargs:
         kwargs["eos_token_id"] = list(dict.fromkeys(cfg.eos_token_ids + tokenizer.stop_token_ids))
@@ -125,6 +129,7 @@ def chat(
             max_new_tokens=min(max_new, context - len(prompt_ids)),
             prompt_cache=history,
             skip_special_tokens=not thinking,
+            speculative=spec,
             **kwargs,
         ):
             printer.write(chunk.text)
@@ -133,11 +138,17 @@ def chat(
         messages.append({"role": "assistant", "content": printer.content})
         if verbose:
             report_speed(last, err)
+            if spec is not None and not isinstance(spec, str):
+                print(f"speculative ({spec.method}): {spec.accepted} of {spec.drafted} draft tokens accepted",
+                      file=err, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     kwargs = generation_kwargs(args)
+    spec = speculative_from_args(args)
+    if spec is not None:
+        kwargs["speculative"] = spec
     model, tokenizer = load_model(args.model, args.dtype, args.device, quantize=args.quantize, adapter=args.adapter)
     return chat(model, tokenizer, system=args.system, verbose=args.verbose, seed=args.seed,
                 hide_reasoning=args.hide_reasoning, **kwargs)

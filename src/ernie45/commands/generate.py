@@ -15,10 +15,12 @@ from ernie45.commands import (
     add_parallel_args,
     add_reasoning_args,
     add_sampling_args,
+    add_speculative_args,
     generation_kwargs,
     is_main_rank,
     load_model,
     report_speed,
+    speculative_from_args,
 )
 from ernie45.errors import ErnieError
 
@@ -40,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help='print one JSON object {"text", "token_ids", "prompt_token_ids", "finish_reason"} (with '
-        '"reasoning" and "content" for a prompt that ends in <think>)',
+        '"reasoning" and "content" for a prompt that ends in <think>, "speculative" {"method", "drafted", '
+        '"accepted"} with --speculative)',
     )
+    add_speculative_args(p)
     g = p.add_argument_group("structured output (the continuation must follow it)")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--json-schema", metavar="FILE", help="a JSON Schema file; the output is JSON matching it")
@@ -103,7 +107,7 @@ def generate_text(
 
     `max_new_tokens` is capped so that prompt + continuation fits the context window. A prompt that ends in
     `<think>` (a Thinking model's chat prompt) gets its reasoning shown apart (`ReplyPrinter`). `grammar`: a
-    structured-output source (`read_grammar`).
+    structured-output source (`read_grammar`). `speculative=` (a `Speculative`) adds its counts as "speculative".
 
     Returns:
         {"text", "token_ids", "prompt_token_ids", "finish_reason"} (and "reasoning", "content" for a Thinking
@@ -120,16 +124,20 @@ def generate_text(
             f"the prompt has {len(prompt_ids)} tokens but the model's context window is {context}"
         )
     kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens", 128), context - len(prompt_ids))
+    spec = kwargs.pop("speculative", None)
     cfg = resolve_config(model, **kwargs)
     if cfg.num_beams > 1:
         if grammar is not None:
             raise ErnieError("--json-schema / --grammar / --regex work with greedy and sampling, not beam search")
+        if spec is not None:
+            raise ErnieError("--speculative works with greedy and sampling, not beam search")
         return _beam_text(model, tokenizer, prompt_ids, out, seed, cfg)
     thinking = prompt.rstrip(" \n").endswith(THINK_START)
     printer = ReplyPrinter(out, reasoning=thinking, hide=hide_reasoning)
     text, ids, last = [], [], None
     for chunk in stream_generate(
-        model, tokenizer, prompt_ids, seed=seed, grammar=grammar, skip_special_tokens=not thinking, **kwargs
+        model, tokenizer, prompt_ids, seed=seed, grammar=grammar, skip_special_tokens=not thinking,
+        speculative=spec, **kwargs
     ):
         ids.append(chunk.token)
         text.append(chunk.text)
@@ -144,6 +152,8 @@ def generate_text(
     }
     if thinking:
         result.update(reasoning=printer.reasoning, content=printer.content)
+    if spec is not None and not isinstance(spec, str):
+        result["speculative"] = spec.stats()  # a Speculative object; a method name keeps no counts
     return {**result, "stats": last}
 
 
@@ -177,8 +187,13 @@ def _beam_text(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     kwargs = generation_kwargs(args)
+    spec = speculative_from_args(args)
+    if spec is not None:
+        kwargs["speculative"] = spec
     grammar = read_grammar(args.json_schema, args.grammar, args.regex)
     parallel = args.tp > 1 or args.ep > 1
+    if parallel and spec is not None:
+        raise ErnieError("--speculative runs in one process, not with --tp / --ep")
     # Under torchrun only rank 0 reads stdin; the prompt is broadcast once the process group exists.
     prompt = read_prompt(args.prompt) if not parallel or os.environ.get("RANK", "0") == "0" else ""
     model, tokenizer = load_model(args.model, args.dtype, args.device, quantize=args.quantize,
@@ -199,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, ensure_ascii=False))
     if args.verbose and stats is not None and main_rank:
         report_speed(stats)
+        if spec is not None:
+            print(f"speculative ({spec.method}): {spec.accepted} of {spec.drafted} draft tokens accepted in "
+                  f"{spec.steps} passes", file=sys.stderr)
     if parallel:
         import torch.distributed as dist
 

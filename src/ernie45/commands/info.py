@@ -40,6 +40,7 @@ def checkpoint_info(path: str, dtype: str = "auto") -> dict[str, Any]:
     cfg = ErnieConfig.from_pretrained(path)
     params: Counter[str] = Counter()  # dtype -> parameter count
     routed = 0  # parameters inside routed experts (only moe_k of moe_num_experts run per token)
+    mtp = 0  # parameters of the multi-token-prediction layer (a draft model for --speculative mtp)
     for file in safetensors_files(path):
         header, _ = read_header(file)
         for name, entry in header.items():
@@ -49,8 +50,13 @@ def checkpoint_info(path: str, dtype: str = "auto") -> dict[str, Any]:
             params[entry["dtype"]] += n
             if ".mlp.experts." in name:
                 routed += n
+            if name.startswith(("model.mtp", "mtp")):
+                mtp += n
     info: dict[str, Any] = {"path": os.path.abspath(path)}
     info.update(_summary(cfg, params, routed, dtype, config_dtype=cfg.torch_dtype))
+    info.update(_mtp_summary(cfg, mtp))
+    if mtp and "active_parameters" in info:
+        info["active_parameters"] -= mtp  # the MTP layer runs only when drafting (--speculative mtp)
     if cfg.quantization_config:
         info["quantization_config"] = cfg.quantization_config
     info["files"] = {
@@ -132,6 +138,24 @@ def _summary(cfg, params: Counter[str], routed: int, dtype: str, **extra: Any) -
     return info
 
 
+def _mtp_summary(cfg, mtp_params: int) -> dict[str, Any]:
+    """The MTP layer (`ernie45.mtp`): layers the config declares, their stored parameters (counted in
+    `parameters` too, not in a MoE model's `active_parameters`), which hidden state feeds them."""
+    from ernie45.mtp import mtp_depth, mtp_variant
+
+    depth = mtp_depth(cfg)
+    if not depth and not mtp_params:
+        return {}
+    out: dict[str, Any] = {"mtp_layers": depth, "mtp_parameters": mtp_params}
+    if depth and mtp_params:
+        out["mtp_hidden_state"] = mtp_variant(cfg)
+    elif depth:
+        out["mtp_layers"] = f"{depth} declared, no mtp_* weights (--speculative mtp unavailable)"
+    else:
+        out["mtp_layers"] = "0 (mtp_* weights ignored: num_nextn_predict_layers is not set)"
+    return out
+
+
 def kv_cache_bytes_per_token(config, dtype, kv_dtype: str = "auto") -> int:
     """Bytes one cached position takes across all layers: keys and values, kv_heads rows each, per layer
     (`kv_dtype` int8: the serving engine's 8-bit cache)."""
@@ -188,11 +212,13 @@ def quantization_config_for(model, mode: str, quantize_embedding: bool = False) 
     return qc
 
 
-def weight_bytes(config, dtype, quantize: str | None = None, quantize_embedding: bool = False) -> int:
+def weight_bytes(config, dtype, quantize: str | None = None, quantize_embedding: bool = False,
+                 mtp: bool = False) -> int:
     """Bytes of the weights as a run holds them: one copy of every parameter and buffer of the model built on the
     meta device (nothing is allocated) in `dtype`, the router and correction bias fp32, a tied lm_head once, and
     quantized layers at their quantized sizes — the checkpoint's `quantization_config`, or `quantize`'s
-    (`quantize_embedding`: with an int8 token embedding, see `quantization_config_for`)."""
+    (`quantize_embedding`: with an int8 token embedding, see `quantization_config_for`). `mtp`: the checkpoint
+    holds an MTP layer the config declares; loading keeps it in `dtype`, unquantized (`ernie45.mtp`)."""
     import itertools
 
     from ernie45.checkpoint import build_model
@@ -212,6 +238,11 @@ def weight_bytes(config, dtype, quantize: str | None = None, quantize_embedding:
         from ernie45.quant import prepare_for_load
 
         prepare_for_load(model, qc)
+        model.tie_weights()  # an int4 head tied to an int4 embedding shares its buffers
+    if mtp:
+        from ernie45.mtp import attach_mtp, mtp_depth
+
+        attach_mtp(model, mtp_depth(config))
     seen: set[int] = set()
     total = 0
     for t in itertools.chain(model.parameters(), model.buffers()):
@@ -248,7 +279,7 @@ def memory_estimate(path: str, quantize: str | None = None, dtype: str = "auto",
         raise ErnieError(f"--max-model-len {max_model_len} exceeds the model's context window "
                          f"({cfg.max_position_embeddings})")
     dt = run_dtype(dtype)
-    weights = weight_bytes(cfg, dt, quantize, quantize_embedding)
+    weights = weight_bytes(cfg, dt, quantize, quantize_embedding, mtp=_loads_mtp(resolve_model_path(path), cfg))
     if kv_cache_dtype not in ("auto", "int8"):
         raise ErnieError(f"--kv-cache-dtype must be auto or int8, got {kv_cache_dtype!r}")
     per_token = kv_cache_bytes_per_token(cfg, dt, kv_cache_dtype)
@@ -267,6 +298,17 @@ def memory_estimate(path: str, quantize: str | None = None, dtype: str = "auto",
         "overhead_bytes": RUNTIME_OVERHEAD_BYTES,
         "total_bytes": weights + kv + RUNTIME_OVERHEAD_BYTES,
     }
+
+
+def _loads_mtp(path: str, cfg) -> bool:
+    """Whether loading `path` attaches an MTP layer: the config declares one and the files hold `model.mtp_*`."""
+    from ernie45.checkpoint_read import read_header, safetensors_files
+    from ernie45.gguf_file import is_gguf
+    from ernie45.mtp import MTP_PREFIX, mtp_depth
+
+    if not mtp_depth(cfg) or is_gguf(path):
+        return False
+    return any(name.startswith(MTP_PREFIX) for f in safetensors_files(path) for name in read_header(f)[0])
 
 
 def _binary(n: float) -> str:
@@ -307,7 +349,7 @@ def format_info(info: dict[str, Any]) -> str:
     for k, v in info.items():
         if k in ("path", "files", "dtypes", "tensors"):
             continue
-        if k in ("parameters", "active_parameters"):
+        if k in ("parameters", "active_parameters", "mtp_parameters"):
             v = f"{v:,} ({_human(v)})"
         elif k == "kv_cache_bytes_per_token":
             v = f"{v:,} ({info.get('kv_cache_dtype')})"

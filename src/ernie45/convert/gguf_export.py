@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +103,14 @@ def plan_tensors(config: ErnieConfig, hf: TensorSource, outtype: str) -> list[Pl
             )
         planned.append(PlannedTensor(name, tuple(shape), tensor_qtype(name, shape, outtype), make))
 
+    mtp = [key for key in hf.specs if key.startswith("model.mtp")]
+    if mtp:  # llama.cpp has no MTP support: say so rather than drop the head silently
+        print(f"note: the MTP head ({len(mtp)} model.mtp_* tensors) is not exported: llama.cpp does not use it",
+              file=sys.stderr)
     for key, spec in hf.specs.items():
         m = _EXPERT.match(key)
         if key.startswith("model.mtp"):
-            continue  # the multi-token-prediction head is not used by llama.cpp
+            continue  # the multi-token-prediction head (see the note above)
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp falls back to token_embd
         if m and m[2] == "0":  # all experts of a layer's projection, stacked: [E, out, in]

@@ -15,15 +15,28 @@
  * Weights are read in place from the PyTorch tensors (pointers set up by ernie45/fast.py).
  *
  * ISA levels (ernie45/native.py builds one library per level): AVX-512 (+BF16, +VNNI where present), AVX2 + FMA
- * (x86-64-v3, + AVX-VNNI where present) and the plain C loops (x86-64-v2 or any other CPU), which are also the
- * scalar reference of every vector kernel. The AVX-512 and AVX2 kernels are one source over a thin vector
- * layer (`vf`: VW fp32 lanes, `vi`: int32 lanes fed by int16 pairs) below.
+ * (x86-64-v3, + AVX-VNNI where present), NEON on aarch64 (vec_neon.h, + BFDOT where the bf16 extension is
+ * targeted) and the plain C loops (x86-64-v2, -DERNIE45_PLAIN_C, or any other CPU), which are also the scalar
+ * reference of every vector kernel. The AVX-512, AVX2 and NEON kernels are one source over a thin vector
+ * layer (`vf`: VW fp32 lanes, `vi`: int32 lanes fed by int16 pairs) below. Without OpenMP (e.g. Apple clang) the
+ * step builds and runs on one thread.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(_OPENMP)
 #include <omp.h>
+#else /* built without OpenMP (e.g. Apple clang): one thread, the pragmas are ignored */
+#include <time.h>
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+static inline double omp_get_wtime(void) { /* wall time, for the profile only */
+    struct timespec ts;
+    timespec_get(&ts, TIME_UTC);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+#endif
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -32,10 +45,10 @@ enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_I4 = 3 };
 #define MAX_HEAD_DIM 512
 
 typedef struct {
-    int kind, out, in, group; /* group: int4 group size (columns) */
+    int kind, out, in, group; /* group: int4 group size (columns); int8: 0 (one scale per row) or 32 (GGUF Q8_0) */
     int sdt;                  /* dtype of scale and zero: 0 fp32, 1 bf16 (the quantized module's own tensors) */
     const void *w;            /* F32 float[out][in]; BF16 uint16[out][in]; I8 int8[out][in]; I4 uint8[out][in/2] */
-    const void *scale;        /* I8 [out]; I4 [out][in/group] */
+    const void *scale;        /* I8 [out] (group 0) or [out][in/32]; I4 [out][in/group] */
     const void *zero;         /* I4 [out][in/group]: w = (q - 8) * scale + zero = q * scale + zb, zb per group below */
     const float *bias;        /* [out] or NULL */
 } Linear;
@@ -56,10 +69,16 @@ typedef struct {
 typedef struct {
     int hidden, n_layers, n_heads, n_kv, head_dim, vocab, bf16, n_threads;
     float eps, theta;
-    const void *embed; /* [vocab][hidden]: the model dtype (bf16 when bf16 != 0), or int8 when embed_kind is W_I8 */
-    int embed_kind;    /* 0: a float table in the model dtype; W_I8: int8 rows, one scale per row (Int8Embedding) */
-    int embed_sdt;     /* dtype of embed_scale: 0 fp32, 1 bf16 (the module's own tensor, read in place) */
-    const void *embed_scale; /* W_I8: [vocab]; row t = q[t] * scale[t] in fp32, rounded to bf16 in a bf16 model */
+    const void *embed; /* [vocab][hidden]: the model dtype (bf16 when bf16 != 0), int8 (W_I8), or [vocab][hidden/2]
+                        * int4 nibbles (W_I4, Int4Linear's row-major layout) */
+    int embed_kind;    /* 0: a float table in the model dtype; W_I8: int8 rows, one scale per row (Int8Embedding);
+                        * W_I4: int4 groups with scale and zero (Int4Embedding, e.g. a GGUF's Q4_0 token_embd) */
+    int embed_sdt;     /* dtype of embed_scale (and embed_zero): 0 fp32, 1 bf16 (the module's tensors, in place) */
+    const void *embed_scale; /* W_I8: [vocab] (embed_group 0) or [vocab][hidden/embed_group]; row t = q[t] * scale
+                              * in fp32, rounded to bf16 in a bf16 model; W_I4: [vocab][hidden/embed_group], as an
+                              * Int4Linear's */
+    const void *embed_zero;  /* W_I4: [vocab][hidden/embed_group] */
+    int embed_group;         /* W_I4: columns per group; W_I8: 0 (one scale per row) or columns per group */
     const float *norm;
     Linear head;
     const Layer *layers;
@@ -153,6 +172,7 @@ typedef __m512 vf;
 #define vmax _mm512_max_ps
 #define vfnma _mm512_fnmadd_ps
 static inline float vhsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vf vset_halves(float a, float b) { return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a), _mm512_set1_ps(b)); }
 static inline vf vload_bf16(const uint16_t *p) { /* VW bf16 -> fp32 (exact) */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
@@ -294,6 +314,10 @@ static inline vi vi_dp(vi acc, vi a, vi b) { return _mm256_dpwssd_avx_epi32(acc,
 #else
 static inline vi vi_dp(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 #endif
+
+#elif defined(__aarch64__) && !defined(ERNIE45_PLAIN_C) /* NEON (-DERNIE45_PLAIN_C: the plain C loops) */
+#include "vec_neon.h"
+#define VEC_NEON 1
 #endif
 
 #if defined(VW)
@@ -379,6 +403,10 @@ static float dot_bf16(const uint16_t *w, const float *x, const uint16_t *xb, int
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(xb + i));
     s = vhsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     return s + (i < n ? dot_bf16x(w + i, x + i, n - i) : 0.f);
+#elif defined(VEC_BFDOT) /* aarch64 BFDOT (vec_neon.h) */
+    int i;
+    float s = vbf_dot_row(w, xb, n, &i);
+    return s + (i < n ? dot_bf16x(w + i, x + i, n - i) : 0.f);
 #else
     (void)xb;
     return dot_bf16x(w, x, n);
@@ -401,6 +429,29 @@ static float dot_i8(const int8_t *w, const float *x, int n) {
 #endif
 #pragma omp simd reduction(+ : s)
     for (int j = i; j < n; j++) s += (float)w[j] * x[j];
+    return s;
+}
+
+/* int8 row with one scale per group of 32 columns (from element g0 of L's scales): per group the fp32 sum of
+ * w * x, times the group's scale into the accumulator, in group order */
+static float dot_i8_g32(const int8_t *w, const float *x, const Linear *L, size_t g0, int n) {
+    float s = 0.f;
+#if defined(VW)
+    vf acc = vzero();
+    for (int c = 0; c < n; c += 32) {
+        vf g = vzero();
+        for (int k = 0; k < 32; k += VW) g = vfma(vload_i8(w + c + k), vload(x + c + k), g);
+        acc = vfma(g, vset1(sz_at(L->scale, g0 + c / 32, L->sdt)), acc);
+    }
+    s = vhsum(acc);
+#else
+    for (int c = 0; c < n; c += 32) {
+        float g = 0.f;
+#pragma omp simd reduction(+ : g)
+        for (int j = 0; j < 32; j++) g += (float)w[c + j] * x[c + j];
+        s += g * sz_at(L->scale, g0 + c / 32, L->sdt);
+    }
+#endif
     return s;
 }
 
@@ -471,6 +522,18 @@ static float dot_i8_x16(const int8_t *w, const int16_t *xq, int n) {
     return s;
 }
 
+/* int8 row with one scale per group of 32 columns against xq: exact int32 sums per group, each times the group's
+ * scale into the accumulator, in group order (the arithmetic of tile_i8g; the caller multiplies by xs) */
+static float dot_i8_x16_g32(const int8_t *w, const int16_t *xq, const Linear *L, size_t g0, int n) {
+    vf acc = vzero();
+    for (int c = 0; c < n; c += 32) {
+        vi a = vi_zero();
+        for (int k = 0; k < 32; k += 2 * VW) a = vi_dp(a, vi_i8to16(w + c + k), vi_load16(xq + c + k));
+        acc = vfma(vi_tof(a), vset1(sz_at(L->scale, g0 + c / 32, L->sdt)), acc);
+    }
+    return vhsum(acc);
+}
+
 /* int4 row against xq permuted per 64 columns as [32 even columns, 32 odd columns]; xg = per-group sums of x
  * (float, exact x), for the zero-point term. */
 static float dot_i4_x16(const uint8_t *w, const int16_t *xq, float xs, const float *xg, const Linear *L, size_t g0,
@@ -519,6 +582,7 @@ static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 /* VW lanes as int32 -> the low 16 bits of each, stored to p (what (int16_t) / (uint16_t) casts keep) */
 #if defined(__AVX512F__)
 static inline void vstore_lo16(void *p, __m512i v) { _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(v)); }
+#elif defined(VEC_NEON) /* vstore_lo16 and the VI32 lanes below: vec_neon.h */
 #elif defined(VW)
 static inline void vstore_lo16(void *p, __m256i v) {
     __m256i t = _mm256_packus_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0xffff)), _mm256_setzero_si256());
@@ -537,6 +601,7 @@ static inline void vstore_lo16(void *p, __m256i v) {
 static inline VI32 vi32_sel_gt(VI32 a, VI32 b, VI32 yes, VI32 no) { /* a > b (signed) ? yes : no */
     return _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(a, b), no, yes);
 }
+#elif defined(VEC_NEON)
 #elif defined(VW)
 #define VI32 __m256i
 #define vcast_i(v) _mm256_castps_si256(v)
@@ -590,6 +655,8 @@ static float absmax(const float *x, int n) {
     vf m = vzero(), sign = vset1(-0.0f);
 #if defined(__AVX512F__)
 #define vandn_ps _mm512_andnot_ps
+#elif defined(VEC_NEON)
+#define vandn_ps vandn_f32
 #else
 #define vandn_ps _mm256_andnot_ps
 #endif
@@ -619,6 +686,8 @@ static void to_bf16(const float *x, int n, uint16_t *xb) {
 }
 
 /* bytes of a prepared x for L: [xb or xq (int16)] [xp] [xg], as prep() lays them out */
+#define NGMAX 512 /* int4 groups per row on the tiled path */
+
 static size_t prep_bytes(const Linear *L) {
     size_t n = L->in;
     if (L->kind == W_F32) return 0;
@@ -632,7 +701,9 @@ static void prep(Job *j, char *buf) {
     uint16_t *xb = (uint16_t *)buf;
     float *xp = (float *)(buf + align64(2 * (size_t)n)), *xg = (float *)(buf + align64(2 * (size_t)n) + align64(4 * (size_t)n));
 #if defined(HAVE_XQ16)
-    if ((L->kind == W_I8 && n % 32 == 0) || (L->kind == W_I4 && L->group % 64 == 0)) {
+    /* int4 groups of 32 (Q4_0's) only have the tiled int16 kernel, which needs whole 64-column chunks */
+    if ((L->kind == W_I8 && n % 32 == 0) || (L->kind == W_I4 && L->group % 64 == 0) ||
+        (L->kind == W_I4 && L->group == 32 && n % 64 == 0 && n / 32 <= NGMAX)) {
         float mx = absmax(j->x, n);
         float xs = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / xs;
         int16_t *xq = (int16_t *)xb;
@@ -674,6 +745,17 @@ static __attribute__((noinline)) float row_dot(const Job *j, int r) {
     case W_F32: y = dot_f32((const float *)L->w + (size_t)r * n, j->x, n); break;
     case W_BF16: y = dot_bf16((const uint16_t *)L->w + (size_t)r * n, j->x, j->xb, n); break;
     case W_I8:
+        if (L->group) { /* 32 (checked by step_checked) */
+            size_t g0 = (size_t)r * (n / 32);
+#if defined(HAVE_XQ16)
+            if (j->xq) {
+                y = dot_i8_x16_g32((const int8_t *)L->w + (size_t)r * n, j->xq, L, g0, n) * j->xs;
+                break;
+            }
+#endif
+            y = dot_i8_g32((const int8_t *)L->w + (size_t)r * n, j->x, L, g0, n);
+            break;
+        }
 #if defined(HAVE_XQ16)
         if (j->xq) {
             y = dot_i8_x16((const int8_t *)L->w + (size_t)r * n, j->xq, n) * (j->xs * sz_at(L->scale, r, L->sdt));
@@ -712,7 +794,6 @@ static __attribute__((noinline)) float row_dot(const Job *j, int r) {
 #define PF_AHEAD 8192 /* bytes */
 #define RMAX 4
 #define CMAX 4
-#define NGMAX 256 /* int4 groups per row on the tiled path */
 #define OUT_BUF 4096 /* outputs buffered before tile_out */
 enum { T_F32, T_BF16, T_I8, T_I4 };
 
@@ -725,12 +806,14 @@ static int tile_kind(const Job *J) {
     case W_F32: return n % VW ? -1 : T_F32;
 #if defined(__AVX512BF16__)
     case W_BF16: return n % 32 ? -1 : T_BF16;
+#elif defined(VEC_BFDOT)
+    case W_BF16: return n % 8 ? -1 : T_BF16;
 #else
     case W_BF16: return n % VW ? -1 : T_BF16;
 #endif
 #if defined(HAVE_XQ16)
     case W_I8: return J->xq && n % (2 * VW) == 0 ? T_I8 : -1;
-    case W_I4: return J->xq && L->group % 64 == 0 && n / L->group <= NGMAX ? T_I4 : -1;
+    case W_I4: return J->xq && (L->group % 64 == 0 || L->group == 32) && n / L->group <= NGMAX ? T_I4 : -1;
 #endif
     default: return -1;
     }
@@ -779,7 +862,9 @@ INL void tile_reduce(const int R, const int C, const vf *a, float *out, int stri
         cnt--;                                                                                                     \
     } while (0)
 /* v in a register: an x chunk is loaded once for the tile's R rows, not folded into each of their multiplies */
+#if !defined(REG) /* vec_neon.h has aarch64's */
 #define REG(v) __asm__("" : "+v"(v))
+#endif
 
 /* one chunk of VW columns of a float tile: R weight vectors (LOAD widens them to fp32), then each batch row's x
  * against all of them; a[c * R + r] accumulates output (r, c) in column order */
@@ -836,6 +921,30 @@ INL void tile_bf16(const int R, const int C, const Linear *L, const Job *J, long
             __m512bh xv = (__m512bh)_mm512_loadu_si512(x[c] + i);
             REG(xv);
             for (int r = 0; r < R; r++) a[c * R + r] = _mm512_dpbf16_ps(a[c * R + r], wv[r], xv);
+        }
+    }
+    *pfp = pf;
+    tile_reduce(R, C, a, s, stride);
+}
+#elif defined(VEC_BFDOT)
+/* aarch64 BFDOT: bf16 weights against x in bf16, 8 columns a chunk, lines of 32 columns */
+INL void tile_bf16(const int R, const int C, const Linear *L, const Job *J, long r0, const char **pfp, int cnt,
+                   int parts, float *s, int stride) {
+    const char *pf = *pfp;
+    const int n = L->in;
+    const uint16_t *w[RMAX], *x[CMAX];
+    vf a[RMAX * CMAX];
+    for (int r = 0; r < R; r++) w[r] = (const uint16_t *)L->w + (size_t)(r0 + r) * n;
+    for (int c = 0; c < C; c++) x[c] = J[c].xb;
+    for (int k = 0; k < R * C; k++) a[k] = vzero();
+    for (int i = 0; i < n; i += 8) {
+        if (i % 32 == 0) PF_SEQ(64);
+        vbf wv[RMAX];
+        for (int r = 0; r < R; r++) wv[r] = vbf_load(w[r] + i);
+        for (int c = 0; c < C; c++) {
+            vbf xv = vbf_load(x[c] + i);
+            REG(xv);
+            for (int r = 0; r < R; r++) a[c * R + r] = vbf_dot(a[c * R + r], wv[r], xv);
         }
     }
     *pfp = pf;
@@ -915,6 +1024,44 @@ INL void tile_i8(const int R, const int C, const Linear *L, const Job *J, long r
     tile_reduce(R, C, f, s, stride);
 }
 
+/* int8 weights with one scale per group of 32 columns (GGUF Q8_0): exact int32 sums per group (one vi_dp with
+ * AVX-512, two with AVX2, four with NEON), each times the group's scale into the output's fp32 accumulator, in
+ * group order; tile_out then multiplies by xs. One prefetch step per 64 columns (a line of each row). The scales
+ * are read one at a time: widening VW of them at once (to a stack array, or a register to lane-permute) measured
+ * 2-2.5x slower with AVX-512. */
+INL void tile_i8g(const int R, const int C, const Linear *L, const Job *J, long r0, const char **pfp, int cnt,
+                  int parts, float *s, int stride) {
+    const char *pf = *pfp;
+    const int n = L->in, ng = n / 32, sdt = L->sdt;
+    const int8_t *w[RMAX];
+    const int16_t *x[CMAX];
+    vf acc[RMAX * CMAX];
+    for (int r = 0; r < R; r++) w[r] = (const int8_t *)L->w + (size_t)(r0 + r) * n;
+    for (int c = 0; c < C; c++) x[c] = J[c].xq;
+    for (int k = 0; k < R * C; k++) acc[k] = vzero();
+    for (int g = 0; g < ng; g++) {
+        const int cc = 32 * g;
+        if (cc % 64 == 0) PF_SEQ(64);
+        vi a[RMAX * CMAX];
+        for (int k = 0; k < R * C; k++) a[k] = vi_zero();
+        for (int q = 0; q < 32; q += 2 * VW) {
+            vi wv[RMAX];
+            for (int r = 0; r < R; r++) wv[r] = vi_i8to16(w[r] + cc + q);
+            for (int c = 0; c < C; c++) {
+                vi xv = vi_load16(x[c] + cc + q);
+                REG(xv);
+                for (int r = 0; r < R; r++) a[c * R + r] = vi_dp(a[c * R + r], wv[r], xv);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            vf scv = vset1(sz_at(L->scale, (size_t)(r0 + r) * ng + g, sdt));
+            for (int c = 0; c < C; c++) acc[c * R + r] = vfma(vi_tof(a[c * R + r]), scv, acc[c * R + r]);
+        }
+    }
+    *pfp = pf;
+    tile_reduce(R, C, acc, s, stride);
+}
+
 /* cnt (<= VW) consecutive scales or zeros from element i of p (dtype sdt) as fp32 lanes, zero past cnt */
 static inline vf vload_sz(const void *p, size_t i, int sdt, int cnt) {
 #if defined(__AVX512F__)
@@ -956,7 +1103,36 @@ INL void tile_i4(const int R, const int C, const int G, const Linear *L, const J
     }
     for (int c = 0; c < C; c++) x[c] = J[c].xq;
     for (int k = 0; k < R * C; k++) acc[k] = vzero();
-    for (int g0 = 0, gi = 0; g0 < n; g0 += group, gi++) {
+    if (group == 32) { /* Q4_0's groups: a 64-column chunk holds two; each int32 lane's 4 columns lie in one */
+        for (int cc = 0; cc < n; cc += 64) {
+            if (cc % 128 == 0) PF_SEQ(64);
+            for (int q = 0; q < 32; q += 2 * VW) {
+                vi a[RMAX * CMAX];
+                vi lo[RMAX], hi[RMAX];
+                for (int r = 0; r < R; r++) {
+                    vi b = vi_u8to16(w[r] + cc / 2 + q);
+                    lo[r] = vi_lo4(b), hi[r] = vi_hi4(b);
+                }
+                for (int c = 0; c < C; c++) {
+                    vi xe = vi_load16(x[c] + cc + q), xo = vi_load16(x[c] + cc + 32 + q);
+                    REG(xe);
+                    REG(xo);
+                    for (int r = 0; r < R; r++) a[c * R + r] = vi_dp(vi_dp(vi_zero(), lo[r], xe), hi[r], xo);
+                }
+                /* int32 lane i sums bytes q + 2i, q + 2i + 1: columns cc + 2 (q + 2i) .. + 3, group cc / 32 +
+                 * (q + 2i) / 16 -- with VW 16 the low half of the lanes is one group, the high half the next */
+                for (int r = 0; r < R; r++) {
+#if VW > 8
+                    vf scv = vset_halves(sc[r][cc / 32], sc[r][cc / 32 + 1]);
+#else
+                    vf scv = vset1(sc[r][cc / 32 + q / 16]);
+#endif
+                    for (int c = 0; c < C; c++) acc[c * R + r] = vfma(vi_tof(a[c * R + r]), scv, acc[c * R + r]);
+                }
+            }
+        }
+    }
+    for (int g0 = 0, gi = 0; group != 32 && g0 < n; g0 += group, gi++) {
         vi a[RMAX * CMAX];
         for (int k = 0; k < R * C; k++) a[k] = vi_zero();
         for (int cc = g0; cc < g0 + group; cc += 64) {
@@ -1003,6 +1179,10 @@ static __attribute__((noinline)) void tile_out(const Linear *L, const Job *J, in
         const float *sc = s + (size_t)c * stride, *ec = ext + (size_t)c * stride;
         switch (L->kind) {
         case W_I8:
+            if (L->group) { /* the group scales are in the sums already */
+                for (int r = 0; r < R; r++) y[r] = bias ? fmaf(sc[r], xs, bias[r]) : sc[r] * xs;
+                break;
+            }
             for (int r = 0; r < R; r++) {
                 float m = xs * sz_at(L->scale, (size_t)r0 + r, L->sdt);
                 y[r] = bias ? fmaf(sc[r], m, bias[r]) : sc[r] * m;
@@ -1030,9 +1210,13 @@ static __attribute__((noinline)) void tile_out(const Linear *L, const Job *J, in
     return
 #if defined(HAVE_XQ16)
 #define TILE_CALL_Q(R_, C_)                                                                                         \
-    case T_I8: tile_i8(R_, C_, L, J, r0, pfp, cnt, parts, s, stride); return;                                       \
+    case T_I8:                                                                                                      \
+        if (L->group) tile_i8g(R_, C_, L, J, r0, pfp, cnt, parts, s, stride);                                       \
+        else tile_i8(R_, C_, L, J, r0, pfp, cnt, parts, s, stride);                                                 \
+        return;                                                                                                     \
     default:                                                                                                        \
         if (I4_G128 && L->group == 128) tile_i4(R_, C_, 128, L, J, r0, pfp, cnt, parts, s, ext, stride);            \
+        else if (L->group == 32) tile_i4(R_, C_, 32, L, J, r0, pfp, cnt, parts, s, ext, stride);                   \
         else tile_i4(R_, C_, 0, L, J, r0, pfp, cnt, parts, s, ext, stride);                                         \
         return;
 #else
@@ -1561,7 +1745,7 @@ static void store_kv(const Model *m, const KV *c, const float *src, int pos, int
     }
 }
 
-/* the vector width of the kernels built: 512 (AVX-512), 256 (AVX2 + FMA) or 0 (the plain C loops) */
+/* the vector width of the kernels built: 512 (AVX-512), 256 (AVX2 + FMA), 128 (NEON) or 0 (the plain C loops) */
 int ernie_simd_width(void) {
 #if defined(VW)
     return VW * 32;
@@ -1570,7 +1754,7 @@ int ernie_simd_width(void) {
 #endif
 }
 
-/* the instruction sets the kernels were built for, e.g. "avx512+vnni+bf16", "avx2+fma", "generic" */
+/* the instruction sets the kernels were built for, e.g. "avx512+vnni+bf16", "avx2+fma", "neon+bf16", "generic" */
 const char *ernie_isa(void) {
     return
 #if defined(__AVX512F__)
@@ -1579,6 +1763,11 @@ const char *ernie_isa(void) {
         "+vnni"
 #endif
 #if defined(__AVX512BF16__)
+        "+bf16"
+#endif
+#elif defined(VEC_NEON)
+        "neon"
+#if defined(VEC_BFDOT)
         "+bf16"
 #endif
 #elif defined(VW)
@@ -1788,14 +1977,43 @@ static int moe(const Model *m, const Layer *L, int B, int par, double *t0) {
 }
 
 /* ---- the step ------------------------------------------------------------------------------------ */
+/* row r of an int4 Linear widened to fp32 into o: q * scale + zb, zb = zero - 8 * scale per group -- the values of
+ * ernie45.quant.kernels.dequantize_int4 (two roundings, as PyTorch's mul_ and add_) */
+static void dequant_i4_row(const Linear *L, int r, float *o) {
+    int n = L->in, g = L->group, ng = n / g;
+    const uint8_t *w = (const uint8_t *)L->w + (size_t)r * (n / 2);
+    for (int gi = 0; gi < ng; gi++) {
+        size_t i = (size_t)r * ng + gi;
+        float s = sz_at(L->scale, i, L->sdt), z = zb_at(L, i);
+        const uint8_t *p = w + (size_t)gi * g / 2;
+        float *og = o + (size_t)gi * g;
+#pragma omp simd
+        for (int j = 0; j < g / 2; j++) {
+            float lo = (float)(p[j] & 15) * s, hi = (float)(p[j] >> 4) * s;
+            og[2 * j] = lo + z;
+            og[2 * j + 1] = hi + z;
+        }
+    }
+}
+
 static void embed_row(const Model *m, int token, float *x) {
     int H = m->hidden;
-    if (m->embed_kind == W_I8) { /* Int8Embedding.forward: (q.float() * s.float()).to(model dtype), one rounding */
+    if (m->embed_kind == W_I4) { /* Int4Embedding.forward: the dequantised row, rounded once to the model dtype */
+        Linear E = {0};
+        E.kind = W_I4, E.out = m->vocab, E.in = H, E.group = m->embed_group, E.w = m->embed;
+        E.scale = m->embed_scale, E.zero = m->embed_zero, E.sdt = m->embed_sdt;
+        dequant_i4_row(&E, token, x);
+        if (m->bf16)
+            for (int i = 0; i < H; i++) x[i] = rb(x[i]);
+    } else if (m->embed_kind == W_I8) { /* Int8Embedding.forward: (q.float() * s.float()).to(model dtype), one rounding */
         const int8_t *e = (const int8_t *)m->embed + (size_t)token * H;
-        float s = sz_at(m->embed_scale, (size_t)token, m->embed_sdt);
-        for (int i = 0; i < H; i++) {
-            float v = (float)e[i] * s;
-            x[i] = m->bf16 ? rb(v) : v;
+        int g = m->embed_group ? m->embed_group : H, ng = H / g; /* group 0: one scale per row */
+        for (int gi = 0; gi < ng; gi++) {
+            float s = sz_at(m->embed_scale, (size_t)token * ng + gi, m->embed_sdt);
+            for (int i = gi * g; i < (gi + 1) * g; i++) {
+                float v = (float)e[i] * s;
+                x[i] = m->bf16 ? rb(v) : v;
+            }
         }
     } else if (m->bf16) {
         const uint16_t *e = (const uint16_t *)m->embed + (size_t)token * H;
@@ -1807,7 +2025,8 @@ static void embed_row(const Model *m, int token, float *x) {
 
 /* B rows, arguments checked: every weight is read once per GEMV for all rows (row b's vectors at stride) */
 static int step(Model *m, int B, const int *tokens, const int *pos, void **kp, void **vp, void **ks, void **vs,
-                int round_trip, const int32_t *tables, int stride, int bs, float *logits) {
+                int round_trip, const int32_t *tables, int stride, int bs, float *logits, float *hidden,
+                int hidden_pre) {
     int maxT = 0;
     for (int b = 0; b < B; b++) maxT = imax(maxT, pos[b] + 1);
     if (prepare(m, B, maxT, (long)stride * bs)) return -1;
@@ -1877,6 +2096,8 @@ static int step(Model *m, int B, const int *tokens, const int *pos, void **kp, v
     }
 #pragma omp parallel for num_threads(nt) if (par)
     for (int b = 0; b < B; b++) rmsnorm(m, A->x + b * sh, m->norm, A->n + b * sh);
+    if (hidden) /* the last hidden state of each row, for a draft head (MTP): the final norm's input or output */
+        for (int b = 0; b < B; b++) memcpy(hidden + (size_t)b * H, (hidden_pre ? A->x : A->n) + b * sh, sizeof(float) * H);
     tick(&t0, P_OTHER);
     for (int b = 0; b < B; b++) jobs[b] = JOB(&m->head, A->n + b * sh, logits + (size_t)b * m->vocab);
     if (gemv_multi(m, jobs, B, m->bf16)) return -1;
@@ -1884,11 +2105,34 @@ static int step(Model *m, int B, const int *tokens, const int *pos, void **kp, v
     return 0;
 }
 
+/* a Linear the kernels cannot read: int8 groups other than none or 32 whole columns */
+static int linear_bad(const Linear *L) { return L->kind == W_I8 && L->group && (L->group != 32 || L->in % 32); }
+
+static int linears_bad(const Model *m) {
+    int bad = linear_bad(&m->head);
+    for (int l = 0; l < m->n_layers && !bad; l++) {
+        const Layer *L = &m->layers[l];
+        bad = linear_bad(&L->q) || linear_bad(&L->k) || linear_bad(&L->v) || linear_bad(&L->o);
+        if (!L->is_moe) {
+            bad = bad || linear_bad(&L->gate) || linear_bad(&L->up) || linear_bad(&L->down);
+            continue;
+        }
+        for (int e = 0; e < 3 * L->n_experts && !bad; e++) bad = linear_bad(&L->experts[e]);
+        if (L->has_shared) bad = bad || linear_bad(&L->sgate) || linear_bad(&L->sup) || linear_bad(&L->sdown);
+    }
+    return bad;
+}
+
 static int step_checked(Model *m, int B, const int *tokens, const int *pos, void **kpages, void **vpages,
                         void **kscales, void **vscales, int round_trip, const int32_t *tables, int table_stride,
-                        int block_size, float *logits) {
+                        int block_size, float *logits, float *hidden, int hidden_pre) {
     if (B < 1 || table_stride < 1 || block_size < 1 || m->head_dim > MAX_HEAD_DIM || m->n_kv < 1) return -2;
-    if ((m->embed_kind != 0 && m->embed_kind != W_I8) || (m->embed_kind == W_I8 && (!m->embed_scale || m->embed_sdt & ~1)))
+    if (linears_bad(m)) return -2;
+    if ((m->embed_kind != 0 && m->embed_kind != W_I8 && m->embed_kind != W_I4) ||
+        (m->embed_kind != 0 && (!m->embed_scale || m->embed_sdt & ~1)) ||
+        (m->embed_kind == W_I4 && (!m->embed_zero || m->embed_group <= 0 || m->hidden % m->embed_group ||
+                                   m->embed_group % 2)) ||
+        (m->embed_kind == W_I8 && (m->embed_group < 0 || (m->embed_group && m->hidden % m->embed_group))))
         return -2;
     if (!kscales != !vscales) return -2;
     for (int l = 0; kscales && l < m->n_layers; l++)
@@ -1900,7 +2144,7 @@ static int step_checked(Model *m, int B, const int *tokens, const int *pos, void
             if (tables[(size_t)b * table_stride + i] < 0) return -2;
     }
     return step(m, B, tokens, pos, kpages, vpages, kscales, vscales, round_trip, tables, table_stride, block_size,
-                logits);
+                logits, hidden, hidden_pre);
 }
 
 /* B sequences, one new token each: tokens[b] at position pos[b] (= positions already cached for row b).
@@ -1910,7 +2154,19 @@ static int step_checked(Model *m, int B, const int *tokens, const int *pos, void
  * Row b's logits are bit for bit those of the same sequence stepped alone (ernie_step on a contiguous cache). */
 int ernie_step_batch(Model *m, int B, const int *tokens, const int *pos, void **kpages, void **vpages,
                      const int32_t *tables, int table_stride, int block_size, float *logits) {
-    return step_checked(m, B, tokens, pos, kpages, vpages, NULL, NULL, 0, tables, table_stride, block_size, logits);
+    return step_checked(m, B, tokens, pos, kpages, vpages, NULL, NULL, 0, tables, table_stride, block_size, logits,
+                        NULL, 0);
+}
+
+/* ernie_step_batch that also writes each row's last hidden state (B x hidden, fp32; in a bf16 model the bf16
+ * values) into hidden: the final norm's output (hidden_pre 0, what the head reads) or its input (hidden_pre 1) --
+ * what a multi-token-prediction draft head is fed after a verification step. */
+int ernie_step_batch_h(Model *m, int B, const int *tokens, const int *pos, void **kpages, void **vpages,
+                       const int32_t *tables, int table_stride, int block_size, float *logits, float *hidden,
+                       int hidden_pre) {
+    if (!hidden) return -2;
+    return step_checked(m, B, tokens, pos, kpages, vpages, NULL, NULL, 0, tables, table_stride, block_size, logits,
+                        hidden, hidden_pre);
 }
 
 /* ernie_step_batch (float pages) storing each new K/V row as its int8 round trip: the values ernie_step_batch_q8
@@ -1918,7 +2174,8 @@ int ernie_step_batch(Model *m, int B, const int *tokens, const int *pos, void **
  * reference of the int8 cache, for tests and accuracy studies). */
 int ernie_step_batch_rt(Model *m, int B, const int *tokens, const int *pos, void **kpages, void **vpages,
                         const int32_t *tables, int table_stride, int block_size, float *logits) {
-    return step_checked(m, B, tokens, pos, kpages, vpages, NULL, NULL, 1, tables, table_stride, block_size, logits);
+    return step_checked(m, B, tokens, pos, kpages, vpages, NULL, NULL, 1, tables, table_stride, block_size, logits,
+                        NULL, 0);
 }
 
 /* ernie_step_batch over an int8 KV cache (see KV): kpages[l]/vpages[l] int8 (num_blocks, n_kv, block_size,
@@ -1930,7 +2187,7 @@ int ernie_step_batch_q8(Model *m, int B, const int *tokens, const int *pos, void
                         float *logits) {
     if (!kscales || !vscales) return -2;
     return step_checked(m, B, tokens, pos, kpages, vpages, kscales, vscales, 0, tables, table_stride, block_size,
-                        logits);
+                        logits, NULL, 0);
 }
 
 /* Feed `token` at position `pos` (= cache rows already filled), write K/V row `pos` of every layer into
@@ -1955,7 +2212,8 @@ int ernie_gemv(Model *m, const Linear *L, const float *x, float *y) {
  * zb = zero - 8 * scale per group, from L's scales and zeros in their own dtype). */
 int ernie_dequant(const Linear *L, int r0, int r1, float *out, int n_threads) {
     int n = L->in;
-    if (r0 < 0 || r1 > L->out || r0 > r1 || (L->kind == W_I4 && (L->group <= 0 || n % L->group || n % 2)))
+    if (r0 < 0 || r1 > L->out || r0 > r1 || (L->kind == W_I4 && (L->group <= 0 || n % L->group || n % 2)) ||
+        (L->kind == W_I8 && (L->group < 0 || (L->group && n % L->group))))
         return -2;
     if ((L->kind == W_I8 || L->kind == W_I4) && (!L->scale || (L->kind == W_I4 && !L->zero) || L->sdt & ~1))
         return -2;
@@ -1972,27 +2230,15 @@ int ernie_dequant(const Linear *L, int r0, int r1, float *out, int n_threads) {
         }
         case W_I8: {
             const int8_t *w = (const int8_t *)L->w + (size_t)r * n;
-            float s = sz_at(L->scale, r, L->sdt);
+            int g = L->group ? L->group : n > 0 ? n : 1, ng = n / g; /* group 0: one scale per row */
+            for (int gi = 0; gi < ng; gi++) {
+                float s = sz_at(L->scale, (size_t)r * ng + gi, L->sdt);
 #pragma omp simd
-            for (int k = 0; k < n; k++) o[k] = (float)w[k] * s;
+                for (int k = gi * g; k < (gi + 1) * g; k++) o[k] = (float)w[k] * s;
+            }
             break;
         }
-        default: {
-            const uint8_t *w = (const uint8_t *)L->w + (size_t)r * (n / 2);
-            int g = L->group, ng = n / g;
-            for (int gi = 0; gi < ng; gi++) {
-                size_t i = (size_t)r * ng + gi;
-                float s = sz_at(L->scale, i, L->sdt), z = zb_at(L, i);
-                const uint8_t *p = w + (size_t)gi * g / 2;
-                float *og = o + (size_t)gi * g;
-#pragma omp simd
-                for (int j = 0; j < g / 2; j++) { /* q * s, then + z: two roundings, as PyTorch's mul_ and add_ */
-                    float lo = (float)(p[j] & 15) * s, hi = (float)(p[j] >> 4) * s;
-                    og[2 * j] = lo + z;
-                    og[2 * j + 1] = hi + z;
-                }
-            }
-        }
+        default: dequant_i4_row(L, r, o);
         }
     }
     return 0;

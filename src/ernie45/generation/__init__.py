@@ -12,6 +12,7 @@ from ernie45.generation.generate import (
 )
 from ernie45.generation.prompt_cache import PromptCache
 from ernie45.generation.sampling import make_processors, make_sampler, make_warpers
+from ernie45.generation.speculative import Speculative
 from ernie45.generation.streaming import (
     IncrementalDetokenizer,
     StopStringFilter,
@@ -24,6 +25,7 @@ __all__ = [
     "GenerationConfig",
     "IncrementalDetokenizer",
     "PromptCache",
+    "Speculative",
     "Step",
     "StopStringFilter",
     "TextIteratorStreamer",

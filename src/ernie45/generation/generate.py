@@ -23,6 +23,7 @@ from ernie45.generation.config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from ernie45.generation.decode import decode_step, pad_token_id
 from ernie45.generation.prompt_cache import PromptCache
 from ernie45.generation.sampling import apply_all, make_processors, make_sampler
+from ernie45.generation.speculative import Speculative, resolve_speculative, speculative_decode
 from ernie45.generation.streaming import IncrementalDetokenizer, StopStringFilter, ends_with_stop_string
 from ernie45.generation.structured import Grammar, compile_grammar, mask_rows_
 
@@ -174,7 +175,13 @@ def _decode(
     output_logits: bool = False,
     prompt_cache: PromptCache | None = None,
     grammar: Grammar | None = None,
+    speculative: Speculative | None = None,
 ) -> Iterator[Step]:
+    if speculative is not None:  # one sequence, drafts verified k + 1 at a time (speculative.py)
+        for fields in speculative_decode(model, ids, cfg, max_new, min_new, speculative, tokenizer, generator,
+                                         output_scores, output_logits, prompt_cache):
+            yield Step(*fields)
+        return
     B, S = ids.shape
     dev = ids.device
     eos = cfg.eos_token_ids
@@ -322,6 +329,8 @@ def generate_step(
     output_logits: bool = False,
     prompt_cache: PromptCache | None = None,
     grammar: Grammar | str | None = None,
+    speculative: Speculative | str | None = None,
+    num_speculative_tokens: int | None = None,
     **kwargs: Any,
 ) -> Iterator[Step]:
     """Greedy / sampled decoding as an iterator of `Step`s: what the web UI and LangChain consume.
@@ -329,13 +338,14 @@ def generate_step(
     Takes the same generation keywords as `generate` (except beam search). Arguments are checked here,
     before the first step; closing the iterator early stops decoding. `prompt_cache`: a `PromptCache` whose
     cached prefix of the prompt (one sequence) is reused instead of prefilled again. `grammar`: structured
-    output (see `generate`).
+    output (see `generate`). `speculative` / `num_speculative_tokens`: see `generate`.
     """
     ids, mask, cfg, max_new, min_new = _start(
         model, input_ids, attention_mask, generation_config, tokenizer, kwargs
     )
     if cfg.num_beams > 1:
         raise ErnieError("generate_step decodes greedily or by sampling; use generate() for beam search")
+    spec = _speculative(model, speculative, num_speculative_tokens, ids, mask, cfg, grammar)
     ids, mask = _expand(ids, mask, cfg.num_return_sequences)
     return _decode(
         model,
@@ -350,7 +360,21 @@ def generate_step(
         output_logits,
         prompt_cache,
         _grammar(grammar, tokenizer, cfg),
+        spec,
     )
+
+
+def _speculative(model: Any, speculative: Any, k: int | None, ids: Tensor, mask: Tensor | None,
+                 cfg: GenerationConfig, grammar: Any = None) -> Speculative | None:
+    """The checked `speculative=` argument: one unpadded sequence, greedy or sampling, no grammar."""
+    spec = resolve_speculative(model, speculative, k)
+    if spec is not None and grammar is not None:
+        raise ErnieError("speculative decoding does not combine with grammar-constrained decoding")
+    if spec is not None and (ids.shape[0] != 1 or mask is not None or cfg.num_return_sequences != 1):
+        raise ErnieError("speculative decoding runs one sequence (batch 1, num_return_sequences=1)")
+    if spec is not None and cfg.num_beams > 1:
+        raise ErnieError("speculative decoding works with greedy and sampling, not beam search")
+    return spec
 
 
 def generate(
@@ -385,6 +409,8 @@ def generate(
     generation_config: GenerationConfig | None = None,
     prompt_cache: PromptCache | None = None,
     grammar: Grammar | str | None = None,
+    speculative: Speculative | str | None = None,
+    num_speculative_tokens: int | None = None,
 ) -> Tensor:
     """transformers-style `generate`: returns (B * num_return_sequences, prompt + new) token ids.
 
@@ -406,6 +432,10 @@ def generate(
         grammar: structured output: every row's continuation follows it and ends (EOS) when it is complete. A
             source from `ernie45.generation.structured` (`json_schema_grammar(schema)`, `regex_grammar`,
             `lark_grammar`) compiled with `tokenizer`, or a `compile_grammar` result. Not with beam search.
+        speculative: "mtp" (the checkpoint's MTP head) or "ngram" (prompt lookup), or a `Speculative` (whose
+            `drafted` / `accepted` counts grow with each call): draft `num_speculative_tokens` tokens and verify
+            them in one pass (docs/speculative.md). Greedy output is that of plain decoding; sampling keeps the
+            distribution. One sequence, no beams, no grammar.
     """
     params = dict(
         max_new_tokens=max_new_tokens,
@@ -434,6 +464,7 @@ def generate(
     )
     gen = make_generator(seed, generator, ids.device)
     compiled = _grammar(grammar, tokenizer, cfg)
+    spec = _speculative(model, speculative, num_speculative_tokens, ids, mask, cfg, compiled)
     if cfg.num_beams > 1:
         if streamer is not None:
             raise ErnieError("streaming is not supported with beam search (num_beams > 1)")
@@ -443,7 +474,8 @@ def generate(
         streamer.put(ids.cpu())
     out = ids
     steps = _decode(
-        model, ids, mask, cfg, max_new, min_new, tokenizer, gen, prompt_cache=prompt_cache, grammar=compiled
+        model, ids, mask, cfg, max_new, min_new, tokenizer, gen, prompt_cache=prompt_cache, grammar=compiled,
+        speculative=spec,
     )
     for step in steps:
         if streamer is not None:
@@ -465,6 +497,8 @@ def stream_generate(
     generation_config: GenerationConfig | None = None,
     prompt_cache: PromptCache | None = None,
     grammar: Grammar | str | None = None,
+    speculative: Speculative | str | None = None,
+    num_speculative_tokens: int | None = None,
     **kwargs: Any,
 ) -> Iterator[GenerationChunk]:
     """Stream one continuation of `prompt` (text, encoded without special tokens, or ids) as text chunks.
@@ -483,7 +517,8 @@ def stream_generate(
     eos = set(cfg.eos_token_ids)
     steps = generate_step(
         model, [ids], seed=seed, generator=generator, generation_config=cfg, stop_strings=[],
-        prompt_cache=prompt_cache, tokenizer=tokenizer, grammar=grammar,
+        prompt_cache=prompt_cache, tokenizer=tokenizer, grammar=grammar, speculative=speculative,
+        num_speculative_tokens=num_speculative_tokens,
     )
 
     def chunks() -> Iterator[GenerationChunk]:

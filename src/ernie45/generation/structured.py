@@ -147,7 +147,11 @@ def regex_grammar(pattern: str) -> str:
 
 
 def lark_grammar(text: str) -> str:
-    return _llg().grammar_from("grammar", text)  # Lark, or llama.cpp's GBNF (converted)
+    """A Lark grammar, or llama.cpp's GBNF (converted); ErnieError for text that is neither."""
+    try:
+        return _llg().grammar_from("grammar", text)
+    except ValueError as e:  # the GBNF converter's errors (a Lark grammar is checked when compiled)
+        raise ErnieError(f"invalid grammar: {e}") from None
 
 
 def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,9 @@ MODES = ("wint8", "wint4", "llm.int8", "nf4")
 QUANT_METHOD = "ernie45"
 FORMAT_VERSION = 1
 EMBED_TOKENS = "model.embed_tokens"  # the token embedding module (`quantize_embedding`)
-EMBEDDING_MODES = ("int8",)  # quantization_config["embedding"]; absent: the embedding is float
+OVERRIDE_MODES = ("wint8", "wint4")  # quantization_config["module_overrides"]: per-module modes (GGUF files)
+EMBEDDING_MODES = ("int8", "int4")  # quantization_config["embedding"]; absent: the embedding is float.
+# int4 (`Int4Embedding`, groups of `group_size`) comes from GGUF Q4_0 files only; the quantizer writes int8.
 
 __all__ = [
     "MODES",
@@ -205,9 +207,20 @@ def quantization_config(
     calibration: dict | None = None,
     outlier_columns: dict[str, int] | None = None,
     embedding: str | None = None,
+    int8_group_size: int = 0,
+    module_overrides: dict[str, dict] | None = None,
+    embedding_group_size: int = 0,
 ) -> dict:
     """The `quantization_config` entry of config.json that `prepare_for_load` reads back. `embedding`: "int8" for
-    an `Int8Embedding` token embedding (recorded as `"embedding": "int8"`; absent means float)."""
+    an `Int8Embedding` token embedding (recorded as `"embedding": "int8"`; absent means float), "int4" for an
+    `Int4Embedding` (a GGUF's Q4_0 token_embd; tied to the head where the head is int4 too). `embedding_group_size`
+    (int8): 32 records `"embedding_group_size": 32`, an `Int8Embedding` with a scale per 32 columns (a GGUF's Q8_0
+    token_embd; tied to the head where the head is int8 with the same groups).
+
+    `int8_group_size` (wint8): 32 records `"group_size": 32`, int8 with one scale per 32 columns (a GGUF's Q8_0
+    blocks); absent, as the quantizer writes it, one scale per row. `module_overrides`: {module name: {"mode":
+    "wint8" | "wint4", "group_size": ...}} for the Linears held otherwise than `mode` says (a GGUF file mixing Q8_0
+    with Q4_0 / Q4_K Linears); absent when none is."""
     qc: dict = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
@@ -218,6 +231,12 @@ def quantization_config(
         if embedding not in EMBEDDING_MODES:
             raise ErnieError(f"unknown embedding quantization {embedding!r}; expected one of {EMBEDDING_MODES}")
         qc["embedding"] = embedding
+        if embedding == "int8" and embedding_group_size:
+            qc["embedding_group_size"] = embedding_group_size
+    if module_overrides:
+        qc["module_overrides"] = {k: dict(v) for k, v in module_overrides.items()}
+    if mode == "wint8" and int8_group_size:
+        qc["group_size"] = int8_group_size
     if mode == "wint4":
         qc["group_size"] = group_size
     elif mode == "llm.int8":
@@ -248,6 +267,8 @@ def select_targets(
 
     not_convert = list(skip) + ([] if quantize_lm_head else ["lm_head"])
     targets = quantizable_linears(model, not_convert)
+    # the MTP layer (a draft head, ernie45.mtp) stays float, as loading attaches it after the quantized swap
+    targets = {n: m for n, m in targets.items() if not n.startswith("model.mtp_")}
     if quantize_embedding:
         check_embedding_option(mode, bool(model.config.tie_word_embeddings), "lm_head" in targets)
     if mode == "wint4":
@@ -290,7 +311,7 @@ def quantize_model(
         model: an `ErnieForCausalLM` (any dtype/device) that is not quantized yet.
         mode: "wint8" (int8 weights, per output channel), "wint4" (int4 weights, one scale per `group_size`
             input columns), "llm.int8" (int8 x int8 with float outlier columns) or "nf4" (bitsandbytes).
-        group_size: wint4: 64 or 128; None picks 128 when it divides every layer's width, else 64.
+        group_size: wint4: 32, 64 or 128; None picks 128 when it divides every layer's width, else 64.
         threshold: llm.int8 outlier threshold on |activation|.
         calib: llm.int8 only: a .jsonl / text file or a list of strings; outlier columns and activation clips
             then come from `calib_samples` samples (else outliers are found per batch, as bitsandbytes does).
@@ -408,11 +429,12 @@ def quantize_model(
 
 def prepare_for_load(model: nn.Module, quantization_config: dict) -> None:
     """Swap the Linears of an empty (meta-device) model for quantized ones shaped like the checkpoint's tensors
-    (and the token embedding for an `Int8Embedding` where `quantization_config["embedding"]` is "int8").
+    (and the token embedding for an `Int8Embedding` / `Int4Embedding` where `quantization_config["embedding"]` is
+    "int8" / "int4").
 
     Called by `ernie45.checkpoint.load_checkpoint` before `load_state_dict(..., assign=True)`.
     """
-    from ernie45.quant.linear import Int4Linear, Int8Embedding, Int8Linear, LLMInt8Linear
+    from ernie45.quant.linear import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, LLMInt8Linear
     from ernie45.quant.nf4 import nf4_linear_class
 
     qc = quantization_config
@@ -443,20 +465,42 @@ def prepare_for_load(model: nn.Module, quantization_config: dict) -> None:
         )
     if embedding is not None and mode == "nf4":
         raise ErnieError("config.json: an nf4 checkpoint cannot have a quantized embedding")
-    if embedding is not None and getattr(model.config, "tie_word_embeddings", False):
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    overrides = qc.get("module_overrides") or {}
+    if not isinstance(overrides, dict) or any(
+        not isinstance(o, dict) or o.get("mode") not in OVERRIDE_MODES for o in overrides.values()
+    ):
         raise ErnieError(
-            "config.json: an int8 embedding cannot be tied to the output head (tie_word_embeddings must be false)"
+            "config.json: quantization_config module_overrides must map module names to "
+            f"{{\"mode\": {' or '.join(map(repr, OVERRIDE_MODES))}, \"group_size\": ...}} (upgrade ernie45)"
         )
+    if overrides and mode not in OVERRIDE_MODES:
+        raise ErnieError(f"config.json: module_overrides need a wint8 or wint4 mode, not {mode}")
+    not_convert = qc.get("modules_to_not_convert", ["lm_head"])
+    head_mode, head_group = ((overrides["lm_head"]["mode"], overrides["lm_head"].get("group_size")) if "lm_head" in
+                             overrides else (mode, qc.get("group_size")))
+    head = None if _skipped("lm_head", not_convert) else head_mode
+    embedding_group = int(qc.get("embedding_group_size", 0))
+    if embedding == "int8" and tied and not (embedding_group and head == "wint8" and head_group == embedding_group):
+        raise ErnieError(
+            "config.json: an int8 embedding cannot be tied to the output head (tie_word_embeddings) unless it has "
+            "groups (embedding_group_size) and the head is int8 with the same groups"
+        )
+    if embedding == "int4" and (mode not in OVERRIDE_MODES or "group_size" not in qc
+                                or (tied and head != "wint4")):
+        raise ErnieError("config.json: an int4 embedding needs wint4 weights, and an int4 head where it is tied")
     dtype = model.dtype
     outliers = qc.get("outlier_columns") or {}
     nf4 = nf4_linear_class() if mode == "nf4" else None
-    for name, lin in quantizable_linears(model, qc.get("modules_to_not_convert", ["lm_head"])).items():
+    for name, lin in quantizable_linears(model, not_convert).items():
         args = (lin.in_features, lin.out_features, lin.bias is not None, dtype, "meta")
-        if mode == "wint8":
-            new = Int8Linear(*args)
-        elif mode == "wint4":
-            new = Int4Linear(*args, group_size=int(qc.get("group_size", 128)))
-        elif mode == "llm.int8":
+        o = overrides.get(name)
+        how, group = (o["mode"], o.get("group_size")) if o else (mode, qc.get("group_size"))
+        if how == "wint8":
+            new = Int8Linear(*args, group_size=int(group or 0))
+        elif how == "wint4":
+            new = Int4Linear(*args, group_size=int(group or 128))
+        elif how == "llm.int8":
             new = LLMInt8Linear(
                 *args, threshold=float(qc.get("threshold", 6.0)), n_outliers=int(outliers.get(name, 0))
             )
@@ -465,8 +509,7 @@ def prepare_for_load(model: nn.Module, quantization_config: dict) -> None:
         _swap(model, name, new)
     if embedding is not None:
         old = model.get_submodule(EMBED_TOKENS)
-        _swap(
-            model,
-            EMBED_TOKENS,
-            Int8Embedding(old.num_embeddings, old.embedding_dim, dtype, "meta", getattr(old, "padding_idx", None)),
-        )
+        args = (old.num_embeddings, old.embedding_dim, dtype, "meta", getattr(old, "padding_idx", None))
+        new = (Int8Embedding(*args, group_size=embedding_group) if embedding == "int8"
+               else Int4Embedding(*args, group_size=int(qc.get("group_size", 128))))
+        _swap(model, EMBED_TOKENS, new)

@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-size",
         type=int,
         default=None,
-        help="wint4: input columns per scale, 64 or 128 (default: 128 if it divides every width)",
+        help="wint4: input columns per scale, 32, 64 or 128 (default: 128 if it divides every width)",
     )
     p.add_argument(
         "--calib",

@@ -313,6 +313,34 @@ def int8_weight_mm(x2: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     return y.mul_(scale.to(dtype)).to(x2.dtype)
 
 
+def dequantize_int8(weight: Tensor, scale: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
+    """(N, K) int8 with scale (N,) (group_size 0) or (N, K/g) -> (N, K) weights: w = q * scale in fp32, rounded
+    once to `dtype` (the C kernel `ernie_dequant` computes the same products)."""
+    if not group_size:
+        return (weight.float() * scale.float()[:, None]).to(dtype)
+    n, k = weight.shape
+    w = weight.view(n, k // group_size, group_size).float().mul_(scale.float()[..., None])
+    return w.view(n, k).to(dtype)
+
+
+def int8_group_mm(x2: Tensor, weight: Tensor, scale: Tensor, group_size: int) -> Tensor:
+    """(M, K) float x (N, K) int8 with a scale per group of `group_size` columns (N, K/g) -> (M, N) in x's dtype:
+    dequantised tiles (`_weight_int8pack_mm` takes one scale per row only). q * scale is rarely a bf16 value, so
+    decoding rows (up to INT8PACK_MAX_ROWS, where per-row int8 runs int8pack on the exact weights) multiply fp32
+    tiles; more rows multiply in `matmul_dtype`, rounding the weights once."""
+    if wants_autograd(x2):
+        return F.linear(x2, dequantize_int8(weight, scale, group_size, x2.dtype))
+    dtype = matmul_dtype(x2) if x2.shape[0] > INT8PACK_MAX_ROWS else torch.float32
+    n, k = weight.shape
+
+    def weight_rows(i: int, j: int) -> Tensor:
+        return dequantize_int8(weight[i:j], scale[i:j], group_size, dtype)
+
+    if x2.device.type == "cpu":  # the same values in one pass of the C kernel
+        weight_rows = _c_rows(dequant_rows(W_I8, weight, n, k, scale, None, group_size), dtype) or weight_rows
+    return tiled_mm(x2, n, weight_rows, dtype).to(x2.dtype)
+
+
 def int4_weight_mm(
     x2: Tensor,
     packed: Tensor,

@@ -1,6 +1,7 @@
 """Quantized Linear modules and the tensor quantizers behind them.
 
-- `Int8Linear` (wint8): weight-only int8, one scale per output channel.
+- `Int8Linear` (wint8): weight-only int8, one scale per output channel, or per group of 32 input columns (a GGUF
+  file's Q8_0 blocks, loaded as they are).
 - `Int4Linear` (wint4): weight-only int4, asymmetric, one scale and zero per group of 64/128 input columns (32:
   a GGUF file's Q4_0 blocks, loaded as they are), two values per byte.
 - `LLMInt8Linear` (llm.int8): LLM.int8() (Dettmers et al., 2022): int8 weights times per-token int8
@@ -28,8 +29,8 @@ from torch import Tensor, nn
 from ernie45.errors import ErnieError
 from ernie45.quant import kernels
 
-GROUP_SIZES = (64, 128)  # what the quantizer writes
-HELD_GROUP_SIZES = (32, *GROUP_SIZES)  # what an Int4Linear holds: GGUF Q4_0 blocks are 32 columns (`ernie45.gguf_load`)
+GROUP_SIZES = (32, 64, 128)  # 32: GGUF Q4_0's blocks (`ernie45.gguf_load` maps them without requantizing)
+INT8_GROUP_SIZES = (32,)  # grouped int8: GGUF Q8_0's blocks (the quantizer writes one scale per row)
 # Shrinking a group's range trades clipping of its extremes for finer steps; per group we keep the ratio with
 # the smallest squared error (the clip search of AWQ / llama.cpp's k-quants, in its simplest form).
 INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
@@ -254,7 +255,10 @@ class QuantLinear(nn.Module):
 
 
 class Int8Linear(QuantLinear):
-    """Weight-only int8 with per-output-channel scales; activations stay in the model's dtype."""
+    """Weight-only int8; activations stay in the model's dtype. `group_size` 0: one scale per output row
+    (`weight_scale` (out,), what the quantizer writes); 32: one per group of 32 input columns (`weight_scale`
+    (out, in/32): GGUF Q8_0's blocks, w = q * d). Grouped weights multiply as dequantised tiles on PyTorch's path
+    (`_weight_int8pack_mm` takes one scale per row) and with exact int32 sums per group in the C decode step."""
 
     mode = "wint8"
 
@@ -265,27 +269,38 @@ class Int8Linear(QuantLinear):
         bias: bool = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        group_size: int | None = 0,
     ):
+        group_size = int(group_size or 0)
+        if group_size:
+            check_group_size(group_size, in_features, allowed=INT8_GROUP_SIZES)
         super().__init__(in_features, out_features, bias, dtype, device)
+        self.group_size = group_size
         self.register_buffer(
             "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
         )
-        self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
+        shape = (out_features, in_features // group_size) if group_size else (out_features,)
+        self.register_buffer("weight_scale", torch.empty(shape, dtype=dtype, device=device))
 
     @classmethod
     def from_float(
-        cls, linear: nn.Linear, dtype: torch.dtype | None = None, *, stats: dict | None = None
+        cls, linear: nn.Linear, dtype: torch.dtype | None = None, *, stats: dict | None = None, group_size: int = 0
     ) -> Int8Linear:
-        """`stats`: filled with the weight error, see `quantize_int8_per_channel`."""
+        """`stats`: filled with the weight error, see `quantize_int8_per_channel`. `group_size` 32: absmax per
+        group of 32 columns (each group quantized as a row of its own)."""
         dtype = dtype or linear.weight.dtype
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, device="meta")
-        m.weight, m.weight_scale = quantize_int8_per_channel(linear.weight, dtype, stats=stats)
+        n, k = linear.out_features, linear.in_features
+        m = cls(k, n, linear.bias is not None, dtype, device="meta", group_size=group_size)
+        if m.group_size:
+            q, s = quantize_int8_per_channel(linear.weight.detach().reshape(-1, m.group_size), dtype, stats=stats)
+            m.weight, m.weight_scale = q.view(n, k), s.view(n, k // m.group_size)
+        else:
+            m.weight, m.weight_scale = quantize_int8_per_channel(linear.weight, dtype, stats=stats)
         m._set_bias(linear, dtype)
         return m
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        dtype = dtype or self.compute_dtype
-        return (self.weight.float() * self.weight_scale.float()[:, None]).to(dtype)
+        return kernels.dequantize_int8(self.weight, self.weight_scale, self.group_size, dtype or self.compute_dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -296,7 +311,12 @@ class Int8Linear(QuantLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.group_size:
+            return self._output(kernels.int8_group_mm(x2, self.weight, self.weight_scale, self.group_size), x)
         return self._output(kernels.int8_weight_mm(x2, self.weight, self.weight_scale), x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", group_size={self.group_size}" if self.group_size else "")
 
 
 class Int4Linear(QuantLinear):
@@ -318,7 +338,7 @@ class Int4Linear(QuantLinear):
         device: torch.device | str | None = None,
         group_size: int = 128,
     ):
-        check_group_size(group_size, in_features, allowed=HELD_GROUP_SIZES)
+        check_group_size(group_size, in_features, allowed=GROUP_SIZES)
         super().__init__(in_features, out_features, bias, dtype, device)
         self.group_size = group_size
         groups = in_features // group_size
@@ -539,10 +559,13 @@ class LLMInt8Linear(QuantLinear):
 class Int8Embedding(nn.Module):
     """A frozen token embedding held in int8, one scale per vocabulary row (symmetric absmax: the quantizer of
     wint8's `Int8Linear`, `quantize_int8_per_channel`): V x H bytes plus V scales instead of 2 V x H in bf16.
+    `group_size` 32: one scale per 32 columns (`weight_scale` (V, H/32)), as a GGUF's Q8_0 token_embd, filled by
+    `ernie45.gguf_load` without requantizing; a head tied to it is an `Int8Linear` of the same groups over the same
+    tensors (`tie_head`).
 
-    Row v is `weight[v] * weight_scale[v]`, computed in fp32 and rounded once to the model dtype (the dtype of
-    `weight_scale`); the C decode step (`ernie45/csrc/decode.c`) reproduces it bit for bit. Inference only (no
-    gradient reaches it). `ernie45.quant.quantize_model(..., quantize_embedding=True)` swaps it in.
+    Row v is `weight[v] * weight_scale[v]` (per group), computed in fp32 and rounded once to the model dtype (the
+    dtype of `weight_scale`); the C decode step (`ernie45/csrc/decode.c`) reproduces it bit for bit. Inference only
+    (no gradient reaches it). `ernie45.quant.quantize_model(..., quantize_embedding=True)` swaps it in.
     """
 
     mode = "int8"
@@ -554,13 +577,19 @@ class Int8Embedding(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         padding_idx: int | None = None,
+        group_size: int | None = 0,
     ):
         super().__init__()
+        group_size = int(group_size or 0)
+        if group_size:
+            check_group_size(group_size, embedding_dim, "token embedding", allowed=INT8_GROUP_SIZES)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.group_size = group_size
         self.register_buffer(
             "weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device)
         )
-        self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=dtype, device=device))
+        shape = (num_embeddings, embedding_dim // group_size) if group_size else (num_embeddings,)
+        self.register_buffer("weight_scale", torch.empty(shape, dtype=dtype, device=device))
 
     @classmethod
     def from_float(
@@ -577,16 +606,75 @@ class Int8Embedding(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.weight_scale.dtype
 
+    def tie_head(self, head: Int8Linear) -> None:
+        """Make the output head (an Int8Linear of the same groups) compute with this table's tensors."""
+        if type(head) is not Int8Linear or not self.group_size or head.group_size != self.group_size:
+            raise ErnieError("an int8 embedding can only be tied to an int8 head, both with groups of "
+                             f"{self.group_size or 32} columns")
+        head.weight, head.weight_scale = self.weight, self.weight_scale
+
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The (num_embeddings, embedding_dim) float table this module looks rows up in."""
-        dtype = dtype or self.compute_dtype
-        return (self.weight.float() * self.weight_scale.float()[:, None]).to(dtype)
+        return kernels.dequantize_int8(self.weight, self.weight_scale, self.group_size, dtype or self.compute_dtype)
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
-        q = self.weight.index_select(0, flat).float()  # (T, H)
-        s = self.weight_scale.index_select(0, flat).float()
-        return (q * s[:, None]).to(self.compute_dtype).view(*ids.shape, self.embedding_dim)
+        rows = kernels.dequantize_int8(self.weight.index_select(0, flat), self.weight_scale.index_select(0, flat),
+                                       self.group_size, self.compute_dtype)  # (T, H)
+        return rows.view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
+        how = f"int8 groups of {self.group_size}" if self.group_size else "int8 per row"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {how}"
+
+
+class Int4Embedding(nn.Module):
+    """A frozen token embedding held as wint4 groups (Int4Linear's row-major layout: nibbles, a scale and a zero per
+    group of columns), as llama.cpp's Q4_0 files hold `token_embd`: `ernie45.gguf_load` fills it without
+    requantizing (V x H / 2 bytes instead of 2 V x H in bf16). Where the embedding is tied to the output head, the
+    head is an `Int4Linear` over the same three tensors (`ErnieForCausalLM.tie_weights`): one copy serves both.
+
+    Row v is `Int4Linear.dequantize()`'s row v (w = (q - 8) * scale + zero, in fp32), rounded once to the model dtype
+    (the dtype of `weight_scale`); the C decode step reproduces it bit for bit. Inference only.
+    """
+
+    mode = "int4"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, padding_idx: int | None = None, group_size: int = 32):
+        super().__init__()
+        check_group_size(group_size, embedding_dim, "token embedding")
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.group_size = group_size
+        groups = embedding_dim // group_size
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim // 2, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, groups, dtype=dtype, device=device))
+        self.register_buffer("weight_zero", torch.empty(num_embeddings, groups, dtype=dtype, device=device))
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.weight_scale.dtype
+
+    def tie_head(self, head: Int4Linear) -> None:
+        """Make the output head (an Int4Linear of the same group size) compute with this table's tensors; it stays
+        row-major, since PyTorch's int4 kernel layout would be a second copy."""
+        if type(head) is not Int4Linear or head.group_size != self.group_size:
+            raise ErnieError(f"an int4 embedding can only be tied to an int4 head of group {self.group_size}")
+        head.weight, head.weight_scale, head.weight_zero = self.weight, self.weight_scale, self.weight_zero
+        head.keep_rowmajor = True
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The (num_embeddings, embedding_dim) float table this module looks rows up in."""
+        return kernels.dequantize_int4(self.weight, self.weight_scale, self.weight_zero, self.group_size,
+                                       kernels.ROWMAJOR_INT4_LAYOUT, dtype or self.compute_dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        rows = kernels.dequantize_int4(self.weight.index_select(0, flat), self.weight_scale.index_select(0, flat),
+                                       self.weight_zero.index_select(0, flat), self.group_size,
+                                       kernels.ROWMAJOR_INT4_LAYOUT, self.compute_dtype)  # (T, H)
+        return rows.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int4 groups of {self.group_size}"

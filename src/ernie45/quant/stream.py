@@ -72,7 +72,7 @@ class StreamQuantizer:
         reader: an open `ernie45.checkpoint_read.CheckpointReader` on the float checkpoint (kept open while in use).
         config: that checkpoint's `ErnieConfig` (not quantized).
         mode: "wint8", "wint4" or "llm.int8" (uncalibrated: outlier columns are found per batch at run time).
-        group_size: wint4: 64 or 128; None picks 128 when it divides every quantized width, else 64.
+        group_size: wint4: 32, 64 or 128; None picks 128 when it divides every quantized width, else 64.
         quantize_lm_head: also quantize the output head; a head tied to the embeddings is quantized from
             `model.embed_tokens.weight` and the output config unties it (the embeddings stay float).
         quantize_embedding: also write the token embedding in int8, one scale per row (`Int8Embedding`:
@@ -165,6 +165,7 @@ class StreamQuantizer:
 
         model.config = self.config  # untied where the head is quantized: what prepare_for_load checks
         prepare_for_load(model, self.quantization_config)  # quantized modules on meta: names, dtypes, shapes
+        self._carry_mtp(model, reader)
         self.specs = []
         self.source_params: dict[str, int] = {}
         for name, ref in model.state_dict().items():
@@ -202,6 +203,19 @@ class StreamQuantizer:
         self._bytes_before = self._bytes_after = 0
         self._embedding_report: LayerReport | None = None
         self._embedding_bytes = (0, 0)
+
+    def _carry_mtp(self, model, reader) -> None:
+        """The MTP layer (`ernie45.mtp`, a draft head) is carried over in float, after the quantized swap, as
+        loading attaches it; the reader then serves its tensors like any other float tensor."""
+        from ernie45.mtp import plan_mtp
+
+        plan, fix = plan_mtp(model, reader.mtp_entries, self.dtype, reader.path)
+        if fix:
+            raise ErnieError(f"{reader.path}: quantizing a checkpoint whose mtp_linear_proj is stored transposed is "
+                             "not supported; load and save it with ernie45 first")
+        if plan:
+            reader.keep_mtp()
+            self._plan.update(plan)
 
     # ---- output -------------------------------------------------------------------------------------
     # A unit is what one read produces: a quantized Linear (all its output tensors) or one float tensor.

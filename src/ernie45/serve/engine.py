@@ -108,6 +108,11 @@ class Engine(Scheduler):
         self._rng = torch.Generator(device=self.device)
         self._rng.seed()
         self._threads = torch.get_num_threads()  # OpenMP's thread count is per thread: carried over in _run
+        self._spec = None
+        if args.speculative is not None:
+            from ernie45.generation.speculative import Speculative
+
+            self._spec = Speculative(args.speculative, args.num_speculative_tokens)
         self._thread = threading.Thread(target=self._run, name="ernie45-engine", daemon=True)
         log.info(
             "KV cache: %d blocks of %d positions (%d positions, %.1f MiB at most, %s), prefix caching %s, "
@@ -245,6 +250,8 @@ class Engine(Scheduler):
             self._prefill(alone)
             self._flush()  # first tokens go out before the decode step (time to first token)
         decoding = [s for s in decoding if s.admitted]  # a prefill may have finished one (max_tokens)
+        if len(decoding) == 1 and not chunks and self._spec is not None and self._speculate(decoding[0]):
+            return  # batch 1 is where drafts pay: with more sequences the step already shares the weight reads
         if decoding or rows:
             self._decode(decoding, rows)
 
@@ -373,6 +380,57 @@ class Engine(Scheduler):
             last.append(at - 1)
         if chunks:
             self._first_tokens([s for s, _ in chunks], logits[last])
+
+    def _speculate(self, s: Seq) -> bool:
+        """A speculative step for the one decoding sequence: prompt-lookup drafts d_1..d_k, scored with its last
+        token in one pass (C: k + 1 rows of the decode step on the sequence's own block table; PyTorch: a
+        prefill chunk whose every row's logits are kept), then tokens sampled row by row as plain steps would,
+        keeping rows while the sampled token equals the draft. Keeping a one-hot draft d when the draw from p is
+        d is the rejection rule for one-hot drafts (accept with p(d), else a draw from p without d), so greedy
+        answers are those of plain decoding and sampled ones keep their distribution. False when there is
+        nothing to draft (the caller runs a plain step)."""
+        from ernie45.generation.speculative import ngram_drafts
+
+        spec, p, bs = self._spec, s.params, self.args.block_size
+        room = min(p.max_tokens - len(s.output), self.args.max_model_len - len(s.tokens)) - 1
+        k = min(spec.num_speculative_tokens, room)
+        if k < 1:
+            return False
+        drafts = ngram_drafts(s.tokens, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        while drafts and len(s.blocks) <= (s.computed + len(drafts)) // bs:  # blocks for the draft positions
+            got = self.blocks.allocate(1)
+            if got is None:  # no spare block: draft only what fits, never preempt for it
+                drafts = drafts[: len(s.blocks) * bs - 1 - s.computed]
+                break
+            s.blocks += got
+        if not drafts:
+            return False
+        toks = [s.output[-1], *drafts]
+        n = len(toks)
+        if self.runner.native:  # rows of one sequence: the step stores every row's K/V before any row attends
+            logits = self.runner.decode(toks, list(range(s.computed, s.computed + n)), [s.blocks] * n)
+        else:
+            self.runner.prefill([toks], [s.computed], [s.blocks])
+            logits = self.runner.prompt_logits(0, 0, n)  # (n, V): every row, not just the last
+        s.computed += 1  # the last token's keys/values
+        self._register_blocks(s)
+        accepted = 0
+        for i in range(n):
+            self._advance([s], logits[i : i + 1])
+            if not s.admitted or i == n - 1 or s.output[-1] != drafts[i]:
+                break
+            accepted += 1
+            s.computed += 1  # draft i is what the sequence holds there: its keys/values stay
+            self._register_blocks(s)
+        self.metrics.spec_drafts.inc()
+        self.metrics.spec_draft_tokens.inc(len(drafts))
+        self.metrics.spec_accepted_tokens.inc(accepted)
+        for i in range(accepted):
+            self.metrics.spec_accepted_per_pos.labels(str(i)).inc()
+        spec.drafted += len(drafts)
+        spec.accepted += accepted
+        spec.steps += 1
+        return True
 
     # ---- sampling and token emission ------------------------------------------------------------------
     def _advance(self, seqs: list[Seq], logits: Tensor) -> None:

@@ -115,6 +115,22 @@ class ServerMetrics:
         self.queue_time = Histogram(
             "ernie45_request_queue_time_seconds", "Arrival to prefill", buckets=_LATENCY_BUCKETS, registry=r
         )
+        # vLLM's spec-decode counters: verification passes with drafts, draft tokens scored, drafts accepted
+        self.spec_drafts = Counter(
+            "ernie45_spec_decode_num_drafts", "Speculative verification passes (one per draft run)", registry=r
+        )
+        self.spec_draft_tokens = Counter(
+            "ernie45_spec_decode_num_draft_tokens", "Draft tokens scored by the target model", registry=r
+        )
+        self.spec_accepted_tokens = Counter(
+            "ernie45_spec_decode_num_accepted_tokens", "Draft tokens the target model accepted", registry=r
+        )
+        self.spec_accepted_per_pos = Counter(
+            "ernie45_spec_decode_num_accepted_tokens_per_pos",
+            "Accepted drafts by their position in the draft (0 = the first)",
+            ["position"],
+            registry=r,
+        )
         self.http = Counter(
             "ernie45_http_requests",
             "HTTP requests by route and status",

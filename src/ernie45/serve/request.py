@@ -38,6 +38,8 @@ class EngineArgs:
     kv_cache_memory: int | None = None
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # auto (the model dtype) or int8 (per-row scales: half of bf16's memory)
+    speculative: str | None = None  # "ngram": prompt-lookup drafts while one sequence decodes (Engine._speculate)
+    num_speculative_tokens: int | None = None
 
 
 # Temperatures below this decode greedily (vLLM's rule): dividing logits by 1e-45 makes them inf and the draw NaN.

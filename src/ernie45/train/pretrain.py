@@ -50,6 +50,8 @@ class PretrainArgs(core.RunArgs):
     eval_batches: int = 20
     save_every: int = 200
     log: str = "jsonl"
+    mtp: str | None = None  # "head" (train the MTP layer on the frozen model) or "joint"; ernie45.mtp.mtp_loss
+    mtp_weight: float = 0.3
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -242,6 +244,15 @@ def pretrain(a: PretrainArgs) -> dict[str, Any]:
             model = build_model(resolve_config(a.config, tokenizer), torch.float32, device)
             model.init_weights(std=0.02, seed=a.seed)
     model.requires_grad_(True)
+    if a.mtp:
+        from ernie45.mtp import has_mtp, init_mtp, mtp_parameters_of
+
+        if not has_mtp(model):
+            init_mtp(model, seed=a.seed)
+        if a.mtp in ("head", "distill"):  # only the MTP layer trains (the optimizer takes those that need grads)
+            model.requires_grad_(False)
+            for p in mtp_parameters_of(model):
+                p.requires_grad_(True)
     model.train()
     vocab = model.config.vocab_size
     for ds in train.datasets:
@@ -279,7 +290,12 @@ def pretrain(a: PretrainArgs) -> dict[str, Any]:
                 mine = batch[d.rank * local : (d.rank + 1) * local]
                 ids, labels = make_batch(mine, device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = model(ids, labels=labels).loss
+                    if a.mtp:
+                        from ernie45.mtp import mtp_loss
+
+                        loss = mtp_loss(model, ids, labels, a.mtp, a.mtp_weight)
+                    else:
+                        loss = model(ids, labels=labels).loss
                 # Weight this rank's mean by its share of the micro-batch's targets, so that the average over
                 # ranks is the global token mean even when a padded sample makes the shares unequal.
                 share = _targets(mine) * d.world / max(_targets(batch), 1)
@@ -385,6 +401,12 @@ def _validate(a: PretrainArgs) -> None:
         raise ErnieError(f"--log must be jsonl or tensorboard, got {a.log!r}")
     if a.init_from is not None and not os.path.isdir(a.init_from):
         raise ErnieError(f"--model: checkpoint directory not found: {a.init_from}")
+    if a.mtp not in (None, "head", "distill", "joint"):
+        raise ErnieError(f"--mtp must be head, distill or joint, got {a.mtp!r}")
+    if a.mtp in ("head", "distill") and a.init_from is None and not a.resume:
+        raise ErnieError(f"--mtp {a.mtp} trains the MTP layer of a trained model: give --model DIR")
+    if not a.mtp_weight > 0:
+        raise ErnieError("--mtp-weight must be positive")
 
 
 # ---- CLI --------------------------------------------------------------------------------------------
@@ -427,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
     p.add_argument("--log", choices=("jsonl", "tensorboard"), default="jsonl")
+    p.add_argument("--mtp", default=None, metavar="MODE",
+                   help="train a multi-token-prediction layer (the draft head of --speculative mtp; added when the "
+                   "model has none): head = only the layer, on the frozen --model, against the data; distill = the "
+                   "same against the model's own next-token distribution (what drafts must match); joint = with the "
+                   "model, loss + --mtp-weight x MTP loss")
+    p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the MTP loss with --mtp joint")
     core.add_run_args(p)
     return p
 

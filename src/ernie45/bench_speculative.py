@@ -1,0 +1,287 @@
+"""`ernie45 bench --speculative mtp,ngram`: what speculative decoding buys at batch 1, measured as its two factors.
+
+Speedup = (1 + accepted drafts per pass) / (cost of a pass relative to a plain step). The two factors are real in
+different places, so each is measured where it is:
+- cost: on the bench shapes (0.3b, moe, a3b; random weights, `optimize_for_inference`), the time to score the
+  current token plus k drafts in one pass (the C step's rows of one sequence, else the PyTorch forward) against one
+  plain decode step, at a `--prompt-len` context; for mtp plus k runs of the MTP layer (one decoder layer and
+  lm_head, PyTorch) per pass;
+- acceptance: on the bundled models (too small to be bandwidth-bound, but trained on real text): greedy decoding of
+  held-out poem prompts, mtp on ernie-tiny-moe (its MTP head) and ngram on ernie-tiny with a repeat-this-text
+  prompt, as accepted drafts per pass.
+The projected speedup combines them; the measured one is decode tokens/s with and without speculation on the same
+rows (bundled models for acceptance, bench shapes for ngram, whose random weights repeat themselves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+from ernie45.errors import ErnieError
+
+METHODS = ("mtp", "ngram")
+# held-out lines (not in the bundled models' training poems) and a repeat-this-text prompt for prompt lookup
+HELD_OUT = [
+    "秋风吹渭水，落叶满长安。",
+    "海上生明月，天涯共此时。",
+    "野旷天低树，江清月近人。",
+    "大漠孤烟直，长河落日圆。",
+]
+REPEAT = "请照抄下面的诗：\n海上生明月，天涯共此时。情人怨遥夜，竟夕起相思。\n照抄：\n海上生明月，"
+
+
+def _interleaved_medians(fns: dict, n: int) -> dict[str, float]:
+    """Median seconds of each function over n rounds, the functions taking turns in every round (so drift of a
+    shared machine's bandwidth hits them alike); one warm-up call each first."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(n):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def cost_rows(shape: str, dtype: str, ks: list[int], prompt_len: int, steps: int, workdir: str) -> list[dict]:
+    """Seconds of a plain step and of a (k + 1)-position pass on a bench shape, and of one MTP-layer run."""
+    import torch
+
+    from ernie45.bench import _ACT, _TORCH_DTYPE
+    from ernie45.bench_checkpoints import make_checkpoint
+    from ernie45.checkpoint import load_checkpoint
+    from ernie45.fast import optimize_for_inference
+    from ernie45.generation.speculative import score
+    from ernie45.mtp import MTPHead, attach_mtp
+
+    ckpt = make_checkpoint(shape, workdir)
+    model = load_checkpoint(ckpt, dtype=getattr(torch, _TORCH_DTYPE[dtype]), device="cpu")
+    optimize_for_inference(model)
+    path = "C" if getattr(model, "fast_decoder", None) is not None else "PyTorch"
+    V, K = model.config.vocab_size, max(ks)
+    g = torch.Generator().manual_seed(0)
+    cache = model.new_cache(1, prompt_len + K + 2)
+    model.config.extra["num_nextn_predict_layers"] = 1
+    attach_mtp(model)  # a random head: its cost, not its guesses
+    head = MTPHead(model)
+    mcache = head.new_cache(prompt_len + 2)
+    hidden = torch.randn(1, 1, model.config.hidden_size, dtype=model.dtype)
+    with torch.inference_mode():
+        model(torch.randint(0, V, (1, prompt_len), generator=g), cache=cache)
+        toks = torch.randint(0, V, (K + 1,), generator=g).tolist()
+        tok = torch.tensor([[toks[0]]])
+
+        def run(n, need_hidden=False):  # need_hidden: the pass mtp runs today, the PyTorch forward
+            cache.length = prompt_len
+            score(model, toks[:n], cache, need_hidden=need_hidden)
+
+        def draft():
+            mcache.length = prompt_len
+            head(tok, hidden, mcache)
+
+        fns = {"step": lambda: run(1), "draft": draft}
+        for k in ks:
+            fns[f"c{k}"] = lambda k=k: run(k + 1)
+            fns[f"t{k}"] = lambda k=k: run(k + 1, True)
+        med = _interleaved_medians(fns, steps)
+    step, draft_s = med["step"], med["draft"]
+    verify = {k: med[f"c{k}"] for k in ks}
+    verify_torch = {k: med[f"t{k}"] for k in ks}
+    act = _ACT.get(_TORCH_DTYPE[dtype], dtype)
+    return [dict(kind="cost", shape=shape, dtype=act, path=path, k=k, step_ms=step * 1e3,
+                 verify_ms=verify[k] * 1e3, verify_torch_ms=verify_torch[k] * 1e3, draft_ms=draft_s * 1e3,
+                 verify_cost=verify[k] / step, mtp_cost=(verify[k] + k * draft_s) / step,
+                 mtp_cost_now=(verify_torch[k] + k * draft_s) / step) for k in ks]
+
+
+def _decode_rate(model, ids, gen_len: int, spec) -> tuple[float, Any]:
+    """Decode tokens/s of one greedy run (after the first token) and its token ids."""
+    from ernie45.generation import generate_step
+
+    stamps, out = [], []
+    for step in generate_step(model, ids, max_new_tokens=gen_len, do_sample=False, eos_token_id=[],
+                              repetition_penalty=1.0, speculative=spec):
+        stamps.append(time.perf_counter())
+        out.append(step.tokens[0])
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), out
+
+
+def acceptance_rows(methods: list[str], ks: list[int], gen_len: int, runs: int) -> list[dict]:
+    """Accepted drafts per pass and measured speedup on the bundled models (greedy, held-out prompts)."""
+    import torch
+
+    from ernie45 import load
+    from ernie45.fast import optimize_for_inference
+    from ernie45.generation.speculative import Speculative
+    from ernie45.mtp import has_mtp
+
+    rows = []
+    for method in methods:
+        name = "ernie-tiny-moe" if method == "mtp" else "ernie-tiny"
+        model, tok = load(name, dtype="float32", device="cpu")
+        if method == "mtp" and not has_mtp(model):
+            print(f"note: {name} has no MTP head here: no mtp acceptance rows", file=sys.stderr)
+            continue
+        optimize_for_inference(model)
+        prompts = HELD_OUT if method == "mtp" else [REPEAT]
+        for k in ks:
+            plain, fast, acc, drafted, passes = [], [], 0, 0, 0
+            for _r in range(runs):
+                for text in prompts:
+                    ids = torch.tensor([tok.encode(text)])
+                    rate0, want = _decode_rate(model, ids, gen_len, None)
+                    sp = Speculative(method, k)
+                    rate1, got = _decode_rate(model, ids, gen_len, sp)
+                    if got != want:
+                        raise ErnieError(f"speculative {method} changed the greedy tokens of {name}")
+                    plain.append(rate0)
+                    fast.append(rate1)
+                    acc, drafted, passes = acc + sp.accepted, drafted + sp.drafted, passes + sp.steps
+            rows.append(dict(kind="acceptance", method=method, model=name, k=k, accepted=acc, drafted=drafted,
+                             passes=passes, per_pass=acc / max(passes, 1), rate=acc / max(drafted, 1),
+                             plain_tok_s=statistics.median(plain), spec_tok_s=statistics.median(fast)))
+    return rows
+
+
+def measured_rows(shape: str, dtype: str, ks: list[int], gen_len: int, workdir: str) -> list[dict]:
+    """ngram on a bench shape: decode tokens/s with and without it (random weights repeat themselves)."""
+    import torch
+
+    from ernie45.bench import _ACT, _TORCH_DTYPE
+    from ernie45.bench_checkpoints import make_checkpoint
+    from ernie45.checkpoint import load_checkpoint
+    from ernie45.fast import optimize_for_inference
+    from ernie45.generation.speculative import Speculative
+
+    model = load_checkpoint(make_checkpoint(shape, workdir), dtype=getattr(torch, _TORCH_DTYPE[dtype]), device="cpu")
+    optimize_for_inference(model)
+    g = torch.Generator().manual_seed(0)
+    part = torch.randint(3, model.config.vocab_size, (1, 48), generator=g)
+    ids = torch.cat([part, part], 1)
+    rate0, want = _decode_rate(model, ids, gen_len, None)
+    rows = []
+    for k in ks:
+        sp = Speculative("ngram", k)
+        rate1, got = _decode_rate(model, ids, gen_len, sp)
+        if got != want:
+            raise ErnieError(f"speculative ngram changed the greedy tokens of the {shape} shape")
+        rows.append(dict(kind="measured", shape=shape, dtype=_ACT.get(_TORCH_DTYPE[dtype], dtype), k=k,
+                         per_pass=sp.accepted / max(sp.steps, 1), plain_tok_s=rate0, spec_tok_s=rate1))
+    return rows
+
+
+def to_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Speculative decoding at batch 1 ({meta['cpu']}, {meta['threads']} threads, {meta['date']})", "",
+             f"`{meta['command']}`", "",
+             "Speedup = (1 + accepted drafts per pass) / cost, cost = one pass over the current token and k drafts "
+             "(mtp: plus k MTP-layer runs) relative to one plain decode step. Noisy on a shared machine.", "",
+             "## Cost of a pass (bench shapes, random weights, context of "
+             f"{meta['prompt_len']} tokens)", "",
+             "ngram and the projected mtp cost score the k + 1 positions as rows of the C step; mtp verifies with the "
+             "PyTorch forward today (it needs the hidden states, which the C step does not return yet): "
+             "\"cost mtp now\". The MTP layer costs one decoder layer plus the full-vocabulary lm_head, so its share "
+             "falls with model size; the a3b shape holds 3 of ERNIE-4.5-21B-A3B's 28 layers, so its plain step is far "
+             "shorter than the real model's and the MTP share is overstated there.", "",
+             "| shape | dtype | path | k | plain step (ms) | pass of k+1 (ms) | PyTorch pass (ms) | MTP layer (ms) | "
+             "cost ngram | cost mtp (C pass) | cost mtp now |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "cost":
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['path']} | {r['k']} | {r['step_ms']:.2f} | "
+                         f"{r['verify_ms']:.2f} | {r['verify_torch_ms']:.2f} | {r['draft_ms']:.2f} | "
+                         f"{r['verify_cost']:.2f}x | {r['mtp_cost']:.2f}x | {r['mtp_cost_now']:.2f}x |")
+    acc = [r for r in rows if r["kind"] == "acceptance"]
+    costs = {(r["shape"], r["k"]): r for r in rows if r["kind"] == "cost"}
+    if acc:
+        lines += ["", "## Acceptance (bundled models, greedy, held-out prompts) and projected speedup", "",
+                  "| method | model | k | accepted / drafted | per pass | tiny model tok/s plain → spec | "
+                  + " | ".join(f"projected on {s} (mtp: C pass)" for s in meta["shapes"]) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(meta["shapes"])]
+        for r in acc:
+            proj = []
+            for s in meta["shapes"]:
+                c = costs.get((s, r["k"]))
+                cost = None if c is None else c["mtp_cost" if r["method"] == "mtp" else "verify_cost"]
+                proj.append("–" if cost is None else f"{(1 + r['per_pass']) / cost:.2f}x")
+            lines.append(f"| {r['method']} | {r['model']} | {r['k']} | {r['accepted']} / {r['drafted']} "
+                         f"({r['rate']:.0%}) | {r['per_pass']:.2f} | {r['plain_tok_s']:.0f} → {r['spec_tok_s']:.0f} | "
+                         + " | ".join(proj) + " |")
+    meas = [r for r in rows if r["kind"] == "measured"]
+    if meas:
+        lines += ["", "## Measured: ngram on the bench shapes (repeated random prompt, greedy)", "",
+                  "| shape | dtype | k | accepted per pass | projected | tok/s plain | tok/s ngram | measured |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in meas:
+            c = costs.get((r["shape"], r["k"]))
+            proj = "–" if c is None else f"{(1 + r['per_pass']) / c['verify_cost']:.2f}x"
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['k']} | {r['per_pass']:.2f} | {proj} | "
+                         f"{r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | {r['spec_tok_s'] / r['plain_tok_s']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ernie45.bench import row_dtypes
+    from ernie45.commands import add_max_new_tokens_arg
+
+    p = argparse.ArgumentParser(prog="ernie45 bench speculative", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--speculative", default="mtp,ngram", help="comma list of mtp, ngram")
+    p.add_argument("--num-speculative-tokens", default="1,2,3", metavar="K", help="comma list of draft counts k")
+    p.add_argument("--shape", default="0.3b,moe,a3b", help="bench shapes of the cost rows ('none': no cost rows)")
+    p.add_argument("--dtype", type=row_dtypes, default="bf16", help="weights of the cost rows: fp32 or bf16")
+    p.add_argument("--prompt-len", type=int, default=256, help="context length at which a pass is timed")
+    p.add_argument("--steps", type=int, default=20, help="timed passes per cost cell (median)")
+    add_max_new_tokens_arg(p, 64, "tokens generated per acceptance / measured run", old=("--gen-len",))
+    p.add_argument("--runs", type=int, default=1, help="acceptance runs over the held-out prompts")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--workdir", default=None, help="where the random checkpoints are kept")
+    p.add_argument("--json", dest="json_out", default=None, help="write the rows as JSON here")
+    p.add_argument("--out", default=None, help="write a Markdown table here (e.g. bench/results-speculative.md)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import datetime
+
+    import torch
+
+    from ernie45.bench import _cpu_name, _csv, write_results
+    from ernie45.bench_checkpoints import SHAPES
+
+    args = build_parser().parse_args(argv)
+    methods = _csv(args.speculative, METHODS, "speculative method")
+    try:
+        ks = [int(k) for k in args.num_speculative_tokens.split(",") if k.strip()]
+    except ValueError:
+        raise ErnieError(f"--num-speculative-tokens wants a comma list of integers, got {args.num_speculative_tokens!r}"
+                         ) from None
+    if not ks or not all(1 <= k <= 16 for k in ks):
+        raise ErnieError("--num-speculative-tokens: each k must be in [1, 16]")
+    shapes = [] if args.shape == "none" else _csv(args.shape, tuple(SHAPES), "shape")
+    if args.dtype not in ("fp32", "bf16"):
+        raise ErnieError(f"unknown dtype {args.dtype!r}; choose from fp32, bf16")
+    if args.steps < 1 or args.runs < 1 or args.max_new_tokens < 4 or args.prompt_len < 1:
+        raise ErnieError("--steps and --runs must be >= 1, --max-new-tokens >= 4 and --prompt-len >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workdir = args.workdir or os.path.join(tempfile.gettempdir(), "ernie45-bench")
+    os.makedirs(workdir, exist_ok=True)
+    rows: list[dict] = []
+    for shape in shapes:
+        rows += cost_rows(shape, args.dtype, ks, args.prompt_len, args.steps, workdir)
+    rows += acceptance_rows(methods, ks, args.max_new_tokens, args.runs)
+    if "ngram" in methods:
+        for shape in shapes:
+            rows += measured_rows(shape, args.dtype, ks, args.max_new_tokens, workdir)
+    meta = dict(cpu=_cpu_name(), threads=torch.get_num_threads(), date=datetime.date.today().isoformat(),
+                prompt_len=args.prompt_len, shapes=shapes,
+                command="ernie45 bench speculative " + " ".join(sys.argv[3:] if argv is None else argv))
+    write_results(rows, meta, to_markdown(rows, meta), args.json_out, args.out)
+    return 0

@@ -1,0 +1,706 @@
+"""Speculative decoding (ernie45.generation.speculative) and the MTP layer (ernie45.mtp): loading and conversion of
+`mtp_*` weights, the head's step for both hidden-state variants, greedy tokens identical to plain decoding (PyTorch
+forward and C step, dense and MoE, mtp and ngram), the rejection rule's output distribution, the CLI, the server
+and the commands of docs/speculative.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+
+import pytest
+import torch
+
+import ernie45
+from ernie45 import native
+from ernie45.checkpoint import load_checkpoint, save_checkpoint
+from ernie45.cli import main as cli
+from ernie45.config import preset
+from ernie45.errors import ErnieError
+from ernie45.generation import PromptCache, generate, stream_generate
+from ernie45.generation import speculative as spec_mod
+from ernie45.generation.speculative import Speculative, accept_drafts, ngram_drafts
+from ernie45.model import ErnieForCausalLM
+from ernie45.models import bundled_path
+from ernie45.mtp import MTPHead, attach_mtp, has_mtp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+def mtp_model(kind: str = "tiny-moe", variant: str = "post_norm", seed: int = 0, **overrides) -> ErnieForCausalLM:
+    """A random fp32 model with one MTP layer (weights large enough that greedy decoding does not just repeat)."""
+    cfg = preset(kind, **overrides)
+    cfg.extra.update(num_nextn_predict_layers=1, mtp_hidden_state=variant)
+    model = ErnieForCausalLM(cfg)
+    attach_mtp(model)
+    model.init_weights(std=0.1, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "e_score" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval().requires_grad_(False)
+
+
+def prompt_ids(n: int = 10, vocab: int = 1000, seed: int = 0) -> torch.Tensor:
+    """A prompt that repeats itself, so prompt lookup finds drafts."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randint(3, vocab, (1, n), generator=g)
+    return torch.cat([p, p, p[:, : n // 2]], 1)
+
+
+def native_or_skip():
+    lib = native.load("decode", "native")
+    if lib is None or lib.ernie_simd_width() < 256:
+        pytest.skip("no C compiler, or no native build: the C decode step is not built here")
+
+
+def with_random_head(src: str, out: str, seed: int = 0) -> str:
+    """`src` (a bundled model) saved with a random MTP layer added, tokenizer files copied."""
+    m = load_checkpoint(src, dtype="float32", device="cpu")
+    m.config.extra["num_nextn_predict_layers"] = 1
+    attach_mtp(m)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("model.mtp"):
+                p.copy_(torch.ones_like(p) if name.endswith("norm.weight") or "norm.0" in name
+                        else torch.randn(p.shape, generator=g) * 0.02)
+    save_checkpoint(m, out)
+    for f in os.listdir(src):
+        if f.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(os.path.join(src, f), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def head_ckpt(tmp_path_factory):
+    """The bundled MoE model with an MTP head (the trained one where the bundle ships it)."""
+    src = bundled_path("ernie-tiny-moe")
+    if has_mtp(load_checkpoint(src, dtype="float32", device="cpu")):
+        return src
+    return with_random_head(src, str(tmp_path_factory.mktemp("mtp") / "ernie-tiny-moe-mtp"))
+
+
+def run_cli(argv, capsys):
+    rc = cli(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---- the MTP layer: loading, shapes, conversion ----------------------------------------------------------------
+@pytest.mark.parametrize("kind,bias,tied", [("tiny", False, True), ("tiny", True, False), ("tiny-moe", True, True),
+                                            ("tiny-moe", False, False)])
+def test_mtp_weights_round_trip(tmp_path, kind, bias, tied):
+    m = mtp_model(kind, use_bias=bias, tie_word_embeddings=tied)
+    save_checkpoint(m, tmp_path / "ck")
+    back = load_checkpoint(tmp_path / "ck", dtype="float32", device="cpu")
+    assert has_mtp(back)
+    assert back.model.mtp_linear_proj[0].bias is not None if bias else back.model.mtp_linear_proj[0].bias is None
+    want = m.state_dict()
+    got = back.state_dict()
+    assert sorted(want) == sorted(got)
+    for k, v in want.items():
+        assert torch.equal(v, got[k]), k
+    assert not back.model.mtp_block[0].is_moe  # the MTP block's MLP is dense in MoE models too
+
+
+def _rewrite(path, change):
+    """Rewrite model.safetensors of checkpoint `path` with `change(tensors)` applied."""
+    from safetensors.torch import load_file, save_file
+
+    f = os.path.join(path, "model.safetensors")
+    tensors = load_file(f)
+    change(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def test_transposed_linear_proj_is_turned_and_bad_shapes_are_one_line(tmp_path):
+    m = mtp_model("tiny")
+    save_checkpoint(m, tmp_path / "ck")
+    key = "model.mtp_linear_proj.0.weight"
+    _rewrite(tmp_path / "ck", lambda t: t.__setitem__(key, t[key].t().contiguous()))  # (2H, H), as 300B-PT
+    back = load_checkpoint(tmp_path / "ck", dtype="float32", device="cpu")
+    assert torch.equal(back.model.mtp_linear_proj[0].weight, m.model.mtp_linear_proj[0].weight)
+    _rewrite(tmp_path / "ck", lambda t: t.__setitem__(key, t[key][:, :10].contiguous()))
+    with pytest.raises(ErnieError, match=r"mtp_linear_proj.0.weight has shape \(128, 10\)") as e:
+        load_checkpoint(tmp_path / "ck", dtype="float32", device="cpu")
+    assert "\n" not in str(e.value)
+    save_checkpoint(m, tmp_path / "ck2")
+    _rewrite(tmp_path / "ck2", lambda t: t.pop("model.mtp_emb_norm.0.weight"))
+    with pytest.raises(ErnieError, match="MTP layer does not match.*missing tensors: model.mtp_emb_norm.0.weight"):
+        load_checkpoint(tmp_path / "ck2", dtype="float32", device="cpu")
+
+
+def test_mtp_weights_are_ignored_without_num_nextn_predict_layers(tmp_path):
+    m = mtp_model("tiny")
+    save_checkpoint(m, tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg.pop("num_nextn_predict_layers")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    back = load_checkpoint(tmp_path / "ck", dtype="float32", device="cpu")
+    assert not has_mtp(back)
+    ids = prompt_ids()
+    assert torch.equal(generate(back, ids, max_new_tokens=8), generate(m, ids, max_new_tokens=8))
+    with pytest.raises(ErnieError, match="has no MTP layer"):
+        generate(back, ids, max_new_tokens=8, speculative="mtp")
+
+
+def test_info_shows_the_mtp_layer(tmp_path, capsys):
+    m = mtp_model("tiny-moe")
+    save_checkpoint(m, tmp_path / "ck")
+    n = sum(p.numel() for k, p in m.state_dict().items() if k.startswith("model.mtp"))
+    rc, out, _ = run_cli(["info", "--model", str(tmp_path / "ck"), "--json"], capsys)
+    info = json.loads(out)
+    assert rc == 0 and info["mtp_layers"] == 1 and info["mtp_parameters"] == n
+    assert info["mtp_hidden_state"] == "post_norm"
+    rc, out, _ = run_cli(["info", "--model", str(tmp_path / "ck")], capsys)
+    assert re.search(rf"mtp_parameters\s+{n:,}", out)
+
+
+def test_paddle_conversion_keeps_the_mtp_layer_and_gguf_export_notes_the_drop(tmp_path, capsys, head_ckpt):
+    from ernie45.convert.paddle import convert_checkpoint
+
+    m = mtp_model("tiny-moe", use_bias=True)
+    save_checkpoint(m, tmp_path / "hf")
+    convert_checkpoint(tmp_path / "hf", tmp_path / "pd", "hf", "paddle", progress=False)
+    convert_checkpoint(tmp_path / "pd", tmp_path / "hf2", "paddle", "hf", progress=False)
+    back = load_checkpoint(tmp_path / "hf2", dtype="float32", device="cpu")
+    for k, v in m.state_dict().items():
+        if k.startswith("model.mtp"):
+            assert torch.equal(v, back.state_dict()[k]), k
+    pytest.importorskip("gguf")
+    from ernie45.convert.gguf_export import export_gguf
+
+    export_gguf(head_ckpt, str(tmp_path / "m.gguf"))  # no biases (llama.cpp has none), a tokenizer to embed
+    err = capsys.readouterr().err
+    assert re.search(r"note: the MTP head \(\d+ model.mtp_\* tensors\) is not exported", err)
+
+
+# ---- the head's step ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["post_norm", "pre_norm"])
+def test_mtp_head_computes_the_documented_step(variant):
+    """MTPHead against the formula of docs (embedding norm, hidden norm, proj, one decoder layer, lm_head; the
+    pre_norm variant adds the final norm), and feeding positions one at a time equals feeding them at once."""
+    from ernie45.model import rope_cos_sin
+
+    m = mtp_model("tiny", variant=variant, use_bias=True, tie_word_embeddings=False)
+    inner = m.model
+    head = MTPHead(m)
+    n, H = 5, m.config.hidden_size
+    toks = torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(3))
+    hid = torch.randn(1, n, H, generator=torch.Generator().manual_seed(4))
+    logits, out = head(toks, hid, head.new_cache(16))
+    e = inner.embed_tokens(toks)
+    if variant == "post_norm":
+        e[:, 0] = 0  # vLLM zeroes position 0's embedding
+    x = inner.mtp_linear_proj[0](torch.cat([inner.mtp_emb_norm[0](e), inner.mtp_hidden_norm[0](hid)], -1))
+    cos, sin = rope_cos_sin(torch.arange(n)[None], m.config.head_dim, m.config.rope_theta)
+    x, _ = inner.mtp_block[0](x, cos, sin, None, None)  # causal attention over the window, no cache
+    want = m.lm_head(inner.norm(x) if variant == "pre_norm" else x)
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    cache = head.new_cache(16)
+    steps = [head(toks[:, i:i + 1], hid[:, i:i + 1], cache)[0] for i in range(n)]
+    torch.testing.assert_close(torch.cat(steps, 1), logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["post_norm", "pre_norm"])
+def test_mtp_training_loss_is_the_heads_cross_entropy(variant):
+    """The pre-training MTP loss (position j guesses token j + 2) equals the cross entropy of what MTPHead, the
+    drafter, computes from the same hidden states (against the data, or with `distill` against the model's own
+    distribution at j + 1): training and drafting run the same layer the same way."""
+    import torch.nn.functional as F
+
+    from ernie45.generation.speculative import capture_pre_norm
+    from ernie45.mtp import mtp_loss
+
+    m = mtp_model("tiny-moe", variant=variant, use_bias=True)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[1, 9:] = -100
+    with capture_pre_norm(m) as box:
+        out = m(ids)
+    hidden = box[0] if variant == "pre_norm" else out.hidden_states
+    head = MTPHead(m)
+    logits = torch.cat([head(ids[b:b + 1, 1:], hidden[b:b + 1, :-1], head.new_cache(16))[0] for b in range(2)])
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 2:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(mtp_loss(m, ids, labels, "head"), want, rtol=1e-5, atol=1e-5)
+    teacher = out.logits[:, 1:].float().softmax(-1)  # the model's guess for token j + 2, at position j + 1
+    soft = -(teacher * logits.log_softmax(-1)).sum(-1)  # (B, S-1)
+    keep = labels[:, 1:] != -100
+    torch.testing.assert_close(mtp_loss(m, ids, labels, "distill"), soft[keep].mean(), rtol=1e-5, atol=1e-5)
+    joint = mtp_loss(m, ids, labels, "joint", 0.5)
+    torch.testing.assert_close(joint, m(ids, labels=labels).loss + 0.5 * want, rtol=1e-5, atol=1e-5)
+
+
+def test_pretrain_mtp_head_trains_only_the_layer(tmp_path):
+    from ernie45.data.preprocess import PreprocessConfig, preprocess
+    from ernie45.train.pretrain import PretrainArgs, pretrain
+
+    with open(tmp_path / "poems.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in _poems(60))
+    preprocess([str(tmp_path / "poems.jsonl")], bundled_path("ernie-tiny-moe"), tmp_path / "data",
+               PreprocessConfig(seq_len=32), progress=False)
+    src = bundled_path("ernie-tiny-moe")
+    before = load_checkpoint(src, dtype="float32", device="cpu").state_dict()
+    s = pretrain(PretrainArgs(data=[str(tmp_path / "data")], out=str(tmp_path / "run"), init_from=src, steps=6,
+                              batch_size=4, lr=3e-3, warmup=1, eval_every=0, save_every=0, mtp="head",
+                              progress=False))
+    losses = [r["loss"] for r in s["history"]]
+    assert losses[-1] < losses[0]
+    after = load_checkpoint(tmp_path / "run" / "final", dtype="float32", device="cpu")
+    assert has_mtp(after) and after.config.extra["num_nextn_predict_layers"] == 1
+    for k, v in after.state_dict().items():
+        if not k.startswith("model.mtp"):
+            assert torch.equal(v, before[k].float()), k  # the model itself is frozen
+    with pytest.raises(ErnieError, match="--mtp must be head, distill or joint"):
+        pretrain(PretrainArgs(data=[str(tmp_path / "data")], out=str(tmp_path / "r2"), init_from=src, mtp="both"))
+
+
+# ---- greedy: the tokens of plain decoding -----------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("variant,bias,tied", [("post_norm", False, True), ("pre_norm", True, False)])
+@pytest.mark.parametrize("method,k", [("mtp", 1), ("mtp", 3), ("ngram", 1), ("ngram", 4)])
+def test_greedy_tokens_equal_plain_decoding(kind, variant, bias, tied, method, k):
+    m = mtp_model(kind, variant=variant, use_bias=bias, tie_word_embeddings=tied)
+    ids = prompt_ids()
+    want = generate(m, ids, max_new_tokens=40, eos_token_id=[])
+    sp = Speculative(method, k)
+    got = generate(m, ids, max_new_tokens=40, eos_token_id=[], speculative=sp)
+    assert torch.equal(got, want)
+    assert sp.steps > 0 and sp.drafted >= sp.steps and 0 <= sp.accepted <= sp.drafted
+    if method == "ngram":
+        assert sp.accepted > 0  # the prompt repeats: lookup drafts are right at first
+
+
+def test_greedy_with_right_drafts_accepts_them_and_with_wrong_ones_rolls_back(monkeypatch):
+    """MTP drafts replaced by an oracle that knows the plain continuation but errs at every 3rd position: the
+    tokens stay those of plain decoding, right drafts are accepted, wrong ones rejected (cache and MTP state
+    rolled back) — the accept and reject paths that a random head seldom takes."""
+    m = mtp_model("tiny-moe", variant="pre_norm")
+    ids = prompt_ids()
+    want = generate(m, ids, max_new_tokens=30, eos_token_id=[])[0].tolist()
+    real = spec_mod._MTPDrafter.draft
+
+    def oracle(self, k, pick):
+        real(self, k, pick)  # the head still runs (its cache must come back as it was)
+        at = self.cache.length + 1  # the position the first draft guesses
+        return [want[p] if p % 3 else (want[p] + 1) % 1000 for p in range(at, at + k)], [None] * k
+
+    monkeypatch.setattr(spec_mod._MTPDrafter, "draft", oracle)
+    for k in (1, 2, 4):
+        sp = Speculative("mtp", k)
+        got = generate(m, ids, max_new_tokens=30, eos_token_id=[], speculative=sp)
+        assert got[0].tolist() == want, k
+        assert 0 < sp.accepted < sp.drafted
+        assert sp.steps < 29  # accepted drafts saved passes
+
+
+def test_c_step_verification_gives_plain_tokens():
+    """With the C step attached, verification is one batched step over the cache (rows of one sequence), bit for
+    bit plain decoding; for mtp the step also returns the rows' last hidden states (`hidden_out`), which feed the
+    head."""
+    from ernie45.fast import FastDecoder, optimize_for_inference
+
+    native_or_skip()
+    calls = []
+    orig = FastDecoder.step_batch
+
+    def counting(self, tokens, *a, **kw):
+        calls.append(len(tokens))
+        return orig(self, tokens, *a, **kw)
+
+    for kind in ("tiny", "tiny-moe"):
+        m = mtp_model(kind)
+        optimize_for_inference(m)
+        assert m.fast_decoder is not None
+        ids = prompt_ids()
+        want = generate(m, ids, max_new_tokens=40, eos_token_id=[])
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(FastDecoder, "step_batch", counting)
+            for method, k in (("ngram", 1), ("ngram", 3), ("mtp", 2)):
+                sp = Speculative(method, k)
+                assert torch.equal(generate(m, ids, max_new_tokens=40, eos_token_id=[], speculative=sp), want)
+        assert calls and max(calls) > 1  # the drafts were scored as rows of one step
+
+
+def test_c_step_hidden_states_are_the_forwards():
+    """`step_batch(hidden_out=)`: each row's final-norm output (or, `pre_norm`, its input) as the PyTorch forward
+    computes it, within the C step's fp32 summation-order differences; the logits are those of the plain call."""
+    from ernie45.fast import optimize_for_inference
+
+    native_or_skip()
+    m = mtp_model("tiny-moe")
+    ids = prompt_ids()
+    n = ids.shape[1]
+    with torch.inference_mode(), spec_mod.capture_pre_norm(m) as box:
+        out = m(ids)
+        pre = box[0][0]
+        post = m.model.norm(pre)
+    optimize_for_inference(m)
+    fast = m.fast_decoder
+    for pre_norm in (False, True):
+        cache = m.new_cache(1, n)
+        hidden = torch.empty(n, m.config.hidden_size)
+        tables = torch.zeros((n, 1), dtype=torch.int32)
+        logits = fast.step_batch(ids[0].tolist(), list(range(n)), tables, cache.k, cache.v, hidden_out=hidden,
+                                 pre_norm=pre_norm)
+        plain = fast.step_batch(ids[0].tolist(), list(range(n)), tables, m.new_cache(1, n).k, m.new_cache(1, n).v)
+        assert torch.equal(logits, plain)
+        torch.testing.assert_close(logits, out.logits[0].float(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hidden, (pre if pre_norm else post).float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bundled_moe_in_c_speculates_plain_tokens(head_ckpt, dtype):
+    """The bundled ernie-tiny-moe with its trained head, as `ernie45 generate` runs it (the C step attached), in
+    fp32 and in the shipped bf16: greedy tokens with `mtp` (k = 1, 2) and `ngram` equal plain decoding's."""
+    from ernie45.fast import optimize_for_inference
+
+    native_or_skip()
+    m, tok = ernie45.load(head_ckpt, dtype=dtype, device="cpu")
+    optimize_for_inference(m)
+    assert m.fast_decoder is not None
+    ids = torch.tensor([tok.encode("床前明月光，疑是地上霜。")])
+    want = generate(m, ids, max_new_tokens=48, do_sample=False, eos_token_id=[])
+    for method, k in (("mtp", 1), ("mtp", 2), ("ngram", 3)):
+        sp = Speculative(method, k)
+        got = generate(m, ids, max_new_tokens=48, do_sample=False, eos_token_id=[], speculative=sp)
+        assert torch.equal(got, want), (method, k)
+        assert sp.drafted > 0
+
+
+def test_mtp_head_in_c_matches_pytorch():
+    """Beside a C decoder the MTP layer's Linears and lm_head run the C GEMV (`GemvLinear`); fp32 logits agree with
+    the PyTorch layer up to summation order, and the state dict keeps its names and tensors."""
+    from ernie45.fast import optimize_for_inference
+    from ernie45.mtp import GemvLinear
+
+    native_or_skip()
+    m = mtp_model("tiny-moe", use_bias=True, tie_word_embeddings=False)
+    toks = torch.randint(0, 1000, (1, 3), generator=torch.Generator().manual_seed(7))
+    hid = torch.randn(1, 3, m.config.hidden_size, generator=torch.Generator().manual_seed(8))
+    head = MTPHead(m)
+    want, _ = head(toks, hid, head.new_cache(8))
+    keys = {k: v.clone() for k, v in m.state_dict().items()}
+    optimize_for_inference(m)
+    head = MTPHead(m)
+    assert isinstance(m.model.mtp_block[0].mlp.down_proj, GemvLinear)
+    cache = head.new_cache(8)
+    got = torch.cat([head(toks[:, i:i + 1], hid[:, i:i + 1], cache)[0] for i in range(3)], 1)  # one row at a time
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    sd = m.state_dict()
+    assert sorted(sd) == sorted(keys) and all(torch.equal(sd[k], v) for k, v in keys.items())
+
+
+@pytest.mark.parametrize("native_step", [False, True])
+def test_bundled_models_greedy_tokens_equal_plain_decoding(head_ckpt, native_step):
+    from ernie45.fast import optimize_for_inference
+
+    if native_step:
+        native_or_skip()
+    text = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。白日依山尽，"
+    for path, methods in ((bundled_path("ernie-tiny"), ("ngram",)), (head_ckpt, ("mtp", "ngram"))):
+        m, tok = ernie45.load(path, dtype="float32", device="cpu")
+        if native_step:
+            optimize_for_inference(m)
+        ids = torch.tensor([tok.encode(text)])
+        want = generate(m, ids, max_new_tokens=48, do_sample=False, eos_token_id=[])
+        for method in methods:
+            for k in (1, 3):
+                sp = Speculative(method, k)
+                got = generate(m, ids, max_new_tokens=48, do_sample=False, eos_token_id=[], speculative=sp)
+                assert torch.equal(got, want), (path, method, k)
+
+
+def test_streaming_and_prompt_cache_turns_equal_plain(head_ckpt):
+    """stream_generate with a PromptCache (a chat's turns): the same text as without speculation, turn after turn;
+    the second turn reuses the cached prefix (MTP entries included)."""
+    m, tok = ernie45.load(head_ckpt, dtype="float32", device="cpu")
+    turns = ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。床前明月光，"]
+    for method in ("mtp", "ngram"):
+        caches = {None: PromptCache(), method: PromptCache()}
+        history: list[int] = []
+        for turn in turns:
+            history += tok.encode(turn)
+            texts = {}
+            for key, cache in caches.items():
+                chunks = list(stream_generate(m, tok, history, max_new_tokens=24, do_sample=False, eos_token_id=[],
+                                              prompt_cache=cache, speculative=key))
+                texts[key] = ("".join(c.text for c in chunks), [c.token for c in chunks])
+            assert texts[None] == texts[method], (method, turn)
+            assert caches[method].reused > 0 or turn is turns[0]
+            history += texts[None][1]
+
+
+# ---- sampling: the rejection rule keeps the target distribution ---------------------------------------------------
+def test_ngram_lookup_follows_vllms_rule():
+    t = [1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 2, 3]
+    assert ngram_drafts(t, 3, 2, 5) == [5, 7, 2]  # longest suffix [2, 3] (n=2); rightmost earlier occurrence
+    assert ngram_drafts(t, 1, 2, 5) == [5]
+    assert ngram_drafts([*t, 5], 3, 2, 5) == [7, 2, 3]  # [2, 3, 5] (n=3) wins over shorter matches
+    assert ngram_drafts(t, 3, 3, 5) == []  # no 3-gram repeats
+    assert ngram_drafts([1, 2, 1, 2], 4, 1, 3) == [1, 2]  # drafts stop at the end of the sequence
+    assert ngram_drafts([5], 3, 1, 3) == []
+
+
+def _tv(counts: torch.Tensor, p: torch.Tensor) -> float:
+    return 0.5 * float((counts / counts.sum() - p).abs().sum())
+
+
+def test_rejection_rule_output_follows_the_target():
+    """accept_drafts with a draft distribution q far from p, and with one-hot drafts: the first token is
+    distributed as p_0 (total variation within sampling noise of 40,000 draws, fixed seed), and a kept draft is
+    followed by a draw from p_1."""
+    g = torch.Generator().manual_seed(0)
+    V, N = 6, 40_000
+    p0 = torch.softmax(torch.randn(V, generator=g) * 1.5, 0)
+    p1 = torch.softmax(torch.randn(V, generator=g) * 1.5, 0)
+    q = torch.softmax(torch.randn(V, generator=g) * 1.5, 0)
+    for one_hot in (False, True):
+        first, second = torch.zeros(V), torch.zeros(V)
+        rng = torch.Generator().manual_seed(1)
+        for _ in range(N):
+            d = int(torch.multinomial(q, 1, generator=rng))
+            a, last = accept_drafts([d], [p0, p1], None if one_hot else [q], rng)
+            if a == 1:
+                first[d] += 1
+                second[last] += 1
+            else:
+                first[last] += 1
+        assert _tv(first, p0) < 0.01, one_hot
+        assert _tv(second, p1) < 0.02, one_hot
+
+
+def _exact_joint(m, ids, temperature):
+    """Exact distribution (V, V, V) of the first three sampled tokens under the target at this temperature."""
+    V = m.config.vocab_size
+    with torch.no_grad():
+        p0 = torch.softmax(m(ids).logits[0, -1].float() / temperature, -1)
+        one = torch.cat([ids.expand(V, -1), torch.arange(V)[:, None]], 1)  # (V, S + 1)
+        p1 = torch.softmax(m(one).logits[:, -1].float() / temperature, -1)  # (V, V)
+        two = torch.cat([one.repeat_interleave(V, 0), torch.arange(V).repeat(V)[:, None]], 1)  # (V * V, S + 2)
+        p2 = torch.softmax(m(two).logits[:, -1].float() / temperature, -1).view(V, V, V)
+    return p0[:, None, None] * p1[:, :, None] * p2
+
+
+def _chi2(counts: torch.Tensor, p: torch.Tensor) -> float:
+    expected = p * counts.sum()
+    assert counts[expected == 0].sum() == 0
+    keep = expected > 0
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+@pytest.mark.parametrize("method", ["mtp", "ngram"])
+def test_sampled_tokens_keep_the_target_distribution(method):
+    """End to end on an 8-token vocabulary, two drafts per pass (so the first pass decides tokens 2 and 3): the
+    first three tokens of 3,000 sampled generate calls (seeds 0..2999) against the exact target distribution, as
+    the pairs (t1, t2) and (t2, t3) (64 outcomes each): chi-square below the 0.999 quantile of 63 degrees of
+    freedom (103.4). A wrong rule (e.g. keeping every draft) fails by far."""
+    m = mtp_model("tiny-moe", vocab_size=8, num_hidden_layers=2)
+    ids = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])
+    joint = _exact_joint(m, ids, 0.9)
+    counts = torch.zeros(8, 8, 8)
+    sp = Speculative(method, 2, prompt_lookup_min=1, prompt_lookup_max=2)
+    for seed in range(3000):
+        out = generate(m, ids, max_new_tokens=4, do_sample=True, temperature=0.9, top_k=0, eos_token_id=[],
+                       seed=seed, speculative=sp)
+        a, b, c = out[0, ids.shape[1]:ids.shape[1] + 3].tolist()
+        counts[a, b, c] += 1
+    assert sp.accepted > 0.2 * sp.steps  # drafts were kept often enough for the rule to matter
+    assert _chi2(counts.sum(2).flatten(), joint.sum(2).flatten()) < 103.4
+    assert _chi2(counts.sum(0).flatten(), joint.sum(0).flatten()) < 103.4
+
+
+# ---- argument checks -----------------------------------------------------------------------------------------------
+def test_bad_arguments_are_one_line_errors():
+    m = mtp_model("tiny")
+    ids = prompt_ids()
+    cases = [
+        (dict(speculative="eagle"), "speculative method must be one of mtp, ngram"),
+        (dict(speculative="ngram", num_speculative_tokens=0), r"num_speculative_tokens must be an integer in \[1, 16\]"),
+        (dict(speculative="mtp", num_speculative_tokens=17), "num_speculative_tokens must be"),
+        (dict(num_speculative_tokens=2), "needs speculative="),
+        (dict(speculative="ngram", num_beams=2), "not beam search"),
+        (dict(speculative="ngram", num_return_sequences=2, do_sample=True), "one sequence"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ErnieError, match=match):
+            generate(m, ids, max_new_tokens=4, **kw)
+    with pytest.raises(ErnieError, match="one sequence"):
+        generate(m, ids.expand(2, -1), max_new_tokens=4, speculative="ngram")
+    from ernie45.generation import generate_step
+    from ernie45.generation.structured import Grammar
+
+    with pytest.raises(ErnieError, match="does not combine with grammar"):
+        generate_step(m, ids, max_new_tokens=4, speculative="ngram", grammar=Grammar.__new__(Grammar))
+    with pytest.raises(ErnieError, match="prompt_lookup_min"):
+        Speculative("ngram", 2, prompt_lookup_min=3, prompt_lookup_max=2)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------------
+def test_cli_generate_json_reports_counts_and_keeps_tokens(head_ckpt, capsys):
+    base = ["generate", "--model", head_ckpt, "--dtype", "float32", "--prompt", "床前明月光，疑是地上霜。床前明月光，",
+            "--temperature", "0", "--max-new-tokens", "24", "--json"]
+    rc, out, _ = run_cli(base, capsys)
+    plain = json.loads(out)
+    assert rc == 0 and "speculative" not in plain
+    for method in ("mtp", "ngram"):
+        rc, out, _ = run_cli([*base, "--speculative", method, "--num-speculative-tokens", "2"], capsys)
+        got = json.loads(out)
+        assert rc == 0 and got["token_ids"] == plain["token_ids"] and got["text"] == plain["text"]
+        s = got["speculative"]
+        assert s["method"] == method and 0 <= s["accepted"] <= s["drafted"]
+        assert s["drafted"] > 0 or method == "ngram"  # lookup drafts only where the output repeats
+
+
+def test_cli_errors_are_one_line(head_ckpt, capsys):
+    cases = [
+        (["--speculative", "mtp"], "has no MTP layer", bundled_path("ernie-tiny")),
+        (["--speculative", "ngram", "--num-speculative-tokens", "99"], r"must be an integer in \[1, 16\]", None),
+        (["--speculative", "medusa"], "--speculative must be one of mtp, ngram", None),
+        (["--num-speculative-tokens", "2"], "needs --speculative", None),
+        (["--speculative", "ngram", "--num-beams", "2"], "not beam search", None),
+    ]
+    for extra, match, model in cases:
+        rc, out, err = run_cli(["generate", "--model", model or head_ckpt, "--prompt", "你好", *extra], capsys)
+        assert rc != 0 and re.search(match, err), (extra, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    rc, _, err = run_cli(["serve", "--model", head_ckpt, "--speculative", "mtp"], capsys)
+    assert rc != 0 and "the server speculates with --speculative ngram" in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_mentions_the_flags(capsys):
+    for command in ("generate", "chat", "serve"):
+        with pytest.raises(SystemExit):
+            cli([command, "--help"])
+        out = capsys.readouterr().out
+        assert "--speculative METHOD" in out and "--num-speculative-tokens K" in out, command
+
+
+def test_chat_with_speculation_answers_as_without(head_ckpt):
+    import io
+
+    from ernie45.commands.chat import chat
+
+    m, tok = ernie45.load(head_ckpt, dtype="float32", device="cpu")
+    outs = []
+    for spec in (None, Speculative("mtp", 2), Speculative("ngram", 3)):
+        out = io.StringIO()
+        chat(m, tok, stdin=io.StringIO("床前明月光\n疑是地上霜\n"), out=out, err=io.StringIO(), do_sample=False, max_new_tokens=20, **({} if spec is None else {"speculative": spec}))
+        outs.append(out.getvalue())
+    assert outs[0] == outs[1] == outs[2] and outs[0].strip()
+
+
+# ---- server ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("native_step", [False, True])
+def test_server_greedy_answers_equal_and_metrics_count(native_step):
+    from test_serve import client, metric, running
+
+    from ernie45.fast import optimize_for_inference
+    from ernie45.serve.request import EngineArgs
+    from ernie45.serve.server import ModelSource, ServerConfig, create_app
+
+    if native_step:
+        native_or_skip()
+    prompts = ["白日依山尽，黄河入海流。白日依山尽，", "床前明月光，疑是地上霜。床前明月光，疑是"]
+    answers = {}
+    for method in (None, "ngram"):
+        model, tok = ernie45.load(bundled_path("ernie-tiny"), dtype="float32", device="cpu")
+        if native_step:
+            optimize_for_inference(model)
+        engine = EngineArgs(max_num_seqs=4, max_model_len=512, speculative=method, num_speculative_tokens=3)
+        app = create_app(ModelSource(model=model, tokenizer=tok), ServerConfig("m", None, engine))
+        with running(app) as base:
+            c = client(base)
+            got = []
+            for p in prompts:
+                r = c.completions.create(model="m", prompt=p, max_tokens=32, temperature=0)
+                got.append(r.choices[0].text)
+                r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": p}], max_tokens=32,
+                                              temperature=0, extra_body={"ignore_eos": True})
+                got.append(r.choices[0].message.content)
+            answers[method] = got
+            drafts = metric(base, "ernie45_spec_decode_num_drafts_total")
+            tokens = metric(base, "ernie45_spec_decode_num_draft_tokens_total")
+            accepted = metric(base, "ernie45_spec_decode_num_accepted_tokens_total")
+            first = metric(base, "ernie45_spec_decode_num_accepted_tokens_per_pos_total", '{position="0"}')
+        if method is None:
+            assert drafts == tokens == accepted == 0
+        else:
+            assert drafts > 0 and tokens >= drafts and 0 < accepted <= tokens and 0 < first <= drafts
+    assert answers[None] == answers["ngram"]
+
+
+# ---- docs/speculative.md, run as written ----------------------------------------------------------------------------
+def _doc_commands(text):
+    blocks = re.findall(r"```(bash|python)\n(.*?)```", text, flags=re.S)
+    for kind, body in blocks:
+        if kind == "python":
+            yield kind, body
+        else:
+            yield from ((kind, line) for line in body.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def _poems(n: int) -> list[str]:
+    """Distinct poem-shaped documents of four five-character lines (no preprocess filter drops them)."""
+    import random
+
+    chars = "床前明月光疑是地上霜举头望低思故乡白日依山尽黄河入海流欲穷千里目更一层楼春眠不觉晓处闻啼鸟夜来风雨声花落知多少"
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        lines = ["".join(rng.choice(chars) for _ in range(5)) for _ in range(8)]
+        out.append("，".join(lines[:4]) + "。\n" + "，".join(lines[4:]) + "。")
+    return out
+
+
+@pytest.mark.parametrize("guide", ["speculative.md", "speculative_zh.md"])
+def test_docs_commands_run(head_ckpt, capsys, monkeypatch, tmp_path, guide):
+    """Every command of the guide, as written, on the bundled MoE model with its MTP head (serve runs in
+    test_server_greedy_answers_equal_and_metrics_count; pretrain and bench on small step counts)."""
+    import io
+
+    from ernie45.data.preprocess import PreprocessConfig, preprocess
+
+    with open(os.path.join(ROOT, "docs", guide), encoding="utf-8") as f:
+        text = f.read().replace("ernie-tiny-moe", head_ckpt)
+    monkeypatch.chdir(tmp_path)
+    with open("poems.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in _poems(60))
+    for name in ("data-poems_train", "data-other"):
+        preprocess(["poems.jsonl"], bundled_path("ernie-tiny-moe"), name, PreprocessConfig(seq_len=32), progress=False)
+    small = {"--steps": "2", "--batch-size": "2", "--max-new-tokens": "8"}
+    ran = 0
+    for kind, body in _doc_commands(text):
+        if kind == "python":
+            exec(compile(body, guide, "exec"), {})
+            capsys.readouterr()
+            ran += 1
+            continue
+        stdin = ""
+        if "|" in body:
+            left, body = body.split("|", 1)
+            stdin = shlex.split(left)[1] + "\n"
+        argv = shlex.split(body)
+        assert argv[0] == "ernie45", body
+        if argv[1] == "serve":
+            continue
+        argv = [small.get(prev, a) if prev in small else a for prev, a in zip(["", *argv], argv)]
+        if argv[1] == "bench":
+            argv += ["--steps", "2"]
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        rc, out, err = run_cli(argv[1:], capsys)
+        assert rc == 0, (body, err)
+        if "--json" in argv:
+            assert json.loads(out)["speculative"]["drafted"] > 0
+        if argv[1] == "pretrain":
+            assert has_mtp(load_checkpoint(os.path.join(argv[argv.index("--out") + 1], "final"), device="cpu"))
+        ran += 1
+    assert ran == 7
