@@ -411,3 +411,13 @@ def test_bench_grammar_mask_rows_and_errors(tmp_path):
     assert "| 103,424 (ERNIE 4.5 size) | json_schema (16 records) |" in out.read_text()
     with pytest.raises(ErnieError, match="--steps must be at least 10"):
         bench_main(["grammar", "--steps", "3", "--shape", "none"])
+
+
+@pytest.mark.parametrize("argv", [["--speculative", "nope"], ["speculative", "--speculative", "nope"]])
+def test_speculative_bench_is_reached_by_both_spellings(argv):
+    """`ernie45 bench --speculative M` and `ernie45 bench speculative --speculative M` are the same command: both
+    reach its own argument check (a bad method is a one-line error, before any model is built)."""
+    from ernie45.errors import ErnieError
+
+    with pytest.raises(ErnieError, match="unknown speculative method 'nope'"):
+        bench_main(argv)

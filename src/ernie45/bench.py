@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a == "--speculative" or a.startswith("--speculative=") for a in argv):
+    if argv[:1] != ["speculative"] and any(a == "--speculative" or a.startswith("--speculative=") for a in argv):
         argv = ["speculative", *argv]  # `ernie45 bench --speculative mtp,ngram` = `ernie45 bench speculative ...`
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])

@@ -78,7 +78,7 @@ def cost_rows(shape: str, dtype: str, ks: list[int], prompt_len: int, steps: int
         toks = torch.randint(0, V, (K + 1,), generator=g).tolist()
         tok = torch.tensor([[toks[0]]])
 
-        def run(n, need_hidden=False):  # need_hidden: the pass mtp runs today, the PyTorch forward
+        def run(n, need_hidden=False):  # need_hidden: mtp's pass, which also returns the rows' hidden states
             cache.length = prompt_len
             score(model, toks[:n], cache, need_hidden=need_hidden)
 
@@ -93,12 +93,11 @@ def cost_rows(shape: str, dtype: str, ks: list[int], prompt_len: int, steps: int
         med = _interleaved_medians(fns, steps)
     step, draft_s = med["step"], med["draft"]
     verify = {k: med[f"c{k}"] for k in ks}
-    verify_torch = {k: med[f"t{k}"] for k in ks}
+    verify_hidden = {k: med[f"t{k}"] for k in ks}
     act = _ACT.get(_TORCH_DTYPE[dtype], dtype)
     return [dict(kind="cost", shape=shape, dtype=act, path=path, k=k, step_ms=step * 1e3,
-                 verify_ms=verify[k] * 1e3, verify_torch_ms=verify_torch[k] * 1e3, draft_ms=draft_s * 1e3,
-                 verify_cost=verify[k] / step, mtp_cost=(verify[k] + k * draft_s) / step,
-                 mtp_cost_now=(verify_torch[k] + k * draft_s) / step) for k in ks]
+                 verify_ms=verify[k] * 1e3, verify_hidden_ms=verify_hidden[k] * 1e3, draft_ms=draft_s * 1e3,
+                 verify_cost=verify[k] / step, mtp_cost=(verify_hidden[k] + k * draft_s) / step) for k in ks]
 
 
 def _decode_rate(model, ids, gen_len: int, spec) -> tuple[float, Any]:
@@ -184,25 +183,24 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
              "(mtp: plus k MTP-layer runs) relative to one plain decode step. Noisy on a shared machine.", "",
              "## Cost of a pass (bench shapes, random weights, context of "
              f"{meta['prompt_len']} tokens)", "",
-             "ngram and the projected mtp cost score the k + 1 positions as rows of the C step; mtp verifies with the "
-             "PyTorch forward today (it needs the hidden states, which the C step does not return yet): "
-             "\"cost mtp now\". The MTP layer costs one decoder layer plus the full-vocabulary lm_head, so its share "
-             "falls with model size; the a3b shape holds 3 of ERNIE-4.5-21B-A3B's 28 layers, so its plain step is far "
-             "shorter than the real model's and the MTP share is overstated there.", "",
-             "| shape | dtype | path | k | plain step (ms) | pass of k+1 (ms) | PyTorch pass (ms) | MTP layer (ms) | "
-             "cost ngram | cost mtp (C pass) | cost mtp now |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Both methods score the k + 1 positions as rows of one C step; mtp's pass also returns the rows' last "
+             "hidden states, which feed the MTP layer. The MTP layer costs one decoder layer plus the full-vocabulary "
+             "lm_head, so its share falls with model size; the a3b shape holds 3 of ERNIE-4.5-21B-A3B's 28 layers, so "
+             "its plain step is far shorter than the real model's and the MTP share is overstated there.", "",
+             "| shape | dtype | path | k | plain step (ms) | pass of k+1 (ms) | pass with hidden states (ms) | "
+             "MTP layer (ms) | cost ngram | cost mtp |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "cost":
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['path']} | {r['k']} | {r['step_ms']:.2f} | "
-                         f"{r['verify_ms']:.2f} | {r['verify_torch_ms']:.2f} | {r['draft_ms']:.2f} | "
-                         f"{r['verify_cost']:.2f}x | {r['mtp_cost']:.2f}x | {r['mtp_cost_now']:.2f}x |")
+                         f"{r['verify_ms']:.2f} | {r['verify_hidden_ms']:.2f} | {r['draft_ms']:.2f} | "
+                         f"{r['verify_cost']:.2f}x | {r['mtp_cost']:.2f}x |")
     acc = [r for r in rows if r["kind"] == "acceptance"]
     costs = {(r["shape"], r["k"]): r for r in rows if r["kind"] == "cost"}
     if acc:
         lines += ["", "## Acceptance (bundled models, greedy, held-out prompts) and projected speedup", "",
                   "| method | model | k | accepted / drafted | per pass | tiny model tok/s plain → spec | "
-                  + " | ".join(f"projected on {s} (mtp: C pass)" for s in meta["shapes"]) + " |",
+                  + " | ".join(f"projected on {s}" for s in meta["shapes"]) + " |",
                   "|---|---|---|---|---|---|" + "---|" * len(meta["shapes"])]
         for r in acc:
             proj = []

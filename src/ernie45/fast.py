@@ -92,7 +92,7 @@ class UpcastLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= UPCAST_MAX_BF16_ROWS:
             return F.linear(x, self.weight, self.bias)
-        rows = dequant_rows(W_BF16, self.weight, self.out_features, self.in_features)
+        rows = dequant_rows(W_BF16, self.weight, self.out_features, self.in_features, transient=True)
         y = tiled_mm(x2, self.out_features, rows or (lambda i, j: self.weight[i:j].float()), torch.float32)
         if self.bias is not None:
             y += self.bias.float()

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ernie45.device import cpu_has_fast_bf16
-from ernie45.native_abi import W_I4, W_I8, dequant_rows
+from ernie45.native_abi import W_I4, W_I8, dequant_rows, tile_buffer
 
 KERNELS = {
     "wint8": ("int8pack", "dequant"),
@@ -308,7 +308,7 @@ def int8_weight_mm(x2: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     n, k = weight.shape
     rows = None
     if x2.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):  # the same widening, one C pass
-        rows = _c_rows(dequant_rows(W_I8, weight, n, k, torch.ones(n)), dtype)
+        rows = _c_rows(dequant_rows(W_I8, weight, n, k, torch.ones(n), transient=True), dtype)
     y = tiled_mm(x2, n, rows or (lambda i, j: weight[i:j].to(dtype)), dtype)
     return y.mul_(scale.to(dtype)).to(x2.dtype)
 
@@ -337,7 +337,8 @@ def int8_group_mm(x2: Tensor, weight: Tensor, scale: Tensor, group_size: int) ->
         return dequantize_int8(weight[i:j], scale[i:j], group_size, dtype)
 
     if x2.device.type == "cpu":  # the same values in one pass of the C kernel
-        weight_rows = _c_rows(dequant_rows(W_I8, weight, n, k, scale, None, group_size), dtype) or weight_rows
+        weight_rows = _c_rows(dequant_rows(W_I8, weight, n, k, scale, None, group_size, transient=True),
+                              dtype) or weight_rows
     return tiled_mm(x2, n, weight_rows, dtype).to(x2.dtype)
 
 
@@ -365,7 +366,8 @@ def int4_weight_mm(
         return dequantize_int4(packed[i:j], scale[i:j], zero[i:j], group_size, layout, dtype)
 
     if layout == ROWMAJOR_INT4_LAYOUT and x2.device.type == "cpu":  # the same values in one pass of the C kernel
-        weight_rows = _c_rows(dequant_rows(W_I4, packed, n, k, scale, zero, group_size), dtype) or weight_rows
+        weight_rows = _c_rows(dequant_rows(W_I4, packed, n, k, scale, zero, group_size, transient=True),
+                              dtype) or weight_rows
     return tiled_mm(x2, n, weight_rows, dtype).to(x2.dtype)
 
 
@@ -374,7 +376,12 @@ def _c_rows(rows32: Callable[[int, int], Tensor] | None, dtype: torch.dtype) -> 
     which also computes in fp32 and rounds once)."""
     if rows32 is None or dtype == torch.float32:
         return rows32
-    return lambda i, j: rows32(i, j).to(dtype)
+
+    def rows(i: int, j: int) -> Tensor:
+        t = rows32(i, j)
+        return tile_buffer(*t.shape, dtype).copy_(t)  # a transient tile, like rows32's
+
+    return rows
 
 
 def quantize_rows_int8(x2: Tensor, clip: float = 0.0) -> tuple[Tensor, Tensor]:
