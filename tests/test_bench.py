@@ -421,3 +421,11 @@ def test_speculative_bench_is_reached_by_both_spellings(argv):
 
     with pytest.raises(ErnieError, match="unknown speculative method 'nope'"):
         bench_main(argv)
+
+
+def test_results_record_the_command_without_local_paths():
+    """A results file records how to rerun it, not this machine's work directory."""
+    from ernie45.bench import recorded_command
+
+    assert recorded_command("speculative", ["--shape", "0.3b", "--workdir", "/somewhere", "--workdir=/x", "--out",
+                                            "o.md"]) == "ernie45 bench speculative --shape 0.3b --out o.md"

@@ -505,6 +505,19 @@ def _cpu_name() -> str:
     return name + (f" ({', '.join(isa)})" if isa else "")
 
 
+def recorded_command(name: str, argv: list[str]) -> str:
+    """The command line a results file records, without this machine's paths (`--workdir DIR`)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--workdir":
+            skip = True
+        elif not a.startswith("--workdir="):
+            kept.append(a)
+    return " ".join([f"ernie45 bench {name}", *kept])
+
+
 def _csv(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ernie45.bench import _cpu_name, write_results
+    from ernie45.bench import _cpu_name, recorded_command, write_results
 
     args = build_parser().parse_args(argv)
     if args.steps < 10:
@@ -241,6 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.shape != "none":
         rows += decode_rows(args.shape, args.dtype, args.max_new_tokens, args.runs, args.workdir)
     meta = dict(cpu=_cpu_name(), threads=torch.get_num_threads(), date=datetime.date.today().isoformat(),
-                command="ernie45 bench grammar " + " ".join(sys.argv[3:] if argv is None else argv))
+                command=recorded_command("grammar", sys.argv[3:] if argv is None else argv))
     write_results(rows, meta, to_markdown(rows, meta), args.json_out, args.out)
     return 0

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ernie45.bench import _cpu_name, _csv, write_results
+    from ernie45.bench import _cpu_name, _csv, recorded_command, write_results
     from ernie45.bench_checkpoints import SHAPES
 
     args = build_parser().parse_args(argv)
@@ -280,6 +280,6 @@ def main(argv: list[str] | None = None) -> int:
             rows += measured_rows(shape, args.dtype, ks, args.max_new_tokens, workdir)
     meta = dict(cpu=_cpu_name(), threads=torch.get_num_threads(), date=datetime.date.today().isoformat(),
                 prompt_len=args.prompt_len, shapes=shapes,
-                command="ernie45 bench speculative " + " ".join(sys.argv[3:] if argv is None else argv))
+                command=recorded_command("speculative", sys.argv[3:] if argv is None else argv))
     write_results(rows, meta, to_markdown(rows, meta), args.json_out, args.out)
     return 0
