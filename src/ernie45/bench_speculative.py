@@ -25,7 +25,6 @@ from typing import Any
 
 from ernie45.errors import ErnieError
 
-METHODS = ("mtp", "ngram")
 # held-out lines (not in the bundled models' training poems) and a repeat-this-text prompt for prompt lookup
 HELD_OUT = [
     "秋风吹渭水，落叶满长安。",
@@ -252,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ernie45.bench import _cpu_name, _csv, recorded_command, write_results
     from ernie45.bench_checkpoints import SHAPES
+    from ernie45.generation.speculative import MAX_SPECULATIVE_TOKENS, METHODS
 
     args = build_parser().parse_args(argv)
     methods = _csv(args.speculative, METHODS, "speculative method")
@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         raise ErnieError(f"--num-speculative-tokens wants a comma list of integers, got {args.num_speculative_tokens!r}"
                          ) from None
-    if not ks or not all(1 <= k <= 16 for k in ks):
-        raise ErnieError("--num-speculative-tokens: each k must be in [1, 16]")
+    if not ks or not all(1 <= k <= MAX_SPECULATIVE_TOKENS for k in ks):
+        raise ErnieError(f"--num-speculative-tokens: each k must be in [1, {MAX_SPECULATIVE_TOKENS}]")
     shapes = [] if args.shape == "none" else _csv(args.shape, tuple(SHAPES), "shape")
     if args.dtype not in ("fp32", "bf16"):
         raise ErnieError(f"unknown dtype {args.dtype!r}; choose from fp32, bf16")

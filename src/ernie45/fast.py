@@ -301,6 +301,9 @@ class FastDecoder:
         # ernie_step_batch's arguments + (hidden out (B, H) fp32, 1: pre-norm / 0: post-norm)
         lib.ernie_step_batch_h.argtypes = [*lib.ernie_step_batch.argtypes, c_void_p, c_int]
         lib.ernie_step_batch_h.restype = c_int
+        # (model, Linear, x, y): one GEMV (`gemv`)
+        lib.ernie_gemv.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Linear), c_void_p, c_void_p]
+        lib.ernie_gemv.restype = c_int
         self.n_layers, self.n_kv, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         self.hidden = cfg.hidden_size
         lib.ernie_release.argtypes = [ctypes.POINTER(_Model)]
@@ -406,10 +409,6 @@ class FastDecoder:
         decoder's scratch: for a few rows it streams the weight at full bandwidth, where PyTorch's one-row bf16
         matmul is several times slower."""
         lib = self._lib
-        if not getattr(lib, "_gemv_typed", False):
-            lib.ernie_gemv.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Linear), c_void_p, c_void_p]
-            lib.ernie_gemv.restype = c_int
-            lib._gemv_typed = True
         rows = x.reshape(-1, L.in_).float().contiguous()  # (n, in)
         y = torch.empty(rows.shape[0], L.out, dtype=torch.float32)
         with _STEP_LOCK:

@@ -236,16 +236,26 @@ class GGUFCheckpoint:
         for t in sorted(self.file.tensors.values(), key=lambda t: t.data_offset):
             for key, expert in targets[t.name]:
                 module = key.removesuffix(".weight")
-                if module in self.int4 or (module == EMBED and self.int4_embedding):
+                held = self._held_as(module)
+                if held == "int4":
                     read = self._read_q4_0 if t.tensor_type == _types().Q4_0 else self._read_q4_k
                     read(t, expert, *(storage[module + s] for s in (".weight", ".weight_scale", ".weight_zero")))
-                elif module in self.int8 or (module == EMBED and self.int8_embedding):
+                elif held == "int8":
                     self._read_q8_0(t, expert, storage[module + ".weight"], storage[module + ".weight_scale"])
                 else:
                     out = storage[key]
                     flat = out.view(-1, out.shape[-1]) if out.dim() > 1 else out.view(1, -1)
                     for r0, r1, block in self._blocks(t, expert):
                         flat[r0:r1].copy_(_as_torch(block, t.tensor_type))
+
+    def _held_as(self, module: str) -> str | None:
+        """"int4" / "int8" where `module`'s weight is held in ernie45's int4 / int8 groups of 32 (the Linears and
+        the token embedding read without requantizing), else None."""
+        if module in self.int4 or (module == EMBED and self.int4_embedding):
+            return "int4"
+        if module in self.int8 or (module == EMBED and self.int8_embedding):
+            return "int8"
+        return None
 
     def _blocks(self, t, expert: int | None):
         """(r0, r1, rows r0:r1 of tensor `t` (or of its expert) copied out of the map), in bounded blocks; each
@@ -310,14 +320,10 @@ class GGUFCheckpoint:
         for t in sorted(self.file.tensors.values(), key=lambda t: t.data_offset):
             key = name_of[t.name]
             module = key.removesuffix(".weight")
-            if module in self.int4 or (module == EMBED and self.int4_embedding):
-                exact = dt == torch.float32 or (dt == torch.float16 and t.tensor_type == Q.Q4_0)
-                held = "int4, group 32, " + ("exact" if exact else f"scales rounded to {str(dt)[6:]}")
-                if module == EMBED and self.config.tie_word_embeddings:
-                    held += "; also the tied output head"
-            elif module in self.int8 or (module == EMBED and self.int8_embedding):  # d is fp16: exact in fp32/fp16
-                exact = dt in (torch.float32, torch.float16)
-                held = "int8, group 32, " + ("exact" if exact else f"scales rounded to {str(dt)[6:]}")
+            held_as = self._held_as(module)
+            if held_as:  # Q4_0's and Q8_0's scales are fp16: exact in fp32/fp16; Q4_K's d * sc only in fp32
+                exact = dt == torch.float32 or (dt == torch.float16 and t.tensor_type in (Q.Q4_0, Q.Q8_0))
+                held = f"{held_as}, group 32, " + ("exact" if exact else f"scales rounded to {str(dt)[6:]}")
                 if module == EMBED and self.config.tie_word_embeddings:
                     held += "; also the tied output head"
             else:
@@ -335,10 +341,6 @@ def _as_torch(block: np.ndarray, qtype) -> Tensor:
         return torch.from_numpy(block)
     if qtype == Q.BF16:
         return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
-    if qtype == Q.Q8_0:  # d * q in fp32, as the gguf library computes it, on torch's threads (~10x its numpy)
-        b = torch.from_numpy(block).view(block.shape[0], -1, 34)  # (rows, blocks, fp16 d + 32 int8)
-        d = b[..., :2].contiguous().view(torch.float16).float()
-        return (b[..., 2:].contiguous().view(torch.int8).float() * d).view(block.shape[0], -1)
     import gguf
 
     return torch.from_numpy(gguf.quants.dequantize(block, qtype))

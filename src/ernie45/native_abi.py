@@ -70,8 +70,8 @@ def dequant_rows(kind: int, weight: Tensor, out_features: int, in_features: int,
     """A `weight_rows(i, j)` for `ernie45.quant.kernels.tiled_mm` that widens rows i:j to fp32 with the C kernel
     `ernie_dequant` (one pass, both cores, the same values as the PyTorch dequantisation, ~6x faster), or None
     where the C kernels are not built. int4 weights must be row-major, w = (q - 8) * scale + zero; int8
-    w = q * scale (scale (out,) with `group` 0, else (out, in/group)). `scale` and `zero` are read in place when fp32 or bf16 (one dtype) and contiguous, else
-    widened to fp32 (exact, so the same values). `isa`: the kernels' ISA level (default `ERNIE45_ISA`).
+    w = q * scale (scale (out,) with `group` 0, else (out, in/group)). `scale` and `zero` are read in place when
+    fp32 or bf16 (one dtype) and contiguous, else widened to fp32 (exact, so the same values). `isa`: the kernels' ISA level (default `ERNIE45_ISA`).
     `transient`: each tile is written into this thread's reusable buffer (`tile_buffer`), valid until the next call
     (what `tiled_mm` needs; never for a tile a caller keeps)."""
     lib = native.load("decode", isa)

@@ -556,7 +556,32 @@ class LLMInt8Linear(QuantLinear):
         )
 
 
-class Int8Embedding(nn.Module):
+class QuantEmbedding(nn.Module):
+    """A frozen token embedding held quantized: `_dequant` of its `_tensors` (in that order) gives rows in fp32
+    arithmetic, rounded once to the model dtype (the dtype of `weight_scale`); a lookup dequantizes only the rows
+    asked for."""
+
+    _tensors: tuple[str, ...] = ("weight", "weight_scale")
+
+    def _dequant(self, *tensors: Tensor, dtype: torch.dtype) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.weight_scale.dtype
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The (num_embeddings, embedding_dim) float table this module looks rows up in."""
+        return self._dequant(*(getattr(self, n) for n in self._tensors), dtype=dtype or self.compute_dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        rows = self._dequant(*(getattr(self, n).index_select(0, flat) for n in self._tensors),
+                             dtype=self.compute_dtype)  # (T, H)
+        return rows.view(*ids.shape, self.embedding_dim)
+
+
+class Int8Embedding(QuantEmbedding):
     """A frozen token embedding held in int8, one scale per vocabulary row (symmetric absmax: the quantizer of
     wint8's `Int8Linear`, `quantize_int8_per_channel`): V x H bytes plus V scales instead of 2 V x H in bf16.
     `group_size` 32: one scale per 32 columns (`weight_scale` (V, H/32)), as a GGUF's Q8_0 token_embd, filled by
@@ -602,10 +627,6 @@ class Int8Embedding(nn.Module):
         m.weight, m.weight_scale = quantize_int8_per_channel(w, dtype, stats=stats)
         return m
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.weight_scale.dtype
-
     def tie_head(self, head: Int8Linear) -> None:
         """Make the output head (an Int8Linear of the same groups) compute with this table's tensors."""
         if type(head) is not Int8Linear or not self.group_size or head.group_size != self.group_size:
@@ -613,22 +634,15 @@ class Int8Embedding(nn.Module):
                              f"{self.group_size or 32} columns")
         head.weight, head.weight_scale = self.weight, self.weight_scale
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The (num_embeddings, embedding_dim) float table this module looks rows up in."""
-        return kernels.dequantize_int8(self.weight, self.weight_scale, self.group_size, dtype or self.compute_dtype)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        flat = ids.reshape(-1)
-        rows = kernels.dequantize_int8(self.weight.index_select(0, flat), self.weight_scale.index_select(0, flat),
-                                       self.group_size, self.compute_dtype)  # (T, H)
-        return rows.view(*ids.shape, self.embedding_dim)
+    def _dequant(self, weight: Tensor, scale: Tensor, *, dtype: torch.dtype) -> Tensor:
+        return kernels.dequantize_int8(weight, scale, self.group_size, dtype)
 
     def extra_repr(self) -> str:
         how = f"int8 groups of {self.group_size}" if self.group_size else "int8 per row"
         return f"{self.num_embeddings}, {self.embedding_dim}, {how}"
 
 
-class Int4Embedding(nn.Module):
+class Int4Embedding(QuantEmbedding):
     """A frozen token embedding held as wint4 groups (Int4Linear's row-major layout: nibbles, a scale and a zero per
     group of columns), as llama.cpp's Q4_0 files hold `token_embd`: `ernie45.gguf_load` fills it without
     requantizing (V x H / 2 bytes instead of 2 V x H in bf16). Where the embedding is tied to the output head, the
@@ -639,6 +653,7 @@ class Int4Embedding(nn.Module):
     """
 
     mode = "int4"
+    _tensors = ("weight", "weight_scale", "weight_zero")
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, padding_idx: int | None = None, group_size: int = 32):
@@ -652,10 +667,6 @@ class Int4Embedding(nn.Module):
         self.register_buffer("weight_scale", torch.empty(num_embeddings, groups, dtype=dtype, device=device))
         self.register_buffer("weight_zero", torch.empty(num_embeddings, groups, dtype=dtype, device=device))
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.weight_scale.dtype
-
     def tie_head(self, head: Int4Linear) -> None:
         """Make the output head (an Int4Linear of the same group size) compute with this table's tensors; it stays
         row-major, since PyTorch's int4 kernel layout would be a second copy."""
@@ -664,17 +675,8 @@ class Int4Embedding(nn.Module):
         head.weight, head.weight_scale, head.weight_zero = self.weight, self.weight_scale, self.weight_zero
         head.keep_rowmajor = True
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The (num_embeddings, embedding_dim) float table this module looks rows up in."""
-        return kernels.dequantize_int4(self.weight, self.weight_scale, self.weight_zero, self.group_size,
-                                       kernels.ROWMAJOR_INT4_LAYOUT, dtype or self.compute_dtype)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        flat = ids.reshape(-1)
-        rows = kernels.dequantize_int4(self.weight.index_select(0, flat), self.weight_scale.index_select(0, flat),
-                                       self.weight_zero.index_select(0, flat), self.group_size,
-                                       kernels.ROWMAJOR_INT4_LAYOUT, self.compute_dtype)  # (T, H)
-        return rows.view(*ids.shape, self.embedding_dim)
+    def _dequant(self, weight: Tensor, scale: Tensor, zero: Tensor, *, dtype: torch.dtype) -> Tensor:
+        return kernels.dequantize_int4(weight, scale, zero, self.group_size, kernels.ROWMAJOR_INT4_LAYOUT, dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int4 groups of {self.group_size}"
