@@ -190,9 +190,13 @@ def _load(name: str, isa: str) -> ctypes.CDLL | None:
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)  # a loaded library stays mapped
-    lib.ernie_isa.restype = ctypes.c_char_p
-    # (const Linear *, row0, row1, float *out, threads): the Linear struct is ernie45.native_abi._Linear
-    lib.ernie_dequant.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    if name == "decode":
+        lib.ernie_isa.restype = ctypes.c_char_p
+        # (const Linear *, row0, row1, float *out, threads): the Linear struct is ernie45.native_abi._Linear
+        lib.ernie_dequant.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    elif name == "qmm":  # (kind, w, scale, zero, N, K, group, x, M, y, threads)
+        i, p = ctypes.c_int, ctypes.c_void_p
+        lib.ernie_qmm.argtypes = [i, p, p, p, i, i, i, p, i, p, i]
     return lib
 
 

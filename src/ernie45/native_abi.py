@@ -1,5 +1,6 @@
 """The interface of the C kernels in `csrc/decode.c`: ctypes mirrors of its structs, the weight kinds, and
-`dequant_rows`, the one-pass widening of weight rows to fp32.
+`dequant_rows`, the one-pass widening of weight rows to fp32; and `qmm`, the integer prefill product of
+`csrc/qmm.c`.
 
 Shared by the C decode step (`ernie45.fast.FastDecoder`) and the quantized Linears' prefill
 (`ernie45.quant.kernels`), and kept apart from both, so that neither module imports the other.
@@ -95,3 +96,37 @@ def dequant_rows(kind: int, weight: Tensor, out_features: int, in_features: int,
         return out
 
     return weight_rows
+
+
+def qmm_simd(isa: str | None = None) -> int:
+    """What `csrc/qmm.c` runs here: 2 = AVX2 + VNNI, 1 = AVX2, 0 = the plain C loops or not built (the callers in
+    `ernie45.quant.kernels` use it only where it is vectorised)."""
+    lib = native.load("qmm", isa)
+    return lib.ernie_qmm_simd() if lib is not None else 0
+
+
+def qmm(x2: Tensor, kind: int, weight: Tensor, scale: Tensor, zero: Tensor | None, group: int,
+        isa: str | None = None) -> Tensor | None:
+    """(M, K) float activations times an (N, K) int4 (row-major packed, w = (q - 8) * scale + zero, groups of
+    `group`) or int8 (w = q * scale; scale (N,) with group 0, (N, K/32) with group 32) weight -> (M, N) fp32, with
+    the activations quantized per row as `csrc/qmm.c` describes; None where the kernel is not built or the shape is
+    not one it takes."""
+    lib = native.load("qmm", isa)
+    if lib is None or x2.device.type != "cpu" or weight.device.type != "cpu":
+        return None
+    n = weight.shape[0]
+    k = weight.shape[1] * (2 if kind == W_I4 else 1)
+    if x2.shape[0] == 0:
+        return torch.empty(0, n)
+    xf = x2.float().contiguous()
+    sc = scale.float().contiguous()
+    zr = zero.float().contiguous() if zero is not None else None
+    w = weight.contiguous()
+    y = torch.empty(xf.shape[0], n)
+    rc = lib.ernie_qmm(kind, w.data_ptr(), sc.data_ptr(), zr.data_ptr() if zr is not None else None, n, k, group,
+                       xf.data_ptr(), xf.shape[0], y.data_ptr(), torch.get_num_threads())
+    if rc == -2:
+        return None
+    if rc != 0:
+        raise MemoryError("the integer prefill product could not allocate its scratch")
+    return y

@@ -48,11 +48,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ernie45.device import cpu_has_fast_bf16
-from ernie45.native_abi import W_I4, W_I8, dequant_rows, tile_buffer
+from ernie45.native_abi import W_I4, W_I8, dequant_rows, qmm, qmm_simd, tile_buffer
 
 KERNELS = {
-    "wint8": ("int8pack", "dequant"),
-    "wint4": ("int4pack", "dequant"),
+    "wint8": ("int8pack", "qmm", "dequant"),
+    "wint4": ("int4pack", "qmm", "dequant"),
     "llm.int8": ("int_mm", "float"),
 }
 INT8PACK_MAX_ROWS = 4
@@ -236,14 +236,14 @@ def choose_kernel(op: str, x: Tensor, n: int, k: int, group_size: int = 0) -> st
         )
         if fast and (forced == "int8pack" or (forced is None and rows <= INT8PACK_MAX_ROWS)):
             return "int8pack"
-        return "dequant"
+        return "qmm" if _qmm_wins(x, rows, forced) else "dequant"
     if op == "wint4":
         fast = not wants_autograd(x) and int4pack_usable(dev, n, k, group_size)
         # above INT4PACK_MAX_ROWS the fallback wins only where it multiplies in native bf16
         wins = rows <= INT4PACK_MAX_ROWS or matmul_dtype(x) == torch.float32
         if fast and (forced == "int4pack" or (forced is None and wins)):
             return "int4pack"
-        return "dequant"
+        return "qmm" if _qmm_wins(x, rows, forced) else "dequant"
     if op == "llm.int8":
         if dev.type == "cuda":  # cuBLASLt int8 needs > 16 rows and multiples of 8
             fast = rows > 16 and n % 8 == 0 and k % 8 == 0 and _int_mm_probe("cuda")
@@ -251,6 +251,16 @@ def choose_kernel(op: str, x: Tensor, n: int, k: int, group_size: int = 0) -> st
             fast = dev.type == "cpu" and _int_mm_probe("cpu")
         return "int_mm" if fast and forced != "float" else "float"
     raise ValueError(f"unknown op {op!r}")
+
+
+def _qmm_wins(x: Tensor, rows: int, forced: str | None) -> bool:
+    """The integer prefill product (`csrc/qmm.c`) where the fallback would multiply fp32 tiles: more rows than a
+    decode step (decoding keeps the exact-activation paths), on a CPU where it is vectorised (AVX2)."""
+    if forced == "dequant" or wants_autograd(x) or x.device.type != "cpu":
+        return False
+    if forced == "qmm":
+        return True
+    return rows > INT8PACK_MAX_ROWS and matmul_dtype(x) == torch.float32 and qmm_simd() > 0
 
 
 # ---- the operations -------------------------------------------------------------------------------
@@ -297,11 +307,11 @@ def _onednn_fp32(x: Tensor) -> bool:
 
 def int8_weight_mm(x2: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     """(M, K) float x (N, K) int8 with per-row scale (N,) -> (M, N) in x's dtype (weight-only int8)."""
-    if (
-        choose_kernel("wint8", x2, weight.shape[0], weight.shape[1]) == "int8pack"
-        and weight.data_ptr() % ALIGNMENT == 0
-    ):
+    kernel = choose_kernel("wint8", x2, weight.shape[0], weight.shape[1])
+    if kernel == "int8pack" and weight.data_ptr() % ALIGNMENT == 0:
         return torch._weight_int8pack_mm(x2.contiguous(), weight, scale.to(x2.dtype))
+    if kernel == "qmm" and (y := qmm(x2, W_I8, weight, scale, None, 0)) is not None:
+        return y.to(x2.dtype)
     if wants_autograd(x2):
         return F.linear(x2, weight.to(x2.dtype)) * scale.to(x2.dtype)
     dtype = matmul_dtype(x2)
@@ -330,6 +340,9 @@ def int8_group_mm(x2: Tensor, weight: Tensor, scale: Tensor, group_size: int) ->
     tiles; more rows multiply in `matmul_dtype`, rounding the weights once."""
     if wants_autograd(x2):
         return F.linear(x2, dequantize_int8(weight, scale, group_size, x2.dtype))
+    if (choose_kernel("wint8", x2, weight.shape[0], weight.shape[1]) == "qmm"
+            and (y := qmm(x2, W_I8, weight, scale, None, group_size)) is not None):
+        return y.to(x2.dtype)
     dtype = matmul_dtype(x2) if x2.shape[0] > INT8PACK_MAX_ROWS else torch.float32
     n, k = weight.shape
 
@@ -353,13 +366,17 @@ def int4_weight_mm(
 ) -> Tensor:
     """(M, K) float x int4 (N, K/2) in `layout` with group scale/zero (N, K/g) -> (M, N) in x's dtype."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    if layout == CPU_INT4_LAYOUT and choose_kernel("wint4", x2, n, k, group_size) == "int4pack":
+    kernel = choose_kernel("wint4", x2, n, k, group_size)
+    if layout == CPU_INT4_LAYOUT and kernel == "int4pack":
         kdtype = torch.bfloat16 if x2.dtype == torch.float32 else x2.dtype
         sz = scales_and_zeros if scales_and_zeros is not None else int4_scales_and_zeros(scale, zero, kdtype)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(kdtype).contiguous(), packed, group_size, sz)
         return out.to(x2.dtype)
     if wants_autograd(x2):
         return F.linear(x2, dequantize_int4(packed, scale, zero, group_size, layout, x2.dtype))
+    if (kernel == "qmm" and layout == ROWMAJOR_INT4_LAYOUT
+            and (y := qmm(x2, W_I4, packed, scale, zero, group_size)) is not None):
+        return y.to(x2.dtype)
     dtype = matmul_dtype(x2)
 
     def weight_rows(i: int, j: int) -> Tensor:
