@@ -222,3 +222,36 @@ def test_step_batch_checks_its_arguments():
                              ([5, 6], [0, 4], torch.tensor([[0, 1], [2, -1]], dtype=torch.int32))):  # page -1
         with pytest.raises(RuntimeError, match="-2"):
             dec.step_batch(tokens, pos, tab, kp, vp)
+
+
+@pytest.mark.parametrize("mode", [None, "wint4"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_logit_rows_skip_the_head_for_unflagged_rows(name, mode):
+    """`logit_rows`: flagged rows' logits (and every row's K/V) equal those of a call computing every row, bit for
+    bit; the others are zeros (a server's prompt-chunk rows, whose lm_head would be wasted)."""
+    m = _model(name, torch.float32, mode)
+    dec = _decoder_or_skip(m, "native")
+    prompts = _prompts(6, seed=3)
+    cfg = m.config
+    block_size = 4
+    flat = [(b, t) for b, p in enumerate(prompts) for t in range(len(p))]  # every prompt token as a row
+    start, tables, n_blocks = _layout(len(prompts), [len(p) for p in prompts], block_size, seed=7)
+    shape = (n_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim)
+    pools = []
+    for _ in range(2):
+        pools.append(([torch.zeros(shape) for _ in range(cfg.num_hidden_layers)],
+                      [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)]))
+    toks = [prompts[b][t] for b, t in flat]
+    pos = [t for _, t in flat]
+    rows_tables = tables[[b for b, _ in flat]].contiguous()
+    want = [t == len(prompts[b]) - 1 for b, t in flat]  # each prompt's last row
+    with torch.inference_mode():
+        full = dec.step_batch(toks, pos, rows_tables, *pools[0])
+        sel = dec.step_batch(toks, pos, rows_tables, *pools[1], logit_rows=want)
+    flags = torch.tensor(want)
+    assert torch.equal(sel[flags], full[flags])
+    assert not sel[~flags].any()
+    for a, b in zip(pools[0][0] + pools[0][1], pools[1][0] + pools[1][1]):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="logit_rows"):
+        dec.step_batch(toks, pos, rows_tables, *pools[1], logit_rows=want[:-1])

@@ -68,6 +68,7 @@ class Calls:
 
     def __init__(self, engine: Engine):
         self.log: list[tuple[str, object]] = []
+        self.want: list[list[bool] | None] = []  # decode calls' logit-row flags
         runner = engine.runner
         prefill, decode = runner.prefill, runner.decode
 
@@ -75,9 +76,10 @@ class Calls:
             self.log.append(("prefill", [len(t) for t in tokens]))
             return prefill(tokens, past, tables)
 
-        def d(tokens, positions, tables):
+        def d(tokens, positions, tables, want=None):
             self.log.append(("decode", len(tokens)))
-            return decode(tokens, positions, tables)
+            self.want.append(want)
+            return decode(tokens, positions, tables, want)
 
         runner.prefill, runner.decode = p, d
 
@@ -271,6 +273,10 @@ def test_mixed_steps_prefill_as_extra_c_rows(ckpts):
     assert [op for op, _ in log].count("prefill") == 1  # only the first prompt, alone
     mixed = [rows for op, rows in log if op == "decode" and rows > 1]
     assert sum(mixed) - len(mixed) >= len(long_) - 4 and max(mixed) < len(long_)  # in several chunks
+    # chunk rows skip the lm_head: logits for the decoding stream and the prompt's last row only
+    flags = [w for w in calls.want if w is not None]
+    assert flags and all(w[0] for w in flags)  # calls with prompt rows (the others compute every row)
+    assert sum(sum(w[1:]) for w in flags) == 1 and flags[-1][-1]
 
 
 def test_small_pool_preempts_and_never_corrupts(ckpts):

@@ -458,7 +458,8 @@ class FastDecoder:
     def step_batch(self, tokens: list[int], positions: list[int], tables: Tensor, k_pages: list[Tensor],
                    v_pages: list[Tensor], k_scales: list[Tensor] | None = None,
                    v_scales: list[Tensor] | None = None, *, int8_round_trip: bool = False,
-                   hidden_out: Tensor | None = None, pre_norm: bool = False) -> Tensor:
+                   hidden_out: Tensor | None = None, pre_norm: bool = False,
+                   logit_rows: list[bool] | None = None) -> Tensor:
         """One decode step of B sequences over a paged KV cache; returns the next-token logits (B, vocab), fp32.
 
         Row b feeds `tokens[b]` at position `positions[b]` (the positions it has cached). `k_pages[l]` /
@@ -476,8 +477,14 @@ class FastDecoder:
 
         `hidden_out` (float pages): a contiguous fp32 (B, hidden) tensor that receives each row's last hidden state,
         the final norm's output (what the head reads) or, with `pre_norm`, its input: what a multi-token-prediction
-        draft head (`ernie45.mtp`) is fed after a verification step."""
+        draft head (`ernie45.mtp`) is fed after a verification step.
+
+        `logit_rows` (B flags): compute the logits of the flagged rows only (the lm_head is a large share of a row's
+        cost: a 103k-row head against ~120 M active weights on the MoE bench shape); the other rows' logits are
+        zeros, and the flagged rows' are unchanged."""
         B = len(tokens)
+        if logit_rows is not None and len(logit_rows) != B:
+            raise ValueError(f"step_batch: {len(logit_rows)} logit_rows flags for {B} rows")
         if hidden_out is not None and (k_scales is not None or v_scales is not None or int8_round_trip):
             raise ValueError("step_batch: hidden_out applies to float pages")
         if hidden_out is not None and (hidden_out.dtype != torch.float32 or hidden_out.device.type != "cpu"
@@ -505,21 +512,26 @@ class FastDecoder:
         if ids.numel() and int(ids.max()) >= num_blocks:  # C checks the rest (ids >= 0, positions in range)
             raise ValueError(f"step_batch: block id {int(ids.max())} out of range ({num_blocks} blocks)")
         toks, pos = (c_int * B)(*tokens), (c_int * B)(*positions)
-        logits = torch.empty(B, self.vocab, dtype=torch.float32)
+        want = None if logit_rows is None else (ctypes.c_ubyte * B)(*map(bool, logit_rows))
+        logits = (torch.empty if want is None else torch.zeros)(B, self.vocab, dtype=torch.float32)
         threads = torch.get_num_threads()
         with _STEP_LOCK:
             self._m.n_threads = threads
-            if q8:
-                rc = self._lib.ernie_step_batch_q8(ctypes.byref(self._m), B, toks, pos, kp, vp, ks, vs,
-                                                   tables.data_ptr(), tables.shape[1], block_size, logits.data_ptr())
-            elif hidden_out is not None:
-                rc = self._lib.ernie_step_batch_h(ctypes.byref(self._m), B, toks, pos, kp, vp, tables.data_ptr(),
-                                                  tables.shape[1], block_size, logits.data_ptr(),
-                                                  hidden_out.data_ptr(), int(pre_norm))
-            else:
-                fn = self._lib.ernie_step_batch_rt if int8_round_trip else self._lib.ernie_step_batch
-                rc = fn(ctypes.byref(self._m), B, toks, pos, kp, vp, tables.data_ptr(), tables.shape[1], block_size,
-                        logits.data_ptr())
+            self._m.want = ctypes.cast(want, c_void_p) if want is not None else None
+            try:
+                if q8:
+                    rc = self._lib.ernie_step_batch_q8(ctypes.byref(self._m), B, toks, pos, kp, vp, ks, vs,
+                                                       tables.data_ptr(), tables.shape[1], block_size, logits.data_ptr())
+                elif hidden_out is not None:
+                    rc = self._lib.ernie_step_batch_h(ctypes.byref(self._m), B, toks, pos, kp, vp, tables.data_ptr(),
+                                                      tables.shape[1], block_size, logits.data_ptr(),
+                                                      hidden_out.data_ptr(), int(pre_norm))
+                else:
+                    fn = self._lib.ernie_step_batch_rt if int8_round_trip else self._lib.ernie_step_batch
+                    rc = fn(ctypes.byref(self._m), B, toks, pos, kp, vp, tables.data_ptr(), tables.shape[1], block_size,
+                            logits.data_ptr())
+            finally:
+                self._m.want = None
         if rc != 0:
             raise RuntimeError(f"C batched decode step failed ({rc})")
         return logits

@@ -87,6 +87,9 @@ typedef struct {
     void *scratch;     /* owned (a Scratch, see prepare()); NULL until the first call */
     int scratch_len;   /* attention scores capacity in positions */
     float *scores;     /* owned: per thread, (n_heads / n_kv) x scratch_len */
+    const unsigned char *want; /* B flags for the next step_batch call, or NULL: the rows whose logits are computed (a
+                                * server's prompt-chunk rows need none but their last; a skipped row's logits are left
+                                * as they were, and the others are unchanged, bit for bit) */
 } Model;
 
 /* The KV layout every attention kernel reads: per layer a pool of pages (num_blocks, n_kv, block_size, head_dim)
@@ -2099,8 +2102,10 @@ static int step(Model *m, int B, const int *tokens, const int *pos, void **kp, v
     if (hidden) /* the last hidden state of each row, for a draft head (MTP): the final norm's input or output */
         for (int b = 0; b < B; b++) memcpy(hidden + (size_t)b * H, (hidden_pre ? A->x : A->n) + b * sh, sizeof(float) * H);
     tick(&t0, P_OTHER);
-    for (int b = 0; b < B; b++) jobs[b] = JOB(&m->head, A->n + b * sh, logits + (size_t)b * m->vocab);
-    if (gemv_multi(m, jobs, B, m->bf16)) return -1;
+    int nh = 0;
+    for (int b = 0; b < B; b++)
+        if (!m->want || m->want[b]) jobs[nh++] = JOB(&m->head, A->n + b * sh, logits + (size_t)b * m->vocab);
+    if (nh && gemv_multi(m, jobs, nh, m->bf16)) return -1;
     tick(&t0, P_HEAD);
     return 0;
 }

@@ -354,12 +354,14 @@ class Engine(Scheduler):
             [s.computed for s in seqs],
             [s.blocks for s in seqs],
         )
+        want = [True] * len(seqs)
         for s, n in chunks:
             tokens += s.tokens[s.computed : s.computed + n]
             pos += range(s.computed, s.computed + n)
             tables += [s.blocks] * n
+            want += [False] * (n - 1) + [s.computed + n >= s.target]  # logits only where the prompt ends
         t0 = time.monotonic()
-        logits = self.runner.decode(tokens, pos, tables)  # (rows, V)
+        logits = self.runner.decode(tokens, pos, tables, want if chunks else None)  # (rows, V)
         dt = time.monotonic() - t0
         extra = len(tokens) - len(seqs)
         if extra and seqs and self._decode_s is not None:  # what a chunk row costs beside the decode rows

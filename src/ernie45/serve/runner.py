@@ -68,11 +68,15 @@ class ModelRunner:
         """Logits (end - start, V) at new-token indices start..end-1 of row i of the last prefill."""
         return self._call(PROMPT_LOGITS, i, start, end, [])
 
-    def decode(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> Tensor:
-        """One token per row at `positions[i]` (= positions already cached) through `tables[i]`; logits (n, V)."""
+    def decode(self, tokens: list[int], positions: list[int], tables: list[list[int]],
+               want: list[bool] | None = None) -> Tensor:
+        """One token per row at `positions[i]` (= positions already cached) through `tables[i]`; logits (n, V).
+        `want`: the rows whose logits are needed (the C step skips the lm_head for the others, whose logits are
+        then zeros; the PyTorch path computes every row)."""
         n, W = len(tokens), max(len(t) for t in tables)
         flat = [b for t in tables for b in t + [0] * (W - len(t))]
-        return self._call(DECODE, n, W, 0, tokens + positions + flat)
+        flags = [] if want is None else [int(bool(w)) for w in want]
+        return self._call(DECODE, n, W, int(want is not None), tokens + positions + flat + flags)
 
     def heartbeat(self) -> None:
         """Keep idle followers inside their collective timeout (and notice a dead rank while idle)."""
@@ -120,7 +124,7 @@ class ModelRunner:
         if op == PROMPT_LOGITS:
             return self.model.lm_head(self._hidden[a, b:c]).float()
         if op == DECODE:
-            return self._decode(a, b, payload.cpu())
+            return self._decode(a, b, c, payload.cpu())
         return None
 
     def _prefill(self, n: int, W: int, payload: Tensor) -> Tensor:
@@ -145,16 +149,17 @@ class ModelRunner:
         last = self._hidden[torch.arange(n, device=dev), torch.tensor(new, device=dev) - 1]  # (n, H)
         return model.lm_head(last).float()  # (n, V)
 
-    def _decode(self, n: int, W: int, payload: Tensor) -> Tensor:
-        """payload = tokens (n), positions (n), tables (n * W)."""
+    def _decode(self, n: int, W: int, flagged: int, payload: Tensor) -> Tensor:
+        """payload = tokens (n), positions (n), tables (n * W), and with `flagged` the rows' want flags (n)."""
         self._hidden = None
         tokens, pos = payload[:n].tolist(), payload[n : 2 * n].tolist()
         tables = payload[2 * n : 2 * n + n * W].view(n, W)
+        want = payload[2 * n + n * W : 3 * n + n * W].tolist() if flagged else None
         self.cache.touch(tables)
         if self._native is not None:
             c = self.cache
             q8 = {} if c.k_scale is None else {"k_scales": c.k_scale, "v_scales": c.v_scale}
-            return self._native.step_batch(tokens, pos, tables.to(torch.int32), c.k, c.v, **q8)
+            return self._native.step_batch(tokens, pos, tables.to(torch.int32), c.k, c.v, **q8, logit_rows=want)
         dev = self.device
         batch = self.cache.batch(tables.to(dev), pos, [1] * n)
         mask = batch.mask(self.model.dtype)
