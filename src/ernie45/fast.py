@@ -480,8 +480,8 @@ class FastDecoder:
         draft head (`ernie45.mtp`) is fed after a verification step.
 
         `logit_rows` (B flags): compute the logits of the flagged rows only (the lm_head is a large share of a row's
-        cost: a 103k-row head against ~120 M active weights on the MoE bench shape); the other rows' logits are
-        zeros, and the flagged rows' are unchanged."""
+        cost: a 103k-row head against ~120 M active weights on the MoE bench shape); returns (flagged rows, vocab),
+        each row what it would be without the flags."""
         B = len(tokens)
         if logit_rows is not None and len(logit_rows) != B:
             raise ValueError(f"step_batch: {len(logit_rows)} logit_rows flags for {B} rows")
@@ -513,7 +513,7 @@ class FastDecoder:
             raise ValueError(f"step_batch: block id {int(ids.max())} out of range ({num_blocks} blocks)")
         toks, pos = (c_int * B)(*tokens), (c_int * B)(*positions)
         want = None if logit_rows is None else (ctypes.c_ubyte * B)(*map(bool, logit_rows))
-        logits = (torch.empty if want is None else torch.zeros)(B, self.vocab, dtype=torch.float32)
+        logits = torch.empty(B if want is None else sum(want), self.vocab, dtype=torch.float32)
         threads = torch.get_num_threads()
         with _STEP_LOCK:
             self._m.n_threads = threads

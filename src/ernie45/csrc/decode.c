@@ -88,8 +88,9 @@ typedef struct {
     int scratch_len;   /* attention scores capacity in positions */
     float *scores;     /* owned: per thread, (n_heads / n_kv) x scratch_len */
     const unsigned char *want; /* B flags for the next step_batch call, or NULL: the rows whose logits are computed (a
-                                * server's prompt-chunk rows need none but their last; a skipped row's logits are left
-                                * as they were, and the others are unchanged, bit for bit) */
+                                * server's prompt-chunk rows need none but their last), written back to back in row
+                                * order (logits then holds one vocab row per flagged row), each bit for bit what it
+                                * would be without the flags */
 } Model;
 
 /* The KV layout every attention kernel reads: per layer a pool of pages (num_blocks, n_kv, block_size, head_dim)
@@ -2104,7 +2105,10 @@ static int step(Model *m, int B, const int *tokens, const int *pos, void **kp, v
     tick(&t0, P_OTHER);
     int nh = 0;
     for (int b = 0; b < B; b++)
-        if (!m->want || m->want[b]) jobs[nh++] = JOB(&m->head, A->n + b * sh, logits + (size_t)b * m->vocab);
+        if (!m->want || m->want[b]) {
+            jobs[nh] = JOB(&m->head, A->n + b * sh, logits + (size_t)nh * m->vocab);
+            nh++;
+        }
     if (nh && gemv_multi(m, jobs, nh, m->bf16)) return -1;
     tick(&t0, P_HEAD);
     return 0;

@@ -374,14 +374,14 @@ class Engine(Scheduler):
             self._register_blocks(s)
         if seqs:
             self._advance(seqs, logits[: len(seqs)])
-        last, at = [], len(seqs)
+        ended = []  # logits holds the decode rows, then one row per chunk that ends its prompt
         for s, n in chunks:
             s.computed += n
             self._register_blocks(s)
-            at += n
-            last.append(at - 1)
-        if chunks:
-            self._first_tokens([s for s, _ in chunks], logits[last])
+            if s.computed >= s.target:
+                ended.append(s)
+        if ended:
+            self._first_tokens(ended, logits[len(seqs) : len(seqs) + len(ended)])
 
     def _speculate(self, s: Seq) -> bool:
         """A speculative step for the one decoding sequence: prompt-lookup drafts d_1..d_k, scored with its last

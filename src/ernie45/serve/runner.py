@@ -71,8 +71,8 @@ class ModelRunner:
     def decode(self, tokens: list[int], positions: list[int], tables: list[list[int]],
                want: list[bool] | None = None) -> Tensor:
         """One token per row at `positions[i]` (= positions already cached) through `tables[i]`; logits (n, V).
-        `want`: the rows whose logits are needed (the C step skips the lm_head for the others, whose logits are
-        then zeros; the PyTorch path computes every row)."""
+        `want`: the rows whose logits are needed; then only theirs are returned, in row order (the C step skips
+        the lm_head for the others)."""
         n, W = len(tokens), max(len(t) for t in tables)
         flat = [b for t in tables for b in t + [0] * (W - len(t))]
         flags = [] if want is None else [int(bool(w)) for w in want]
@@ -165,4 +165,5 @@ class ModelRunner:
         mask = batch.mask(self.model.dtype)
         ids = torch.tensor(tokens, device=dev)[:, None]
         out = self.model(ids, attention_mask=mask, position_ids=batch.position_ids(), cache=batch)
-        return out.logits[:, -1].float()  # (n, V)
+        logits = out.logits[:, -1].float()  # (n, V)
+        return logits if want is None else logits[torch.tensor(want, dtype=torch.bool, device=logits.device)]
