@@ -111,14 +111,18 @@ def test_kernel_choice_follows_what_the_machine_reports(monkeypatch):
         if isa not in native.levels():
             continue
         for dtype in (torch.float32, torch.bfloat16):
-            for rows in (1, kernels.INT8PACK_MAX_ROWS, 64):
+            for rows in (1, kernels.INT8PACK_MAX_ROWS, 16, kernels.QMM_MAX_ROWS_FAST_BF16, 64):
                 x = torch.randn(rows, 256).to(dtype)
-                want = (rows > kernels.INT8PACK_MAX_ROWS and kernels.matmul_dtype(x) == torch.float32
-                        and qmm_simd() > 0)
+                # more rows than a decode step, vectorised, and either fp32 tiles or few enough rows that
+                # dequantising the whole weight would cost more
+                want = (rows > kernels.INT8PACK_MAX_ROWS and qmm_simd() > 0
+                        and (kernels.matmul_dtype(x) == torch.float32 or rows <= kernels.QMM_MAX_ROWS_FAST_BF16))
                 pack8 = kernels.choose_kernel("wint8", x, 128, 256) == "int8pack"
                 assert (kernels.choose_kernel("wint8", x, 128, 256) == "qmm") == (want and not pack8), (isa, rows)
                 int4pack = kernels.choose_kernel("wint4", x, 128, 256, 64) == "int4pack"
                 assert (kernels.choose_kernel("wint4", x, 128, 256, 64) == "qmm") == (want and not int4pack)
+                # a row-major int4 weight (the C decode step attached) never takes PyTorch's int4 kernel
+                assert kernels.choose_kernel("wint4", x, 128, 256, 64, rowmajor=True) == ("qmm" if want else "dequant")
                 with kernels.use_kernel("wint4", "dequant"):
                     assert kernels.choose_kernel("wint4", x, 128, 256, 64) != "qmm"
 

@@ -171,8 +171,9 @@ def expected_kernel(mode: str, x: torch.Tensor, n: int, k: int, group_size: int)
     """The kernel `choose_kernel` must pick, from what this machine reports (no assumption about its ISA)."""
     rows = x.shape[0]
     # the integer prefill product where the fallback would multiply fp32 tiles and the machine vectorises it
-    fallback = ("qmm" if rows > kernels.INT8PACK_MAX_ROWS and kernels.matmul_dtype(x) == torch.float32
-                and qmm_simd() > 0 else "dequant")
+    fallback = ("qmm" if rows > kernels.INT8PACK_MAX_ROWS and qmm_simd() > 0
+                and (kernels.matmul_dtype(x) == torch.float32 or rows <= kernels.QMM_MAX_ROWS_FAST_BF16)
+                else "dequant")
     if mode == "wint8":
         pack = x.dtype == torch.bfloat16 and kernels.cpu_vector_isa() and kernels._int8pack_probe(x.dtype)
         return "int8pack" if pack and rows <= kernels.INT8PACK_MAX_ROWS else fallback

@@ -57,6 +57,7 @@ KERNELS = {
 }
 INT8PACK_MAX_ROWS = 4
 INT4PACK_MAX_ROWS = 128
+QMM_MAX_ROWS_FAST_BF16 = 32  # where bf16 matmuls are fast, qmm still beats dequantising a whole weight up to here
 ALIGNMENT = 64  # bytes; `_weight_int8pack_mm` crashes on weights that are not 16-byte aligned (4+ rows)
 TILE_WEIGHTS = 1 << 20  # weights per dequantised tile: 4 MB in fp32 (1024 rows of a 1024-wide layer)
 CPU_INT4_LAYOUT = "cpu_int4pack"  # the layout `_convert_weight_to_int4pack_for_cpu` produces
@@ -219,8 +220,9 @@ def int4pack_usable(device: torch.device, n: int, k: int, group_size: int) -> bo
     )
 
 
-def choose_kernel(op: str, x: Tensor, n: int, k: int, group_size: int = 0) -> str:
-    """The kernel for `x` (rows, k) times an (n, k) quantized weight; see the module docstring."""
+def choose_kernel(op: str, x: Tensor, n: int, k: int, group_size: int = 0, rowmajor: bool = False) -> str:
+    """The kernel for `x` (rows, k) times an (n, k) quantized weight; see the module docstring. `rowmajor`: an int4
+    weight kept in the portable layout (the C decode step reads it), for which PyTorch's int4 kernel is out."""
     rows = x.numel() // max(k, 1)
     forced = _forced.get(op)
     dev = x.device
@@ -238,7 +240,7 @@ def choose_kernel(op: str, x: Tensor, n: int, k: int, group_size: int = 0) -> st
             return "int8pack"
         return "qmm" if _qmm_wins(x, rows, forced) else "dequant"
     if op == "wint4":
-        fast = not wants_autograd(x) and int4pack_usable(dev, n, k, group_size)
+        fast = not rowmajor and not wants_autograd(x) and int4pack_usable(dev, n, k, group_size)
         # above INT4PACK_MAX_ROWS the fallback wins only where it multiplies in native bf16
         wins = rows <= INT4PACK_MAX_ROWS or matmul_dtype(x) == torch.float32
         if fast and (forced == "int4pack" or (forced is None and wins)):
@@ -254,13 +256,19 @@ def choose_kernel(op: str, x: Tensor, n: int, k: int, group_size: int = 0) -> st
 
 
 def _qmm_wins(x: Tensor, rows: int, forced: str | None) -> bool:
-    """The integer prefill product (`csrc/qmm.c`) where the fallback would multiply fp32 tiles: more rows than a
-    decode step (decoding keeps the exact-activation paths), on a CPU where it is vectorised (AVX2)."""
+    """The integer prefill product (`csrc/qmm.c`) for more rows than a decode step (decoding keeps the
+    exact-activation paths), on a CPU where it is vectorised: wherever the fallback would multiply fp32 tiles (no
+    fast bf16, or fp32 inputs), and, where bf16 matmuls are fast, up to QMM_MAX_ROWS_FAST_BF16 rows, below which
+    dequantising the whole weight costs more than the product (a short prompt, a MoE expert's few tokens; 2 cores
+    of a Zen 5 with AVX512-BF16, bf16 inputs, 3072x1024 / 512x1024 / 1536x2560 weights: int4 2.0-2.6x faster at 16
+    rows, 1.4-2.0x at 32, about even at 64; int8 1.1-1.7x at 16-32)."""
     if forced == "dequant" or wants_autograd(x) or x.device.type != "cpu":
         return False
     if forced == "qmm":
         return True
-    return rows > INT8PACK_MAX_ROWS and matmul_dtype(x) == torch.float32 and qmm_simd() > 0
+    if rows <= INT8PACK_MAX_ROWS or qmm_simd() == 0:
+        return False
+    return matmul_dtype(x) == torch.float32 or rows <= QMM_MAX_ROWS_FAST_BF16
 
 
 # ---- the operations -------------------------------------------------------------------------------
@@ -366,7 +374,7 @@ def int4_weight_mm(
 ) -> Tensor:
     """(M, K) float x int4 (N, K/2) in `layout` with group scale/zero (N, K/g) -> (M, N) in x's dtype."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    kernel = choose_kernel("wint4", x2, n, k, group_size)
+    kernel = choose_kernel("wint4", x2, n, k, group_size, rowmajor=layout == ROWMAJOR_INT4_LAYOUT)
     if layout == CPU_INT4_LAYOUT and kernel == "int4pack":
         kdtype = torch.bfloat16 if x2.dtype == torch.float32 else x2.dtype
         sz = scales_and_zeros if scales_and_zeros is not None else int4_scales_and_zeros(scale, zero, kdtype)
