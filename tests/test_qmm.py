@@ -16,6 +16,7 @@ from conftest import make_hf_model, save_hf
 
 from ernie45 import native
 from ernie45.checkpoint import load_checkpoint
+from ernie45.device import cpu_has_fast_bf16
 from ernie45.native_abi import W_I4, W_I8, qmm, qmm_simd
 from ernie45.quant import kernels, quantize_model
 from ernie45.quant.kernels import pack_int4_rowmajor
@@ -121,8 +122,11 @@ def test_kernel_choice_follows_what_the_machine_reports(monkeypatch):
                 assert (kernels.choose_kernel("wint8", x, 128, 256) == "qmm") == (want and not pack8), (isa, rows)
                 int4pack = kernels.choose_kernel("wint4", x, 128, 256, 64) == "int4pack"
                 assert (kernels.choose_kernel("wint4", x, 128, 256, 64) == "qmm") == (want and not int4pack)
-                # a row-major int4 weight (the C decode step attached) never takes PyTorch's int4 kernel
-                assert kernels.choose_kernel("wint4", x, 128, 256, 64, rowmajor=True) == ("qmm" if want else "dequant")
+                # a row-major int4 weight (the C decode step attached) never takes PyTorch's int4 kernel; on a fast-bf16
+                # CPU its decode-shaped products are prefill pieces (decoding runs in C) and take qmm too
+                few = cpu_has_fast_bf16() and qmm_simd() > 0 and rows <= kernels.INT8PACK_MAX_ROWS
+                assert kernels.choose_kernel("wint4", x, 128, 256, 64, rowmajor=True) == (
+                    "qmm" if want or few else "dequant")
                 with kernels.use_kernel("wint4", "dequant"):
                     assert kernels.choose_kernel("wint4", x, 128, 256, 64) != "qmm"
 

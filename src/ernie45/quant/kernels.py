@@ -245,7 +245,9 @@ def choose_kernel(op: str, x: Tensor, n: int, k: int, group_size: int = 0, rowma
         wins = rows <= INT4PACK_MAX_ROWS or matmul_dtype(x) == torch.float32
         if fast and (forced == "int4pack" or (forced is None and wins)):
             return "int4pack"
-        return "qmm" if _qmm_wins(x, rows, forced) else "dequant"
+        # a row-major weight on a fast-bf16 CPU is one the C decode step reads (PyTorch's int4 kernel would take it
+        # otherwise): its PyTorch products are prefill pieces, down to a MoE expert's one token of a short prompt
+        return "qmm" if _qmm_wins(x, rows, forced, any_rows=rowmajor and cpu_has_fast_bf16()) else "dequant"
     if op == "llm.int8":
         if dev.type == "cuda":  # cuBLASLt int8 needs > 16 rows and multiples of 8
             fast = rows > 16 and n % 8 == 0 and k % 8 == 0 and _int_mm_probe("cuda")
@@ -255,18 +257,20 @@ def choose_kernel(op: str, x: Tensor, n: int, k: int, group_size: int = 0, rowma
     raise ValueError(f"unknown op {op!r}")
 
 
-def _qmm_wins(x: Tensor, rows: int, forced: str | None) -> bool:
+def _qmm_wins(x: Tensor, rows: int, forced: str | None, any_rows: bool = False) -> bool:
     """The integer prefill product (`csrc/qmm.c`) for more rows than a decode step (decoding keeps the
     exact-activation paths), on a CPU where it is vectorised: wherever the fallback would multiply fp32 tiles (no
     fast bf16, or fp32 inputs), and, where bf16 matmuls are fast, up to QMM_MAX_ROWS_FAST_BF16 rows, below which
     dequantising the whole weight costs more than the product (a short prompt, a MoE expert's few tokens; 2 cores
     of a Zen 5 with AVX512-BF16, bf16 inputs, 3072x1024 / 512x1024 / 1536x2560 weights: int4 2.0-2.6x faster at 16
-    rows, 1.4-2.0x at 32, about even at 64; int8 1.1-1.7x at 16-32)."""
+    rows, 1.4-2.0x at 32, about even at 64; int8 1.1-1.7x at 16-32). `any_rows`: decode-shaped products too, for a
+    weight whose decoding runs elsewhere (a 10-token prompt on the 3-layer 21B-A3B shape, wint4: 248 -> 85 ms, its
+    experts' one-to-four-token products no longer dequantising whole experts)."""
     if forced == "dequant" or wants_autograd(x) or x.device.type != "cpu":
         return False
     if forced == "qmm":
         return True
-    if rows <= INT8PACK_MAX_ROWS or qmm_simd() == 0:
+    if (rows <= INT8PACK_MAX_ROWS and not any_rows) or rows < 1 or qmm_simd() == 0:
         return False
     return matmul_dtype(x) == torch.float32 or rows <= QMM_MAX_ROWS_FAST_BF16
 
