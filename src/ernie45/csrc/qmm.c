@@ -27,7 +27,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #if defined(_OPENMP)
 #include <omp.h>
 #else
@@ -43,10 +42,12 @@ enum { W_I8 = 2, W_I4 = 3 }; /* ernie45.native_abi's Linear kinds */
 #define QCH 32               /* bytes (int8) per chunk: one vector */
 #define I16CH 16             /* int16 per chunk */
 #define I8_BLOCK 4096        /* int8 x int16 columns summed in int32 before converting: 2 * 127 * 32767 * 256 < 2^31 */
-#define NB 48                /* weight rows per panel (a multiple of every R below) */
+#define NB 48                /* weight rows per panel (a multiple of QR) */
 #define MB 256               /* activation rows quantized at a time */
-#define RMAX 2
-#define CMAX 4
+/* tiles of QR weight rows x QC activation rows: 2 x 4 measured fastest of 1-4 x 2-8 on AVX2 (int4: 8 int16 sums, one
+ * weight vector and the activation vectors in 16 registers; the fp32 accumulators spill to L1 between groups) */
+#define QR 2
+#define QC 4
 
 /* the lane sums of up to 8 accumulators (v[k] -> out[k]), each in one order: ((l0 + l1) + (l2 + l3)) + ((l4 + l5) +
  * (l6 + l7)), the order of the AVX2 transpose-and-add tree (VHADDPS) */
@@ -173,15 +174,15 @@ static void unpack_i4(const uint8_t *p, int K, uint8_t *out) {
 INL void tile_i4(const int R, const int C, const uint8_t *w, const int8_t *xq, int K, int G, const float *sc,
                  const float *zr, int ngp, const float *d, const float *xs, const float *t, float *out) {
 #if QMM_AVX2
-    __m256 acc[RMAX * CMAX];
+    __m256 acc[QR * QC];
     for (int k = 0; k < R * C; k++) acc[k] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
     (void)ones;
     for (int g0 = 0, gi = 0; g0 < K; g0 += G, gi++) {
-        __m256i s[RMAX * CMAX];
+        __m256i s[QR * QC];
         for (int k = 0; k < R * C; k++) s[k] = _mm256_setzero_si256();
         for (int k = g0; k < g0 + G; k += QCH) {
-            __m256i a[CMAX];
+            __m256i a[QC];
             for (int c = 0; c < C; c++) a[c] = _mm256_loadu_si256((const __m256i *)(xq + (size_t)c * K + k));
             for (int r = 0; r < R; r++) {
                 __m256i b = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * K + k));
@@ -195,7 +196,7 @@ INL void tile_i4(const int R, const int C, const uint8_t *w, const int8_t *xq, i
 #endif
             }
         }
-        __m256 dc[CMAX];
+        __m256 dc[QC];
         for (int c = 0; c < C; c++) dc[c] = _mm256_broadcast_ss(d + (size_t)c * ngp + gi);
         for (int r = 0; r < R; r++) {
             __m256 sw = _mm256_broadcast_ss(sc + (size_t)r * ngp + gi);
@@ -219,7 +220,7 @@ INL void tile_i4(const int R, const int C, const uint8_t *w, const int8_t *xq, i
         }
     sum_lanes(acc, R * C, out);
 #else
-    float acc[RMAX * CMAX * QW];
+    float acc[QR * QC * QW];
     for (int c = 0; c < C; c++)
         for (int r = 0; r < R; r++) {
             float *f = acc + (c * R + r) * QW;
@@ -251,14 +252,14 @@ INL void tile_i8(const int R, const int C, const int8_t *w, const int16_t *xq, i
                  int ng, float *out) {
     const int blk = G ? G : I8_BLOCK;
 #if QMM_AVX2
-    __m256 acc[RMAX * CMAX];
+    __m256 acc[QR * QC];
     for (int k = 0; k < R * C; k++) acc[k] = _mm256_setzero_ps();
     for (int g0 = 0, gi = 0; g0 < K; g0 += blk, gi++) {
         const int end = g0 + blk < K ? g0 + blk : K;
-        __m256i s[RMAX * CMAX];
+        __m256i s[QR * QC];
         for (int k = 0; k < R * C; k++) s[k] = _mm256_setzero_si256();
         for (int k = g0; k < end; k += I16CH) {
-            __m256i b[RMAX];
+            __m256i b[QR];
             for (int r = 0; r < R; r++)
                 b[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (size_t)r * K + k)));
             for (int c = 0; c < C; c++) {
@@ -282,7 +283,7 @@ INL void tile_i8(const int R, const int C, const int8_t *w, const int16_t *xq, i
     }
     sum_lanes(acc, R * C, out);
 #else
-    float acc[RMAX * CMAX * QW];
+    float acc[QR * QC * QW];
     for (int c = 0; c < C; c++)
         for (int r = 0; r < R; r++) {
             float *f = acc + (c * R + r) * QW;
@@ -326,7 +327,7 @@ static void *grow(void **buf, size_t *cap, size_t need) {
  * the panel's scales and zeros (ngp apart), int8: sc the rows' scales in place (ng apart) */
 INL void tile_out(const int R, const int C, const Qmm *q, const void *panel, const float *sc, const float *zr,
                   int n0, int r0, int m0) {
-    float s[RMAX * CMAX] __attribute__((aligned(32)));
+    float s[QR * QC] __attribute__((aligned(32)));
     const int K = q->K;
     if (q->kind == W_I4)
         tile_i4(R, C, (const uint8_t *)panel + (size_t)r0 * K, (const int8_t *)q->xq + (size_t)m0 * K, K, q->G,
@@ -344,10 +345,6 @@ INL void tile_out(const int R, const int C, const Qmm *q, const void *panel, con
         }
 }
 
-/* tiles of QR weight rows x QC activation rows: 2 x 4 measured fastest of 1-4 x 2-8 on AVX2 (int4: 8 int16 sums, one
- * weight vector and the activation vectors in 16 registers; the fp32 accumulators spill to L1 between groups) */
-#define QR 2
-#define QC 4
 #define TILE(R, C) tile_out(R, C, q, panel, sc, zr, n0, r0, m0)
 #define TILE_C(R)                                                                                               \
     switch (C) {                                                                                               \
