@@ -227,6 +227,13 @@ static inline float vsum1(vf v) {
     v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
     return _mm512_cvtss_f32(v);
 }
+#if defined(__AVX512BF16__)
+/* bf16 pair dot products (VDPBF16PS): a vbf holds BF_PAIRS bf16, lane i of vbf_dot adds a[2i] b[2i] + a[2i+1] b[2i+1] */
+#define BF_PAIRS 32
+typedef __m512bh vbf;
+static inline vbf vbf_load(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
+static inline vf vbf_dot(vf acc, vbf a, vbf b) { return _mm512_dpbf16_ps(acc, a, b); }
+#endif
 #if defined(__AVX512BW__)
 /* int16 dot products: a vi holds VW int32 sums, each of two int16 x int16 products (2 * VW int16 per operand) */
 #define HAVE_XQ16 1
@@ -390,26 +397,20 @@ static float dot_bf16x(const uint16_t *w, const float *x, int n) {
     return s;
 }
 
-/* bf16 weight row; xb = x in bf16 (exact: in a bf16 model x holds bf16 values). AVX512-BF16 multiplies
+/* bf16 weight row; xb = x in bf16 (exact: in a bf16 model x holds bf16 values). AVX512-BF16 / aarch64 BFDOT multiply
  * bf16 pairs directly (products are exact in fp32, like the widening path). */
 static float dot_bf16(const uint16_t *w, const float *x, const uint16_t *xb, int n) {
-#if defined(__AVX512BF16__)
+#if defined(BF_PAIRS) /* AVX512-BF16, or aarch64 BFDOT (vec_neon.h) */
+    vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
     int i = 0;
-    float s = 0.f;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 128 <= n; i += 128) {
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(xb + i));
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(xb + i + 32));
-        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + i + 64), (__m512bh)_mm512_loadu_si512(xb + i + 64));
-        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + i + 96), (__m512bh)_mm512_loadu_si512(xb + i + 96));
+    for (; i + 4 * BF_PAIRS <= n; i += 4 * BF_PAIRS) {
+        a0 = vbf_dot(a0, vbf_load(w + i), vbf_load(xb + i));
+        a1 = vbf_dot(a1, vbf_load(w + i + BF_PAIRS), vbf_load(xb + i + BF_PAIRS));
+        a2 = vbf_dot(a2, vbf_load(w + i + 2 * BF_PAIRS), vbf_load(xb + i + 2 * BF_PAIRS));
+        a3 = vbf_dot(a3, vbf_load(w + i + 3 * BF_PAIRS), vbf_load(xb + i + 3 * BF_PAIRS));
     }
-    for (; i + 32 <= n; i += 32)
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(xb + i));
-    s = vhsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    return s + (i < n ? dot_bf16x(w + i, x + i, n - i) : 0.f);
-#elif defined(VEC_BFDOT) /* aarch64 BFDOT (vec_neon.h) */
-    int i;
-    float s = vbf_dot_row(w, xb, n, &i);
+    for (; i + BF_PAIRS <= n; i += BF_PAIRS) a0 = vbf_dot(a0, vbf_load(w + i), vbf_load(xb + i));
+    float s = vhsum(vadd(vadd(a0, a1), vadd(a2, a3)));
     return s + (i < n ? dot_bf16x(w + i, x + i, n - i) : 0.f);
 #else
     (void)xb;
@@ -808,10 +809,8 @@ static int tile_kind(const Job *J) {
     int n = L->in;
     switch (L->kind) {
     case W_F32: return n % VW ? -1 : T_F32;
-#if defined(__AVX512BF16__)
-    case W_BF16: return n % 32 ? -1 : T_BF16;
-#elif defined(VEC_BFDOT)
-    case W_BF16: return n % 8 ? -1 : T_BF16;
+#if defined(BF_PAIRS)
+    case W_BF16: return n % BF_PAIRS ? -1 : T_BF16;
 #else
     case W_BF16: return n % VW ? -1 : T_BF16;
 #endif
@@ -906,32 +905,9 @@ INL void tile_f32(const int R, const int C, const Linear *L, const Job *J, long 
     tile_reduce(R, C, a, s, stride);
 }
 
-#if defined(__AVX512BF16__)
-/* bf16 weights against x in bf16 (dpbf16: pairs of exact products, in fp32), 32 columns (one line) a chunk */
-INL void tile_bf16(const int R, const int C, const Linear *L, const Job *J, long r0, const char **pfp, int cnt,
-                   int parts, float *s, int stride) {
-    const char *pf = *pfp;
-    const int n = L->in;
-    const uint16_t *w[RMAX], *x[CMAX];
-    __m512 a[RMAX * CMAX];
-    for (int r = 0; r < R; r++) w[r] = (const uint16_t *)L->w + (size_t)(r0 + r) * n;
-    for (int c = 0; c < C; c++) x[c] = J[c].xb;
-    for (int k = 0; k < R * C; k++) a[k] = _mm512_setzero_ps();
-    for (int i = 0; i < n; i += 32) {
-        PF_SEQ(64);
-        __m512bh wv[RMAX];
-        for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w[r] + i);
-        for (int c = 0; c < C; c++) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512(x[c] + i);
-            REG(xv);
-            for (int r = 0; r < R; r++) a[c * R + r] = _mm512_dpbf16_ps(a[c * R + r], wv[r], xv);
-        }
-    }
-    *pfp = pf;
-    tile_reduce(R, C, a, s, stride);
-}
-#elif defined(VEC_BFDOT)
-/* aarch64 BFDOT: bf16 weights against x in bf16, 8 columns a chunk, lines of 32 columns */
+#if defined(BF_PAIRS)
+/* bf16 weights against x in bf16, BF_PAIRS columns a chunk (VDPBF16PS: 32, one line; aarch64 BFDOT: 8), pairs of
+ * exact products summed in fp32; lines of 32 columns */
 INL void tile_bf16(const int R, const int C, const Linear *L, const Job *J, long r0, const char **pfp, int cnt,
                    int parts, float *s, int stride) {
     const char *pf = *pfp;
@@ -941,7 +917,7 @@ INL void tile_bf16(const int R, const int C, const Linear *L, const Job *J, long
     for (int r = 0; r < R; r++) w[r] = (const uint16_t *)L->w + (size_t)(r0 + r) * n;
     for (int c = 0; c < C; c++) x[c] = J[c].xb;
     for (int k = 0; k < R * C; k++) a[k] = vzero();
-    for (int i = 0; i < n; i += 8) {
+    for (int i = 0; i < n; i += BF_PAIRS) {
         if (i % 32 == 0) PF_SEQ(64);
         vbf wv[RMAX];
         for (int r = 0; r < R; r++) wv[r] = vbf_load(w[r] + i);

@@ -111,24 +111,11 @@ static inline vf vandn_f32(vf a, vf b) {
 
 #if defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC) && !defined(ERNIE45_NO_BFDOT)
 #define VEC_BFDOT 1
+#define BF_PAIRS 8        /* bf16 per vbf (decode.c's bf16 pair dot products, as AVX512-BF16's) */
 typedef bfloat16x8_t vbf; /* 8 bf16 */
 static inline vbf vbf_load(const uint16_t *p) { return vreinterpretq_bf16_u16(vld1q_u16(p)); }
 /* acc lane i += a[2i] b[2i] + a[2i+1] b[2i+1] */
 static inline vf vbf_dot(vf acc, vbf a, vbf b) { return vbfdotq_f32(acc, a, b); }
-/* the BFDOT sum of a bf16 row w against xb over its first *done = n - n % 8 columns */
-static inline float vbf_dot_row(const uint16_t *w, const uint16_t *xb, int n, int *done) {
-    vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
-    int i = 0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = vbf_dot(a0, vbf_load(w + i), vbf_load(xb + i));
-        a1 = vbf_dot(a1, vbf_load(w + i + 8), vbf_load(xb + i + 8));
-        a2 = vbf_dot(a2, vbf_load(w + i + 16), vbf_load(xb + i + 16));
-        a3 = vbf_dot(a3, vbf_load(w + i + 24), vbf_load(xb + i + 24));
-    }
-    for (; i + 8 <= n; i += 8) a0 = vbf_dot(a0, vbf_load(w + i), vbf_load(xb + i));
-    *done = i;
-    return vhsum(vadd(vadd(a0, a1), vadd(a2, a3)));
-}
 #endif
 
 /* an operand kept in a SIMD register (aarch64's constraint is "w", x86's "v") */
