@@ -279,6 +279,36 @@ def test_mixed_steps_prefill_as_extra_c_rows(ckpts):
     assert sum(sum(w[1:]) for w in flags) == 1 and flags[-1][-1]
 
 
+def test_engine_lets_the_event_loop_send_a_steps_tokens_before_the_next_step(ckpts):
+    """After each step the engine waits (the GIL released) until the event loop has taken the step's tokens:
+    otherwise the loop's per-token work runs during the next step and pre-empts one of its threads. Every decode
+    call finds the consumer holding every token emitted before it (the deadline is lifted so the order is exact)."""
+    model, tok = load(ckpts["dense"])
+    engine = Engine(model, tok, EngineArgs(max_num_seqs=1, max_model_len=256, block_size=4))
+    engine._settle_s = 60.0
+    got: list[int] = []
+    seen: list[int] = []
+    decode = engine.runner.decode
+
+    def d(tokens, positions, tables, want=None):
+        seen.append(len(got))
+        return decode(tokens, positions, tables, want)
+
+    engine.runner.decode = d
+    engine.start()
+
+    async def go():
+        g = engine.submit([tok.encode("床前明月光")], [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)])
+        async for _, out in g:
+            got.extend(out.token_ids)
+
+    try:
+        asyncio.run(go())
+    finally:
+        engine.shutdown(0.0)
+    assert len(got) == 12 and seen == list(range(1, 12))  # the prompt's pass gives token 1, decode call i token i + 2
+
+
 def test_small_pool_preempts_and_never_corrupts(ckpts):
     """A pool smaller than the requests' total: sequences are preempted and recomputed (mostly from the
     prefix cache) or wait, and every answer still equals its own greedy run."""

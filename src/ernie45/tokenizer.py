@@ -74,6 +74,7 @@ class Tokenizer:
                 self.sp.LoadFromSerializedProto(model_proto)
         except (OSError, RuntimeError) as e:
             raise ErnieError(f"cannot read SentencePiece model {model_file or 'rebuilt from GGUF'}: {e}") from None
+        self._pieces = self.sp.GetPieceSize()  # read per id by `decode`, which streaming calls every token
         cfg = self.config
         self.add_bos_token = bool(cfg.get("add_bos_token", False))
         self.add_eos_token = bool(cfg.get("add_eos_token", False))
@@ -180,7 +181,7 @@ class Tokenizer:
                     run = []
                 if not skip_special_tokens:
                     out.append(self._id_to_added.get(i) or self.sp.IdToPiece(i))
-            elif 0 <= i < self.sp.GetPieceSize():
+            elif 0 <= i < self._pieces:
                 run.append(i)
         if run:
             out.append(self.sp.DecodeIds(run))
