@@ -204,6 +204,10 @@ def test_step_batch_checks_its_arguments():
     assert dec.step_batch([5, 6], [0, 3], tables, kp, vp).shape == (2, cfg.vocab_size)
     with pytest.raises(ValueError, match="tables"):
         dec.step_batch([5, 6], [0, 0], tables.long(), kp, vp)
+    far = torch.tensor([[0, 1], [2, 4]], dtype=torch.int32)  # block 4 of 4: read by row 1 at position 4, not at 3
+    assert dec.step_batch([5, 6], [0, 3], far, kp, vp).shape == (2, cfg.vocab_size)
+    with pytest.raises(ValueError, match="block id 4 out of range"):
+        dec.step_batch([5, 6], [0, 4], far, kp, vp)
     with pytest.raises(ValueError, match="tables"):
         dec.step_batch([5, 6], [0, 0], tables[:, ::2], kp, vp)  # not contiguous
     with pytest.raises(ValueError, match="page pool"):
