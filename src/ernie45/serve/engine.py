@@ -510,20 +510,19 @@ class Engine(Scheduler):
         for s, item in self._outbox:
             by_loop.setdefault(s.group._loop, []).append((s, item))
         self._outbox = []
-        settled = threading.Event() if by_loop and self._settle_s > 0 else None
-        left = [len(by_loop)]
+        settled: list[threading.Event] = []
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(deliver, items)
-                if settled is not None:
-                    loop.call_soon_threadsafe(_after_ready, loop, SETTLE_ROUNDS, settled, left)
+                if self._settle_s > 0:
+                    settled.append(threading.Event())
+                    loop.call_soon_threadsafe(_after_ready, loop, SETTLE_ROUNDS, settled[-1])
             except RuntimeError:  # the event loop has closed: nobody is listening any more
                 for s, _ in items:
                     s.cancelled = True
-                if settled is not None:
-                    _count_down(settled, left)
-        if settled is not None:
-            settled.wait(self._settle_s)
+        deadline = time.monotonic() + self._settle_s
+        for ev in settled:
+            ev.wait(max(0.0, deadline - time.monotonic()))
 
     def _fail(self, s: Seq, err: EngineError) -> None:
         self._retire(s, "timeout" if err.status == 408 else "error")
@@ -560,22 +559,12 @@ SETTLE_S = 0.002
 SETTLE_ROUNDS = 3
 
 
-def _after_ready(loop: asyncio.AbstractEventLoop, rounds: int, settled: threading.Event, left: list[int]) -> None:
-    """Runs in the event loop: go round its ready queue `rounds` more times, then count this loop done."""
+def _after_ready(loop: asyncio.AbstractEventLoop, rounds: int, settled: threading.Event) -> None:
+    """Runs in the event loop: go round its ready queue `rounds` more times, then set `settled`."""
     if rounds:
-        loop.call_soon(_after_ready, loop, rounds - 1, settled, left)
+        loop.call_soon(_after_ready, loop, rounds - 1, settled)
     else:
-        _count_down(settled, left)
-
-
-_COUNT_LOCK = threading.Lock()
-
-
-def _count_down(settled: threading.Event, left: list[int]) -> None:
-    with _COUNT_LOCK:  # loops on several threads may finish at once
-        left[0] -= 1
-        if left[0] <= 0:
-            settled.set()
+        settled.set()
 
 
 def _rank_failed() -> EngineError:
