@@ -127,8 +127,8 @@ def test_c_decode_step_matches_pytorch(name, dtype, mode, isa, two_threads):
         tokens = generate(m, ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
     assert cache.length == ref_cache.length == 8
     # fp32: summation order only. bf16: PyTorch's bf16 roundings are reproduced, so at most one bf16 step apart.
-    # fp32 int8/int4: the VNNI kernels quantise x to int16 (|error| <= max|x| / 65534), and PyTorch's int4
-    # kernel rounds activations to bf16.
+    # fp32 int8: the kernels quantise x to int16 (|error| <= max|x| / 65534); int4: to int8 per group (~0.5 % of
+    # a product's largest output), and PyTorch's int4 kernel rounds activations to bf16.
     tol = {(torch.float32, None): 1e-5, (torch.float32, "wint8"): 1e-4, (torch.float32, "wint4"): 5e-3}.get(
         (dtype, mode), 1e-2)
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)

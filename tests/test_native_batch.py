@@ -146,7 +146,8 @@ def _wide_model(dtype: torch.dtype, mode: str | None, group_size: int, hidden: i
 def test_batched_step_other_widths(dtype, mode, group_size, hidden, intermediate, isa, threads):
     """The tiled GEMVs' other paths: rows longer than an int8 block (4,224 columns: more than 4,096 / 2,048 int8
     columns summed per int32 block) and with more int4 groups than a vector has lanes (33 of 128, 66 of 64, 132 of
-    32: Q4_0's groups, two per 64-column chunk; 514 of 32: more than the tiled kernel takes, row by row), int8 with
+    32: Q4_0's groups, several per chunk, each lane in its own; 514 of 32: more than the tiled kernel takes, row by
+    row), int8 with
     one scale per 32 columns (Q8_0's groups: 132 of them, and widths of 5 and 9 groups, not whole 64-column lines),
     and widths that leave a partial vector (144, 272: row by row where a kernel needs whole vectors). Each row of a
     batch of B = 1, 3, 8 equals its sequence stepped alone, bit for bit."""
@@ -258,3 +259,64 @@ def test_logit_rows_skip_the_head_for_unflagged_rows(name, mode):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="logit_rows"):
         dec.step_batch(toks, pos, rows_tables, *pools[1], logit_rows=want[:-1])
+
+
+def _int4_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int):
+    """y = x W^T for w = (q - 8) * scale + zero, x quantised to int8 per group of `group` columns as decode.c and
+    qmm.c do it: a = round_half_even(x * (127 / amax)), d = amax / 127 (fp32), and
+    y = sum over groups of scale * d * sum(q * a) + zero * sum(x) - 8 * scale * d * sum(a), in float64."""
+    B, n = x.shape
+    xg = x.view(B, n // group, group)
+    amax = xg.abs().amax(-1)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    a = torch.round(xg * inv[..., None])  # fp32 product, then half to even: lrintf's
+    d = (amax / 127).double()
+    qg = q.view(q.shape[0], n // group, group).double()
+    sums = torch.einsum("bgk,rgk->brg", a.double(), qg)  # exact integers
+    sc, zr = scale.double(), zero.double()
+    return ((sums - 8 * a.double().sum(-1)[:, None, :]) * sc[None] * d[:, None, :]).sum(-1) + (
+        zr[None] * xg.double().sum(-1)[:, None, :]).sum(-1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_rows_multiply_x_quantised_to_int8_per_group(isa, group, threads):
+    """Where the kernels multiply int4 rows by int8 x (every vector ISA: `ernie_int4_x8`), a batched GEMV's rows
+    (B = 1, 3, 8, 16: every tile shape) equal the int8-per-group arithmetic computed in float64 up to fp32 summation
+    order (relative 1e-5 of the largest |y|; the int16 arithmetic it replaced is ~1e-3 away), and each row equals
+    the same x multiplied alone, bit for bit. Activations with outliers (one column 40x the rest) per group."""
+    import ctypes
+
+    from ernie45.native_abi import W_I4, _Linear, _Model
+
+    lib = native.load("decode", isa)
+    if lib is None or not lib.ernie_int4_x8():
+        pytest.skip(f"the {isa} kernels have no int8 products (plain C), or are not built here")
+    lib.ernie_gemv_batch.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Linear), ctypes.c_int, ctypes.c_void_p,
+                                     ctypes.c_void_p]
+    g = torch.Generator().manual_seed(group)
+    out, n = 72, 1024  # 72 rows: whole tiles of 4 and a remainder per thread
+    q = torch.randint(0, 16, (out, n), generator=g, dtype=torch.uint8)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    scale = (torch.rand(out, n // group, generator=g) * 0.02 + 0.001).bfloat16()
+    zero = (torch.randn(out, n // group, generator=g) * 0.01).bfloat16()
+    m = _Model(hidden=n, n_layers=0, n_heads=1, n_kv=1, head_dim=n, vocab=1, n_threads=torch.get_num_threads(),
+               max_width=out, max_experts=1)
+    L = _Linear(kind=W_I4, out=out, in_=n, group=group, sdt=1, w=packed.data_ptr(), scale=scale.data_ptr(),
+                zero=zero.data_ptr())
+    try:
+        for B in (1, 3, 8, 16):
+            x = torch.randn(B, n, generator=g)
+            x[:, 5::97] *= 40.0
+            y = torch.empty(B, out)
+            assert lib.ernie_gemv_batch(ctypes.byref(m), ctypes.byref(L), B, x.data_ptr(), y.data_ptr()) == 0
+            want = _int4_reference(x, q, scale.float(), zero.float(), group)
+            err = (y.double() - want).abs().max() / want.abs().max()
+            assert err < 1e-5, (B, float(err))
+            for b in range(B):
+                alone = torch.empty(1, out)
+                lib.ernie_gemv_batch(ctypes.byref(m), ctypes.byref(L), 1, x[b:b + 1].contiguous().data_ptr(),
+                                     alone.data_ptr())
+                assert torch.equal(alone[0], y[b]), (B, b)
+    finally:
+        lib.ernie_release(ctypes.byref(m))

@@ -242,15 +242,34 @@ typedef __m512i vi;
 #define vi_add _mm512_add_epi32
 static inline vi vi_load16(const int16_t *p) { return _mm512_loadu_si512(p); }
 static inline vi vi_i8to16(const int8_t *p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
-static inline vi vi_u8to16(const uint8_t *p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
-static inline vi vi_lo4(vi b) { return _mm512_and_si512(b, _mm512_set1_epi16(15)); }
-static inline vi vi_hi4(vi b) { return _mm512_srli_epi16(b, 4); }
 static inline vf vi_tof(vi a) { return _mm512_cvtepi32_ps(a); }
 #if defined(__AVX512VNNI__)
 static inline vi vi_dp(vi acc, vi a, vi b) { return _mm512_dpwssd_epi32(acc, a, b); }
 #else
 static inline vi vi_dp(vi acc, vi a, vi b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
 #endif
+/* int4 x int8 (see HAVE_XQ8): a vq holds 4 VW bytes; vq_dp2 adds a . x + b . y per int32 lane of 4 bytes, a and b
+ * unsigned (nibbles), x and y signed */
+typedef __m512i vq;
+static inline vq vq_load(const void *p) { return _mm512_loadu_si512(p); }
+static inline vq vq_lo(vq b) { return _mm512_and_si512(b, _mm512_set1_epi8(15)); }
+static inline vq vq_hi(vq b) { return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(15)); }
+#if defined(__AVX512VNNI__)
+static inline vi vq_dp2(vi acc, vq a, vq x, vq b, vq y) { return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, a, x), b, y); }
+#else /* int16 pair sums: 2 * 15 * 127 each, two of them added: far from 2^15 */
+static inline vi vq_dp2(vi acc, vq a, vq x, vq b, vq y) {
+    vq p = _mm512_add_epi16(_mm512_maddubs_epi16(a, x), _mm512_maddubs_epi16(b, y));
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
+}
+#endif
+/* lane l of the result: p[idx[l]] */
+static inline vf vq_lanes(const float *p, vi idx) { return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(p)); }
+static inline vi vq_lane_groups(int group) { /* lane l -> 8 l / group (group a power of 2) */
+    return _mm512_srli_epi32(_mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120),
+                             __builtin_ctz(group));
+}
+/* VW int32 lanes (each within int8) -> VW bytes at p */
+static inline void vstore_i8(int8_t *p, vi v) { _mm_storeu_si128((__m128i *)p, _mm512_cvtepi32_epi8(v)); }
 #endif
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -316,19 +335,48 @@ typedef __m256i vi;
 #define vi_add _mm256_add_epi32
 static inline vi vi_load16(const int16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 static inline vi vi_i8to16(const int8_t *p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); }
-static inline vi vi_u8to16(const uint8_t *p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)); }
-static inline vi vi_lo4(vi b) { return _mm256_and_si256(b, _mm256_set1_epi16(15)); }
-static inline vi vi_hi4(vi b) { return _mm256_srli_epi16(b, 4); }
 static inline vf vi_tof(vi a) { return _mm256_cvtepi32_ps(a); }
 #if defined(__AVXVNNI__)
 static inline vi vi_dp(vi acc, vi a, vi b) { return _mm256_dpwssd_avx_epi32(acc, a, b); }
 #else
 static inline vi vi_dp(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 #endif
+typedef __m256i vq;
+static inline vq vq_load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline vq vq_lo(vq b) { return _mm256_and_si256(b, _mm256_set1_epi8(15)); }
+static inline vq vq_hi(vq b) { return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15)); }
+#if defined(__AVXVNNI__)
+static inline vi vq_dp2(vi acc, vq a, vq x, vq b, vq y) {
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, a, x), b, y);
+}
+#else
+static inline vi vq_dp2(vi acc, vq a, vq x, vq b, vq y) {
+    vq p = _mm256_add_epi16(_mm256_maddubs_epi16(a, x), _mm256_maddubs_epi16(b, y));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+#endif
+static inline vf vq_lanes(const float *p, vi idx) { return _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx); }
+static inline vi vq_lane_groups(int group) {
+    return _mm256_srli_epi32(_mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56), __builtin_ctz(group));
+}
+static inline void vstore_i8(int8_t *p, vi v) {
+    __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64((__m128i *)p, _mm_packs_epi16(h, h));
+}
 
 #elif defined(__aarch64__) && !defined(ERNIE45_PLAIN_C) /* NEON (-DERNIE45_PLAIN_C: the plain C loops) */
 #include "vec_neon.h"
 #define VEC_NEON 1
+#endif
+#if defined(HAVE_XQ16) && !defined(VEC_NEON)
+/* 32 bytes b -> their 16 even-indexed bytes to e, the 16 odd ones to o */
+static inline void deinterleave32(const int8_t *b, int8_t *e, int8_t *o) {
+    const __m128i eo = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    __m128i u = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)b), eo);
+    __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(b + 16)), eo);
+    _mm_storeu_si128((__m128i *)e, _mm_unpacklo_epi64(u, v));
+    _mm_storeu_si128((__m128i *)o, _mm_unpackhi_epi64(u, v));
+}
 #endif
 
 #if defined(VW)
@@ -500,7 +548,21 @@ static float dot_i4(const uint8_t *w, const float *xp, const float *xg, const Li
     return s + extra;
 }
 
-/* The int8/int4 rows are multiplied in integers where the ISA has int16 dot products (VPDPWSSD with
+/* int4 rows are multiplied by x quantised to int8 per group (VPDPBUSD with AVX512-VNNI / AVX-VNNI, VPMADDUBSW +
+ * VPMADDWD on AVX2, SDOT with aarch64's dotprod, SMULL + SMLAL + ADDP on plain NEON: the vq layer): the nibbles are
+ * unsigned bytes as they lie, so one instruction multiplies 4 VW of them -- twice the rate of int16 products, which
+ * bound batched decode (8 rows: compute-bound). The arithmetic is qmm.c's (prefill): per group a = round(x * 127 /
+ * amax), d = amax / 127, y = sum over groups of scale * d * sum(q * a) plus zero * sum(x) - 8 * scale * d * sum(a)
+ * (centring q on 8 halves the activations' rounding error). About 0.5 % of a product's largest output (Gaussian x),
+ * against ~10 % for the int4 weights themselves. A chunk is CW = 8 VW columns: 4 VW packed bytes, one vector; x is
+ * permuted per chunk as [its even columns, its odd columns] so the low and high nibbles meet their columns lane for
+ * lane (lane l of either holds columns 8l .. 8l + 7 of the chunk). */
+#if defined(HAVE_XQ16)
+#define HAVE_XQ8 1
+#define CW (8 * VW)
+#endif
+
+/* The int8 rows are multiplied in integers where the ISA has int16 dot products (VPDPWSSD with
  * AVX512-VNNI / AVX-VNNI, else VPMADDWD + VPADDD): x is quantised once per GEMV to int16 with one scale
  * (x ~= xq * xs, error <= |x|max / 65534, finer than x's own bf16 rounding for all but its smallest entries) and
  * weights are widened to int16: about a third of the instructions of the widen-to-fp32 path, which is
@@ -539,28 +601,6 @@ static float dot_i8_x16_g32(const int8_t *w, const int16_t *xq, const Linear *L,
     return vhsum(acc);
 }
 
-/* int4 row against xq permuted per 64 columns as [32 even columns, 32 odd columns]; xg = per-group sums of x
- * (float, exact x), for the zero-point term. */
-static float dot_i4_x16(const uint8_t *w, const int16_t *xq, float xs, const float *xg, const Linear *L, size_t g0,
-                        int n, int group) {
-    vf acc = vzero();
-    float extra = 0.f;
-    int ng = n / group;
-    for (int gi = 0; gi < ng; gi++) {
-        const uint8_t *p = w + (size_t)gi * group / 2;
-        const int16_t *xg16 = xq + (size_t)gi * group;
-        vi a = vi_zero();
-        for (int c = 0; c < group; c += 64)
-            for (int k = 0; k < 32; k += 2 * VW) { /* 2 VW bytes = 2 VW even + 2 VW odd columns */
-                vi b = vi_u8to16(p + c / 2 + k);
-                a = vi_dp(a, vi_lo4(b), vi_load16(xg16 + c + k));
-                a = vi_dp(a, vi_hi4(b), vi_load16(xg16 + c + 32 + k));
-            }
-        acc = vfma(vi_tof(a), vset1(sz_at(L->scale, g0 + gi, L->sdt) * xs), acc);
-        extra += zb_at(L, g0 + gi) * xg[gi];
-    }
-    return vhsum(acc) + extra;
-}
 #endif
 
 /* ---- GEMV over several Linears and batch rows at once (one parallel region) ------------------------------ */
@@ -574,12 +614,15 @@ typedef struct {
     const uint16_t *xb;
     const float *xp, *xg;
     const int16_t *xq; /* int16 path: x quantised to int16 (int4: permuted), x ~= xq * xs */
+    const int8_t *x8;  /* int4 x int8 path: x quantised per group, permuted per chunk; xd: the groups' steps d, xt:
+                        * their centring terms -8 d sum(a) (both zero-padded like xg) */
+    const float *xd, *xt;
     float xs;
     int src;           /* the job whose prepared x this one reuses (itself where it prepares) */
     size_t off;        /* where its prepared x lives in the prep arena */
 } Job;
 
-#define JOB(L_, x_, y_) ((Job){(L_), (x_), (y_), NULL, NULL, NULL, NULL, 1.f, 0, 0})
+#define JOB(L_, x_, y_) ((Job){(L_), (x_), (y_), NULL, NULL, NULL, NULL, NULL, NULL, NULL, 1.f, 0, 0})
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
@@ -697,36 +740,68 @@ static size_t prep_bytes(const Linear *L) {
     size_t n = L->in;
     if (L->kind == W_F32) return 0;
     if (L->kind != W_I4) return align64(2 * n);
-    return align64(2 * n) + align64(4 * n) + align64(4 * (n / (L->group > 0 ? L->group : 1)));
+    /* float path: [xp] [xg]; int8: [x8] [xd] [xg] [xt], each group array padded by a vector (tile_i4q reads VW) */
+    return align64(2 * n) + align64(4 * n) + 3 * (align64(4 * (n / (L->group > 0 ? L->group : 1))) + 64);
 }
+
+#if defined(HAVE_XQ8)
+/* whether L's int4 rows take tile_i4q: groups of 32 or more dividing a chunk or made of whole chunks */
+static int i4q_fits(const Linear *L) {
+    int n = L->in, g = L->group;
+    return g >= 32 && (g & (g - 1)) == 0 && n % CW == 0 && n % g == 0 && n / g <= NGMAX;
+}
+
+/* x -> int8 per group (see HAVE_XQ8) into x8, permuted per chunk; d, the fp32 group sums xg (group_sums') and the
+ * centring terms t, zero-padded to whole vectors. Rounding: lrintf's (the current mode: nearest even), as qmm.c. */
+static void quant8_groups(const float *x, int n, int group, int8_t *x8, float *d, float *xg, float *t) {
+    int ng = n / group;
+    group_sums(x, n, group, xg);
+    for (int g = ng; g < (int)(align64(4 * (size_t)ng) + 64) / 4; g++) d[g] = t[g] = 0.f;
+    for (int g = 0; g < ng; g++) {
+        const float *xs = x + (size_t)g * group;
+        float m = absmax(xs, group), inv = m > 0.f ? 127.f / m : 0.f;
+        VI32 qs = vi32_set1(0);
+        d[g] = m / 127.f;
+        for (int c = g * group; c < (g + 1) * group; c += 32) { /* 32 columns: 16 even, 16 odd */
+            int8_t b[32];
+            for (int k = 0; k < 32; k += VW) {
+                VI32 a = vcvt_i32(vmul(vload(x + c + k), vset1(inv)));
+                qs = vi32_add(qs, a);
+                vstore_i8(b + k, a);
+            }
+            int8_t *o = x8 + c - c % CW + c % CW / 2; /* the chunk's even columns first, then its odd ones */
+            deinterleave32(b, o, o + CW / 2);
+        }
+        int32_t q[VW], sum = 0;
+        memcpy(q, &qs, sizeof q);
+        for (int k = 0; k < VW; k++) sum += q[k];
+        t[g] = -8.f * (d[g] * (float)sum);
+    }
+}
+#endif
 
 static void prep(Job *j, char *buf) {
     const Linear *L = j->L;
     int n = L->in;
     uint16_t *xb = (uint16_t *)buf;
     float *xp = (float *)(buf + align64(2 * (size_t)n)), *xg = (float *)(buf + align64(2 * (size_t)n) + align64(4 * (size_t)n));
-#if defined(HAVE_XQ16)
-    /* int4 groups of 32 (Q4_0's) only have the tiled int16 kernel, which needs whole 64-column chunks */
-    if ((L->kind == W_I8 && n % 32 == 0) || (L->kind == W_I4 && L->group % 64 == 0) ||
-        (L->kind == W_I4 && L->group == 32 && n % 64 == 0 && n / 32 <= NGMAX)) {
+#if defined(HAVE_XQ8)
+    if (L->kind == W_I4 && i4q_fits(L)) { /* [x8] [xd] [xg] [xt] */
+        size_t gb = align64(4 * (size_t)(n / L->group)) + 64;
+        float *d = (float *)(buf + align64((size_t)n)), *g = (float *)((char *)d + gb), *t = (float *)((char *)g + gb);
+        quant8_groups(j->x, n, L->group, (int8_t *)buf, d, g, t);
+        j->x8 = (const int8_t *)buf, j->xd = d, j->xg = g, j->xt = t, j->xq = NULL, j->xs = 1.f;
+        return;
+    }
+    if (L->kind == W_I8 && n % 32 == 0) {
         float mx = absmax(j->x, n);
-        float xs = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / xs;
-        int16_t *xq = (int16_t *)xb;
-        if (L->kind == W_I8) {
-            quant16(j->x, n, inv, xq);
-        } else {
-            int16_t t[64];
-            for (int c = 0; c < n; c += 64) {
-                quant16(j->x + c, 64, inv, t);
-                for (int k = 0; k < 32; k++) xq[c + k] = t[2 * k], xq[c + 32 + k] = t[2 * k + 1];
-            }
-            j->xg = group_sums(j->x, n, L->group, xg);
-        }
-        j->xq = xq, j->xs = xs;
+        float xs = mx > 0.f ? mx / 32767.f : 1.f;
+        quant16(j->x, n, 1.f / xs, (int16_t *)xb);
+        j->xq = (const int16_t *)xb, j->x8 = NULL, j->xs = xs;
         return;
     }
 #endif
-    j->xq = NULL;
+    j->xq = NULL, j->x8 = NULL;
     if (L->kind == W_BF16) {
         to_bf16(j->x, n, xb);
         j->xb = xb;
@@ -771,12 +846,6 @@ static __attribute__((noinline)) float row_dot(const Job *j, int r) {
         break;
     default: {
         size_t g0 = (size_t)r * (n / L->group);
-#if defined(HAVE_XQ16)
-        if (j->xq) {
-            y = dot_i4_x16((const uint8_t *)L->w + (size_t)r * (n / 2), j->xq, j->xs, j->xg, L, g0, n, L->group);
-            break;
-        }
-#endif
         y = dot_i4((const uint8_t *)L->w + (size_t)r * (n / 2), j->xp, j->xg, L, g0, n, L->group);
     }
     }
@@ -816,7 +885,7 @@ static int tile_kind(const Job *J) {
 #endif
 #if defined(HAVE_XQ16)
     case W_I8: return J->xq && n % (2 * VW) == 0 ? T_I8 : -1;
-    case W_I4: return J->xq && (L->group % 64 == 0 || L->group == 32) && n / L->group <= NGMAX ? T_I4 : -1;
+    case W_I4: return J->x8 ? T_I4 : -1;
 #endif
     default: return -1;
     }
@@ -826,13 +895,12 @@ static int tile_kind(const Job *J) {
  * (T_F32, T_BF16, T_I8, T_I4). Measured (0.3B shape, 2 threads): while the weights stream from memory (one or a
  * few batch rows) fp32 and bf16 are fastest one row at a time, int8/int4 rows (shorter, more instructions per
  * byte) four at a time; with more batch rows the largest tile that fits the registers (32 with AVX-512, 16 with
- * AVX2) wins. */
+ * AVX2) wins. int4 x int8 (tile_i4q, one 3072 x 1024 weight, groups of 128, out of cache): 4 x 4 with AVX-512
+ * (B = 8: 93 us against 101 for 4 x 2 and 117 for 2 x 4), 1 x 4 with AVX2 (142 us against 148-155 for 2 x 2-3). */
 #if defined(__AVX512F__)
-static const int RT[4][3] = {{1, 1, 4}, {1, 1, 4}, {4, 1, 4}, {4, 2, 2}}, CB[4] = {4, 4, 4, 3};
-#define I4_G128 1 /* int4 kernels specialised for groups of 128 columns */
+static const int RT[4][3] = {{1, 1, 4}, {1, 1, 4}, {4, 1, 4}, {4, 4, 4}}, CB[4] = {4, 4, 4, 4};
 #else
 static const int RT[4][3] = {{1, 2, 2}, {2, 2, 2}, {4, 2, 2}, {2, 2, 1}}, CB[4] = {4, 4, 2, 4};
-#define I4_G128 0 /* fully unrolled groups spill with 16 registers */
 #endif
 
 /* the R x C accumulators a[c * R + r] reduced into out[c * stride + r], VW at a time (lanes past R * C: zero
@@ -1058,82 +1126,74 @@ static inline vf vload_sz(const void *p, size_t i, int sdt, int cnt) {
 #endif
 }
 
-/* int4 weights (unpacked to int16 once for the tile's batch rows) against xq permuted per 64 columns as [32 even,
- * 32 odd]: exact int32 sums per group, each times the group's scale into the output's fp32 accumulator, in group
- * order; tile_out multiplies by xs and adds ext, the zero-point term: the groups' zb * (group sum of x) in VW lanes
- * (one fma per VW groups, xg zero-padded by group_sums), reduced like the sums. G: the group size as a constant
- * (0: L->group). One prefetch step per 128 columns (a line of each row). */
-INL void tile_i4(const int R, const int C, const int G, const Linear *L, const Job *J, long r0, const char **pfp,
-                 int cnt, int parts, float *s, float *ext, int stride) {
+/* int4 weights against x in int8 per group (HAVE_XQ8): exact int32 sums per group (groups of whole chunks) or per
+ * chunk with each lane in its own group (smaller groups), each times scale * d (one fp32 product per group) into the
+ * output's fp32 accumulator, in column order; ext gets the zero-point and centring terms, zero * sum(x) + scale * t,
+ * in VW lanes of groups, reduced like the sums (tile_out adds them, xs = 1). G: the group size as a constant (0:
+ * L->group). One prefetch step per 128 columns (a line of each row). */
+INL void tile_i4q(const int R, const int C, const int G, const Linear *L, const Job *J, long r0, const char **pfp,
+                  int cnt, int parts, float *s, float *ext, int stride) {
     const char *pf = *pfp;
     const int n = L->in, group = G ? G : L->group, ng = n / group, sdt = L->sdt;
     const uint8_t *w[RMAX];
-    const int16_t *x[CMAX];
+    const int8_t *x[CMAX];
     vf acc[RMAX * CMAX];
-    float sc[RMAX][NGMAX] __attribute__((aligned(64))), zb[RMAX][NGMAX] __attribute__((aligned(64)));
+    float sc[RMAX][NGMAX + VW] __attribute__((aligned(64))), zr[RMAX][NGMAX + VW] __attribute__((aligned(64)));
     for (int r = 0; r < R; r++) {
         w[r] = (const uint8_t *)L->w + (size_t)(r0 + r) * (n / 2);
-        for (int g = 0; g < ng; g += VW) { /* zb = zero - 8 * scale, as zb_at */
+        for (int g = 0; g < ng + VW; g += VW) { /* zero past ng: the lane groups' loads read up to VW beyond */
             size_t i = (size_t)(r0 + r) * ng + g;
             int k = ng - g < VW ? ng - g : VW;
-            vf sv = vload_sz(L->scale, i, sdt, k);
-            vstore(sc[r] + g, sv);
-            vstore(zb[r] + g, vsub(vload_sz(L->zero, i, sdt, k), vmul(vset1(8.0f), sv)));
+            vstore(sc[r] + g, k > 0 ? vload_sz(L->scale, i, sdt, k) : vzero());
+            vstore(zr[r] + g, k > 0 ? vload_sz(L->zero, i, sdt, k) : vzero());
         }
     }
-    for (int c = 0; c < C; c++) x[c] = J[c].xq;
+    for (int c = 0; c < C; c++) x[c] = J[c].x8;
     for (int k = 0; k < R * C; k++) acc[k] = vzero();
-    if (group == 32) { /* Q4_0's groups: a 64-column chunk holds two; each int32 lane's 4 columns lie in one */
-        for (int cc = 0; cc < n; cc += 64) {
-            if (cc % 128 == 0) PF_SEQ(64);
-            for (int q = 0; q < 32; q += 2 * VW) {
-                vi a[RMAX * CMAX];
-                vi lo[RMAX], hi[RMAX];
+    float p[RMAX * CMAX][NGMAX + VW] __attribute__((aligned(64))); /* scale * d per output and group */
+    for (int c = 0; c < C; c++)
+        for (int r = 0; r < R; r++)
+            for (int g = 0; g < ng; g += VW) vstore(p[c * R + r] + g, vmul(vload(sc[r] + g), vload(J[c].xd + g)));
+    if (group > CW) { /* whole chunks per group: int32 sums over the group, then one conversion */
+        for (int g0 = 0, gi = 0; g0 < n; g0 += group, gi++) {
+            vi a[RMAX * CMAX];
+            for (int k = 0; k < R * C; k++) a[k] = vi_zero();
+            for (int cc = g0; cc < g0 + group; cc += CW) {
+                if (cc % 128 == 0) PF_SEQ(64);
+                vq lo[RMAX], hi[RMAX];
                 for (int r = 0; r < R; r++) {
-                    vi b = vi_u8to16(w[r] + cc / 2 + q);
-                    lo[r] = vi_lo4(b), hi[r] = vi_hi4(b);
+                    vq b = vq_load(w[r] + cc / 2);
+                    lo[r] = vq_lo(b), hi[r] = vq_hi(b);
                 }
                 for (int c = 0; c < C; c++) {
-                    vi xe = vi_load16(x[c] + cc + q), xo = vi_load16(x[c] + cc + 32 + q);
+                    vq xe = vq_load(x[c] + cc), xo = vq_load(x[c] + cc + CW / 2);
                     REG(xe);
                     REG(xo);
-                    for (int r = 0; r < R; r++) a[c * R + r] = vi_dp(vi_dp(vi_zero(), lo[r], xe), hi[r], xo);
-                }
-                /* int32 lane i sums bytes q + 2i, q + 2i + 1: columns cc + 2 (q + 2i) .. + 3, group cc / 32 +
-                 * (q + 2i) / 16 -- with VW 16 the low half of the lanes is one group, the high half the next */
-                for (int r = 0; r < R; r++) {
-#if VW > 8
-                    vf scv = vset_halves(sc[r][cc / 32], sc[r][cc / 32 + 1]);
-#else
-                    vf scv = vset1(sc[r][cc / 32 + q / 16]);
-#endif
-                    for (int c = 0; c < C; c++) acc[c * R + r] = vfma(vi_tof(a[c * R + r]), scv, acc[c * R + r]);
+                    for (int r = 0; r < R; r++) a[c * R + r] = vq_dp2(a[c * R + r], lo[r], xe, hi[r], xo);
                 }
             }
+            for (int k = 0; k < R * C; k++) acc[k] = vfma(vi_tof(a[k]), vset1(p[k][gi]), acc[k]);
         }
-    }
-    for (int g0 = 0, gi = 0; group != 32 && g0 < n; g0 += group, gi++) {
-        vi a[RMAX * CMAX];
-        for (int k = 0; k < R * C; k++) a[k] = vi_zero();
-        for (int cc = g0; cc < g0 + group; cc += 64) {
+    } else { /* a group per chunk, or a chunk of groups (lane l in group 8 l / group): converted chunk by chunk */
+        const vi idx = vq_lane_groups(group);
+        for (int cc = 0; cc < n; cc += CW) {
             if (cc % 128 == 0) PF_SEQ(64);
-            for (int q = 0; q < 32; q += 2 * VW) { /* 2 VW bytes = 2 VW even + 2 VW odd columns */
-                vi lo[RMAX], hi[RMAX];
+            const int gi = cc / group;
+            vq lo[RMAX], hi[RMAX];
+            for (int r = 0; r < R; r++) {
+                vq b = vq_load(w[r] + cc / 2);
+                lo[r] = vq_lo(b), hi[r] = vq_hi(b);
+            }
+            for (int c = 0; c < C; c++) {
+                vq xe = vq_load(x[c] + cc), xo = vq_load(x[c] + cc + CW / 2);
+                REG(xe);
+                REG(xo);
                 for (int r = 0; r < R; r++) {
-                    vi b = vi_u8to16(w[r] + cc / 2 + q);
-                    lo[r] = vi_lo4(b), hi[r] = vi_hi4(b);
-                }
-                for (int c = 0; c < C; c++) {
-                    vi xe = vi_load16(x[c] + cc + q), xo = vi_load16(x[c] + cc + 32 + q);
-                    REG(xe);
-                    REG(xo);
-                    for (int r = 0; r < R; r++) a[c * R + r] = vi_dp(vi_dp(a[c * R + r], lo[r], xe), hi[r], xo);
+                    const int k = c * R + r;
+                    vf f = vi_tof(vq_dp2(vi_zero(), lo[r], xe, hi[r], xo));
+                    acc[k] = vfma(f, group == CW ? vset1(p[k][gi]) : vq_lanes(p[k] + gi, idx), acc[k]);
                 }
             }
-        }
-        for (int r = 0; r < R; r++) {
-            vf scv = vset1(sc[r][gi]);
-            for (int c = 0; c < C; c++) acc[c * R + r] = vfma(vi_tof(a[c * R + r]), scv, acc[c * R + r]);
         }
     }
     *pfp = pf;
@@ -1141,8 +1201,9 @@ INL void tile_i4(const int R, const int C, const int G, const Linear *L, const J
     for (int k = 0; k < R * C; k++) acc[k] = vzero();
     for (int g = 0; g < ng; g += VW)
         for (int c = 0; c < C; c++) {
-            vf xg = vload(J[c].xg + g);
-            for (int r = 0; r < R; r++) acc[c * R + r] = vfma(vload(zb[r] + g), xg, acc[c * R + r]);
+            vf xg = vload(J[c].xg + g), xt = vload(J[c].xt + g);
+            for (int r = 0; r < R; r++)
+                acc[c * R + r] = vfma(vload(sc[r] + g), xt, vfma(vload(zr[r] + g), xg, acc[c * R + r]));
         }
     tile_reduce(R, C, acc, ext, stride);
 }
@@ -1194,10 +1255,10 @@ static __attribute__((noinline)) void tile_out(const Linear *L, const Job *J, in
         if (L->group) tile_i8g(R_, C_, L, J, r0, pfp, cnt, parts, s, stride);                                       \
         else tile_i8(R_, C_, L, J, r0, pfp, cnt, parts, s, stride);                                                 \
         return;                                                                                                     \
-    default:                                                                                                        \
-        if (I4_G128 && L->group == 128) tile_i4(R_, C_, 128, L, J, r0, pfp, cnt, parts, s, ext, stride);            \
-        else if (L->group == 32) tile_i4(R_, C_, 32, L, J, r0, pfp, cnt, parts, s, ext, stride);                   \
-        else tile_i4(R_, C_, 0, L, J, r0, pfp, cnt, parts, s, ext, stride);                                         \
+    default: /* groups of 128 and 32 (Q4_0's) as constants, others read from L */                               \
+        if (L->group == 128) tile_i4q(R_, C_, 128, L, J, r0, pfp, cnt, parts, s, ext, stride);                     \
+        else if (L->group == 32) tile_i4q(R_, C_, 32, L, J, r0, pfp, cnt, parts, s, ext, stride);                  \
+        else tile_i4q(R_, C_, 0, L, J, r0, pfp, cnt, parts, s, ext, stride);                                       \
         return;
 #else
 #define TILE_CALL_Q(R_, C_)
@@ -1299,7 +1360,10 @@ typedef struct {
 
 static inline void share_prep(Job *jobs, int j) {
     const Job *o = &jobs[jobs[j].src];
-    if (o != &jobs[j]) jobs[j].xb = o->xb, jobs[j].xp = o->xp, jobs[j].xg = o->xg, jobs[j].xq = o->xq, jobs[j].xs = o->xs;
+    if (o != &jobs[j]) {
+        jobs[j].xb = o->xb, jobs[j].xp = o->xp, jobs[j].xg = o->xg, jobs[j].xq = o->xq, jobs[j].xs = o->xs;
+        jobs[j].x8 = o->x8, jobs[j].xd = o->xd, jobs[j].xt = o->xt;
+    }
 }
 
 /* one GEMV over every job: prep each distinct x once (a row's q/k/v share one), then rows split over threads */
@@ -1729,6 +1793,15 @@ static void store_kv(const Model *m, const KV *c, const float *src, int pos, int
 int ernie_simd_width(void) {
 #if defined(VW)
     return VW * 32;
+#else
+    return 0;
+#endif
+}
+
+/* 1 where int4 rows are multiplied by x quantised to int8 per group (HAVE_XQ8: the vector ISAs), else 0 */
+int ernie_int4_x8(void) {
+#if defined(HAVE_XQ8)
+    return 1;
 #else
     return 0;
 #endif
@@ -2188,6 +2261,17 @@ int ernie_gemv(Model *m, const Linear *L, const float *x, float *y) {
     if (prepare(m, 1, 1, 1)) return -1;
     Job j = JOB(L, x, y);
     return gemv_multi(m, &j, 1, m->bf16);
+}
+
+/* y[b] = L x[b] for B rows (x: B x in, y: B x out, row-major), as one GEMV of a batched step (kernel tests and
+ * timings). */
+int ernie_gemv_batch(Model *m, const Linear *L, int B, const float *x, float *y) {
+    if (B < 1 || prepare(m, B, 1, 1)) return -1;
+    Scratch *s = (Scratch *)m->scratch;
+    if (B > s->cap_jobs) return -1;
+    Job *jobs = s->a.jobs;
+    for (int b = 0; b < B; b++) jobs[b] = JOB(L, x + (size_t)b * L->in, y + (size_t)b * L->out);
+    return gemv_multi(m, jobs, B, m->bf16);
 }
 
 /* ---- dequantisation for prefill ------------------------------------------------------------------------- */

@@ -6,9 +6,10 @@
  * Semantics kept from x86 where results depend on them:
  * - vmax / vmin return the second operand when either is NaN (MAXPS / MINPS), not NaN (FMAX);
  * - vround and the int16 conversion round to nearest, ties to even (FRINTN / FCVTNS);
- * - the exact int16 dot products use SMULL + SMULL2 + ADDP: lane i is the sum of products 2i and 2i+1.
- * SDOT (`dotprod`) and SMMLA (`i8mm`) multiply int8 by int8 and so cannot take x quantised to int16; the int16
- * scheme (finer than x's own bf16 rounding) is kept. bf16 weights are widened by a shift (exact) and multiplied in
+ * - the exact int16 dot products use SMULL + SMULL2 + ADDP: lane i is the sum of products 2i and 2i+1;
+ * - int4 rows against int8 x: lane i sums bytes 4i .. 4i+3 (VPDPBUSD's lanes), by SDOT where the compiler targets
+ *   `dotprod`, else SMULL + SMLAL + two pairwise adds (exact integers either way).
+ * int8 rows keep x in int16 (finer than x's own bf16 rounding), which SDOT / SMMLA cannot take. bf16 weights are widened by a shift (exact) and multiplied in
  * fp32; where the compiler targets the bf16 extension (`__ARM_FEATURE_BF16_VECTOR_ARITHMETIC`: -mcpu=native on a
  * CPU with it, or +bf16) the bf16 GEMVs multiply bf16 pairs with BFDOT instead (VEC_BFDOT), as AVX512-BF16's
  * VDPBF16PS does on x86: the products are exact, the pair sums are rounded by the instruction's own rules
@@ -82,14 +83,49 @@ static inline vi vi_zero(void) { return vdupq_n_s32(0); }
 #define vi_add vaddq_s32
 static inline vi vi_load16(const int16_t *p) { return vreinterpretq_s32_s16(vld1q_s16(p)); }
 static inline vi vi_i8to16(const int8_t *p) { return vreinterpretq_s32_s16(vmovl_s8(vld1_s8(p))); }
-static inline vi vi_u8to16(const uint8_t *p) { return vreinterpretq_s32_u16(vmovl_u8(vld1_u8(p))); }
-static inline vi vi_lo4(vi b) { return vreinterpretq_s32_u16(vandq_u16(vreinterpretq_u16_s32(b), vdupq_n_u16(15))); }
-static inline vi vi_hi4(vi b) { return vreinterpretq_s32_u16(vshrq_n_u16(vreinterpretq_u16_s32(b), 4)); }
 static inline vf vi_tof(vi a) { return vcvtq_f32_s32(a); }
 static inline vi vi_dp(vi acc, vi a, vi b) {
     int16x8_t x = vreinterpretq_s16_s32(a), y = vreinterpretq_s16_s32(b);
     int32x4_t lo = vmull_s16(vget_low_s16(x), vget_low_s16(y)), hi = vmull_high_s16(x, y);
     return vaddq_s32(acc, vpaddq_s32(lo, hi));
+}
+
+/* int4 x int8 (decode.c's HAVE_XQ8): a vq holds 16 bytes (nibbles 0..15 are valid signed bytes); vq_dp2 adds
+ * a . x + b . y per int32 lane of 4 bytes: SDOT with dotprod, else SMULL + SMLAL (pairs of products in int16:
+ * 2 * 15 * 127, far from 2^15) and two pairwise widening adds, the same exact sums */
+typedef int8x16_t vq;
+static inline vq vq_load(const void *p) { return vld1q_s8((const int8_t *)p); }
+static inline vq vq_lo(vq b) { return vandq_s8(b, vdupq_n_s8(15)); }
+static inline vq vq_hi(vq b) { return vreinterpretq_s8_u8(vshrq_n_u8(vreinterpretq_u8_s8(b), 4)); }
+#if defined(__ARM_FEATURE_DOTPROD)
+static inline vi vq_dp2(vi acc, vq a, vq x, vq b, vq y) { return vdotq_s32(vdotq_s32(acc, a, x), b, y); }
+#else
+static inline vi vq_dp2(vi acc, vq a, vq x, vq b, vq y) {
+    int16x8_t l = vmlal_s8(vmull_s8(vget_low_s8(a), vget_low_s8(x)), vget_low_s8(b), vget_low_s8(y));
+    int16x8_t h = vmlal_high_s8(vmull_high_s8(a, x), b, y);
+    return vaddq_s32(acc, vpaddq_s32(vpaddlq_s16(l), vpaddlq_s16(h)));
+}
+#endif
+/* lane l of the result: p[idx[l]] (only reached with idx 0: a chunk is 32 columns, no group smaller) */
+static inline vf vq_lanes(const float *p, vi idx) {
+    float t[4] = {p[vgetq_lane_s32(idx, 0)], p[vgetq_lane_s32(idx, 1)], p[vgetq_lane_s32(idx, 2)],
+                  p[vgetq_lane_s32(idx, 3)]};
+    return vld1q_f32(t);
+}
+static inline vi vq_lane_groups(int group) { /* lane l -> 8 l / group (group a power of 2) */
+    static const int32_t l8[4] = {0, 8, 16, 24};
+    return vshlq_s32(vld1q_s32(l8), vdupq_n_s32(-__builtin_ctz(group)));
+}
+/* 4 int32 lanes (each within int8) -> 4 bytes at p */
+static inline void vstore_i8(int8_t *p, vi v) {
+    int8x8_t b = vmovn_s16(vcombine_s16(vmovn_s32(v), vdup_n_s16(0)));
+    memcpy(p, &b, 4);
+}
+/* 32 bytes b -> their 16 even-indexed bytes to e, the 16 odd ones to o */
+static inline void deinterleave32(const int8_t *b, int8_t *e, int8_t *o) {
+    int8x16_t u = vld1q_s8(b), v = vld1q_s8(b + 16);
+    vst1q_s8(e, vuzp1q_s8(u, v));
+    vst1q_s8(o, vuzp2q_s8(u, v));
 }
 
 /* int32 lanes for the bf16 rounding of to_bf16 and the int16 stores of quant16 */
