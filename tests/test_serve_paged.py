@@ -236,7 +236,8 @@ def test_chunked_prefill_interleaves_decode_steps(ckpts):
 def test_mixed_steps_prefill_as_extra_c_rows(ckpts):
     """With the C decode step, a prompt that arrives while a stream decodes is prefilled as extra rows of the
     decode steps (a few tokens each, sized from measured step times), not by separate PyTorch forwards: the
-    stream gets a token every step, and both answers equal their greedy runs."""
+    stream gets a token every step, and both answers equal their greedy runs. The first, short prompt, with
+    nothing decoding, is one C step of its own (`ROWS_PREFILL_MAX`), whose last row alone computes logits."""
     from ernie45.fast import optimize_for_inference
 
     model, tok = load(ckpts["dense"])
@@ -270,11 +271,12 @@ def test_mixed_steps_prefill_as_extra_c_rows(ckpts):
     assert a == reference(model, short, 80)
     assert len(b) == 4 and b == reference(model, long_, 4)
     log = calls.log
-    assert [op for op, _ in log].count("prefill") == 1  # only the first prompt, alone
-    mixed = [rows for op, rows in log if op == "decode" and rows > 1]
+    assert [op for op, _ in log].count("prefill") == 0
+    assert log[0] == ("decode", len(short)) and calls.want[0] == [False] * (len(short) - 1) + [True]
+    mixed = [rows for op, rows in log[1:] if op == "decode" and rows > 1]
     assert sum(mixed) - len(mixed) >= len(long_) - 4 and max(mixed) < len(long_)  # in several chunks
     # chunk rows skip the lm_head: logits for the decoding stream and the prompt's last row only
-    flags = [w for w in calls.want if w is not None]
+    flags = [w for w in calls.want[1:] if w is not None]
     assert flags and all(w[0] for w in flags)  # calls with prompt rows (the others compute every row)
     assert sum(sum(w[1:]) for w in flags) == 1 and flags[-1][-1]
 
