@@ -423,6 +423,30 @@ def test_speculative_bench_is_reached_by_both_spellings(argv):
         bench_main(argv)
 
 
+def test_speculative_bench_rows_per_draft_vocabulary(tmp_path):
+    """`--draft-vocab-size all,N`: a cost row per size on each shape (the MTP layer over the head's first N rows),
+    an mtp acceptance row per size on the bundled model at the same fraction of its vocabulary (1,298 of 4,096 for
+    32,768 of ERNIE's 103,424), greedy tokens unchanged, and the projection read from the matching cost row."""
+    import json
+
+    from ernie45.errors import ErnieError
+
+    js, out = tmp_path / "s.json", tmp_path / "s.md"
+    bench_main(["speculative", "--shape", "tiny", "--speculative", "mtp", "--num-speculative-tokens", "1",
+                "--draft-vocab-size", "all,32768", "--steps", "2", "--max-new-tokens", "8",
+                "--workdir", str(tmp_path / "w"), "--json", str(js), "--out", str(out)])
+    rows = json.loads(js.read_text())["rows"]
+    cost = [r for r in rows if r["kind"] == "cost"]
+    acc = [r for r in rows if r["kind"] == "acceptance"]
+    assert [r["draft_vocab"] for r in cost] == ["all", "32768"] and all(r["draft_ms"] > 0 for r in cost)
+    assert [(r["draft_vocab"], r["model_draft_vocab"]) for r in acc] == [("all", 4096), ("32768", 1298)]
+    text = out.read_text()
+    assert "| mtp | ernie-tiny-moe | 1 | 32768 (1298) |" in text and "| tiny | bf16 | C | 1 | 32768 |" in text \
+        or "| tiny | bf16 | PyTorch | 1 | 32768 |" in text
+    with pytest.raises(ErnieError, match="--draft-vocab-size"):
+        bench_main(["speculative", "--shape", "none", "--draft-vocab-size", "all,x"])
+
+
 def test_results_record_the_command_without_local_paths():
     """A results file records how to rerun it, not this machine's work directory."""
     from ernie45.bench import recorded_command

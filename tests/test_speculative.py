@@ -399,6 +399,63 @@ def test_mtp_head_in_c_matches_pytorch():
     assert sorted(sd) == sorted(keys) and all(torch.equal(sd[k], v) for k, v in keys.items())
 
 
+def test_draft_ids_keep_every_special_token_and_the_best_scored_pieces():
+    """`draft_ids(tok, N)`: N sorted ids, every control / unknown / byte / added token among them (a draft must be
+    able to end a turn or open a tool call), the rest the highest-scored pieces (BPE merge order); one-line errors
+    for sizes that leave no room."""
+    from ernie45.mtp import draft_ids
+
+    _, tok = ernie45.load("ernie-tiny-moe", dtype="float32", device="cpu")
+    sp, V = tok.sp, tok.vocab_size
+    special = {i for i in range(sp.GetPieceSize()) if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i)}
+    special |= set(tok.special_ids) | set(tok.added_tokens.values())
+    ids = draft_ids(tok, 1000, V)
+    assert len(ids) == 1000 and torch.equal(ids, ids.sort().values) and special <= set(ids.tolist())
+    kept = [i for i in ids.tolist() if i not in special]
+    dropped = [i for i in range(sp.GetPieceSize()) if i not in set(ids.tolist())]
+    assert min(sp.GetScore(i) for i in kept) >= max(sp.GetScore(i) for i in dropped)
+    assert draft_ids(tok, 10**6, V).tolist() == list(range(sp.GetPieceSize()))  # larger than the vocabulary: all
+    for size, match in ((len(special), "leaves no room"), (0, "positive integer"), (True, "positive integer")):
+        with pytest.raises(ErnieError, match=match):
+            draft_ids(tok, size, V)
+
+
+@pytest.mark.parametrize("native_step", [False, True])
+@pytest.mark.parametrize("mode", [None, "wint8", "wint4"])
+def test_a_draft_vocabulary_scores_only_its_tokens_and_keeps_the_output(head_ckpt, native_step, mode):
+    """With `draft_vocab_size` the MTP layer's logits at the draft ids equal the full head's (bit for bit: the C
+    GEMV over a gathered copy of those rows in the head's own format computes each row as the whole head does),
+    every other token gets -inf, and greedy tokens equal plain decoding."""
+    from ernie45.fast import optimize_for_inference
+    from ernie45.mtp import draft_ids
+    from ernie45.quant import quantize_model
+
+    m, tok = ernie45.load(head_ckpt, dtype="float32", device="cpu")
+    if mode:
+        quantize_model(m, mode, progress=False, quantize_lm_head=True)
+    if native_step:
+        native_or_skip()
+        optimize_for_inference(m)
+    ids = draft_ids(tok, 600, m.config.vocab_size)
+    toks = torch.tensor([tok.encode("床前明月光，疑")])
+    hid = torch.randn(1, toks.shape[1], m.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    full, small = MTPHead(m), MTPHead(m, ids)
+    want, _ = full(toks, hid, full.new_cache(16))
+    got, _ = small(toks, hid, small.new_cache(16))
+    assert torch.equal(got[..., ids], want[..., ids])
+    rest = torch.ones(m.config.vocab_size, dtype=torch.bool)
+    rest[ids] = False
+    assert bool((got[..., rest] == float("-inf")).all())
+    prompt = [tok.encode("海上生明月，")]
+    plain = generate(m, prompt, max_new_tokens=24, do_sample=False)
+    spec = Speculative("mtp", 2, draft_vocab_size=600)
+    assert generate(m, prompt, max_new_tokens=24, do_sample=False, speculative=spec, tokenizer=tok).tolist() \
+        == plain.tolist()
+    assert spec.drafted > 0
+    with pytest.raises(ErnieError, match="needs the model's tokenizer"):
+        generate(m, prompt, max_new_tokens=4, speculative=Speculative("mtp", 1, draft_vocab_size=599))
+
+
 @pytest.mark.parametrize("native_step", [False, True])
 def test_bundled_models_greedy_tokens_equal_plain_decoding(head_ckpt, native_step):
     from ernie45.fast import optimize_for_inference
@@ -542,6 +599,9 @@ def test_bad_arguments_are_one_line_errors():
         generate_step(m, ids, max_new_tokens=4, speculative="ngram", grammar=Grammar.__new__(Grammar))
     with pytest.raises(ErnieError, match="prompt_lookup_min"):
         Speculative("ngram", 2, prompt_lookup_min=3, prompt_lookup_max=2)
+    for kw in (dict(method="ngram", draft_vocab_size=100), dict(method="mtp", draft_vocab_size=0)):
+        with pytest.raises(ErnieError, match="draft_vocab_size applies to mtp drafts"):
+            Speculative(**kw)
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------------
@@ -567,6 +627,10 @@ def test_cli_errors_are_one_line(head_ckpt, capsys):
         (["--speculative", "medusa"], "--speculative must be one of mtp, ngram", None),
         (["--num-speculative-tokens", "2"], "needs --speculative", None),
         (["--speculative", "ngram", "--num-beams", "2"], "not beam search", None),
+        (["--speculative", "ngram", "--draft-vocab-size", "100"], "--draft-vocab-size applies to --speculative mtp",
+         None),
+        (["--draft-vocab-size", "100"], "--draft-vocab-size needs --speculative mtp", None),
+        (["--speculative", "mtp", "--draft-vocab-size", "3"], "leaves no room", None),
     ]
     for extra, match, model in cases:
         rc, out, err = run_cli(["generate", "--model", model or head_ckpt, "--prompt", "你好", *extra], capsys)
@@ -582,6 +646,7 @@ def test_help_mentions_the_flags(capsys):
             cli([command, "--help"])
         out = capsys.readouterr().out
         assert "--speculative METHOD" in out and "--num-speculative-tokens K" in out, command
+        assert ("--draft-vocab-size N" in out) == (command != "serve"), command  # the server drafts by lookup
 
 
 def test_chat_with_speculation_answers_as_without(head_ckpt):

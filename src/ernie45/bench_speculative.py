@@ -11,6 +11,9 @@ different places, so each is measured where it is:
   prompt, as accepted drafts per pass.
 The projected speedup combines them; the measured one is decode tokens/s with and without speculation on the same
 rows (bundled models for acceptance, bench shapes for ngram, whose random weights repeat themselves).
+`--draft-vocab-size` adds mtp rows whose draft scores only that many tokens: on the bench shapes the MTP layer over
+the first N rows of the head (the cost does not depend on which), on the bundled model the same fraction of its
+own vocabulary, chosen by `ernie45.mtp.draft_ids`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ HELD_OUT = [
     "野旷天低树，江清月近人。",
     "大漠孤烟直，长河落日圆。",
 ]
+ERNIE_VOCAB = 103424  # the released models' vocabulary: draft vocabulary sizes are fractions of it
 REPEAT = "请照抄下面的诗：\n海上生明月，天涯共此时。情人怨遥夜，竟夕起相思。\n照抄：\n海上生明月，"
 
 
@@ -49,8 +53,10 @@ def _interleaved_medians(fns: dict, n: int) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def cost_rows(shape: str, dtype: str, ks: list[int], prompt_len: int, steps: int, workdir: str) -> list[dict]:
-    """Seconds of a plain step and of a (k + 1)-position pass on a bench shape, and of one MTP-layer run."""
+def cost_rows(shape: str, dtype: str, ks: list[int], prompt_len: int, steps: int, workdir: str,
+              vocabs: list[int | None] = (None,)) -> list[dict]:
+    """Seconds of a plain step and of a (k + 1)-position pass on a bench shape, and of one MTP-layer run per draft
+    vocabulary size (None: the full head)."""
     import torch
 
     from ernie45.bench import _ACT, _TORCH_DTYPE
@@ -69,8 +75,8 @@ def cost_rows(shape: str, dtype: str, ks: list[int], prompt_len: int, steps: int
     cache = model.new_cache(1, prompt_len + K + 2)
     model.config.extra["num_nextn_predict_layers"] = 1
     attach_mtp(model)  # a random head: its cost, not its guesses
-    head = MTPHead(model)
-    mcache = head.new_cache(prompt_len + 2)
+    heads = {v: MTPHead(model, None if v is None else torch.arange(min(v, V))) for v in vocabs}
+    mcache = heads[vocabs[0]].new_cache(prompt_len + 2)
     hidden = torch.randn(1, 1, model.config.hidden_size, dtype=model.dtype)
     with torch.inference_mode():
         model(torch.randint(0, V, (1, prompt_len), generator=g), cache=cache)
@@ -81,44 +87,53 @@ def cost_rows(shape: str, dtype: str, ks: list[int], prompt_len: int, steps: int
             cache.length = prompt_len
             score(model, toks[:n], cache, need_hidden=need_hidden)
 
-        def draft():
+        def draft(head):
             mcache.length = prompt_len
             head(tok, hidden, mcache)
 
-        fns = {"step": lambda: run(1), "draft": draft}
+        fns = {"step": lambda: run(1)}
+        for v, head in heads.items():
+            fns[f"d{v}"] = lambda head=head: draft(head)
         for k in ks:
             fns[f"c{k}"] = lambda k=k: run(k + 1)
             fns[f"t{k}"] = lambda k=k: run(k + 1, True)
         med = _interleaved_medians(fns, steps)
-    step, draft_s = med["step"], med["draft"]
+    step = med["step"]
     verify = {k: med[f"c{k}"] for k in ks}
     verify_hidden = {k: med[f"t{k}"] for k in ks}
     act = _ACT.get(_TORCH_DTYPE[dtype], dtype)
-    return [dict(kind="cost", shape=shape, dtype=act, path=path, k=k, step_ms=step * 1e3,
-                 verify_ms=verify[k] * 1e3, verify_hidden_ms=verify_hidden[k] * 1e3, draft_ms=draft_s * 1e3,
-                 verify_cost=verify[k] / step, mtp_cost=(verify_hidden[k] + k * draft_s) / step) for k in ks]
+    return [dict(kind="cost", shape=shape, dtype=act, path=path, k=k, draft_vocab=_label(v), vocab=V,
+                 step_ms=step * 1e3, verify_ms=verify[k] * 1e3, verify_hidden_ms=verify_hidden[k] * 1e3,
+                 draft_ms=med[f"d{v}"] * 1e3, verify_cost=verify[k] / step,
+                 mtp_cost=(verify_hidden[k] + k * med[f"d{v}"]) / step) for k in ks for v in vocabs]
 
 
-def _decode_rate(model, ids, gen_len: int, spec) -> tuple[float, Any]:
+def _label(v: int | None) -> str:
+    return "all" if v is None else str(v)
+
+
+def _decode_rate(model, ids, gen_len: int, spec, tokenizer=None) -> tuple[float, Any]:
     """Decode tokens/s of one greedy run (after the first token) and its token ids."""
     from ernie45.generation import generate_step
 
     stamps, out = [], []
     for step in generate_step(model, ids, max_new_tokens=gen_len, do_sample=False, eos_token_id=[],
-                              repetition_penalty=1.0, speculative=spec):
+                              repetition_penalty=1.0, speculative=spec, tokenizer=tokenizer):
         stamps.append(time.perf_counter())
         out.append(step.tokens[0])
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]), out
 
 
-def acceptance_rows(methods: list[str], ks: list[int], gen_len: int, runs: int) -> list[dict]:
-    """Accepted drafts per pass and measured speedup on the bundled models (greedy, held-out prompts)."""
+def acceptance_rows(methods: list[str], ks: list[int], gen_len: int, runs: int,
+                    vocabs: list[int | None] = (None,)) -> list[dict]:
+    """Accepted drafts per pass and measured speedup on the bundled models (greedy, held-out prompts); mtp once per
+    draft vocabulary size, scaled to the bundled model's vocabulary (the fraction of ERNIE's 103,424 tokens)."""
     import torch
 
     from ernie45 import load
     from ernie45.fast import optimize_for_inference
     from ernie45.generation.speculative import Speculative
-    from ernie45.mtp import has_mtp
+    from ernie45.mtp import draft_ids, has_mtp
 
     rows = []
     for method in methods:
@@ -129,20 +144,29 @@ def acceptance_rows(methods: list[str], ks: list[int], gen_len: int, runs: int) 
             continue
         optimize_for_inference(model)
         prompts = HELD_OUT if method == "mtp" else [REPEAT]
-        for k in ks:
+        V = model.config.vocab_size
+        for k, v in [(k, v) for k in ks for v in (vocabs if method == "mtp" else [None])]:
+            small = None if v is None else max(1, round(v / ERNIE_VOCAB * V))
+            if small is not None:
+                try:
+                    draft_ids(tok, small, V)
+                except ErnieError as e:
+                    print(f"note: no acceptance row for a draft vocabulary of {v}: {e}", file=sys.stderr)
+                    continue
             plain, fast, acc, drafted, passes = [], [], 0, 0, 0
             for _r in range(runs):
                 for text in prompts:
                     ids = torch.tensor([tok.encode(text)])
                     rate0, want = _decode_rate(model, ids, gen_len, None)
-                    sp = Speculative(method, k)
-                    rate1, got = _decode_rate(model, ids, gen_len, sp)
+                    sp = Speculative(method, k, small)
+                    rate1, got = _decode_rate(model, ids, gen_len, sp, tok)
                     if got != want:
                         raise ErnieError(f"speculative {method} changed the greedy tokens of {name}")
                     plain.append(rate0)
                     fast.append(rate1)
                     acc, drafted, passes = acc + sp.accepted, drafted + sp.drafted, passes + sp.steps
-            rows.append(dict(kind="acceptance", method=method, model=name, k=k, accepted=acc, drafted=drafted,
+            rows.append(dict(kind="acceptance", method=method, model=name, k=k, draft_vocab=_label(v),
+                             model_draft_vocab=small or V, accepted=acc, drafted=drafted,
                              passes=passes, per_pass=acc / max(passes, 1), rate=acc / max(drafted, 1),
                              plain_tok_s=statistics.median(plain), spec_tok_s=statistics.median(fast)))
     return rows
@@ -186,28 +210,30 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
              "hidden states, which feed the MTP layer. The MTP layer costs one decoder layer plus the full-vocabulary "
              "lm_head, so its share falls with model size; the a3b shape holds 3 of ERNIE-4.5-21B-A3B's 28 layers, so "
              "its plain step is far shorter than the real model's and the MTP share is overstated there.", "",
-             "| shape | dtype | path | k | plain step (ms) | pass of k+1 (ms) | pass with hidden states (ms) | "
-             "MTP layer (ms) | cost ngram | cost mtp |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | dtype | path | k | draft vocab | plain step (ms) | pass of k+1 (ms) | pass with hidden states "
+             "(ms) | MTP layer (ms) | cost ngram | cost mtp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "cost":
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r['path']} | {r['k']} | {r['step_ms']:.2f} | "
-                         f"{r['verify_ms']:.2f} | {r['verify_hidden_ms']:.2f} | {r['draft_ms']:.2f} | "
-                         f"{r['verify_cost']:.2f}x | {r['mtp_cost']:.2f}x |")
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['path']} | {r['k']} | {r.get('draft_vocab', 'all')} | "
+                         f"{r['step_ms']:.2f} | {r['verify_ms']:.2f} | {r['verify_hidden_ms']:.2f} | "
+                         f"{r['draft_ms']:.2f} | {r['verify_cost']:.2f}x | {r['mtp_cost']:.2f}x |")
     acc = [r for r in rows if r["kind"] == "acceptance"]
-    costs = {(r["shape"], r["k"]): r for r in rows if r["kind"] == "cost"}
+    costs = {(r["shape"], r["k"], r.get("draft_vocab", "all")): r for r in rows if r["kind"] == "cost"}
     if acc:
         lines += ["", "## Acceptance (bundled models, greedy, held-out prompts) and projected speedup", "",
-                  "| method | model | k | accepted / drafted | per pass | tiny model tok/s plain → spec | "
-                  + " | ".join(f"projected on {s}" for s in meta["shapes"]) + " |",
-                  "|---|---|---|---|---|---|" + "---|" * len(meta["shapes"])]
+                  "| method | model | k | draft vocab (model's) | accepted / drafted | per pass | tiny model tok/s "
+                  "plain → spec | " + " | ".join(f"projected on {s}" for s in meta["shapes"]) + " |",
+                  "|---|---|---|---|---|---|---|" + "---|" * len(meta["shapes"])]
         for r in acc:
             proj = []
             for s in meta["shapes"]:
-                c = costs.get((s, r["k"]))
+                c = costs.get((s, r["k"], r.get("draft_vocab", "all")))
                 cost = None if c is None else c["mtp_cost" if r["method"] == "mtp" else "verify_cost"]
                 proj.append("–" if cost is None else f"{(1 + r['per_pass']) / cost:.2f}x")
-            lines.append(f"| {r['method']} | {r['model']} | {r['k']} | {r['accepted']} / {r['drafted']} "
+            vocab = r.get("draft_vocab", "all")
+            vocab = vocab if vocab == "all" else f"{vocab} ({r['model_draft_vocab']})"
+            lines.append(f"| {r['method']} | {r['model']} | {r['k']} | {vocab} | {r['accepted']} / {r['drafted']} "
                          f"({r['rate']:.0%}) | {r['per_pass']:.2f} | {r['plain_tok_s']:.0f} → {r['spec_tok_s']:.0f} | "
                          + " | ".join(proj) + " |")
     meas = [r for r in rows if r["kind"] == "measured"]
@@ -216,7 +242,7 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
                   "| shape | dtype | k | accepted per pass | projected | tok/s plain | tok/s ngram | measured |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in meas:
-            c = costs.get((r["shape"], r["k"]))
+            c = costs.get((r["shape"], r["k"], "all"))
             proj = "–" if c is None else f"{(1 + r['per_pass']) / c['verify_cost']:.2f}x"
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['k']} | {r['per_pass']:.2f} | {proj} | "
                          f"{r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | {r['spec_tok_s'] / r['plain_tok_s']:.2f}x |")
@@ -233,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-speculative-tokens", default="1,2,3", metavar="K", help="comma list of draft counts k")
     p.add_argument("--shape", default="0.3b,moe,a3b", help="bench shapes of the cost rows ('none': no cost rows)")
     p.add_argument("--dtype", type=row_dtypes, default="bf16", help="weights of the cost rows: fp32 or bf16")
+    p.add_argument("--draft-vocab-size", default="all", metavar="N",
+                   help="comma list of mtp draft vocabulary sizes ('all': the full head), e.g. all,32768,16384")
     p.add_argument("--prompt-len", type=int, default=256, help="context length at which a pass is timed")
     p.add_argument("--steps", type=int, default=20, help="timed passes per cost cell (median)")
     add_max_new_tokens_arg(p, 64, "tokens generated per acceptance / measured run", old=("--gen-len",))
@@ -263,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     if not ks or not all(1 <= k <= MAX_SPECULATIVE_TOKENS for k in ks):
         raise ErnieError(f"--num-speculative-tokens: each k must be in [1, {MAX_SPECULATIVE_TOKENS}]")
     shapes = [] if args.shape == "none" else _csv(args.shape, tuple(SHAPES), "shape")
+    try:
+        vocabs = [None if v.strip() == "all" else int(v) for v in args.draft_vocab_size.split(",") if v.strip()]
+    except ValueError:
+        raise ErnieError(f"--draft-vocab-size wants a comma list of 'all' and integers, got {args.draft_vocab_size!r}"
+                         ) from None
+    if not vocabs or any(v is not None and v < 1 for v in vocabs):
+        raise ErnieError("--draft-vocab-size: each size must be 'all' or a positive integer")
     if args.dtype not in ("fp32", "bf16"):
         raise ErnieError(f"unknown dtype {args.dtype!r}; choose from fp32, bf16")
     if args.steps < 1 or args.runs < 1 or args.max_new_tokens < 4 or args.prompt_len < 1:
@@ -273,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(workdir, exist_ok=True)
     rows: list[dict] = []
     for shape in shapes:
-        rows += cost_rows(shape, args.dtype, ks, args.prompt_len, args.steps, workdir)
-    rows += acceptance_rows(methods, ks, args.max_new_tokens, args.runs)
+        rows += cost_rows(shape, args.dtype, ks, args.prompt_len, args.steps, workdir, vocabs)
+    rows += acceptance_rows(methods, ks, args.max_new_tokens, args.runs, vocabs)
     if "ngram" in methods:
         for shape in shapes:
             rows += measured_rows(shape, args.dtype, ks, args.max_new_tokens, workdir)

@@ -13,6 +13,11 @@ Engines differ in which hidden state feeds it (config.json key `mtp_hidden_state
 - "pre_norm" (PaddleFormers' training code): h_j before the final norm, and the final norm applied to x before
   `lm_head`.
 The modules live on `model.model` under the checkpoint's names, so loading, saving and conversion need no key map.
+
+A draft vocabulary (`draft_ids`, vLLM / EAGLE-3's `draft_vocab_size`): the MTP layer's own cost is dominated by
+`lm_head` (a 103k x H matrix against one decoder layer), so the draft may score only the N most frequent tokens --
+a gathered copy of those rows -- and pick among them (FR-Spec, Zhao et al. 2025). Verification still uses the full
+head, so the output does not change; a draft outside the subset is simply never proposed.
 """
 
 from __future__ import annotations
@@ -103,9 +108,10 @@ class MTPHead:
     """Runs the first MTP layer of `model` over a window of positions, with its own one-layer KV cache.
 
     `cache` is a `KVCache` of one layer; its length counts the positions j whose (h_j, x_{j+1}) were fed.
+    `draft_ids` (sorted token ids, `draft_ids()`): score only these tokens; the others get -inf logits.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, draft_ids: Tensor | None = None):
         if not has_mtp(model):
             raise ErnieError("the model has no MTP layer")
         self.model = model
@@ -113,7 +119,9 @@ class MTPHead:
         inner = model.model
         self.emb_norm, self.hidden_norm = inner.mtp_emb_norm[0], inner.mtp_hidden_norm[0]
         self.proj, self.block = inner.mtp_linear_proj[0], inner.mtp_block[0]
-        self.head = _c_head(model) or (lambda x: model.lm_head(x).float())
+        self.draft_ids = None if draft_ids is None or len(draft_ids) >= model.config.vocab_size else draft_ids
+        self.head = _draft_head(model, self.draft_ids) if self.draft_ids is not None else (
+            _c_head(model) or (lambda x: model.lm_head(x).float()))
         _c_linears(model)
 
     def new_cache(self, max_len: int):
@@ -148,7 +156,11 @@ class MTPHead:
         x, _ = self.block(x, cos, sin, mask, cache)
         cache.length += n
         out = m.model.norm(x) if self.variant == "pre_norm" else x
-        return self.head(out), x
+        if self.draft_ids is None:
+            return self.head(out), x
+        logits = torch.full((1, n, cfg.vocab_size), float("-inf"), dtype=torch.float32, device=x.device)
+        logits[..., self.draft_ids] = self.head(out)
+        return logits, x
 
 
 class GemvLinear(nn.Module):
@@ -196,6 +208,69 @@ def _c_head(model: nn.Module):
     streams it. Drafts need no bit-exact logits (verification decides), so the summation order does not matter."""
     fast = getattr(model, "fast_decoder", None)
     return None if fast is None else (lambda x: fast.gemv(fast._m.head, x))
+
+
+def draft_ids(tokenizer, size: int, vocab_size: int) -> Tensor:
+    """The `size` token ids a reduced MTP draft scores, sorted: every special, control, byte and added token (a
+    draft must be able to propose `</s>`, tool-call and thinking markers), then the other pieces by the tokenizer's
+    score -- for SentencePiece BPE (ERNIE's tokenizer) the merge order, which follows corpus frequency -- so no
+    corpus is needed. ErnieError when `size` leaves no room beyond the special tokens."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ErnieError(f"draft_vocab_size must be a positive integer, got {size!r}")
+    sp = getattr(tokenizer, "sp", None)
+    if sp is None:
+        raise ErnieError("a draft vocabulary needs the model's SentencePiece tokenizer")
+    pieces = min(sp.GetPieceSize(), vocab_size)
+    special = {i for i in range(pieces) if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i)}
+    special |= {i for i in getattr(tokenizer, "special_ids", ()) if 0 <= i < vocab_size}
+    special |= {i for i in getattr(tokenizer, "added_tokens", {}).values() if 0 <= i < vocab_size}
+    if size <= len(special):
+        raise ErnieError(f"draft_vocab_size {size} leaves no room beyond the tokenizer's {len(special)} special, "
+                         "control and byte tokens; use a larger one")
+    normal = sorted((i for i in range(pieces) if i not in special), key=lambda i: (-sp.GetScore(i), i))
+    return torch.tensor(sorted(special | set(normal[: size - len(special)])), dtype=torch.long)
+
+
+def _draft_head(model: nn.Module, ids: Tensor):
+    """x (..., H) -> fp32 logits (..., len(ids)) of `lm_head`'s rows `ids`: with a C decoder, its GEMV over a
+    gathered copy of those rows in the head's own format (float, int8 or int4 with their scales), so a draft reads
+    len(ids) / V of the head; without one, the full head's logits at those ids (the same draft, no saving)."""
+    fast = getattr(model, "fast_decoder", None)
+    if fast is None:
+        return lambda x: model.lm_head(x).float()[..., ids]
+    L, keep = gather_rows(fast._m.head, ids)
+    return lambda x, L=L, keep=keep: fast.gemv(L, x)
+
+
+def gather_rows(L, ids: Tensor):
+    """A copy of C Linear `L` (`ernie45.native_abi._Linear`) holding only its rows `ids`: weights, scales, zeros
+    and bias gathered from the memory L points at, laid out as L's. -> (the new _Linear, the tensors it points
+    into, which the caller keeps alive)."""
+    import ctypes
+
+    from ernie45.native_abi import W_BF16, W_F32, W_I4, W_I8, _Linear
+
+    n_in, rows = L.in_, L.out
+    row_bytes = {W_F32: 4 * n_in, W_BF16: 2 * n_in, W_I8: n_in, W_I4: n_in // 2}[L.kind]
+    per_row = 1 if L.kind == W_I8 and not L.group else n_in // L.group if L.kind in (W_I8, W_I4) else 0
+    sz_bytes = per_row * (2 if L.sdt else 4)
+
+    def take(ptr: int, nbytes: int) -> Tensor:
+        raw = torch.frombuffer((ctypes.c_uint8 * (rows * nbytes)).from_address(ptr), dtype=torch.uint8)
+        return raw.view(rows, nbytes).index_select(0, ids).contiguous()
+
+    keep = [take(L.w, row_bytes)]
+    G = _Linear(kind=L.kind, out=len(ids), in_=n_in, group=L.group, sdt=L.sdt, w=keep[0].data_ptr())
+    if sz_bytes:
+        keep.append(take(L.scale, sz_bytes))
+        G.scale = keep[-1].data_ptr()
+        if L.kind == W_I4:
+            keep.append(take(L.zero, sz_bytes))
+            G.zero = keep[-1].data_ptr()
+    if L.bias:
+        keep.append(take(L.bias, 4))
+        G.bias = keep[-1].data_ptr()
+    return G, keep
 
 
 # ---- loading ----------------------------------------------------------------------------------------

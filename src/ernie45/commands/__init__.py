@@ -178,8 +178,9 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def add_speculative_args(p: argparse.ArgumentParser) -> None:
-    """`--speculative mtp|ngram` and `--num-speculative-tokens K` (generate, chat, serve; docs/speculative.md)."""
+def add_speculative_args(p: argparse.ArgumentParser, draft_vocab: bool = True) -> None:
+    """`--speculative mtp|ngram`, `--num-speculative-tokens K` and (generate, chat: where mtp drafts run)
+    `--draft-vocab-size N` (docs/speculative.md)."""
     from ernie45.generation.speculative import DEFAULT_TOKENS, MAX_SPECULATIVE_TOKENS, METHODS
 
     g = p.add_argument_group("speculative decoding (one sequence at a time; docs/speculative.md)")
@@ -189,6 +190,11 @@ def add_speculative_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help=f"draft tokens per pass, 1 to {MAX_SPECULATIVE_TOKENS} (default: "
                    + ", ".join(f"{m} {k}" for m, k in DEFAULT_TOKENS.items()) + ")")
+    if not draft_vocab:
+        return
+    g.add_argument("--draft-vocab-size", type=int, default=None, metavar="N",
+                   help="mtp: the draft scores only the N most frequent tokens (specials always included), most of "
+                   "the MTP layer's cost being the full-vocabulary lm_head; output unchanged (default: all)")
 
 
 def _speculative_method(value: str) -> str:
@@ -204,11 +210,16 @@ def speculative_from_args(args: argparse.Namespace) -> Any:
     from ernie45.generation.speculative import Speculative
 
     method, k = getattr(args, "speculative", None), getattr(args, "num_speculative_tokens", None)
+    vocab = getattr(args, "draft_vocab_size", None)
     if method is None:
         if k is not None:
             raise ErnieError("--num-speculative-tokens needs --speculative mtp or ngram")
+        if vocab is not None:
+            raise ErnieError("--draft-vocab-size needs --speculative mtp")
         return None
-    return Speculative(method, k)
+    if vocab is not None and method != "mtp":
+        raise ErnieError(f"--draft-vocab-size applies to --speculative mtp, not {method}")
+    return Speculative(method, k, vocab)
 
 
 @contextlib.contextmanager

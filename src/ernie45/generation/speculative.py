@@ -20,8 +20,11 @@ Scoring runs the PyTorch forward over k + 1 positions with the KV cache, or, whe
 (`ernie45.fast`), one `FastDecoder.step_batch` whose k + 1 rows are the positions of this one sequence sharing one
 block table: the step stores every row's keys/values before any row attends, so row i sees rows < i, and row i's
 logits are bit for bit those of plain decoding. A rejection is undone by setting the cache length back (the
-entries past it are overwritten later). The MTP drafter needs the target's hidden states, which the C step does not
-return, so `mtp` verifies with the PyTorch forward.
+entries past it are overwritten later). The MTP drafter reads the target's hidden states at the scored positions,
+which the C step writes beside the logits (`hidden_out`).
+
+`draft_vocab_size` (mtp): the MTP layer scores only that many of the most frequent tokens (`ernie45.mtp.draft_ids`),
+most of its cost being the full-vocabulary lm_head; verification is unchanged.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Speculative:
 
     method: str
     num_speculative_tokens: int | None = None
+    draft_vocab_size: int | None = None
     prompt_lookup_min: int = DEFAULT_LOOKUP_MIN
     prompt_lookup_max: int = DEFAULT_LOOKUP_MAX
     drafted: int = 0
@@ -67,6 +71,10 @@ class Speculative:
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ErnieError(f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        v = self.draft_vocab_size
+        if v is not None and (self.method != "mtp" or not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ErnieError(f"draft_vocab_size applies to mtp drafts and must be a positive integer, got {v!r}"
+                             + ("" if self.method == "mtp" else f" with {self.method}"))
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
             raise ErnieError(f"prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max, got {lo} and {hi}")
@@ -139,9 +147,9 @@ class _MTPDrafter:
     """The MTP layer next to the target: fed (x_{j+1}, h_j) for every position the target has settled, it
     guesses x_{j+2} from the last one; its cache length always equals the target cache's."""
 
-    def __init__(self, model: Any, max_len: int, cache: Any = None):
+    def __init__(self, model: Any, max_len: int, cache: Any = None, draft_vocab: tuple[int, Any] | None = None):
         require_mtp(model)
-        self.head = model.mtp_head_class(model)  # ernie45.mtp.MTPHead
+        self.head = _mtp_head(model, draft_vocab)
         self.cache = cache if cache is not None and cache.max_len >= max_len else self.head.new_cache(max_len)
         self.logits: Tensor | None = None  # (V,) the guess for the token after the settled ones
         self.out: Tensor | None = None  # (1, 1, H) the layer's output there (a chained draft's input)
@@ -166,6 +174,24 @@ class _MTPDrafter:
                 logits, out = lg[0, -1], out[:, -1:]
         self.cache.length = start
         return toks, qs
+
+
+def _mtp_head(model: Any, draft_vocab: tuple[int, Any] | None) -> Any:
+    """The model's `MTPHead` (ernie45.mtp), full or over a draft vocabulary (size, tokenizer), kept on the model
+    per size and C decoder: gathering a reduced head's rows is a copy of a few tens of MB, made once."""
+    size, tokenizer = draft_vocab if draft_vocab is not None else (None, None)
+    key = (size, id(getattr(model, "fast_decoder", None)))
+    heads = model.__dict__.setdefault("_mtp_heads", {})
+    if key not in heads:
+        ids = None
+        if size is not None:
+            from ernie45.mtp import draft_ids
+
+            if tokenizer is None:
+                raise ErnieError("draft_vocab_size needs the model's tokenizer (pass tokenizer= to generate)")
+            ids = draft_ids(tokenizer, size, model.config.vocab_size)
+        heads[key] = model.mtp_head_class(model, ids)
+    return heads[key]
 
 
 # ---- scoring -------------------------------------------------------------------------------------------
@@ -312,7 +338,8 @@ def _speculative(model, ids, cfg, max_new, min_new, spec, tokenizer, generator, 
         # the MTP cache a PromptCache keeps beside its own: (model, cache, valid length)
         held = getattr(prompt_cache, "_mtp_state", None) if taken is not None else None
         held = held if held is not None and held[0] is model else None
-        drafter = _MTPDrafter(model, cache.max_len, held[1] if held is not None else None)
+        vocab = (spec.draft_vocab_size, tokenizer) if spec.draft_vocab_size is not None else None
+        drafter = _MTPDrafter(model, cache.max_len, held[1] if held is not None else None, vocab)
         # MTP entry j was made from x_{j+1} and h_j: it holds while x_0..x_{j+1} match, and the target's h_j must
         # be recomputed for the first entry made now
         mtp_len = held[2] if held is not None and drafter.cache is held[1] else 0

@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accepted for vLLM command lines; tool_choice auto is always on here",
     )
-    add_speculative_args(p)
+    add_speculative_args(p, draft_vocab=False)  # the server drafts by prompt lookup only
     add_parallel_args(p)
     return p
 
