@@ -768,4 +768,4 @@ def test_docs_commands_run(head_ckpt, capsys, monkeypatch, tmp_path, guide):
         if argv[1] == "pretrain":
             assert has_mtp(load_checkpoint(os.path.join(argv[argv.index("--out") + 1], "final"), device="cpu"))
         ran += 1
-    assert ran == 7
+    assert ran == 8
