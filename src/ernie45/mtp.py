@@ -124,6 +124,11 @@ class MTPHead:
             _c_head(model) or (lambda x: model.lm_head(x).float()))
         _c_linears(model)
 
+    @classmethod
+    def with_draft_vocab(cls, model: nn.Module, tokenizer, size: int) -> MTPHead:
+        """The head over the `size` most frequent tokens of `tokenizer` (`draft_ids`)."""
+        return cls(model, draft_ids(tokenizer, size, model.config.vocab_size))
+
     def new_cache(self, max_len: int):
         from ernie45.model import KVCache
 

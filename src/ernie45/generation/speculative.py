@@ -183,14 +183,10 @@ def _mtp_head(model: Any, draft_vocab: tuple[int, Any] | None) -> Any:
     key = (size, id(getattr(model, "fast_decoder", None)))
     heads = model.__dict__.setdefault("_mtp_heads", {})
     if key not in heads:
-        ids = None
-        if size is not None:
-            from ernie45.mtp import draft_ids
-
-            if tokenizer is None:
-                raise ErnieError("draft_vocab_size needs the model's tokenizer (pass tokenizer= to generate)")
-            ids = draft_ids(tokenizer, size, model.config.vocab_size)
-        heads[key] = model.mtp_head_class(model, ids)
+        cls = model.mtp_head_class
+        if size is not None and tokenizer is None:
+            raise ErnieError("draft_vocab_size needs the model's tokenizer (pass tokenizer= to generate)")
+        heads[key] = cls(model) if size is None else cls.with_draft_vocab(model, tokenizer, size)
     return heads[key]
 
 
