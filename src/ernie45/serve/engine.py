@@ -518,10 +518,10 @@ class Engine(Scheduler):
         settled: list[threading.Event] = []
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(deliver, items)
-                if self._settle_s > 0:
-                    settled.append(threading.Event())
-                    loop.call_soon_threadsafe(_after_ready, loop, SETTLE_ROUNDS, settled[-1])
+                ev = threading.Event() if self._settle_s > 0 else None
+                loop.call_soon_threadsafe(_deliver, loop, items, ev)  # one wake-up: each costs the step a switch
+                if ev is not None:
+                    settled.append(ev)
             except RuntimeError:  # the event loop has closed: nobody is listening any more
                 for s, _ in items:
                     s.cancelled = True
@@ -568,6 +568,14 @@ class Engine(Scheduler):
 ROWS_PREFILL_MAX = 256
 SETTLE_S = 0.002
 SETTLE_ROUNDS = 3
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, items: list, settled: threading.Event | None) -> None:
+    """Runs in the event loop: route a step's outputs to their requests (which wakes their handlers), then count
+    SETTLE_ROUNDS rounds of the ready queue behind those handlers before setting `settled`."""
+    deliver(items)
+    if settled is not None:
+        loop.call_soon(_after_ready, loop, SETTLE_ROUNDS, settled)
 
 
 def _after_ready(loop: asyncio.AbstractEventLoop, rounds: int, settled: threading.Event) -> None:
