@@ -134,23 +134,10 @@ def generate_baseline(ckpt: str, dtype: str, input_len: int, output_len: int, th
 
 
 def concurrency_row(base: str, c: int, input_len: int, output_len: int) -> dict[str, Any]:
-    """2c requests, c at a time, from `ernie45 loadtest` in a process of its own at the lowest CPU priority (`nice
-    -n 19` where the OS has it). On a machine whose cores all run the server's decode step, a client at equal
-    priority takes a core from the step whenever it parses a chunk, which a remote client would not (moe wint4, c1,
-    4 alternating runs: 3.07-3.21 ms per token with the client at nice 19 against 3.36-4.06 at 0)."""
-    import shutil
+    from ernie45.serve.loadtest import run_load
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "load.json")
-        cmd = [sys.executable, "-m", "ernie45", "loadtest", "--base-url", base, "--num-prompts", str(2 * c),
-               "--max-concurrency", str(c), "--input-len", str(input_len), "--max-new-tokens", str(output_len),
-               "--ignore-eos", "--out", out]
-        nice = shutil.which("nice")
-        r = subprocess.run([nice, "-n", "19", *cmd] if nice else cmd, capture_output=True, text=True, timeout=7200)
-        if not os.path.exists(out):
-            raise ErnieError(f"c{c}: the load generator failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:200]}")
-        with open(out, encoding="utf-8") as f:
-            s = json.load(f)
+    s = asyncio.run(run_load(base, num_prompts=2 * c, max_concurrency=c, input_len=input_len,
+                             output_len=output_len, ignore_eos=True))
     if s["failed"]:
         raise ErnieError(f"c{c}: {s['failed']} requests failed: {s['errors']}")
     return dict(kind="concurrency", concurrency=c, output_tok_s=s["output_throughput"],
