@@ -1131,6 +1131,14 @@ static inline vf vload_sz(const void *p, size_t i, int sdt, int cnt) {
  * output's fp32 accumulator, in column order; ext gets the zero-point and centring terms, zero * sum(x) + scale * t,
  * in VW lanes of groups, reduced like the sums (tile_out adds them, xs = 1). G: the group size as a constant (0:
  * L->group). One prefetch step per 128 columns (a line of each row). */
+/* the low and high nibbles of chunk cc (columns) of the R weight rows, as bytes */
+INL void i4q_nibbles(const int R, const uint8_t *const *w, int cc, vq *lo, vq *hi) {
+    for (int r = 0; r < R; r++) {
+        vq b = vq_load(w[r] + cc / 2);
+        lo[r] = vq_lo(b), hi[r] = vq_hi(b);
+    }
+}
+
 INL void tile_i4q(const int R, const int C, const int G, const Linear *L, const Job *J, long r0, const char **pfp,
                   int cnt, int parts, float *s, float *ext, int stride) {
     const char *pf = *pfp;
@@ -1161,10 +1169,7 @@ INL void tile_i4q(const int R, const int C, const int G, const Linear *L, const 
             for (int cc = g0; cc < g0 + group; cc += CW) {
                 if (cc % 128 == 0) PF_SEQ(64);
                 vq lo[RMAX], hi[RMAX];
-                for (int r = 0; r < R; r++) {
-                    vq b = vq_load(w[r] + cc / 2);
-                    lo[r] = vq_lo(b), hi[r] = vq_hi(b);
-                }
+                i4q_nibbles(R, w, cc, lo, hi);
                 for (int c = 0; c < C; c++) {
                     vq xe = vq_load(x[c] + cc), xo = vq_load(x[c] + cc + CW / 2);
                     REG(xe);
@@ -1180,10 +1185,7 @@ INL void tile_i4q(const int R, const int C, const int G, const Linear *L, const 
             if (cc % 128 == 0) PF_SEQ(64);
             const int gi = cc / group;
             vq lo[RMAX], hi[RMAX];
-            for (int r = 0; r < R; r++) {
-                vq b = vq_load(w[r] + cc / 2);
-                lo[r] = vq_lo(b), hi[r] = vq_hi(b);
-            }
+            i4q_nibbles(R, w, cc, lo, hi);
             for (int c = 0; c < C; c++) {
                 vq xe = vq_load(x[c] + cc), xo = vq_load(x[c] + cc + CW / 2);
                 REG(xe);
