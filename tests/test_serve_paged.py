@@ -281,6 +281,46 @@ def test_mixed_steps_prefill_as_extra_c_rows(ckpts):
     assert sum(sum(w[1:]) for w in flags) == 1 and flags[-1][-1]
 
 
+def test_short_prompts_alone_prefill_as_one_c_step_and_many_as_a_pytorch_batch(ckpts):
+    """With nothing decoding and the C step attached, prompts ending within `ROWS_PREFILL_MAX` positions and
+    totalling at most that many tokens are prefilled as the rows of one C step (only their last rows compute
+    logits); more prompt tokens at once go to one batched PyTorch prefill. Answers equal their greedy runs."""
+    from ernie45.fast import optimize_for_inference
+    from ernie45.serve.engine import ROWS_PREFILL_MAX
+
+    model, tok = load(ckpts["dense"])
+    optimize_for_inference(model)
+    if getattr(model, "fast_decoder", None) is None:
+        pytest.skip("no C decode step on this machine")
+    text = tok.encode(LONG * 4)
+    for count, length in ((2, 40), (3, ROWS_PREFILL_MAX // 3 + 10)):
+        prompts = [text[i * 7 : i * 7 + length] for i in range(count)]
+        engine = Engine(model, tok, EngineArgs(max_num_seqs=4, max_model_len=1024, block_size=4))
+        calls = Calls(engine)
+
+        async def go(engine=engine, prompts=prompts):
+            params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            groups = [engine.submit([p], [params]) for p in prompts]
+            engine.start()  # after every submission: the first step sees them all
+
+            async def collect(g):
+                return [t for _, out in [x async for x in g] for t in out.token_ids]
+
+            return await asyncio.gather(*(collect(g) for g in groups))
+
+        try:
+            got = asyncio.run(go())
+        finally:
+            engine.shutdown(0.0)
+        assert got == [reference(model, p, 4) for p in prompts]
+        first = calls.log[0]
+        if count * length <= ROWS_PREFILL_MAX:
+            assert first == ("decode", count * length)
+            assert calls.want[0] == ([False] * (length - 1) + [True]) * count
+        else:
+            assert first == ("prefill", [length] * count)
+
+
 def test_engine_lets_the_event_loop_send_a_steps_tokens_before_the_next_step(ckpts):
     """After each step the engine waits (the GIL released) until the event loop has taken the step's tokens:
     otherwise the loop's per-token work runs during the next step and pre-empts one of its threads. Every decode

@@ -247,10 +247,12 @@ class Engine(Scheduler):
         native = self.runner.native
         mixed = bool(decoding) and native
         chunks = self._schedule(self.args.max_num_batched_tokens - len(decoding), bool(decoding), mixed)
-        # prompt chunks that ride along the decode step (or, with nothing decoding, make one of their own); the
-        # rest, and any whose prompt logprobs are wanted, go through the PyTorch prefill
-        rows = [(s, n) for s, n in chunks
-                if native and s.prompt_lps is None and (mixed or s.computed + n <= ROWS_PREFILL_MAX)]
+        # prompt chunks that ride along the decode step, or, with nothing decoding, short ones that make a C step of
+        # their own (`ROWS_PREFILL_MAX`); the rest, and any whose prompt logprobs are wanted, go through PyTorch
+        rows = [(s, n) for s, n in chunks if native and s.prompt_lps is None
+                and (mixed or s.computed + n <= ROWS_PREFILL_MAX)]
+        if not mixed and sum(n for _, n in rows) > ROWS_PREFILL_MAX:
+            rows = []  # many prompts at once: PyTorch's batched GEMMs win
         alone = [(s, n) for s, n in chunks if all(s is not r for r, _ in rows)]
         if alone:
             self._prefill(alone)
@@ -560,11 +562,12 @@ class Engine(Scheduler):
 # pre-empts one of its threads, whose share of the rows the others then wait for. Four alternating
 # `bench serve --concurrency 1,8` runs (MoE wint4, 2 cores): c1 / generate 0.83-0.90x with the wait, 0.76-0.87x
 # without; ITL p99 5.3-7.3 against 7.7-9.4 ms.
-# A prompt chunk ending within this many positions is prefilled as rows of the C step even with nothing decoding:
-# every weight is then read once per step and multiplied by integer tiles, against PyTorch's per-expert loops
-# and dequantised tiles (128-token prompts, 2 threads: 0.3b wint4 1158 against 898 tok/s, moe wint4 1920 against
-# 851, 0.3b bf16 1357 against 1211); past ~256 positions the rows' attention, one row at a time, costs more than
-# PyTorch's blocked attention saves (0.3b wint4 at 512: 873 against 1017 tok/s).
+# With nothing decoding, prompt chunks ending within this many positions, and this many tokens in all, are prefilled
+# as rows of one C step: every weight read once, integer tiles, against PyTorch's per-expert loops and one-prompt
+# GEMMs (2 threads, one 128-token prompt: 0.3b wint4 1095-1158 against 743-898 tok/s, moe wint4 1920 against 851,
+# 0.3b bf16 1357 against 1211). Past ~256 positions the rows' attention, one row at a time, costs more than PyTorch's
+# blocked attention saves (0.3b wint4 at 512: 873 against 1017 tok/s), and past ~256 tokens in one step PyTorch's
+# batched GEMMs catch up (0.3b wint4, 4 prompts of 128: 955 against 1038; moe wint4 still 1744 against 1305).
 ROWS_PREFILL_MAX = 256
 SETTLE_S = 0.002
 SETTLE_ROUNDS = 3
