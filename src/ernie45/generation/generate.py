@@ -233,7 +233,10 @@ def _decode(
         taken = prompt_cache.take(model, ids[0].tolist(), total - 1)
     cache, reused = taken or (model.new_cache(B, total - 1), 0)  # the last token is never fed back
     try:
-        logits = model(ids[:, reused:], attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        fast = getattr(model, "fast_decoder", None)  # a short prompt: the rows of one C step (ernie45.fast)
+        logits = fast.prefill(ids[:, reused:], cache) if fast is not None and mask is None else None
+        if logits is None:
+            logits = model(ids[:, reused:], attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
         for step in range(max_new):
             cur = S + step
             raw = logits.float()

@@ -45,6 +45,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ernie45.fast import ROWS_PREFILL_MAX
 from ernie45.serve.blocks import BlockManager
 from ernie45.serve.kv import kv_cache_blocks
 from ernie45.serve.metrics import ServerMetrics
@@ -562,13 +563,6 @@ class Engine(Scheduler):
 # pre-empts one of its threads, whose share of the rows the others then wait for. Four alternating
 # `bench serve --concurrency 1,8` runs (MoE wint4, 2 cores): c1 / generate 0.83-0.90x with the wait, 0.76-0.87x
 # without; ITL p99 5.3-7.3 against 7.7-9.4 ms.
-# With nothing decoding, prompt chunks ending within this many positions, and this many tokens in all, are prefilled
-# as rows of one C step: every weight read once, integer tiles, against PyTorch's per-expert loops and one-prompt
-# GEMMs (2 threads, one 128-token prompt: 0.3b wint4 1095-1158 against 743-898 tok/s, moe wint4 1920 against 851,
-# 0.3b bf16 1357 against 1211). Past ~256 positions the rows' attention, one row at a time, costs more than PyTorch's
-# blocked attention saves (0.3b wint4 at 512: 873 against 1017 tok/s), and past ~256 tokens in one step PyTorch's
-# batched GEMMs catch up (0.3b wint4, 4 prompts of 128: 955 against 1038; moe wint4 still 1744 against 1305).
-ROWS_PREFILL_MAX = 256
 SETTLE_S = 0.002
 SETTLE_ROUNDS = 3
 
