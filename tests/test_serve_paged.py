@@ -285,8 +285,7 @@ def test_short_prompts_alone_prefill_as_one_c_step_and_many_as_a_pytorch_batch(c
     """With nothing decoding and the C step attached, prompts ending within `ROWS_PREFILL_MAX` positions and
     totalling at most that many tokens are prefilled as the rows of one C step (only their last rows compute
     logits); more prompt tokens at once go to one batched PyTorch prefill. Answers equal their greedy runs."""
-    from ernie45.fast import optimize_for_inference
-    from ernie45.fast import ROWS_PREFILL_MAX
+    from ernie45.fast import ROWS_PREFILL_MAX, optimize_for_inference
 
     model, tok = load(ckpts["dense"])
     optimize_for_inference(model)
