@@ -562,12 +562,15 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
 def test_cli_generate_and_info(kind, exported, capsys):
     """`ernie45 generate --model FILE.gguf` prints the API's greedy text; `ernie45 info FILE.gguf` tells the
     architecture, per tensor group the GGUF type and how it is held, and memory whose weights are the loaded ones."""
+    from ernie45.fast import optimize_for_inference
+
     path = exported(kind, "q4_0")
     model, tok = ernie45.load(path, dtype="float32", device="cpu")
     prompt = "床前明月光，"
     rc, out, err = _run(["generate", "--model", path, "--prompt", prompt, "--max-new-tokens", "8",
                          "--temperature", "0", "--ignore-eos", "--dtype", "float32"], capsys)
     ids = tok.encode(prompt)
+    optimize_for_inference(model)  # as the command does (its C step quantises activations: the same tokens)
     want = model.generate([ids], do_sample=False, max_new_tokens=8, eos_token_id=[])[0, len(ids):]
     assert rc == 0 and err == ""
     assert out == tok.decode(want, skip_special_tokens=True) + "\n"
@@ -634,14 +637,30 @@ def test_saved_as_a_checkpoint_and_quantize(exported, tmp_path):
     assert type(q8.model.layers[1].mlp.experts[0].gate_proj).__name__ == "Int8Linear"
 
 
+def _same_or_near_tie(model, tokens: torch.Tensor, ref_tokens: torch.Tensor, rel: float, msg: str) -> None:
+    """Greedy `tokens` equal `ref_tokens` (the PyTorch forward's), or first differ where the forward's two best
+    logits are within `rel` of its largest |logit|: int4 rows multiply activations quantised to int8 per group
+    (~0.5 % of a product's largest output), which may pick the other side of such a tie, never of a clear margin."""
+    if torch.equal(tokens, ref_tokens):
+        return
+    t = int((tokens[0] != ref_tokens[0]).nonzero()[0])
+    with torch.inference_mode():
+        lg = model(ref_tokens[:, :t]).logits[0, -1].float()
+    top = lg.topk(2).values
+    gap = float(top[0] - top[1]) / float(lg.abs().max())
+    print(f"{msg}: greedy tokens part at step {t}, where the forward's best two logits are {gap:.1e} apart")
+    assert gap <= rel, (msg, t, top.tolist())
+
+
 @pytest.mark.parametrize("outtype", ["q4_0", "q8_0"])
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_c_step_reads_a_quantized_file_as_loaded(kind, outtype, exported, tmp_path):
-    """The C decode step runs a Q4_0 file as it is held: int4 groups of 32 (two per 64-column chunk of the tiled
-    int16 kernel) and the int4 token embedding (dense: the head tied to it, the same three tensors), and a Q8_0 file:
+    """The C decode step runs a Q4_0 file as it is held: int4 groups of 32 (several per chunk of the tiled int4
+    kernel, each lane in its own) and the int4 token embedding (dense: the head tied to it, the same three tensors), and a Q8_0 file:
     int8 with a scale per 32 columns (exact int32 sums per group; the embedding and its tied head likewise), at every
     ISA level this machine runs: logits within the int4 parity tests' bound of the PyTorch forward and the same
-    greedy tokens. Saved as a checkpoint (the tied head written once) and reloaded, it is the same model."""
+    greedy tokens, but for a near-tie (`_same_or_near_tie`). Saved as a checkpoint (the tied head written once) and
+    reloaded, it is the same model."""
     from ernie45 import native
     from ernie45.checkpoint import save_checkpoint
     from ernie45.fast import FastDecoder
@@ -667,7 +686,7 @@ def test_c_step_reads_a_quantized_file_as_loaded(kind, outtype, exported, tmp_pa
             out = dec(ids[:, -1:], cache)
             tokens = generate(model, ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         torch.testing.assert_close(out, ref, atol=2e-2 * max(1.0, ref.abs().max().item()), rtol=2e-2, msg=isa)
-        assert torch.equal(tokens, ref_tokens), isa
+        _same_or_near_tie(model, tokens, ref_tokens, 2e-2, isa)
         ran += 1
     if outtype == "q8_0" and ran:  # the int8 groups run as such, not dequantized
         import ctypes
