@@ -197,6 +197,7 @@ _STEP_LOCK = threading.Lock()
 # against 1017 tok/s), and past ~256 rows in one step PyTorch's batched GEMMs catch up (0.3b wint4, 4 prompts of
 # 128: 955 against 1038; moe wint4 still 1744 against 1305).
 ROWS_PREFILL_MAX = 256
+GEMV_ROWS = 64  # rows per call of `FastDecoder.gemv` (an MTP layer's first run covers the whole prompt)
 
 
 class Unsupported(Exception):
@@ -311,8 +312,8 @@ class FastDecoder:
         lib.ernie_step_batch_h.argtypes = [*lib.ernie_step_batch.argtypes, c_void_p, c_int]
         lib.ernie_step_batch_h.restype = c_int
         # (model, Linear, x, y): one GEMV (`gemv`)
-        lib.ernie_gemv.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Linear), c_void_p, c_void_p]
-        lib.ernie_gemv.restype = c_int
+        lib.ernie_gemv_batch.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Linear), c_int, c_void_p, c_void_p]
+        lib.ernie_gemv_batch.restype = c_int
         self.n_layers, self.n_kv, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         self.hidden = cfg.hidden_size
         lib.ernie_release.argtypes = [ctypes.POINTER(_Model)]
@@ -414,16 +415,17 @@ class FastDecoder:
             return None
 
     def gemv(self, L: _Linear, x: Tensor) -> Tensor:
-        """x (..., in) -> fp32 (..., out) = the C GEMV of `L` (a `linear_struct`, or `_m.head`), row by row on this
-        decoder's scratch: for a few rows it streams the weight at full bandwidth, where PyTorch's one-row bf16
-        matmul is several times slower."""
-        lib = self._lib
+        """x (..., in) -> fp32 (..., out) = the C GEMV of `L` (a `linear_struct`, or `_m.head`) on this decoder's
+        scratch, every row in one pass over the weight (each row's result is the one it gets alone): for a few rows
+        it streams the weight at full bandwidth, where PyTorch's one-row bf16 matmul is several times slower."""
         rows = x.reshape(-1, L.in_).float().contiguous()  # (n, in)
         y = torch.empty(rows.shape[0], L.out, dtype=torch.float32)
         with _STEP_LOCK:
             self._m.n_threads = torch.get_num_threads()
-            for i in range(rows.shape[0]):
-                if lib.ernie_gemv(ctypes.byref(self._m), ctypes.byref(L), rows[i].data_ptr(), y[i].data_ptr()):
+            for i in range(0, rows.shape[0], GEMV_ROWS):  # the step's scratch grows with the rows of one call
+                n = min(GEMV_ROWS, rows.shape[0] - i)
+                if self._lib.ernie_gemv_batch(ctypes.byref(self._m), ctypes.byref(L), n, rows[i].data_ptr(),
+                                              y[i].data_ptr()):
                     raise RuntimeError("C GEMV failed")
         return y.view(*x.shape[:-1], L.out)
 
