@@ -439,32 +439,41 @@ class FastDecoder:
         return dict(zip(self.PROFILE_PARTS, out))
 
     # -- running -------------------------------------------------------------------------------------
+    def reads(self, cache) -> bool:
+        """Whether the step reads `cache` in place: one sequence, contiguous, in the step's dtype."""
+        want = torch.bfloat16 if self.bf16 else torch.float32
+        return cache.k[0].shape[0] == 1 and cache.k[0].dtype == want and cache.k[0].is_contiguous()
+
     def accepts(self, tokens: Tensor, cache, attention_mask: Tensor | None, position_ids: Tensor | None) -> bool:
         """True for one new token of one sequence with no padding, at the cache's next position."""
-        if tokens.shape != (1, 1) or cache is None or cache.k[0].shape[0] != 1 or cache.length >= cache.max_len:
+        if tokens.shape != (1, 1) or cache is None or cache.length >= cache.max_len:
             return False
         if attention_mask is not None and not bool(attention_mask.all()):
             return False
         if position_ids is not None and int(position_ids.reshape(-1)[0]) != cache.length:
             return False
-        want = torch.bfloat16 if self.bf16 else torch.float32
-        return cache.k[0].dtype == want and cache.k[0].is_contiguous()
+        return self.reads(cache)
 
-    def prefill(self, tokens: Tensor, cache) -> Tensor | None:
-        """Feed a short prompt `tokens` (1, n) at positions `cache.length`.. as the rows of one batched C step
-        (the cache as its one page); returns the last row's next-token logits (1, vocab) fp32, or None -- nothing
-        fed -- where the prompt would end past `ROWS_PREFILL_MAX` or the cache is not one the step reads."""
-        n, L = tokens.shape[1], cache.length
-        if tokens.shape[0] != 1 or n < 2 or L + n > min(ROWS_PREFILL_MAX, cache.max_len) or cache.k[0].shape[0] != 1:
-            return None
-        want = torch.bfloat16 if self.bf16 else torch.float32
-        if cache.k[0].dtype != want or not cache.k[0].is_contiguous():
-            return None
-        tables = torch.zeros((n, 1), dtype=torch.int32)  # every row reads and writes the one page: the cache
-        logits = self.step_batch(tokens[0].tolist(), list(range(L, L + n)), tables, cache.k, cache.v,
-                                 logit_rows=[False] * (n - 1) + [True])
+    def feed(self, tokens: list[int], cache, **kw) -> Tensor:
+        """`tokens` at positions `cache.length`.. as the rows of one batched step over `cache` (one the step
+        `reads`, as its one page: every row reads and writes it); the cache length advances. `kw`: `step_batch`'s
+        (logit_rows, hidden_out, pre_norm). -> the rows' logits."""
+        n, L = len(tokens), cache.length
+        tables = torch.zeros((n, 1), dtype=torch.int32)
+        logits = self.step_batch(tokens, list(range(L, L + n)), tables, cache.k, cache.v, **kw)
         cache.length = L + n
         return logits
+
+    def prefill(self, tokens: Tensor, cache) -> Tensor | None:
+        """Feed a short prompt `tokens` (1, n) at positions `cache.length`.. as the rows of one C step (`feed`);
+        returns the last row's next-token logits (1, vocab) fp32, or None -- nothing fed -- where the prompt would
+        end past `ROWS_PREFILL_MAX` or the cache is not one the step reads."""
+        n = tokens.shape[1]
+        if tokens.shape[0] != 1 or n < 2 or cache.length + n > min(ROWS_PREFILL_MAX, cache.max_len):
+            return None
+        if not self.reads(cache):
+            return None
+        return self.feed(tokens[0].tolist(), cache, logit_rows=[False] * (n - 1) + [True])
 
     def __call__(self, tokens: Tensor, cache) -> Tensor:
         """Feed `tokens` (1, 1) at position `cache.length`; returns the next-token logits (1, vocab), fp32."""

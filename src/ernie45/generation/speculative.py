@@ -194,10 +194,7 @@ def _mtp_head(model: Any, draft_vocab: tuple[int, Any] | None) -> Any:
 def _c_path(model: Any, cache: Any) -> Any:
     """The attached C decoder when it can score rows of this (batch-1, contiguous) cache, else None."""
     fast = getattr(model, "fast_decoder", None)
-    if fast is None or cache.k[0].shape[0] != 1:
-        return None
-    want = torch.bfloat16 if fast.bf16 else torch.float32
-    return fast if cache.k[0].dtype == want and cache.k[0].is_contiguous() else None
+    return fast if fast is not None and fast.reads(cache) else None
 
 
 def score(model: Any, tokens: list[int], cache: Any, need_hidden: bool = False,
@@ -213,11 +210,8 @@ def score(model: Any, tokens: list[int], cache: Any, need_hidden: bool = False,
     if fast is not None:
         if n == 1 and not need_hidden:
             return fast(torch.tensor([tokens]), cache), None
-        tables = torch.zeros((n, 1), dtype=torch.int32)  # every row reads and writes the one page: the cache
         hidden = torch.empty(n, fast.hidden, dtype=torch.float32) if need_hidden else None
-        logits = fast.step_batch(tokens, list(range(L, L + n)), tables, cache.k, cache.v, hidden_out=hidden,
-                                 pre_norm=pre_norm)
-        cache.length = L + n
+        logits = fast.feed(tokens, cache, hidden_out=hidden, pre_norm=pre_norm)
         # the C step's hidden states hold model-dtype values (bf16 rounded in a bf16 model): converting is exact
         return logits, None if hidden is None else hidden.to(model.dtype)[None]
     ids = torch.tensor([tokens], device=model.device)

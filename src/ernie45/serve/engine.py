@@ -254,7 +254,8 @@ class Engine(Scheduler):
                 and (mixed or s.computed + n <= ROWS_PREFILL_MAX)]
         if not mixed and sum(n for _, n in rows) > ROWS_PREFILL_MAX:
             rows = []  # many prompts at once: PyTorch's batched GEMMs win
-        alone = [(s, n) for s, n in chunks if all(s is not r for r, _ in rows)]
+        riding = {id(s) for s, _ in rows}
+        alone = [(s, n) for s, n in chunks if id(s) not in riding]
         if alone:
             self._prefill(alone)
             self._flush()  # first tokens go out before the decode step (time to first token)
