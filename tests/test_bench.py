@@ -447,6 +447,29 @@ def test_speculative_bench_rows_per_draft_vocabulary(tmp_path):
         bench_main(["speculative", "--shape", "none", "--draft-vocab-size", "all,x"])
 
 
+def test_speculative_bench_quantized_rows_time_a_quantized_mtp_layer(tmp_path):
+    """`--dtype bf16,wint4`: rows per dtype, the wint4 ones on the checkpoint `quantized_checkpoint` writes with the
+    random MTP layer quantized as `ernie45 quantize` quantizes a checkpoint's (int4 Linears the C GEMV reads), and a
+    projection per shape and dtype."""
+    import json
+
+    from ernie45.bench_speculative import _bench_model, attach_random_mtp
+    from ernie45.quant.linear import Int4Linear
+
+    js, out = tmp_path / "s.json", tmp_path / "s.md"
+    bench_main(["speculative", "--shape", "tiny", "--dtype", "bf16,wint4", "--speculative", "ngram",
+                "--num-speculative-tokens", "1", "--steps", "2", "--max-new-tokens", "8",
+                "--workdir", str(tmp_path / "w"), "--json", str(js), "--out", str(out)])
+    rows = json.loads(js.read_text())["rows"]
+    assert [(r["kind"], r["dtype"]) for r in rows if r["kind"] != "acceptance"] == [
+        ("cost", "bf16"), ("cost", "wint4"), ("measured", "bf16"), ("measured", "wint4")]
+    assert "| projected on tiny bf16 | projected on tiny wint4 |" in out.read_text()
+    model = _bench_model("tiny", "wint4", str(tmp_path / "w"))
+    attach_random_mtp(model)
+    assert type(model.model.mtp_block[0].mlp.up_proj) is Int4Linear
+    assert type(model.model.mtp_linear_proj[0]) is Int4Linear
+
+
 def test_results_record_the_command_without_local_paths():
     """A results file records how to rerun it, not this machine's work directory."""
     from ernie45.bench import recorded_command

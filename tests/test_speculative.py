@@ -126,6 +126,9 @@ def test_transposed_linear_proj_is_turned_and_bad_shapes_are_one_line(tmp_path):
     _rewrite(tmp_path / "ck", lambda t: t.__setitem__(key, t[key].t().contiguous()))  # (2H, H), as 300B-PT
     back = load_checkpoint(tmp_path / "ck", dtype="float32", device="cpu")
     assert torch.equal(back.model.mtp_linear_proj[0].weight, m.model.mtp_linear_proj[0].weight)
+    save_checkpoint(m, tmp_path / "upright")  # quantizing the file reads the projection the right way too
+    got, want = _stream_quantized(tmp_path / "ck", "wint8"), _stream_quantized(tmp_path / "upright", "wint8")
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
     _rewrite(tmp_path / "ck", lambda t: t.__setitem__(key, t[key][:, :10].contiguous()))
     with pytest.raises(ErnieError, match=r"mtp_linear_proj.0.weight has shape \(128, 10\)") as e:
         load_checkpoint(tmp_path / "ck", dtype="float32", device="cpu")
@@ -134,6 +137,111 @@ def test_transposed_linear_proj_is_turned_and_bad_shapes_are_one_line(tmp_path):
     _rewrite(tmp_path / "ck2", lambda t: t.pop("model.mtp_emb_norm.0.weight"))
     with pytest.raises(ErnieError, match="MTP layer does not match.*missing tensors: model.mtp_emb_norm.0.weight"):
         load_checkpoint(tmp_path / "ck2", dtype="float32", device="cpu")
+
+
+def _stream_quantized(path, mode: str, **kw) -> dict[str, torch.Tensor]:
+    from ernie45.checkpoint_read import CheckpointReader
+    from ernie45.config import ErnieConfig
+    from ernie45.quant.stream import StreamQuantizer
+
+    with CheckpointReader(path) as r, StreamQuantizer(r, ErnieConfig.from_pretrained(path), mode, **kw) as sq:
+        return dict(sq)
+
+
+@pytest.mark.parametrize("mode", ["wint8", "wint4", "llm.int8"])
+def test_quantized_checkpoints_quantize_the_mtp_layer_too(tmp_path, mode):
+    """wint8 / wint4 quantize the MTP layer's Linears with the rest (a draft then streams int8 / int4, and a 21B-A3B
+    holds ~65 MB of int4 for it instead of ~246 MB of bf16); llm.int8 leaves it in float. The in-memory quantizer,
+    the streaming one and quantizing while loading write the same tensors; the checkpoint loads back bit for bit;
+    the memory estimate counts the layer as loading holds it; greedy tokens with `mtp` equal plain decoding."""
+    from ernie45.checkpoint import checkpoint_state_dict
+    from ernie45.commands.info import memory_estimate
+    from ernie45.quant import quantize_model
+    from ernie45.quant.linear import Int4Linear, Int8Linear
+
+    kw = {"group_size": 32} if mode == "wint4" else {}  # tiny-moe's expert width is 32
+    m = mtp_model("tiny-moe", use_bias=True, tie_word_embeddings=False)
+    save_checkpoint(m, tmp_path / "f")
+    a = load_checkpoint(tmp_path / "f", dtype="float32", device="cpu")
+    quantize_model(a, mode, progress=False, **kw)
+    want = {"wint8": Int8Linear, "wint4": Int4Linear, "llm.int8": torch.nn.Linear}[mode]
+    mtp_linears = [a.model.mtp_linear_proj[0], a.model.mtp_block[0].self_attn.q_proj, a.model.mtp_block[0].mlp.down_proj]
+    assert all(type(lin) is want for lin in mtp_linears)
+    ref = checkpoint_state_dict(a)
+    got = _stream_quantized(tmp_path / "f", mode, dtype="float32", **kw)
+    assert list(got) == list(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    save_checkpoint(a, tmp_path / "q")
+    b = load_checkpoint(tmp_path / "q", dtype="float32", device="cpu")
+    loaded = [b.model.mtp_linear_proj[0], b.model.mtp_block[0].self_attn.q_proj, b.model.mtp_block[0].mlp.down_proj]
+    assert all(type(lin) is want for lin in loaded)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    if mode != "wint4":
+        c = load_checkpoint(tmp_path / "f", dtype="float32", device="cpu", quantize=mode)
+        sc = c.state_dict()
+        assert sorted(sc) == sorted(sa) and all(torch.equal(sa[k], sc[k]) for k in sa)
+    held = {t.data_ptr(): t.numel() * t.element_size() for t in [*b.parameters(), *b.buffers()]}
+    assert memory_estimate(str(tmp_path / "q"), dtype="float32")["weights_bytes"] == sum(held.values())
+    ids = prompt_ids()
+    sp = Speculative("mtp", 2)
+    assert torch.equal(generate(b, ids, max_new_tokens=16, do_sample=False, speculative=sp),
+                       generate(b, ids, max_new_tokens=16, do_sample=False))
+    assert sp.drafted > 0
+
+
+def test_a_quantized_checkpoint_with_a_float_mtp_layer_still_loads(tmp_path):
+    """Quantized checkpoints written before ernie45 quantized the MTP layer hold it in float: it loads in float
+    beside the quantized model, and the memory estimate says so."""
+    from ernie45.commands.info import memory_estimate
+    from ernie45.quant import quantize_model
+    from ernie45.quant.linear import Int8Linear
+
+    m = mtp_model("tiny-moe")
+    mtp = {k: v for k, v in m.state_dict().items() if k.startswith("model.mtp")}
+    for name in ("mtp_emb_norm", "mtp_hidden_norm", "mtp_linear_proj", "mtp_block"):
+        delattr(m.model, name)
+    quantize_model(m, "wint8", progress=False)  # the model alone, then the float layer: what older versions wrote
+    attach_mtp(m)
+    m.load_state_dict(mtp, strict=False)
+    save_checkpoint(m, tmp_path / "q")
+    b = load_checkpoint(tmp_path / "q", dtype="float32", device="cpu")
+    assert type(b.model.layers[0].mlp.down_proj) is Int8Linear and type(b.model.mtp_linear_proj[0]) is torch.nn.Linear
+    assert all(torch.equal(b.state_dict()[k], v) for k, v in mtp.items())
+    held = {t.data_ptr(): t.numel() * t.element_size() for t in [*b.parameters(), *b.buffers()]}
+    assert memory_estimate(str(tmp_path / "q"), dtype="float32")["weights_bytes"] == sum(held.values())
+
+
+def test_quantized_mtp_layer_in_c_matches_pytorch():
+    """Beside a C decoder, an int4 / int8 MTP layer's Linears run the C GEMV on their own bytes (`GemvLinear` shares
+    the wrapped module's tensors: the state dict is unchanged, no second copy); its logits agree with the PyTorch
+    layer's within the int8 activation rounding of the int4 rows, and greedy tokens equal plain decoding."""
+    from ernie45.fast import optimize_for_inference
+    from ernie45.mtp import GemvLinear
+    from ernie45.quant import quantize_model
+
+    native_or_skip()
+    for mode, tol in (("wint8", 1e-4), ("wint4", 2e-2)):
+        m = mtp_model("tiny-moe", use_bias=True, tie_word_embeddings=False)
+        quantize_model(m, mode, progress=False, **({"group_size": 32} if mode == "wint4" else {}))
+        toks = torch.randint(0, 1000, (1, 3), generator=torch.Generator().manual_seed(7))
+        hid = torch.randn(1, 3, m.config.hidden_size, generator=torch.Generator().manual_seed(8))
+        head = MTPHead(m)
+        want, _ = head(toks, hid, head.new_cache(8))
+        keys = {k: v.clone() for k, v in m.state_dict().items()}
+        ids = prompt_ids()
+        plain = generate(m, ids, max_new_tokens=16, do_sample=False)
+        optimize_for_inference(m)
+        head = MTPHead(m)
+        down = m.model.mtp_block[0].mlp.down_proj
+        assert isinstance(down, GemvLinear) and type(down._many[0]).__name__ == {"wint8": "Int8Linear",
+                                                                                 "wint4": "Int4Linear"}[mode]
+        cache = head.new_cache(8)
+        got = torch.cat([head(toks[:, i:i + 1], hid[:, i:i + 1], cache)[0] for i in range(3)], 1)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+        sd = m.state_dict()
+        assert sorted(sd) == sorted(keys) and all(torch.equal(sd[k], v) for k, v in keys.items())
+        sp = Speculative("mtp", 2)
+        assert torch.equal(generate(m, ids, max_new_tokens=16, do_sample=False, speculative=sp), plain), mode
 
 
 def test_mtp_weights_are_ignored_without_num_nextn_predict_layers(tmp_path):

@@ -53,28 +53,57 @@ def _interleaved_medians(fns: dict, n: int) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+DTYPES = ("fp32", "bf16", "wint8", "wint4")
+
+
+def _bench_model(shape: str, dtype: str, workdir: str):
+    """The bench shape's model as `ernie45 bench` runs it: the float checkpoint in fp32 / bf16, or the one
+    `quantized_checkpoint` writes for wint8 / wint4 (head and embedding quantized) in the dtype loading picks."""
+    import torch
+
+    from ernie45.bench import _TORCH_DTYPE
+    from ernie45.bench_checkpoints import make_checkpoint, quantized_checkpoint
+    from ernie45.checkpoint import load_checkpoint
+
+    ckpt = make_checkpoint(shape, workdir)
+    if dtype in _TORCH_DTYPE:
+        return load_checkpoint(ckpt, dtype=getattr(torch, _TORCH_DTYPE[dtype]), device="cpu")
+    return load_checkpoint(quantized_checkpoint(ckpt, dtype), device="cpu")
+
+
+def attach_random_mtp(model) -> None:
+    """A random MTP layer (its cost, not its guesses), quantized as `ernie45 quantize` quantizes a checkpoint's
+    layer when the model is quantized."""
+    from ernie45.mtp import MTP_PREFIX, attach_mtp
+    from ernie45.quant import _swap, quantizable_linears, quantize_linear
+
+    model.config.extra["num_nextn_predict_layers"] = 1
+    attach_mtp(model)
+    qc = model.config.quantization_config
+    if not qc:
+        return
+    for name, lin in quantizable_linears(model, qc.get("modules_to_not_convert", ()), qc["mode"]).items():
+        if name.startswith(MTP_PREFIX):
+            _swap(model, name, quantize_linear(lin, qc["mode"], model.dtype, group_size=qc.get("group_size") or 128)[0])
+
+
 def cost_rows(shape: str, dtype: str, ks: list[int], prompt_len: int, steps: int, workdir: str,
               vocabs: list[int | None] = (None,)) -> list[dict]:
     """Seconds of a plain step and of a (k + 1)-position pass on a bench shape, and of one MTP-layer run per draft
     vocabulary size (None: the full head)."""
     import torch
 
-    from ernie45.bench import _ACT, _TORCH_DTYPE
-    from ernie45.bench_checkpoints import make_checkpoint
-    from ernie45.checkpoint import load_checkpoint
     from ernie45.fast import optimize_for_inference
     from ernie45.generation.speculative import score
-    from ernie45.mtp import MTPHead, attach_mtp
+    from ernie45.mtp import MTPHead
 
-    ckpt = make_checkpoint(shape, workdir)
-    model = load_checkpoint(ckpt, dtype=getattr(torch, _TORCH_DTYPE[dtype]), device="cpu")
+    model = _bench_model(shape, dtype, workdir)
     optimize_for_inference(model)
     path = "C" if getattr(model, "fast_decoder", None) is not None else "PyTorch"
     V, K = model.config.vocab_size, max(ks)
     g = torch.Generator().manual_seed(0)
     cache = model.new_cache(1, prompt_len + K + 2)
-    model.config.extra["num_nextn_predict_layers"] = 1
-    attach_mtp(model)  # a random head: its cost, not its guesses
+    attach_random_mtp(model)
     heads = {v: MTPHead(model, None if v is None else torch.arange(min(v, V))) for v in vocabs}
     mcache = heads[vocabs[0]].new_cache(prompt_len + 2)
     hidden = torch.randn(1, 1, model.config.hidden_size, dtype=model.dtype)
@@ -101,8 +130,7 @@ def cost_rows(shape: str, dtype: str, ks: list[int], prompt_len: int, steps: int
     step = med["step"]
     verify = {k: med[f"c{k}"] for k in ks}
     verify_hidden = {k: med[f"t{k}"] for k in ks}
-    act = _ACT.get(_TORCH_DTYPE[dtype], dtype)
-    return [dict(kind="cost", shape=shape, dtype=act, path=path, k=k, draft_vocab=_label(v), vocab=V,
+    return [dict(kind="cost", shape=shape, dtype=dtype, path=path, k=k, draft_vocab=_label(v), vocab=V,
                  step_ms=step * 1e3, verify_ms=verify[k] * 1e3, verify_hidden_ms=verify_hidden[k] * 1e3,
                  draft_ms=med[f"d{v}"] * 1e3, verify_cost=verify[k] / step,
                  mtp_cost=(verify_hidden[k] + k * med[f"d{v}"]) / step) for k in ks for v in vocabs]
@@ -176,13 +204,10 @@ def measured_rows(shape: str, dtype: str, ks: list[int], gen_len: int, workdir: 
     """ngram on a bench shape: decode tokens/s with and without it (random weights repeat themselves)."""
     import torch
 
-    from ernie45.bench import _ACT, _TORCH_DTYPE
-    from ernie45.bench_checkpoints import make_checkpoint
-    from ernie45.checkpoint import load_checkpoint
     from ernie45.fast import optimize_for_inference
     from ernie45.generation.speculative import Speculative
 
-    model = load_checkpoint(make_checkpoint(shape, workdir), dtype=getattr(torch, _TORCH_DTYPE[dtype]), device="cpu")
+    model = _bench_model(shape, dtype, workdir)
     optimize_for_inference(model)
     g = torch.Generator().manual_seed(0)
     part = torch.randint(3, model.config.vocab_size, (1, 48), generator=g)
@@ -194,7 +219,7 @@ def measured_rows(shape: str, dtype: str, ks: list[int], gen_len: int, workdir: 
         rate1, got = _decode_rate(model, ids, gen_len, sp)
         if got != want:
             raise ErnieError(f"speculative ngram changed the greedy tokens of the {shape} shape")
-        rows.append(dict(kind="measured", shape=shape, dtype=_ACT.get(_TORCH_DTYPE[dtype], dtype), k=k,
+        rows.append(dict(kind="measured", shape=shape, dtype=dtype, k=k,
                          per_pass=sp.accepted / max(sp.steps, 1), plain_tok_s=rate0, spec_tok_s=rate1))
     return rows
 
@@ -219,16 +244,19 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
                          f"{r['step_ms']:.2f} | {r['verify_ms']:.2f} | {r['verify_hidden_ms']:.2f} | "
                          f"{r['draft_ms']:.2f} | {r['verify_cost']:.2f}x | {r['mtp_cost']:.2f}x |")
     acc = [r for r in rows if r["kind"] == "acceptance"]
-    costs = {(r["shape"], r["k"], r.get("draft_vocab", "all")): r for r in rows if r["kind"] == "cost"}
+    costs = {(r["shape"], r["dtype"], r["k"], r.get("draft_vocab", "all")): r for r in rows if r["kind"] == "cost"}
+    dtypes = meta.get("dtypes") or sorted({r["dtype"] for r in rows if r["kind"] == "cost"})
+    targets = [(s, d) for s in meta["shapes"] for d in dtypes]  # a projection column per shape and dtype
     if acc:
         lines += ["", "## Acceptance (bundled models, greedy, held-out prompts) and projected speedup", "",
                   "| method | model | k | draft vocab (model's) | accepted / drafted | per pass | tiny model tok/s "
-                  "plain → spec | " + " | ".join(f"projected on {s}" for s in meta["shapes"]) + " |",
-                  "|---|---|---|---|---|---|---|" + "---|" * len(meta["shapes"])]
+                  "plain → spec | " + " | ".join(f"projected on {s}" + (f" {d}" if len(dtypes) > 1 else "")
+                                                  for s, d in targets) + " |",
+                  "|---|---|---|---|---|---|---|" + "---|" * len(targets)]
         for r in acc:
             proj = []
-            for s in meta["shapes"]:
-                c = costs.get((s, r["k"], r.get("draft_vocab", "all")))
+            for s, d in targets:
+                c = costs.get((s, d, r["k"], r.get("draft_vocab", "all")))
                 cost = None if c is None else c["mtp_cost" if r["method"] == "mtp" else "verify_cost"]
                 proj.append("–" if cost is None else f"{(1 + r['per_pass']) / cost:.2f}x")
             vocab = r.get("draft_vocab", "all")
@@ -242,7 +270,7 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
                   "| shape | dtype | k | accepted per pass | projected | tok/s plain | tok/s ngram | measured |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in meas:
-            c = costs.get((r["shape"], r["k"], "all"))
+            c = costs.get((r["shape"], r["dtype"], r["k"], "all"))
             proj = "–" if c is None else f"{(1 + r['per_pass']) / c['verify_cost']:.2f}x"
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['k']} | {r['per_pass']:.2f} | {proj} | "
                          f"{r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | {r['spec_tok_s'] / r['plain_tok_s']:.2f}x |")
@@ -258,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", default="mtp,ngram", help="comma list of mtp, ngram")
     p.add_argument("--num-speculative-tokens", default="1,2,3", metavar="K", help="comma list of draft counts k")
     p.add_argument("--shape", default="0.3b,moe,a3b", help="bench shapes of the cost rows ('none': no cost rows)")
-    p.add_argument("--dtype", type=row_dtypes, default="bf16", help="weights of the cost rows: fp32 or bf16")
+    p.add_argument("--dtype", type=row_dtypes, default="bf16",
+                   help="weights of the cost and measured rows, a comma list of fp32, bf16, wint8, wint4 (the "
+                        "checkpoint's MTP layer quantized with the model, as `ernie45 quantize` writes it)")
     p.add_argument("--draft-vocab-size", default="all", metavar="N",
                    help="comma list of mtp draft vocabulary sizes ('all': the full head), e.g. all,32768,16384")
     p.add_argument("--prompt-len", type=int, default=256, help="context length at which a pass is timed")
@@ -298,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                          ) from None
     if not vocabs or any(v is not None and v < 1 for v in vocabs):
         raise ErnieError("--draft-vocab-size: each size must be 'all' or a positive integer")
-    if args.dtype not in ("fp32", "bf16"):
-        raise ErnieError(f"unknown dtype {args.dtype!r}; choose from fp32, bf16")
+    dtypes = _csv(args.dtype, DTYPES, "dtype")
     if args.steps < 1 or args.runs < 1 or args.max_new_tokens < 4 or args.prompt_len < 1:
         raise ErnieError("--steps and --runs must be >= 1, --max-new-tokens >= 4 and --prompt-len >= 1")
     if args.threads:
@@ -308,13 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(workdir, exist_ok=True)
     rows: list[dict] = []
     for shape in shapes:
-        rows += cost_rows(shape, args.dtype, ks, args.prompt_len, args.steps, workdir, vocabs)
+        for dtype in dtypes:
+            rows += cost_rows(shape, dtype, ks, args.prompt_len, args.steps, workdir, vocabs)
     rows += acceptance_rows(methods, ks, args.max_new_tokens, args.runs, vocabs)
     if "ngram" in methods:
         for shape in shapes:
-            rows += measured_rows(shape, args.dtype, ks, args.max_new_tokens, workdir)
+            for dtype in dtypes:
+                rows += measured_rows(shape, dtype, ks, args.max_new_tokens, workdir)
     meta = dict(cpu=_cpu_name(), threads=torch.get_num_threads(), date=datetime.date.today().isoformat(),
-                prompt_len=args.prompt_len, shapes=shapes,
+                prompt_len=args.prompt_len, shapes=shapes, dtypes=dtypes,
                 command=recorded_command("speculative", sys.argv[3:] if argv is None else argv))
     write_results(rows, meta, to_markdown(rows, meta), args.json_out, args.out)
     return 0

@@ -32,7 +32,7 @@ from ernie45.checkpoint_read import (
 )
 from ernie45.config import ErnieConfig
 from ernie45.errors import ErnieError
-from ernie45.mtp import plan_mtp, read_mtp
+from ernie45.mtp import attach_before_swap, plan_mtp, read_mtp
 
 ARENA_MIN_BYTES = 1 << 16  # smaller tensors (norms, biases, scales) are not worth an arena slot
 
@@ -164,21 +164,22 @@ def load_checkpoint(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
             plan = {s.name: (s.dtype, s.shape) for s in source.specs}
             order = list(plan)
         model = build_model(config, dt, dev, meta=True)
+        mtp_plan, mtp_fix = {}, {}
         if config.quantization_config:
             from ernie45.quant import prepare_for_load
 
+            attach_before_swap(model, reader.mtp_entries, bool(quantize))
             prepare_for_load(model, config.quantization_config)
-        if not quantize:
+        if not quantize:  # (a quantizing source plans and produces the MTP tensors with the others)
             plan = plan_tensors(model, reader, config, dt, path)
             order = sorted(plan, key=lambda n: (reader.entries[n].file, reader.entries[n].offset))  # file order
-        mtp_plan, mtp_fix = plan_mtp(model, reader.mtp_entries, dt, path)  # after plan_tensors: not in its check
+            mtp_plan, mtp_fix = plan_mtp(model, reader.mtp_entries, dt, path)
         storage = _allocate(model, plan, dev)
         for name in order:
             if quantize:
                 storage[name].copy_(source.tensor(name))
             else:
                 reader.read(name, out=storage[name])
-        mtp_plan = {k: v for k, v in mtp_plan.items() if k not in storage}  # a quantizing source carries them
         if mtp_plan:
             reader.keep_mtp()
             read_mtp(reader, mtp_plan, mtp_fix, storage)

@@ -343,9 +343,10 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def plan_tensors(model, reader: CheckpointReader, config: ErnieConfig, dt: torch.dtype,
           path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """{state-dict name: (dtype, shape)} of every tensor to read; ErnieError listing every mismatch."""
-    entries = reader.entries
-    expected = model.state_dict()
+    """{state-dict name: (dtype, shape)} of every tensor to read; ErnieError listing every mismatch. An attached
+    MTP layer's tensors are not among them: `ernie45.mtp.plan_mtp` plans those (as the reader keeps them apart)."""
+    entries = {k: e for k, e in reader.entries.items() if not k.startswith(_IGNORED_PREFIXES)}
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(_IGNORED_PREFIXES)}
     tied = config.tie_word_embeddings
     missing = [k for k in expected if k not in entries and not (tied and k in TIED_HEAD_KEYS)]
     unexpected = [k for k in entries if k not in expected and not (tied and k in TIED_HEAD_KEYS)]

@@ -410,9 +410,12 @@ class FastDecoder:
         """The C view of one more Linear (read in place, kept alive by the decoder), for `gemv`; None where the
         kernels cannot read it. Used for the MTP layer's Linears (ernie45.mtp), which the step itself never runs."""
         try:
-            return self._linear(mod, [])
+            L = self._linear(mod, [])
         except Unsupported:
             return None
+        for m in self.int4_modules:
+            m.keep_rowmajor = True  # C reads the row-major bytes: PyTorch's kernel layout would be a second copy
+        return L
 
     def gemv(self, L: _Linear, x: Tensor) -> Tensor:
         """x (..., in) -> fp32 (..., out) = the C GEMV of `L` (a `linear_struct`, or `_m.head`) on this decoder's

@@ -169,17 +169,17 @@ class MTPHead:
 
 
 class GemvLinear(nn.Module):
-    """An MTP-layer Linear multiplied by the C decoder's GEMV for a few rows (a draft step), by the Linear it wraps
-    otherwise. PyTorch's one-row bf16 matmul is several times slower than streaming the weight (0.3B shape, 2
-    threads: the MTP layer's MLP took 32 ms by F.linear); `weight` / `bias` are the wrapped Linear's own, so the
-    state dict does not change."""
+    """An MTP-layer Linear (float, int8 or int4) multiplied by the C decoder's GEMV for a few rows (a draft step),
+    by the module it wraps otherwise. PyTorch's one-row bf16 matmul is several times slower than streaming the
+    weight (0.3B shape, 2 threads: the MTP layer's MLP took 32 ms by F.linear); the parameters and buffers are
+    the wrapped module's own (the same dicts), so the state dict does not change."""
 
     MAX_ROWS = 4
 
     def __init__(self, linear: nn.Module, fast, L):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+        self._parameters, self._buffers = linear._parameters, linear._buffers  # weight, bias, scales: shared
         self._many = [linear]  # the wrapped module, kept out of the module tree (its names stay the state dict's)
         self._gemv = lambda x: fast.gemv(L, x)
 
@@ -199,7 +199,7 @@ def _c_linears(model: nn.Module) -> None:
     for root in (inner.mtp_linear_proj, inner.mtp_block):
         for mod in list(root.modules()):
             for name, child in list(mod.named_children()):
-                if type(child).__name__ in ("Linear", "DnnLinear", "UpcastLinear"):
+                if type(child).__name__ in ("Linear", "DnnLinear", "UpcastLinear", "Int8Linear", "Int4Linear"):
                     L = fast.linear_struct(child)
                     if L is not None:
                         setattr(mod, name, GemvLinear(child, fast, L))
@@ -292,9 +292,11 @@ def plan_mtp(model: nn.Module, entries: dict, dt: torch.dtype, path: str) -> tup
     if not depth or not entries:
         return {}, {}
     mtp_variant(model.config)  # a bad switch fails here, at load
-    attach_mtp(model, depth)
+    if not has_mtp(model):  # a quantized checkpoint's layer is attached (and swapped) before: `attach_before_swap`
+        attach_mtp(model, depth)
     expected = {k: v for k, v in model.state_dict().items() if k.startswith(MTP_PREFIX)}
-    fix = check_mtp_entries({k: e.shape for k, e in entries.items()}, model.config)
+    # float weights only: a quantized layer's (int8 / packed int4) are checked against the swapped modules below
+    fix = check_mtp_entries({k: e.shape for k, e in entries.items() if e.dtype.is_floating_point}, model.config)
     missing = [k for k in expected if k not in entries]
     unexpected = [k for k in entries if k not in expected]
     bad = [f"{k} {e.shape} (expected {tuple(expected[k].shape)})" for k, e in entries.items()
@@ -303,6 +305,16 @@ def plan_mtp(model: nn.Module, entries: dict, dt: torch.dtype, path: str) -> tup
     if problems:
         raise ErnieError(f"checkpoint {path}: the MTP layer does not match its config.json — " + "; ".join(problems))
     return {k: (dt if v.is_floating_point() else v.dtype, tuple(v.shape)) for k, v in expected.items()}, fix
+
+
+def attach_before_swap(model: nn.Module, entries: dict, quantizing: bool) -> None:
+    """Attach the MTP layer before `ernie45.quant.prepare_for_load` swaps the Linears, so its own are swapped too:
+    when quantizing while loading, or when the checkpoint stores the layer quantized (int8 / int4 weights). A
+    quantized checkpoint written before ernie45 quantized the layer stores it in float: attached after the swap."""
+    depth = mtp_depth(model.config)
+    if depth and entries and not has_mtp(model) and (
+            quantizing or any(not e.dtype.is_floating_point for e in entries.values())):
+        attach_mtp(model, depth)
 
 
 def read_mtp(reader, plan: dict, fix: dict[str, str], storage: dict[str, Tensor]) -> None:

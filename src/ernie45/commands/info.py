@@ -213,12 +213,14 @@ def quantization_config_for(model, mode: str, quantize_embedding: bool = False) 
 
 
 def weight_bytes(config, dtype, quantize: str | None = None, quantize_embedding: bool = False,
-                 mtp: bool = False) -> int:
+                 mtp: str | None = None) -> int:
     """Bytes of the weights as a run holds them: one copy of every parameter and buffer of the model built on the
     meta device (nothing is allocated) in `dtype`, the router and correction bias fp32, a tied lm_head once, and
     quantized layers at their quantized sizes — the checkpoint's `quantization_config`, or `quantize`'s
-    (`quantize_embedding`: with an int8 token embedding, see `quantization_config_for`). `mtp`: the checkpoint
-    holds an MTP layer the config declares; loading keeps it in `dtype`, unquantized (`ernie45.mtp`)."""
+    (`quantize_embedding`: with an int8 token embedding, see `quantization_config_for`). `mtp`: how the checkpoint
+    holds an MTP layer the config declares (`_mtp_storage`: "float" or "quantized"); loading quantizes it with the
+    rest in wint8 / wint4 (`ernie45.quant.MTP_MODES`), and a quantized checkpoint written before ernie45 did so
+    keeps it in `dtype` (`ernie45.mtp.attach_before_swap`)."""
     import itertools
 
     from ernie45.checkpoint import build_model
@@ -234,14 +236,16 @@ def weight_bytes(config, dtype, quantize: str | None = None, quantize_embedding:
         qc = quantization_config_for(model, quantize, quantize_embedding)
         if quantize_embedding:  # the head gets its own (quantized) tensor
             model.config = config.replace(tie_word_embeddings=False)
+    from ernie45.mtp import attach_mtp, mtp_depth
+
+    if mtp and qc and (quantize or mtp == "quantized"):
+        attach_mtp(model, mtp_depth(config))  # before the swap: quantized with the rest
     if qc:
         from ernie45.quant import prepare_for_load
 
         prepare_for_load(model, qc)
         model.tie_weights()  # an int4 head tied to an int4 embedding shares its buffers
-    if mtp:
-        from ernie45.mtp import attach_mtp, mtp_depth
-
+    if mtp and not hasattr(model.model, "mtp_block"):
         attach_mtp(model, mtp_depth(config))
     seen: set[int] = set()
     total = 0
@@ -279,7 +283,7 @@ def memory_estimate(path: str, quantize: str | None = None, dtype: str = "auto",
         raise ErnieError(f"--max-model-len {max_model_len} exceeds the model's context window "
                          f"({cfg.max_position_embeddings})")
     dt = run_dtype(dtype)
-    weights = weight_bytes(cfg, dt, quantize, quantize_embedding, mtp=_loads_mtp(resolve_model_path(path), cfg))
+    weights = weight_bytes(cfg, dt, quantize, quantize_embedding, mtp=_mtp_storage(resolve_model_path(path), cfg))
     if kv_cache_dtype not in ("auto", "int8"):
         raise ErnieError(f"--kv-cache-dtype must be auto or int8, got {kv_cache_dtype!r}")
     per_token = kv_cache_bytes_per_token(cfg, dt, kv_cache_dtype)
@@ -300,15 +304,20 @@ def memory_estimate(path: str, quantize: str | None = None, dtype: str = "auto",
     }
 
 
-def _loads_mtp(path: str, cfg) -> bool:
-    """Whether loading `path` attaches an MTP layer: the config declares one and the files hold `model.mtp_*`."""
-    from ernie45.checkpoint_read import read_header, safetensors_files
+def _mtp_storage(path: str, cfg) -> str | None:
+    """Whether loading `path` attaches an MTP layer (the config declares one and the files hold `model.mtp_*`),
+    and how the files hold it: None, "float", or "quantized" (int8 / int4 weights among its tensors)."""
+    from ernie45.checkpoint_read import ST_DTYPES, read_header, safetensors_files
     from ernie45.gguf_file import is_gguf
     from ernie45.mtp import MTP_PREFIX, mtp_depth
 
     if not mtp_depth(cfg) or is_gguf(path):
-        return False
-    return any(name.startswith(MTP_PREFIX) for f in safetensors_files(path) for name in read_header(f)[0])
+        return None
+    dtypes = [ST_DTYPES[e["dtype"]] for f in safetensors_files(path) for name, e in read_header(f)[0].items()
+              if name.startswith(MTP_PREFIX)]
+    if not dtypes:
+        return None
+    return "float" if all(d.is_floating_point for d in dtypes) else "quantized"
 
 
 def _binary(n: float) -> str:

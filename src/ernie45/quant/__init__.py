@@ -24,6 +24,7 @@ QUANT_METHOD = "ernie45"
 FORMAT_VERSION = 1
 EMBED_TOKENS = "model.embed_tokens"  # the token embedding module (`quantize_embedding`)
 OVERRIDE_MODES = ("wint8", "wint4")  # quantization_config["module_overrides"]: per-module modes (GGUF files)
+MTP_MODES = ("wint8", "wint4")  # modes that quantize the MTP layer (ernie45.mtp); the others keep it in float
 EMBEDDING_MODES = ("int8", "int4")  # quantization_config["embedding"]; absent: the embedding is float.
 # int4 (`Int4Embedding`, groups of `group_size`) comes from GGUF Q4_0 files only; the quantizer writes int8.
 
@@ -102,11 +103,18 @@ def _skipped(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def quantizable_linears(model: nn.Module, modules_to_not_convert: Iterable[str] = ()) -> dict[str, nn.Linear]:
+def quantizable_linears(model: nn.Module, modules_to_not_convert: Iterable[str] = (),
+                        mode: str | None = None) -> dict[str, nn.Linear]:
     """Plain `nn.Linear` modules by name: never the router (`ernie45.model.Router` is a Linear subclass),
-    never embeddings or norms (not Linears), minus names equal to or ending in a skipped pattern."""
+    never embeddings or norms (not Linears), minus names equal to or ending in a skipped pattern.
+
+    With `mode`, the MTP layer's Linears (`model.mtp_*`, a draft head) only where `mode` is in `MTP_MODES`: the
+    weight-only formats the C decoder's GEMV reads, so a draft streams int8 / int4 like the rest of the model.
+    llm.int8 and nf4 leave the layer in float (its one-row drafts then run the C GEMV on float weights)."""
     skip = list(modules_to_not_convert)
-    return {name: m for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)}
+    mtp = mode is None or mode in MTP_MODES
+    return {name: m for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)
+            and (mtp or not name.startswith("model.mtp_"))}
 
 
 def validate_options(
@@ -266,9 +274,7 @@ def select_targets(
     from ernie45.quant.linear import check_group_size
 
     not_convert = list(skip) + ([] if quantize_lm_head else ["lm_head"])
-    targets = quantizable_linears(model, not_convert)
-    # the MTP layer (a draft head, ernie45.mtp) stays float, as loading attaches it after the quantized swap
-    targets = {n: m for n, m in targets.items() if not n.startswith("model.mtp_")}
+    targets = quantizable_linears(model, not_convert, mode)
     if quantize_embedding:
         check_embedding_option(mode, bool(model.config.tie_word_embeddings), "lm_head" in targets)
     if mode == "wint4":
@@ -492,7 +498,7 @@ def prepare_for_load(model: nn.Module, quantization_config: dict) -> None:
     dtype = model.dtype
     outliers = qc.get("outlier_columns") or {}
     nf4 = nf4_linear_class() if mode == "nf4" else None
-    for name, lin in quantizable_linears(model, not_convert).items():
+    for name, lin in quantizable_linears(model, not_convert, mode).items():
         args = (lin.in_features, lin.out_features, lin.bias is not None, dtype, "meta")
         o = overrides.get(name)
         how, group = (o["mode"], o.get("group_size")) if o else (mode, qc.get("group_size"))

@@ -137,12 +137,13 @@ class StreamQuantizer:
         self.reader, self.mode, self.threshold = reader, mode, float(threshold)
         self.dtype = resolve_checkpoint_dtype(dtype, config)
         model = build_model(config, self.dtype, meta=True)
+        # every tensor the float model would load, its dtype and shape; ErnieError naming each mismatch
+        self._plan = plan_tensors(model, reader, config, self.dtype, reader.path)
+        self._mtp_fix = self._carry_mtp(model, reader)
         not_convert, linears, group_size = select_targets(
             model, mode, group_size, quantize_lm_head, skip, quantize_embedding
         )
         self.group_size = group_size
-        # every tensor the float model would load, its dtype and shape; ErnieError naming each mismatch
-        self._plan = plan_tensors(model, reader, config, self.dtype, reader.path)
         self._source_tied = bool(config.tie_word_embeddings)
         untie = quantize_lm_head and self._source_tied and "lm_head" in linears
         self.quantization_config = quantization_config(
@@ -165,7 +166,6 @@ class StreamQuantizer:
 
         model.config = self.config  # untied where the head is quantized: what prepare_for_load checks
         prepare_for_load(model, self.quantization_config)  # quantized modules on meta: names, dtypes, shapes
-        self._carry_mtp(model, reader)
         self.specs = []
         self.source_params: dict[str, int] = {}
         for name, ref in model.state_dict().items():
@@ -204,18 +204,22 @@ class StreamQuantizer:
         self._embedding_report: LayerReport | None = None
         self._embedding_bytes = (0, 0)
 
-    def _carry_mtp(self, model, reader) -> None:
-        """The MTP layer (`ernie45.mtp`, a draft head) is carried over in float, after the quantized swap, as
-        loading attaches it; the reader then serves its tensors like any other float tensor."""
+    def _carry_mtp(self, model, reader) -> dict[str, str]:
+        """Attach the MTP layer (`ernie45.mtp`, a draft head) the checkpoint holds and plan its float tensors, so
+        its Linears are quantized with the others (`ernie45.quant.MTP_MODES`) and the rest is carried over; the
+        reader then serves them like any other tensor. -> {name: "transpose"} of tensors stored transposed."""
         from ernie45.mtp import plan_mtp
 
         plan, fix = plan_mtp(model, reader.mtp_entries, self.dtype, reader.path)
-        if fix:
-            raise ErnieError(f"{reader.path}: quantizing a checkpoint whose mtp_linear_proj is stored transposed is "
-                             "not supported; load and save it with ernie45 first")
         if plan:
             reader.keep_mtp()
             self._plan.update(plan)
+        return fix
+
+    def _source(self, name: str) -> Tensor:
+        """Float source tensor `name` in its planned dtype, turned the right way where stored transposed."""
+        t = self.reader.read(name, dtype=self._plan[name][0])
+        return t.t().contiguous() if self._mtp_fix.get(name) == "transpose" else t
 
     # ---- output -------------------------------------------------------------------------------------
     # A unit is what one read produces: a quantized Linear (all its output tensors) or one float tensor.
@@ -267,13 +271,10 @@ class StreamQuantizer:
         if unit == EMBED_TOKENS and self.embedding is not None:
             return {"weight": self.reader.read(EMBEDDING, dtype=self._plan[EMBEDDING][0])}
         if unit not in self.targets:
-            return {unit: self.reader.read(unit, dtype=self._plan[unit][0])}
+            return {unit: self._source(unit)}
         src = EMBEDDING if unit == "lm_head" and self._source_tied else f"{unit}.weight"
         bias = f"{unit}.bias" if self._has_bias[unit] else None
-        return {
-            "weight": self.reader.read(src, dtype=self._plan[src][0]),
-            "bias": None if bias is None else self.reader.read(bias, dtype=self._plan[bias][0]),
-        }
+        return {"weight": self._source(src), "bias": None if bias is None else self._source(bias)}
 
     def _compute(self, unit: str, source: dict[str, Tensor | None] | Future) -> dict[str, Tensor]:
         if isinstance(source, Future):
