@@ -438,6 +438,33 @@ def test_c_step_verification_gives_plain_tokens():
         assert calls and max(calls) > 1  # the drafts were scored as rows of one step
 
 
+@pytest.mark.parametrize("mode", [None, "wint8", "wint4"])
+def test_c_step_speculation_gives_plain_logits_bit_for_bit(mode):
+    """With the C step attached, every logits row a speculative run emits is bit for bit plain decoding's: the
+    prompt is prefilled as plain decoding prefills it (rows of one C step; PyTorch's int4 forward does not round
+    activations to int8 as the C rows do, and a cache filled so made a random wint4 MoE part at a near-tie),
+    and verification rows equal single steps."""
+    from ernie45.fast import optimize_for_inference
+    from ernie45.generation import generate_step
+    from ernie45.quant import quantize_model
+
+    native_or_skip()
+    m = mtp_model("tiny-moe")
+    if mode:
+        quantize_model(m, mode, progress=False, **({"group_size": 32} if mode == "wint4" else {}))
+    optimize_for_inference(m)
+    ids = prompt_ids()
+
+    def logits(**kw):
+        return [s.logits for s in generate_step(m, ids, None, max_new_tokens=24, eos_token_id=[], do_sample=False,
+                                                output_logits=True, **kw)]
+
+    want = logits()
+    for method, k in (("ngram", 2), ("mtp", 1), ("mtp", 2)):
+        got = logits(speculative=Speculative(method, k))
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), (method, k)
+
+
 def test_c_step_hidden_states_are_the_forwards():
     """`step_batch(hidden_out=)`: each row's final-norm output (or, `pre_norm`, its input) as the PyTorch forward
     computes it, within the C step's fp32 summation-order differences; the logits are those of the plain call."""

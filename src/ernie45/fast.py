@@ -467,16 +467,16 @@ class FastDecoder:
         cache.length = L + n
         return logits
 
-    def prefill(self, tokens: Tensor, cache) -> Tensor | None:
-        """Feed a short prompt `tokens` (1, n) at positions `cache.length`.. as the rows of one C step (`feed`);
-        returns the last row's next-token logits (1, vocab) fp32, or None -- nothing fed -- where the prompt would
-        end past `ROWS_PREFILL_MAX` or the cache is not one the step reads."""
+    def prefill(self, tokens: Tensor, cache, **kw) -> Tensor | None:
+        """Feed a short prompt `tokens` (1, n) at positions `cache.length`.. as the rows of one C step (`feed`; `kw`:
+        its hidden_out, pre_norm); returns the last row's next-token logits (1, vocab) fp32, or None -- nothing fed --
+        where the prompt would end past `ROWS_PREFILL_MAX` or the cache is not one the step reads."""
         n = tokens.shape[1]
         if tokens.shape[0] != 1 or n < 2 or cache.length + n > min(ROWS_PREFILL_MAX, cache.max_len):
             return None
         if not self.reads(cache):
             return None
-        return self.feed(tokens[0].tolist(), cache, logit_rows=[False] * (n - 1) + [True])
+        return self.feed(tokens[0].tolist(), cache, logit_rows=[False] * (n - 1) + [True], **kw)
 
     def __call__(self, tokens: Tensor, cache) -> Tensor:
         """Feed `tokens` (1, 1) at position `cache.length`; returns the next-token logits (1, vocab), fp32."""

@@ -228,6 +228,25 @@ def score(model: Any, tokens: list[int], cache: Any, need_hidden: bool = False,
     return out.logits[0].float(), out.hidden_states
 
 
+def prefill(model: Any, ids: Tensor, cache: Any, need_hidden: bool = False,
+            pre_norm: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Feed the prompt `ids` (1, n) -> (the last row's logits (1, V) fp32, hidden (1, n, H) of every position, or
+    None), the way `generate` prefills: the rows of one C step where that applies (`FastDecoder.prefill`), else the
+    PyTorch forward. The cache then holds what plain decoding's holds, bit for bit, so greedy tokens stay plain
+    decoding's even at a near-tie of two logits (int4 rows in C round activations to int8; PyTorch's do not)."""
+    fast = _c_path(model, cache)
+    if fast is not None:
+        hidden = torch.empty(ids.shape[1], fast.hidden, dtype=torch.float32) if need_hidden else None
+        logits = fast.prefill(ids, cache, hidden_out=hidden, pre_norm=pre_norm)
+        if logits is not None:
+            return logits, None if hidden is None else hidden.to(model.dtype)[None]
+    if not need_hidden:
+        return model(ids, cache=cache, logits_to_keep=1).logits[0, -1:].float(), None
+    with capture_pre_norm(model) as box:
+        out = model(ids, cache=cache, logits_to_keep=1)  # hidden states of every position
+    return out.logits[0, -1:].float(), box[0] if pre_norm else out.hidden_states
+
+
 # ---- the loop ------------------------------------------------------------------------------------------
 def _draw(probs: Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -341,14 +360,7 @@ def _speculative(model, ids, cfg, max_new, min_new, spec, tokenizer, generator, 
     accepted = 0
     try:
         pre_norm = use_mtp and drafter.head.wants_pre_norm()
-        if use_mtp:
-            with capture_pre_norm(model) as box:
-                out = model(ids[:, reused:], cache=cache, logits_to_keep=1)  # hidden states of every position
-            hidden = box[0] if pre_norm else out.hidden_states
-            logits = out.logits[0, -1:].float()
-        else:
-            hidden = None
-            logits = model(ids[:, reused:], cache=cache, logits_to_keep=1).logits[0, -1:].float()
+        logits, hidden = prefill(model, ids[:, reused:], cache, use_mtp, pre_norm)
         # logits (n, V): rows predicting positions cur, cur + 1, ...; one row after a plain step
         pending_drafts: list[int] = []
         draft_q: list[Tensor | None] | None = None
