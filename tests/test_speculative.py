@@ -771,8 +771,8 @@ def test_cli_errors_are_one_line(head_ckpt, capsys):
         rc, out, err = run_cli(["generate", "--model", model or head_ckpt, "--prompt", "你好", *extra], capsys)
         assert rc != 0 and re.search(match, err), (extra, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    rc, _, err = run_cli(["serve", "--model", head_ckpt, "--speculative", "mtp"], capsys)
-    assert rc != 0 and "the server speculates with --speculative ngram" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run_cli(["serve", "--model", bundled_path("ernie-tiny"), "--speculative", "mtp"], capsys)
+    assert rc != 0 and "has no MTP layer" in err and len(err.strip().splitlines()) == 1
 
 
 def test_help_mentions_the_flags(capsys):
@@ -781,7 +781,7 @@ def test_help_mentions_the_flags(capsys):
             cli([command, "--help"])
         out = capsys.readouterr().out
         assert "--speculative METHOD" in out and "--num-speculative-tokens K" in out, command
-        assert ("--draft-vocab-size N" in out) == (command != "serve"), command  # the server drafts by lookup
+        assert "--draft-vocab-size N" in out, command
 
 
 def test_chat_with_speculation_answers_as_without(head_ckpt):
@@ -838,6 +838,72 @@ def test_server_greedy_answers_equal_and_metrics_count(native_step):
     assert answers[None] == answers["ngram"]
 
 
+@pytest.mark.parametrize("native_step", [False, True])
+def test_server_mtp_answers_equal_plain_ones(head_ckpt, native_step):
+    """`serve --speculative mtp` on the bundled MoE model with its MTP head: the same greedy answers as without, for
+    requests one at a time (the layer fed the prompt's hidden states), a repeated prompt (its prefix cached: the
+    layer restarts after the cached positions), and requests side by side (batched steps keep every row's hidden
+    state; a sequence speculates again once it decodes alone). Drafts are counted in /metrics."""
+    import asyncio
+
+    from test_serve import client, metric, running
+
+    from ernie45.fast import optimize_for_inference
+    from ernie45.serve.request import EngineArgs
+    from ernie45.serve.server import ModelSource, ServerConfig, create_app
+
+    if native_step:
+        native_or_skip()
+    prompts = ["白日依山尽，黄河入海流。", "床前明月光，疑是地上霜。", "白日依山尽，黄河入海流。"]
+    answers = {}
+    for method in (None, "mtp"):
+        model, tok = ernie45.load(head_ckpt, dtype="float32", device="cpu")
+        if native_step:
+            optimize_for_inference(model)
+        engine = EngineArgs(max_num_seqs=4, max_model_len=256, block_size=4, speculative=method,
+                            num_speculative_tokens=2 if method else None)
+        app = create_app(ModelSource(model=model, tokenizer=tok), ServerConfig("m", None, engine))
+        with running(app) as base:
+            c = client(base)
+            got = [c.completions.create(model="m", prompt=p, max_tokens=40, temperature=0,
+                                        extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+
+            async def side_by_side():
+                from openai import AsyncOpenAI
+
+                ac = AsyncOpenAI(base_url=f"{base}/v1", api_key="none")
+                rs = await asyncio.gather(*(ac.completions.create(model="m", prompt=p, temperature=0,
+                                                                  max_tokens=m, extra_body={"ignore_eos": True})
+                                            for p, m in zip(prompts[:2], (12, 40))))
+                await ac.close()
+                return [r.choices[0].text for r in rs]
+
+            got += asyncio.run(side_by_side())
+            answers[method] = got
+            drafts = metric(base, "ernie45_spec_decode_num_drafts_total")
+            accepted = metric(base, "ernie45_spec_decode_num_accepted_tokens_total")
+        if method:
+            assert drafts > 0 and accepted > 0
+    assert answers[None] == answers["mtp"]
+
+
+def test_server_mtp_flags_are_checked_before_loading(tmp_path, capsys):
+    """`serve --speculative mtp` needs an MTP layer, a float KV cache and no tensor parallelism: one-line errors
+    before any model loads; `--draft-vocab-size` needs mtp."""
+    from ernie45.serve.server import main as serve_main
+
+    for argv, message in (
+        (["--model", bundled_path("ernie-tiny"), "--speculative", "mtp"], "has no MTP layer"),
+        (["--model", bundled_path("ernie-tiny-moe"), "--speculative", "mtp", "--kv-cache-dtype", "int8"],
+         "needs a float KV cache"),
+        (["--model", bundled_path("ernie-tiny-moe"), "--speculative", "ngram", "--draft-vocab-size", "64"],
+         "--draft-vocab-size applies to --speculative mtp"),
+    ):
+        with pytest.raises(ErnieError, match=message) as e:
+            serve_main(argv)
+        assert "\n" not in str(e.value)
+
+
 # ---- docs/speculative.md, run as written ----------------------------------------------------------------------------
 def _doc_commands(text):
     blocks = re.findall(r"```(bash|python)\n(.*?)```", text, flags=re.S)
@@ -890,7 +956,10 @@ def test_docs_commands_run(head_ckpt, capsys, monkeypatch, tmp_path, guide):
             stdin = shlex.split(left)[1] + "\n"
         argv = shlex.split(body)
         assert argv[0] == "ernie45", body
-        if argv[1] == "serve":
+        if argv[1] == "serve":  # its flags parse (the server itself runs in the server tests above)
+            from ernie45.serve.server import build_parser as serve_parser
+
+            serve_parser().parse_args(argv[2:])
             continue
         argv = [small.get(prev, a) if prev in small else a for prev, a in zip(["", *argv], argv)]
         if argv[1] == "bench":

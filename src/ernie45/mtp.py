@@ -139,9 +139,11 @@ class MTPHead:
         return self.variant == "pre_norm"
 
     @torch.inference_mode()
-    def __call__(self, next_tokens: Tensor, hidden: Tensor, cache) -> tuple[Tensor, Tensor]:
-        """next_tokens (1, n) = x_{j+1}, hidden (1, n, H) = h_j for positions j = cache.length ... + n - 1.
+    def __call__(self, next_tokens: Tensor, hidden: Tensor, cache, offset: int = 0) -> tuple[Tensor, Tensor]:
+        """next_tokens (1, n) = x_{j+1}, hidden (1, n, H) = h_j for positions j = offset + cache.length ... + n - 1.
 
+        `offset`: the position of the cache's first entry (a server's sequence whose earlier positions have no
+        hidden states, e.g. a prefix-cache hit: the layer then attends to the positions it was fed).
         -> (logits (1, n, V) fp32 guesses for x_{j+2}, the layer's output (1, n, H), which feeds a chained draft).
         """
         from ernie45.model import build_attention_mask, rope_cos_sin
@@ -151,11 +153,11 @@ class MTPHead:
         if past + n > cache.max_len:
             raise ValueError(f"MTP cache overflow: {past} + {n} > {cache.max_len}")
         e = m.model.embed_tokens(next_tokens)  # (1, n, H)
-        if self.variant == "post_norm" and past == 0:
+        if self.variant == "post_norm" and offset + past == 0:
             e = e.clone()
             e[:, 0] = 0  # vLLM zeroes the embedding at position 0
         x = self.proj(torch.cat([self.emb_norm(e), self.hidden_norm(hidden.to(e.dtype))], dim=-1))  # (1, n, H)
-        pos = torch.arange(past, past + n, device=x.device)[None]  # (1, n)
+        pos = torch.arange(offset + past, offset + past + n, device=x.device)[None]  # (1, n)
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
         mask = build_attention_mask(None, n, past, x.dtype, x.device)
         x, _ = self.block(x, cos, sin, mask, cache)

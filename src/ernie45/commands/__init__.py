@@ -178,9 +178,8 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def add_speculative_args(p: argparse.ArgumentParser, draft_vocab: bool = True) -> None:
-    """`--speculative mtp|ngram`, `--num-speculative-tokens K` and (generate, chat: where mtp drafts run)
-    `--draft-vocab-size N` (docs/speculative.md)."""
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    """`--speculative mtp|ngram`, `--num-speculative-tokens K` and `--draft-vocab-size N` (docs/speculative.md)."""
     from ernie45.generation.speculative import DEFAULT_TOKENS, MAX_SPECULATIVE_TOKENS, METHODS
 
     g = p.add_argument_group("speculative decoding (one sequence at a time; docs/speculative.md)")
@@ -190,8 +189,6 @@ def add_speculative_args(p: argparse.ArgumentParser, draft_vocab: bool = True) -
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help=f"draft tokens per pass, 1 to {MAX_SPECULATIVE_TOKENS} (default: "
                    + ", ".join(f"{m} {k}" for m, k in DEFAULT_TOKENS.items()) + ")")
-    if not draft_vocab:
-        return
     g.add_argument("--draft-vocab-size", type=int, default=None, metavar="N",
                    help="mtp: the draft scores only the N most frequent tokens (specials always included), most of "
                    "the MTP layer's cost being the full-vocabulary lm_head; output unchanged (default: all)")

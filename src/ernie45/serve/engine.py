@@ -112,10 +112,14 @@ class Engine(Scheduler):
         self._threads = torch.get_num_threads()  # OpenMP's thread count is per thread: carried over in _run
         self._settle_s = SETTLE_S
         self._spec = None
+        self._mtp = None  # the MTPHead sequences draft with (`--speculative mtp`, ernie45.serve.drafter)
         if args.speculative is not None:
             from ernie45.generation.speculative import Speculative
 
-            self._spec = Speculative(args.speculative, args.num_speculative_tokens)
+            self._spec = Speculative(args.speculative, args.num_speculative_tokens,
+                                     draft_vocab_size=args.draft_vocab_size)
+            if self._spec.method == "mtp":
+                self._mtp = self._mtp_head()
         self._thread = threading.Thread(target=self._run, name="ernie45-engine", daemon=True)
         log.info(
             "KV cache: %d blocks of %d positions (%d positions, %.1f MiB at most, %s), prefix caching %s, "
@@ -128,6 +132,22 @@ class Engine(Scheduler):
             "on" if args.enable_prefix_caching else "off",
             "C" if self.runner.native else "PyTorch",
         )
+
+    def _mtp_head(self):
+        """The model's MTP head, the runner set to keep the hidden states it reads; ErnieError where it cannot."""
+        from ernie45.errors import ErnieError
+        from ernie45.generation.speculative import _mtp_head, require_mtp
+
+        require_mtp(self.model)
+        if self.runner.distributed:
+            raise ErnieError("--speculative mtp does not run under tensor parallelism yet; use --speculative ngram")
+        if self.args.kv_cache_dtype == "int8" and self.runner.native:
+            raise ErnieError("--speculative mtp needs the hidden states of a float KV cache's C step: drop "
+                             "--kv-cache-dtype int8, or use --speculative ngram")
+        size = self.args.draft_vocab_size
+        head = _mtp_head(self.model, None if size is None else (size, self.tokenizer))
+        self.runner.keep_hidden, self.runner.pre_norm = True, head.wants_pre_norm()
+        return head
 
     # ---- public API (event-loop side) ------------------------------------------------------------
     def start(self) -> None:
@@ -324,6 +344,8 @@ class Engine(Scheduler):
         for i, (s, n) in enumerate(chunks):
             if s.prompt_lps is not None and not s.output:
                 s.prompt_lps.extend(self._prompt_logprobs(i, s, past[i], n))
+            if self._mtp is not None:
+                self._drafter(s).add(s.computed, self.runner.kept[i, :n])
             s.computed += n
             self._register_blocks(s)
         self._first_tokens(seqs, logits)
@@ -379,6 +401,13 @@ class Engine(Scheduler):
             self._row_s = row if self._row_s is None else 0.7 * self._row_s + 0.3 * row
         elif not extra:
             self._decode_s = dt if self._decode_s is None else 0.7 * self._decode_s + 0.3 * dt
+        if self._mtp is not None:  # every row's hidden state, rows in the order fed: decode rows, then chunks
+            kept, r = self.runner.kept, len(seqs)
+            for i, s in enumerate(seqs):
+                self._drafter(s).add(s.computed, kept[i:i + 1])
+            for s, n in chunks:
+                self._drafter(s).add(s.computed, kept[r:r + n])
+                r += n
         for s in seqs:
             s.computed += 1
             self._register_blocks(s)
@@ -394,13 +423,14 @@ class Engine(Scheduler):
             self._first_tokens(ended, logits[len(seqs) : len(seqs) + len(ended)])
 
     def _speculate(self, s: Seq) -> bool:
-        """A speculative step for the one decoding sequence: prompt-lookup drafts d_1..d_k, scored with its last
-        token in one pass (C: k + 1 rows of the decode step on the sequence's own block table; PyTorch: a
+        """A speculative step for the one decoding sequence: drafts d_1..d_k (prompt lookup, or the MTP layer's
+        greedy chain: `ernie45.serve.drafter`), scored with its last token in one pass (C: k + 1 rows of the decode step on the sequence's own block table; PyTorch: a
         prefill chunk whose every row's logits are kept), then tokens sampled row by row as plain steps would,
         keeping rows while the sampled token equals the draft. Keeping a one-hot draft d when the draw from p is
         d is the rejection rule for one-hot drafts (accept with p(d), else a draw from p without d), so greedy
         answers are those of plain decoding and sampled ones keep their distribution. False when there is
-        nothing to draft (the caller runs a plain step)."""
+        nothing to draft (the caller runs a plain step; for mtp also while the layer has not yet seen the
+        sequence's newest position, which that step's hidden state then brings)."""
         from ernie45.generation.speculative import ngram_drafts
 
         spec, p, bs = self._spec, s.params, self.args.block_size
@@ -408,7 +438,11 @@ class Engine(Scheduler):
         k = min(spec.num_speculative_tokens, room)
         if k < 1:
             return False
-        drafts = ngram_drafts(s.tokens, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        if self._mtp is not None:
+            drafter = self._drafter(s)
+            drafts = drafter.draft(k) if drafter.settle(s.tokens) else []
+        else:
+            drafts = ngram_drafts(s.tokens, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
         while drafts and len(s.blocks) <= (s.computed + len(drafts)) // bs:  # blocks for the draft positions
             got = self.blocks.allocate(1)
             if got is None:  # no spare block: draft only what fits, never preempt for it
@@ -418,12 +452,14 @@ class Engine(Scheduler):
         if not drafts:
             return False
         toks = [s.output[-1], *drafts]
-        n = len(toks)
+        n, first = len(toks), s.computed
         if self.runner.native:  # rows of one sequence: the step stores every row's K/V before any row attends
             logits = self.runner.decode(toks, list(range(s.computed, s.computed + n)), [s.blocks] * n)
+            kept = self.runner.kept
         else:
             self.runner.prefill([toks], [s.computed], [s.blocks])
             logits = self.runner.prompt_logits(0, 0, n)  # (n, V): every row, not just the last
+            kept = None if self.runner.kept is None else self.runner.kept[0]
         s.computed += 1  # the last token's keys/values
         self._register_blocks(s)
         accepted = 0
@@ -434,6 +470,8 @@ class Engine(Scheduler):
             accepted += 1
             s.computed += 1  # draft i is what the sequence holds there: its keys/values stay
             self._register_blocks(s)
+        if self._mtp is not None and s.admitted:  # the hidden states of the positions kept (rejected rows' go)
+            self._drafter(s).add(first, kept[: s.computed - first])
         self.metrics.spec_drafts.inc()
         self.metrics.spec_draft_tokens.inc(len(drafts))
         self.metrics.spec_accepted_tokens.inc(accepted)
@@ -443,6 +481,15 @@ class Engine(Scheduler):
         spec.accepted += accepted
         spec.steps += 1
         return True
+
+    def _drafter(self, s: Seq):
+        """The sequence's MTP state (`ernie45.serve.drafter.SeqDrafter`), made at its first hidden state."""
+        if s.drafter is None:
+            from ernie45.serve.drafter import SeqDrafter
+
+            reach = min(len(s.prompt) + s.params.max_tokens, self.args.max_model_len)
+            s.drafter = SeqDrafter(self._mtp, reach + self._spec.num_speculative_tokens + 1)
+        return s.drafter
 
     # ---- sampling and token emission ------------------------------------------------------------------
     def _advance(self, seqs: list[Seq], logits: Tensor) -> None:
@@ -546,6 +593,7 @@ class Engine(Scheduler):
             self.metrics.e2e.observe(now - s.arrival)
             if s.first_token_at is not None and len(s.output) > 1:
                 self.metrics.tpot.observe((now - s.first_token_at) / (len(s.output) - 1))
+        s.drafter = None
         if not s.admitted:
             return
         self._rows.remove(s)

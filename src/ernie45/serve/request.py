@@ -38,8 +38,11 @@ class EngineArgs:
     kv_cache_memory: int | None = None
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # auto (the model dtype) or int8 (per-row scales: half of bf16's memory)
-    speculative: str | None = None  # "ngram": prompt-lookup drafts while one sequence decodes (Engine._speculate)
+    # "ngram" (prompt lookup) or "mtp" (the checkpoint's MTP layer): drafts while one sequence decodes
+    # (Engine._speculate); `draft_vocab_size`: mtp drafts score only that many tokens (ernie45.mtp.draft_ids)
+    speculative: str | None = None
     num_speculative_tokens: int | None = None
+    draft_vocab_size: int | None = None
 
 
 # Temperatures below this decode greedily (vLLM's rule): dividing logits by 1e-45 makes them inf and the draw NaN.
@@ -125,6 +128,7 @@ class Seq:
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
+        self.drafter = None  # `--speculative mtp`: its MTP state (ernie45.serve.drafter.SeqDrafter)
 
     @property
     def tokens(self) -> list[int]:

@@ -46,6 +46,11 @@ class ModelRunner:
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self._room = room
         self._hidden: Tensor | None = None  # (n, S, H) final hidden states of the last prefill
+        # `--speculative mtp` (ernie45.serve.drafter): every call also keeps the hidden states the MTP layer reads,
+        # after the final norm or, with `pre_norm`, before it -- `kept`: (n, S, H) after a prefill, (rows, H) after
+        # a decode (rank 0 only: the server refuses mtp under tensor parallelism)
+        self.keep_hidden, self.pre_norm = False, False
+        self.kept: Tensor | None = None
         fast = getattr(model, "fast_decoder", None)
         self._native = fast if hasattr(fast, "step_batch") else None
 
@@ -142,12 +147,22 @@ class ModelRunner:
         self.cache.touch(tables)
         batch = self.cache.batch(tables.to(dev), past, new)
         mask = batch.mask(model.dtype)
-        out = model(
-            ids.to(dev), attention_mask=mask, position_ids=batch.position_ids(), cache=batch, logits_to_keep=1
-        )
+        with self._keeping() as box:
+            out = model(
+                ids.to(dev), attention_mask=mask, position_ids=batch.position_ids(), cache=batch, logits_to_keep=1
+            )
         self._hidden = out.hidden_states  # (n, S, H)
+        self.kept = (box[0] if self.pre_norm else out.hidden_states) if self.keep_hidden else None
         last = self._hidden[torch.arange(n, device=dev), torch.tensor(new, device=dev) - 1]  # (n, H)
         return model.lm_head(last).float()  # (n, V)
+
+    def _keeping(self):
+        """Around a forward: a box that receives the final norm's input where the MTP layer reads it (`pre_norm`)."""
+        import contextlib
+
+        from ernie45.generation.speculative import capture_pre_norm
+
+        return capture_pre_norm(self.model) if self.keep_hidden and self.pre_norm else contextlib.nullcontext([])
 
     def _decode(self, n: int, W: int, flagged: int, payload: Tensor) -> Tensor:
         """payload = tokens (n), positions (n), tables (n * W), and with `flagged` the rows' want flags (n)."""
@@ -159,11 +174,20 @@ class ModelRunner:
         if self._native is not None:
             c = self.cache
             q8 = {} if c.k_scale is None else {"k_scales": c.k_scale, "v_scales": c.v_scale}
-            return self._native.step_batch(tokens, pos, tables.to(torch.int32), c.k, c.v, **q8, logit_rows=want)
+            kw = {}
+            if self.keep_hidden:  # float pages only: the engine refuses mtp with an int8 KV cache
+                kw = {"hidden_out": torch.empty(n, self._native.hidden, dtype=torch.float32), "pre_norm": self.pre_norm}
+            logits = self._native.step_batch(tokens, pos, tables.to(torch.int32), c.k, c.v, **q8, logit_rows=want,
+                                             **kw)
+            # the C step's hidden states hold model-dtype values (bf16 rounded in a bf16 model): converting is exact
+            self.kept = kw["hidden_out"].to(self.model.dtype) if kw else None
+            return logits
         dev = self.device
         batch = self.cache.batch(tables.to(dev), pos, [1] * n)
         mask = batch.mask(self.model.dtype)
         ids = torch.tensor(tokens, device=dev)[:, None]
-        out = self.model(ids, attention_mask=mask, position_ids=batch.position_ids(), cache=batch)
+        with self._keeping() as box:
+            out = self.model(ids, attention_mask=mask, position_ids=batch.position_ids(), cache=batch)
+        self.kept = (box[0] if self.pre_norm else out.hidden_states)[:, -1] if self.keep_hidden else None  # (n, H)
         logits = out.logits[:, -1].float()  # (n, V)
         return logits if want is None else logits[torch.tensor(want, dtype=torch.bool, device=logits.device)]

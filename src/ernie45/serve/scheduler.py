@@ -71,6 +71,7 @@ class Scheduler:
         self._rows.remove(s)
         self.blocks.free(s.blocks)
         s.blocks, s.computed, s.registered, s.admitted = [], 0, 0, False
+        s.drafter = None  # recomputed positions bring their hidden states again (ernie45.serve.drafter)
         self._waiting.appendleft(s)
         with self._lock:
             self._pending += 1

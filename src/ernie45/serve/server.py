@@ -156,6 +156,7 @@ def serve(
     allowed_hosts: list[str] | None = None,
     speculative: str | None = None,
     num_speculative_tokens: int | None = None,
+    draft_vocab_size: int | None = None,
 ) -> None:
     """Serve a checkpoint over HTTP until interrupted (Ctrl-C / SIGTERM shut down gracefully).
 
@@ -173,8 +174,9 @@ def serve(
             model's template), "ernie45" always, "none" never.
         tool_call_parser: "ernie45" turns `<tool_call>` blocks into `tool_calls` when a request has tools.
         allowed_hosts: more Host/Origin names a keyless loopback server answers (DNS-rebinding guard).
-        speculative, num_speculative_tokens: "ngram" drafts tokens by prompt lookup and verifies them in one pass
-            while a single sequence decodes (docs/speculative.md); answers are unchanged.
+        speculative, num_speculative_tokens, draft_vocab_size: "ngram" (prompt lookup) or "mtp" (the checkpoint's
+            MTP layer) drafts tokens and verifies them in one pass while a single sequence decodes
+            (docs/speculative.md); answers are unchanged. `draft_vocab_size`: mtp drafts score that many tokens.
         threads: CPU threads for the model; default all cores (shared among the ranks). The HTTP loop only
             formats and sends events, so it needs no core of its own: on a 2-core machine all cores decoded a
             0.3B bf16 stream at 71 tok/s against 46 with one core kept free, with a lower p99 inter-token latency.
@@ -208,8 +210,8 @@ def serve(
     kv_bytes = None if kv_cache_memory is None else parse_size(kv_cache_memory)
     if kv_cache_dtype not in KV_DTYPES:
         raise ErnieError(f"--kv-cache-dtype must be one of {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
-    _check_speculative(speculative, num_speculative_tokens)
     parallel = tp > 1 or ep > 1
+    _check_speculative(speculative, num_speculative_tokens, draft_vocab_size, parallel, kv_cache_dtype, path, mcfg)
     if parallel:
         if quantize or adapter:
             raise ErnieError("--tp/--ep cannot be combined with --quantize or --adapter yet")
@@ -250,6 +252,7 @@ def serve(
             kv_cache_dtype=kv_cache_dtype,
             speculative=speculative,
             num_speculative_tokens=num_speculative_tokens,
+            draft_vocab_size=draft_vocab_size,
         ),
         max_body_bytes=max_body_bytes,
         drain_timeout=min(shutdown_timeout, 10.0),
@@ -311,18 +314,23 @@ def _check_range(flag: str, value: int, lo: int, hi: int) -> None:
         raise ErnieError(f"{flag} must be between {lo} and {hi}, got {value}")
 
 
-def _check_speculative(method: str | None, k: int | None) -> None:
-    """One-line errors for the speculative flags; the server drafts by prompt lookup only."""
-    from ernie45.generation.speculative import Speculative
+def _check_speculative(method: str | None, k: int | None, vocab: int | None, parallel: bool, kv_cache_dtype: str,
+                       path: str, mcfg) -> None:
+    """One-line errors for the speculative flags, before the model loads."""
+    from ernie45.commands import speculative_from_args
+    from ernie45.commands.info import _mtp_storage
 
-    if method is None:
-        if k is not None:
-            raise ErnieError("--num-speculative-tokens needs --speculative ngram")
+    speculative_from_args(argparse.Namespace(speculative=method, num_speculative_tokens=k, draft_vocab_size=vocab))
+    if method != "mtp":
         return
-    if method == "mtp":
-        raise ErnieError("the server speculates with --speculative ngram; mtp drafts need the target's hidden "
-                         "states, which its batched decode step does not keep (use ernie45 generate or chat)")
-    Speculative(method, k)
+    if parallel:
+        raise ErnieError("--speculative mtp does not run under --tp / --ep yet; use --speculative ngram")
+    if kv_cache_dtype == "int8":
+        raise ErnieError("--speculative mtp needs a float KV cache (the C step's hidden states): drop "
+                         "--kv-cache-dtype int8, or use --speculative ngram")
+    if not _mtp_storage(path, mcfg):
+        raise ErnieError(f"--speculative mtp: {path} has no MTP layer (num_nextn_predict_layers > 0 and "
+                         "model.mtp_* weights); use --speculative ngram, or a checkpoint that ships the MTP head")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accepted for vLLM command lines; tool_choice auto is always on here",
     )
-    add_speculative_args(p, draft_vocab=False)  # the server drafts by prompt lookup only
+    add_speculative_args(p)
     add_parallel_args(p)
     return p
 
@@ -446,5 +454,6 @@ def main(argv: list[str] | None = None) -> int:
         allowed_hosts=args.allowed_hosts,
         speculative=args.speculative,
         num_speculative_tokens=args.num_speculative_tokens,
+        draft_vocab_size=args.draft_vocab_size,
     )
     return 0

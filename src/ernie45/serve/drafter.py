@@ -1,0 +1,90 @@
+"""MTP drafts for a served sequence (`ernie45 serve --speculative mtp`).
+
+The checkpoint's MTP layer (`ernie45.mtp`) at position j reads the target's hidden state h_j and the next token
+x_{j+1} and guesses x_{j+2}. In `generate` the whole history feeds it; in the server a sequence's positions are
+computed by prefill chunks, batched decode steps, mixed steps and verification passes, some with no hidden states
+at all (a prefix-cache hit, a preemption's recomputation). So each sequence keeps a `SeqDrafter`: the hidden states
+the engine's model calls returned for it, fed lazily into the layer's own KV cache when the sequence speculates.
+Where the states have a gap, the layer restarts at the first position after it (`MTPHead`'s `offset`): it then
+attends to fewer positions, which may lower acceptance but never changes an answer (verification decides).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MAX_PENDING = 1024  # hidden states held per sequence before the oldest are dropped (the layer restarts later)
+
+
+class SeqDrafter:
+    """One sequence's MTP state: the layer's KV cache from absolute position `start`, and the target's hidden
+    states for positions `fed` .. `fed + len(pending)` - 1 not fed yet.
+
+    Args:
+        head: the model's `ernie45.mtp.MTPHead`.
+        capacity: positions the sequence can reach (prompt + max_tokens + drafts), the cache's bound.
+    """
+
+    def __init__(self, head, capacity: int):
+        self.head, self.capacity = head, capacity
+        self.cache = None
+        self.start = 0
+        self.pending: list[Tensor] = []  # (n_i, H) blocks of consecutive positions
+        self.n_pending = 0
+        self.logits: Tensor | None = None  # (V,) the guess after the last fed position
+        self.out: Tensor | None = None  # (1, 1, H) the layer's output there (a chained draft's input)
+
+    @property
+    def fed(self) -> int:
+        """The next position to feed into the layer."""
+        return self.start + (self.cache.length if self.cache is not None else 0)
+
+    def add(self, pos: int, hidden: Tensor) -> None:
+        """The target's hidden states `hidden` (n, H) at positions pos .. pos + n - 1 (any dtype: kept as given)."""
+        if pos != self.fed + self.n_pending:  # a gap, or positions computed again: start over from here
+            self._restart(pos)
+        self.pending.append(hidden)
+        self.n_pending += hidden.shape[0]
+        if self.n_pending > MAX_PENDING:  # a long stretch without drafting: keep the newest states only
+            rows = torch.cat(self.pending)[-MAX_PENDING:]
+            self._restart(pos + hidden.shape[0] - MAX_PENDING)
+            self.pending, self.n_pending = [rows], MAX_PENDING
+
+    def settle(self, tokens: list[int]) -> bool:
+        """Feed every pending position j whose next token tokens[j + 1] is known; True when the layer now guesses
+        the token after tokens[-1] (its last fed position is len(tokens) - 2), so `draft` can run."""
+        m = min(self.n_pending, len(tokens) - 1 - self.fed)
+        if m > 0:
+            if self.cache is None or self.cache.max_len < self.capacity - self.start:
+                self.cache = self.head.new_cache(max(self.capacity - self.start, 1))
+            rows = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
+            first = self.fed
+            nxt = torch.tensor([tokens[first + 1:first + 1 + m]])
+            logits, out = self.head(nxt, rows[None, :m], self.cache, offset=self.start)
+            self.logits, self.out = logits[0, -1], out[:, -1:]
+            rest = rows[m:]
+            self.pending, self.n_pending = ([rest] if rest.shape[0] else []), rest.shape[0]
+        return self.logits is not None and self.fed == len(tokens) - 1
+
+    def draft(self, k: int) -> list[int]:
+        """k greedy drafts after the last fed position, chaining the layer on its own output; the cache is left as
+        it was. Drafts are one-hot, so the engine's accept-if-the-draw-matches rule keeps sampled outputs exact."""
+        length = self.cache.length
+        toks: list[int] = []
+        logits, out = self.logits, self.out
+        for i in range(k):
+            toks.append(int(logits.argmax()))
+            if i + 1 < k:
+                if self.cache.length >= self.cache.max_len:
+                    break
+                lg, out = self.head(torch.tensor([[toks[-1]]]), out, self.cache, offset=self.start)
+                logits, out = lg[0, -1], out[:, -1:]
+        self.cache.length = length
+        return toks
+
+    def _restart(self, pos: int) -> None:
+        self.start, self.pending, self.n_pending = pos, [], 0
+        self.logits = self.out = None
+        if self.cache is not None:
+            self.cache.length = 0
