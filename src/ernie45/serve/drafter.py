@@ -41,10 +41,11 @@ class SeqDrafter:
         return self.start + (self.cache.length if self.cache is not None else 0)
 
     def add(self, pos: int, hidden: Tensor) -> None:
-        """The target's hidden states `hidden` (n, H) at positions pos .. pos + n - 1 (any dtype: kept as given)."""
+        """The target's hidden states `hidden` (n, H) at positions pos .. pos + n - 1 (copied: a view would keep a
+        whole batch's states alive)."""
         if pos != self.fed + self.n_pending:  # a gap, or positions computed again: start over from here
             self._restart(pos)
-        self.pending.append(hidden)
+        self.pending.append(hidden.clone())
         self.n_pending += hidden.shape[0]
         if self.n_pending > MAX_PENDING:  # a long stretch without drafting: keep the newest states only
             rows = torch.cat(self.pending)[-MAX_PENDING:]
