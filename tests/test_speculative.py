@@ -887,6 +887,42 @@ def test_server_mtp_answers_equal_plain_ones(head_ckpt, native_step):
     assert answers[None] == answers["mtp"]
 
 
+@pytest.mark.parametrize("native_step", [False, True])
+def test_engine_mtp_through_preemption_keeps_every_answer(head_ckpt, native_step):
+    """A KV pool too small for four sequences at once: they are preempted and recomputed (their MTP state dropped
+    and rebuilt from the recomputed positions), the last one speculates alone, and every answer is the one the
+    same engine gives without speculation."""
+    from test_serve_paged import run, started
+
+    from ernie45.fast import optimize_for_inference
+    from ernie45.serve.engine import EngineArgs
+    from ernie45.serve.kv import kv_bytes_per_token
+
+    if native_step:
+        native_or_skip()
+    model, tok = ernie45.load(head_ckpt, dtype="float32", device="cpu")
+    if native_step:
+        optimize_for_inference(model)
+    prompts = [tok.encode(t) for t in ("床前明月光，疑是地上霜。", "白日依山尽，", "春眠不觉晓，处处闻啼鸟。", "海上生明月，")]
+    lengths = [40, 50, 60, 90]
+    answers, counts = {}, {}
+    for method in (None, "mtp"):
+        args = EngineArgs(max_num_seqs=4, max_model_len=160, block_size=4,
+                          kv_cache_memory=kv_bytes_per_token(model) * 4 * 40, speculative=method,
+                          num_speculative_tokens=2 if method else None)
+        engine = started(args, model, tok)
+        try:
+            answers[method] = [ids for ids, _ in run(engine, prompts, lengths)]
+        finally:
+            engine.shutdown(0.0)
+        sample = engine.metrics.registry.get_sample_value
+        counts[method] = (sample("ernie45_num_preemptions_total"), sample("ernie45_spec_decode_num_drafts_total"),
+                          sample("ernie45_spec_decode_num_accepted_tokens_total"))
+    assert answers["mtp"] == answers[None] and [len(a) for a in answers[None]] == lengths
+    preempted, drafts, accepted = counts["mtp"]
+    assert preempted > 0 and drafts > 0 and accepted > 0
+
+
 def test_server_mtp_flags_are_checked_before_loading(tmp_path, capsys):
     """`serve --speculative mtp` needs an MTP layer, a float KV cache and no tensor parallelism: one-line errors
     before any model loads; `--draft-vocab-size` needs mtp."""
