@@ -887,6 +887,35 @@ def test_server_mtp_answers_equal_plain_ones(head_ckpt, native_step):
     assert answers[None] == answers["mtp"]
 
 
+def test_server_drafter_feeds_the_layer_as_one_cache_would():
+    """`SeqDrafter` (the server's per-sequence MTP state) computes what the layer computes over one preallocated
+    cache fed the same chunks, bit for bit, while its own cache grows by doubling and is copied over; after a gap it
+    restarts at the absolute position (`offset`); drafting leaves its cache as it was."""
+    from ernie45.serve.drafter import SeqDrafter
+
+    m = mtp_model("tiny-moe")
+    head = MTPHead(m)
+    H, n1, n2 = m.config.hidden_size, 300, 220
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, 1000, (n1 + n2 + 1,), generator=g).tolist()
+    hidden = torch.randn(n1 + n2, H, generator=g)
+    ref = head.new_cache(1024)
+    head(torch.tensor([tokens[1:n1 + 1]]), hidden[None, :n1], ref)
+    want, _ = head(torch.tensor([tokens[n1 + 1:n1 + n2 + 1]]), hidden[None, n1:], ref)
+    d = SeqDrafter(head, capacity=2000)
+    d.add(0, hidden[:n1])
+    assert d.settle(tokens[:n1 + 1]) and d.cache.max_len == n1  # the first chunk fits: no more allocated
+    d.add(n1, hidden[n1:])
+    assert d.settle(tokens) and d.cache.max_len == 2 * n1 and d.cache.length == n1 + n2
+    assert torch.equal(d.logits, want[0, -1])
+    assert len(d.draft(3)) == 3 and d.cache.length == n1 + n2
+    d.add(700, hidden[:5])  # positions 520..699 have no hidden states: the layer starts again at 700
+    fresh = head.new_cache(16)
+    want, _ = head(torch.tensor([tokens[1:5]]), hidden[None, :4], fresh, offset=700)
+    assert d.settle([0] * 700 + tokens[:5])  # 700..703 fed; 704 waits for its next token
+    assert d.start == 700 and d.cache.length == 4 and d.n_pending == 1 and torch.equal(d.logits, want[0, -1])
+
+
 @pytest.mark.parametrize("native_step", [False, True])
 def test_engine_mtp_through_preemption_keeps_every_answer(head_ckpt, native_step):
     """A KV pool too small for four sequences at once: they are preempted and recomputed (their MTP state dropped

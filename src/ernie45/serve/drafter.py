@@ -57,8 +57,7 @@ class SeqDrafter:
         the token after tokens[-1] (its last fed position is len(tokens) - 2), so `draft` can run."""
         m = min(self.n_pending, len(tokens) - 1 - self.fed)
         if m > 0:
-            if self.cache is None or self.cache.max_len < self.capacity - self.start:
-                self.cache = self.head.new_cache(max(self.capacity - self.start, 1))
+            self._room((self.cache.length if self.cache is not None else 0) + m)
             rows = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
             first = self.fed
             nxt = torch.tensor([tokens[first + 1:first + 1 + m]])
@@ -72,17 +71,32 @@ class SeqDrafter:
         """k greedy drafts after the last fed position, chaining the layer on its own output; the cache is left as
         it was. Drafts are one-hot, so the engine's accept-if-the-draw-matches rule keeps sampled outputs exact."""
         length = self.cache.length
+        self._room(length + k)
         toks: list[int] = []
         logits, out = self.logits, self.out
         for i in range(k):
             toks.append(int(logits.argmax()))
             if i + 1 < k:
-                if self.cache.length >= self.cache.max_len:
-                    break
                 lg, out = self.head(torch.tensor([[toks[-1]]]), out, self.cache, offset=self.start)
                 logits, out = lg[0, -1], out[:, -1:]
         self.cache.length = length
         return toks
+
+    def _room(self, entries: int) -> None:
+        """A cache of at least `entries` entries, grown by doubling (from 256) up to the sequence's reach and copied
+        over: allocated at once, `--max-model-len 131072` would hold 256 MB per 21B-A3B sequence from its first
+        draft."""
+        old = self.cache
+        if old is not None and old.max_len >= entries:
+            return
+        reach = max(self.capacity - self.start, 1)
+        new = self.head.new_cache(max(entries, min(reach, max(256, 2 * (old.max_len if old is not None else 0)))))
+        if old is not None and old.length:
+            n = old.length
+            for dst, src in zip(new.k + new.v, old.k + old.v):
+                dst[:, :, :n] = src[:, :, :n]
+            new.length = n
+        self.cache = new
 
     def _restart(self, pos: int) -> None:
         self.start, self.pending, self.n_pending = pos, [], 0
