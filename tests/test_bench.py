@@ -440,7 +440,9 @@ def test_speculative_bench_rows_per_draft_vocabulary(tmp_path):
     acc = [r for r in rows if r["kind"] == "acceptance"]
     assert [r["draft_vocab"] for r in cost] == ["all", "32768"] and all(r["draft_ms"] > 0 for r in cost)
     assert [(r["draft_vocab"], r["model_draft_vocab"]) for r in acc] == [("all", 4096), ("32768", 1298)]
+    assert all(r["server_drafted"] > 0 and 0 <= r["server_accepted"] <= r["server_drafted"] for r in acc)
     text = out.read_text()
+    assert "The same drafts through the serving engine" in text and "| mtp | ernie-tiny-moe | 1 | 32768 |" in text
     assert "| mtp | ernie-tiny-moe | 1 | 32768 (1298) |" in text and "| tiny | bf16 | C | 1 | 32768 |" in text \
         or "| tiny | bf16 | PyTorch | 1 | 32768 |" in text
     with pytest.raises(ErnieError, match="--draft-vocab-size"):

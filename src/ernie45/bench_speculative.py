@@ -8,7 +8,8 @@ different places, so each is measured where it is:
   lm_head, PyTorch) per pass;
 - acceptance: on the bundled models (too small to be bandwidth-bound, but trained on real text): greedy decoding of
   held-out poem prompts, mtp on ernie-tiny-moe (its MTP head) and ngram on ernie-tiny with a repeat-this-text
-  prompt, as accepted drafts per pass.
+  prompt, as accepted drafts per pass; the same drafts through the serving engine too (`ernie45 serve
+  --speculative`, where the MTP layer is fed by the engine's own model calls).
 The projected speedup combines them; the measured one is decode tokens/s with and without speculation on the same
 rows (bundled models for acceptance, bench shapes for ngram, whose random weights repeat themselves).
 `--draft-vocab-size` adds mtp rows whose draft scores only that many tokens: on the bench shapes the MTP layer over
@@ -193,11 +194,41 @@ def acceptance_rows(methods: list[str], ks: list[int], gen_len: int, runs: int,
                     plain.append(rate0)
                     fast.append(rate1)
                     acc, drafted, passes = acc + sp.accepted, drafted + sp.drafted, passes + sp.steps
+            s_drafted, s_acc, s_passes = _server_counts(model, tok, method, k, small, prompts * runs, gen_len)
             rows.append(dict(kind="acceptance", method=method, model=name, k=k, draft_vocab=_label(v),
                              model_draft_vocab=small or V, accepted=acc, drafted=drafted,
                              passes=passes, per_pass=acc / max(passes, 1), rate=acc / max(drafted, 1),
-                             plain_tok_s=statistics.median(plain), spec_tok_s=statistics.median(fast)))
+                             plain_tok_s=statistics.median(plain), spec_tok_s=statistics.median(fast),
+                             server_accepted=s_acc, server_drafted=s_drafted, server_passes=s_passes))
     return rows
+
+
+def _server_counts(model, tok, method: str, k: int, small: int | None, prompts: list[str],
+                   gen_len: int) -> tuple[int, int, int]:
+    """(drafted, accepted, passes) of the serving engine (`ernie45 serve --speculative`) on `prompts`, one request
+    at a time, greedy: how its drafts fare where the drafter is fed by the engine's own model calls."""
+    import asyncio
+
+    from ernie45.serve.engine import Engine
+    from ernie45.serve.request import EngineArgs, SamplingParams
+
+    ids = [tok.encode(p) for p in prompts]
+    args = EngineArgs(max_num_seqs=1, max_model_len=max(map(len, ids)) + gen_len + 8, speculative=method,
+                      num_speculative_tokens=k, draft_vocab_size=small)
+    engine = Engine(model, tok, args)
+    engine.start()
+
+    async def go() -> None:
+        for p in ids:
+            async for _ in engine.submit([p], [SamplingParams(max_tokens=gen_len, temperature=0.0, ignore_eos=True)]):
+                pass
+
+    try:
+        asyncio.run(go())
+    finally:
+        engine.shutdown(0.0)
+    spec = engine._spec
+    return spec.drafted, spec.accepted, spec.steps
 
 
 def measured_rows(shape: str, dtype: str, ks: list[int], gen_len: int, workdir: str) -> list[dict]:
@@ -264,6 +295,16 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
             lines.append(f"| {r['method']} | {r['model']} | {r['k']} | {vocab} | {r['accepted']} / {r['drafted']} "
                          f"({r['rate']:.0%}) | {r['per_pass']:.2f} | {r['plain_tok_s']:.0f} → {r['spec_tok_s']:.0f} | "
                          + " | ".join(proj) + " |")
+    served = [r for r in acc if "server_drafted" in r]
+    if served:
+        lines += ["", "The same drafts through the serving engine (`ernie45 serve --speculative`: the drafter fed by the "
+                  "engine's own model calls, one request at a time, greedy):", "",
+                  "| method | model | k | draft vocab | accepted / drafted | per pass |", "|---|---|---|---|---|---|"]
+        for r in served:
+            lines.append(f"| {r['method']} | {r['model']} | {r['k']} | {r.get('draft_vocab', 'all')} | "
+                         f"{r['server_accepted']} / {r['server_drafted']} "
+                         f"({r['server_accepted'] / max(r['server_drafted'], 1):.0%}) | "
+                         f"{r['server_accepted'] / max(r['server_passes'], 1):.2f} |")
     meas = [r for r in rows if r["kind"] == "measured"]
     if meas:
         lines += ["", "## Measured: ngram on the bench shapes (repeated random prompt, greedy)", "",
