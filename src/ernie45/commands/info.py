@@ -236,7 +236,7 @@ def weight_bytes(config, dtype, quantize: str | None = None, quantize_embedding:
         qc = quantization_config_for(model, quantize, quantize_embedding)
         if quantize_embedding:  # the head gets its own (quantized) tensor
             model.config = config.replace(tie_word_embeddings=False)
-    from ernie45.mtp import attach_mtp, mtp_depth
+    from ernie45.mtp import attach_mtp, has_mtp, mtp_depth
 
     if mtp and qc and (quantize or mtp == "quantized"):
         attach_mtp(model, mtp_depth(config))  # before the swap: quantized with the rest
@@ -245,7 +245,7 @@ def weight_bytes(config, dtype, quantize: str | None = None, quantize_embedding:
 
         prepare_for_load(model, qc)
         model.tie_weights()  # an int4 head tied to an int4 embedding shares its buffers
-    if mtp and not hasattr(model.model, "mtp_block"):
+    if mtp and not has_mtp(model):
         attach_mtp(model, mtp_depth(config))
     seen: set[int] = set()
     total = 0

@@ -129,6 +129,16 @@ def capture_pre_norm(model: Any):
         handle.remove()
 
 
+def forward_keeping(model: Any, ids: Tensor, cache: Any, keep: bool, pre_norm: bool, **kw) -> tuple[Any, Tensor | None]:
+    """`model(ids, cache=cache, **kw)` and, with `keep`, the hidden states of every position an MTP layer reads: the
+    final norm's output, or with `pre_norm` its input; else None."""
+    if not keep:
+        return model(ids, cache=cache, **kw), None
+    with capture_pre_norm(model) as box:
+        out = model(ids, cache=cache, **kw)
+    return out, box[0] if pre_norm else out.hidden_states
+
+
 # ---- drafters ------------------------------------------------------------------------------------------
 def ngram_drafts(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
     """Prompt lookup: the up to k tokens that followed the rightmost earlier occurrence of the longest n-gram
@@ -215,17 +225,11 @@ def score(model: Any, tokens: list[int], cache: Any, need_hidden: bool = False,
         # the C step's hidden states hold model-dtype values (bf16 rounded in a bf16 model): converting is exact
         return logits, None if hidden is None else hidden.to(model.dtype)[None]
     ids = torch.tensor([tokens], device=model.device)
-    if not need_hidden:
-        if n == 1:
-            pos = torch.full((1, 1), L, dtype=torch.long, device=model.device)
-            return decode_step(model, ids, cache, None, pos).float(), None
-        return model(ids, cache=cache).logits[0].float(), None
-    if pre_norm:
-        with capture_pre_norm(model) as box:
-            out = model(ids, cache=cache)
-        return out.logits[0].float(), box[0]
-    out = model(ids, cache=cache)
-    return out.logits[0].float(), out.hidden_states
+    if n == 1 and not need_hidden:
+        pos = torch.full((1, 1), L, dtype=torch.long, device=model.device)
+        return decode_step(model, ids, cache, None, pos).float(), None
+    out, hidden = forward_keeping(model, ids, cache, need_hidden, pre_norm)
+    return out.logits[0].float(), hidden
 
 
 def prefill(model: Any, ids: Tensor, cache: Any, need_hidden: bool = False,
@@ -240,11 +244,8 @@ def prefill(model: Any, ids: Tensor, cache: Any, need_hidden: bool = False,
         logits = fast.prefill(ids, cache, hidden_out=hidden, pre_norm=pre_norm)
         if logits is not None:
             return logits, None if hidden is None else hidden.to(model.dtype)[None]
-    if not need_hidden:
-        return model(ids, cache=cache, logits_to_keep=1).logits[0, -1:].float(), None
-    with capture_pre_norm(model) as box:
-        out = model(ids, cache=cache, logits_to_keep=1)  # hidden states of every position
-    return out.logits[0, -1:].float(), box[0] if pre_norm else out.hidden_states
+    out, hidden = forward_keeping(model, ids, cache, need_hidden, pre_norm, logits_to_keep=1)
+    return out.logits[0, -1:].float(), hidden
 
 
 # ---- the loop ------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from ernie45.fast import ROWS_PREFILL_MAX
 from ernie45.serve.blocks import BlockManager
+from ernie45.serve.drafter import SeqDrafter
 from ernie45.serve.kv import kv_cache_blocks
 from ernie45.serve.metrics import ServerMetrics
 from ernie45.serve.request import (
@@ -485,8 +486,6 @@ class Engine(Scheduler):
     def _drafter(self, s: Seq):
         """The sequence's MTP state (`ernie45.serve.drafter.SeqDrafter`), made at its first hidden state."""
         if s.drafter is None:
-            from ernie45.serve.drafter import SeqDrafter
-
             reach = min(len(s.prompt) + s.params.max_tokens, self.args.max_model_len)
             s.drafter = SeqDrafter(self._mtp, reach + self._spec.num_speculative_tokens + 1)
         return s.drafter

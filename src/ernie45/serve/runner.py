@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ernie45.generation.speculative import forward_keeping
 from ernie45.serve.kv import PagedKVCache
 
 STOP, PREFILL, PROMPT_LOGITS, DECODE, PING = range(5)
@@ -147,22 +148,11 @@ class ModelRunner:
         self.cache.touch(tables)
         batch = self.cache.batch(tables.to(dev), past, new)
         mask = batch.mask(model.dtype)
-        with self._keeping() as box:
-            out = model(
-                ids.to(dev), attention_mask=mask, position_ids=batch.position_ids(), cache=batch, logits_to_keep=1
-            )
+        out, self.kept = forward_keeping(model, ids.to(dev), batch, self.keep_hidden, self.pre_norm,
+                                         attention_mask=mask, position_ids=batch.position_ids(), logits_to_keep=1)
         self._hidden = out.hidden_states  # (n, S, H)
-        self.kept = (box[0] if self.pre_norm else out.hidden_states) if self.keep_hidden else None
         last = self._hidden[torch.arange(n, device=dev), torch.tensor(new, device=dev) - 1]  # (n, H)
         return model.lm_head(last).float()  # (n, V)
-
-    def _keeping(self):
-        """Around a forward: a box that receives the final norm's input where the MTP layer reads it (`pre_norm`)."""
-        import contextlib
-
-        from ernie45.generation.speculative import capture_pre_norm
-
-        return capture_pre_norm(self.model) if self.keep_hidden and self.pre_norm else contextlib.nullcontext([])
 
     def _decode(self, n: int, W: int, flagged: int, payload: Tensor) -> Tensor:
         """payload = tokens (n), positions (n), tables (n * W), and with `flagged` the rows' want flags (n)."""
@@ -186,8 +176,8 @@ class ModelRunner:
         batch = self.cache.batch(tables.to(dev), pos, [1] * n)
         mask = batch.mask(self.model.dtype)
         ids = torch.tensor(tokens, device=dev)[:, None]
-        with self._keeping() as box:
-            out = self.model(ids, attention_mask=mask, position_ids=batch.position_ids(), cache=batch)
-        self.kept = (box[0] if self.pre_norm else out.hidden_states)[:, -1] if self.keep_hidden else None  # (n, H)
+        out, kept = forward_keeping(self.model, ids, batch, self.keep_hidden, self.pre_norm, attention_mask=mask,
+                                    position_ids=batch.position_ids())
+        self.kept = None if kept is None else kept[:, -1]  # (n, H)
         logits = out.logits[:, -1].float()  # (n, V)
         return logits if want is None else logits[torch.tensor(want, dtype=torch.bool, device=logits.device)]
