@@ -3,6 +3,9 @@
   bundled_mtp.py prepare MODEL_DIR WORK_DIR [--variant pre_norm]
       copy the packaged model to WORK_DIR/moe-mtp with `mtp_hidden_state` set: `ernie45 pretrain --mtp distill
       --model WORK_DIR/moe-mtp` then trains the head on the frozen model
+  bundled_mtp.py selfgen MODEL_DIR WORK_DIR
+      write WORK_DIR/data-selfgen: the model's own continuations (greedy and sampled) of training-poem openings,
+      other training text and the SFT chat prompts, as packed token shards for `pretrain --data`
   bundled_mtp.py ship RUN_FINAL MODEL_DIR HELDOUT_JSONL
       write the trained head into MODEL_DIR (bf16; the model's own tensors checked bit-identical), measure its
       acceptance on the held-out poems (greedy and sampled, k = 1..3) and add it to the model card and metrics.json
@@ -32,6 +35,59 @@ def prepare(model_dir: str, work: str, variant: str) -> None:
     cfg["mtp_hidden_state"] = variant
     atomic_write_text(path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     print(out)
+
+
+def selfgen(model_dir: str, work: str, new_tokens: int = 160, n_other: int = 600, seed: int = 0) -> None:
+    """The model's own text for the MTP head to learn on (self-distillation, as Medusa-2 and EAGLE train theirs).
+
+    A draft is accepted when it equals what the model says next; the teacher's distribution is the target
+    (`--mtp distill`) on any text, but the contexts the head sees at decode time are the model's own
+    continuations -- greedy ones settle into repeated lines no corpus holds. The token ids are written as
+    generated (decoding and re-encoding would change them). Held-out poems are never used.
+    """
+    import random
+
+    import numpy as np
+
+    import ernie45
+    from ernie45.data import shards
+    from ernie45.fast import optimize_for_inference
+    from ernie45.generation import generate
+
+    rng = random.Random(seed)
+    model, tok = ernie45.load(model_dir, dtype="float32", device="cpu")
+    optimize_for_inference(model)
+
+    def read(name: str) -> list[dict]:
+        with open(os.path.join(work, name), encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    prompts = [tok.encode(d["text"][: max(12, len(d["text"]) // 4)]) for d in read("poems_train.jsonl")]
+    other = rng.sample(read("other.jsonl"), n_other)
+    prompts += [tok.encode(d["text"][: max(8, len(d["text"]) // 4)]) for d in other]
+    chats = rng.sample(read("sft.jsonl"), len(prompts) // 2)
+    prompts += [tok.apply_chat_template(c["messages"][:1], tokenize=True) for c in chats]
+    greedy = dict(do_sample=False, repetition_penalty=1.0)
+    sampled = dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1)
+    out = os.path.join(work, "data-selfgen")
+    shutil.rmtree(out, ignore_errors=True)
+    seq_len, eos, pad = 256, tok.eos_token_id, tok.pad_token_id or 0
+    writer = shards.ShardWriter(os.path.join(out, "train"), seq_len, 1024)
+    docs = 0
+    for i, ids in enumerate(prompts):
+        for kw in (greedy, dict(sampled, seed=seed + i)):
+            seq = generate(model, [ids], max_new_tokens=new_tokens, eos_token_id=[], **kw)[0]
+            writer.append(np.asarray(list(seq) + [eos]))
+            docs += 1
+        if i % 100 == 0:
+            print(f"selfgen: {i}/{len(prompts)} prompts", flush=True)
+    index = writer.finalize(pad, {"eos_token_id": eos, "pad_token_id": pad, "num_documents": docs})
+    root = {"format": shards.FORMAT, "version": shards.VERSION, "dtype": "int32", "seq_len": seq_len,
+            "eos_token_id": eos, "pad_token_id": pad, "vocab_size": tok.vocab_size,
+            "tokenizer_sha256": shards.file_sha256(os.path.join(model_dir, "tokenizer.model")),
+            "splits": {"train": {k: index[k] for k in ("num_documents", "num_tokens", "num_samples")}}}
+    atomic_write_text(os.path.join(out, shards.INDEX), json.dumps(root, indent=2) + "\n")
+    print(f"selfgen: {docs} continuations, {index['num_tokens']} tokens in {out}")
 
 
 def acceptance(model_dir: str, heldout: str, n_docs: int = 12, gen_len: int = 64) -> list[dict]:
@@ -116,6 +172,9 @@ def main() -> None:
     a.add_argument("model_dir")
     a.add_argument("work")
     a.add_argument("--variant", default="pre_norm", choices=("post_norm", "pre_norm"))
+    g = sub.add_parser("selfgen")
+    g.add_argument("model_dir")
+    g.add_argument("work")
     b = sub.add_parser("ship")
     b.add_argument("final")
     b.add_argument("model_dir")
@@ -123,6 +182,8 @@ def main() -> None:
     args = p.parse_args()
     if args.cmd == "prepare":
         prepare(args.model_dir, args.work, args.variant)
+    elif args.cmd == "selfgen":
+        selfgen(args.model_dir, args.work)
     else:
         ship(args.final, args.model_dir, args.heldout)
 

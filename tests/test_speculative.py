@@ -490,6 +490,21 @@ def test_c_step_hidden_states_are_the_forwards():
         assert torch.equal(logits, plain)
         torch.testing.assert_close(logits, out.logits[0].float(), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(hidden, (pre if pre_norm else post).float(), rtol=1e-4, atol=1e-4)
+    # an int8 KV cache (`serve --kv-cache-dtype int8 --speculative mtp`): the same logits as without hidden_out, and
+    # hidden states that are those logits' (the head of the post-norm one, the norm of the pre-norm one)
+    d, kv = m.config.head_dim, m.kv_heads
+    got = {}
+    for pre_norm in (None, False, True):
+        pools = [[torch.zeros(1, kv, n, d, dtype=torch.int8) for _ in range(m.config.num_hidden_layers)]
+                 for _ in range(2)]
+        scales = [[torch.zeros(1, kv, n) for _ in range(m.config.num_hidden_layers)] for _ in range(2)]
+        kw = {} if pre_norm is None else {"hidden_out": torch.empty(n, m.config.hidden_size), "pre_norm": pre_norm}
+        got[pre_norm] = (fast.step_batch(ids[0].tolist(), list(range(n)), torch.zeros((n, 1), dtype=torch.int32),
+                                         *pools, *scales, **kw), kw.get("hidden_out"))
+    assert torch.equal(got[False][0], got[None][0]) and torch.equal(got[True][0], got[None][0])
+    with torch.inference_mode():
+        torch.testing.assert_close(m.lm_head(got[False][1]).float(), got[None][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(m.model.norm(got[True][1]), got[False][1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -952,15 +967,46 @@ def test_engine_mtp_through_preemption_keeps_every_answer(head_ckpt, native_step
     assert preempted > 0 and drafts > 0 and accepted > 0
 
 
+@pytest.mark.parametrize("native_step", [False, True])
+def test_engine_mtp_with_an_int8_kv_cache_keeps_every_answer(head_ckpt, native_step):
+    """`--kv-cache-dtype int8`: the C step returns the rows' hidden states from int8 pages too, so the drafter is
+    fed and drafts are accepted; every greedy answer is the one the same engine gives without speculation."""
+    from test_serve_paged import run, started
+
+    from ernie45.fast import optimize_for_inference
+    from ernie45.serve.engine import EngineArgs
+
+    if native_step:
+        native_or_skip()
+    model, tok = ernie45.load(head_ckpt, dtype="float32", device="cpu")
+    if native_step:
+        optimize_for_inference(model)
+    prompts = [tok.encode(t) for t in ("床前明月光，疑是地上霜。", "白日依山尽，", "海上生明月，")]
+    lengths = [30, 40, 50]
+    answers, counts = {}, {}
+    for method in (None, "mtp"):
+        args = EngineArgs(max_num_seqs=4, max_model_len=128, block_size=4, kv_cache_dtype="int8",
+                          speculative=method, num_speculative_tokens=2 if method else None)
+        engine = started(args, model, tok)
+        try:
+            answers[method] = [ids for ids, _ in run(engine, prompts, lengths)]
+        finally:
+            engine.shutdown(0.0)
+        sample = engine.metrics.registry.get_sample_value
+        counts[method] = (sample("ernie45_spec_decode_num_drafts_total"),
+                          sample("ernie45_spec_decode_num_accepted_tokens_total"))
+    assert answers["mtp"] == answers[None] and [len(a) for a in answers[None]] == lengths
+    drafts, accepted = counts["mtp"]
+    assert drafts > 0 and accepted > 0
+
+
 def test_server_mtp_flags_are_checked_before_loading(tmp_path, capsys):
-    """`serve --speculative mtp` needs an MTP layer, a float KV cache and no tensor parallelism: one-line errors
-    before any model loads; `--draft-vocab-size` needs mtp."""
+    """`serve --speculative mtp` needs an MTP layer and no tensor parallelism: one-line errors before any model loads;
+    `--draft-vocab-size` needs mtp."""
     from ernie45.serve.server import main as serve_main
 
     for argv, message in (
         (["--model", bundled_path("ernie-tiny"), "--speculative", "mtp"], "has no MTP layer"),
-        (["--model", bundled_path("ernie-tiny-moe"), "--speculative", "mtp", "--kv-cache-dtype", "int8"],
-         "needs a float KV cache"),
         (["--model", bundled_path("ernie-tiny-moe"), "--speculative", "ngram", "--draft-vocab-size", "64"],
          "--draft-vocab-size applies to --speculative mtp"),
     ):

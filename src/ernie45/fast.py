@@ -311,6 +311,9 @@ class FastDecoder:
         # ernie_step_batch's arguments + (hidden out (B, H) fp32, 1: pre-norm / 0: post-norm)
         lib.ernie_step_batch_h.argtypes = [*lib.ernie_step_batch.argtypes, c_void_p, c_int]
         lib.ernie_step_batch_h.restype = c_int
+        # ernie_step_batch_q8's arguments + (hidden out, pre-norm flag)
+        lib.ernie_step_batch_q8_h.argtypes = [*lib.ernie_step_batch_q8.argtypes, c_void_p, c_int]
+        lib.ernie_step_batch_q8_h.restype = c_int
         # (model, Linear, x, y): one GEMV (`gemv`)
         lib.ernie_gemv_batch.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Linear), c_int, c_void_p, c_void_p]
         lib.ernie_gemv_batch.restype = c_int
@@ -514,7 +517,7 @@ class FastDecoder:
         `int8_round_trip` (float pages): store each new row as that dequantised int8 row, so the float pages hold
         what the int8 cache's attention reads and the logits are the int8 cache's (its float reference).
 
-        `hidden_out` (float pages): a contiguous fp32 (B, hidden) tensor that receives each row's last hidden state,
+        `hidden_out` (float or int8 pages): a contiguous fp32 (B, hidden) tensor that receives each row's last hidden state,
         the final norm's output (what the head reads) or, with `pre_norm`, its input: what a multi-token-prediction
         draft head (`ernie45.mtp`) is fed after a verification step.
 
@@ -524,8 +527,8 @@ class FastDecoder:
         B = len(tokens)
         if logit_rows is not None and len(logit_rows) != B:
             raise ValueError(f"step_batch: {len(logit_rows)} logit_rows flags for {B} rows")
-        if hidden_out is not None and (k_scales is not None or v_scales is not None or int8_round_trip):
-            raise ValueError("step_batch: hidden_out applies to float pages")
+        if hidden_out is not None and int8_round_trip:
+            raise ValueError("step_batch: hidden_out does not apply to int8_round_trip")
         if hidden_out is not None and (hidden_out.dtype != torch.float32 or hidden_out.device.type != "cpu"
                                        or not hidden_out.is_contiguous() or tuple(hidden_out.shape) != (B, self.hidden)):
             raise ValueError(f"step_batch: hidden_out must be a contiguous CPU fp32 ({B}, {self.hidden}) tensor")
@@ -560,7 +563,11 @@ class FastDecoder:
             self._m.n_threads = threads
             self._m.want = ctypes.cast(want, c_void_p) if want is not None else None
             try:
-                if q8:
+                if q8 and hidden_out is not None:
+                    rc = self._lib.ernie_step_batch_q8_h(ctypes.byref(self._m), B, toks, pos, kp, vp, ks, vs,
+                                                         tables.data_ptr(), tables.shape[1], block_size,
+                                                         logits.data_ptr(), hidden_out.data_ptr(), int(pre_norm))
+                elif q8:
                     rc = self._lib.ernie_step_batch_q8(ctypes.byref(self._m), B, toks, pos, kp, vp, ks, vs,
                                                        tables.data_ptr(), tables.shape[1], block_size, logits.data_ptr())
                 elif hidden_out is not None:

@@ -2250,6 +2250,16 @@ int ernie_step_batch_q8(Model *m, int B, const int *tokens, const int *pos, void
                         logits, NULL, 0);
 }
 
+/* ernie_step_batch_q8 that also writes each row's last hidden state into hidden (as ernie_step_batch_h): a draft
+ * head (MTP) beside an int8 KV cache. */
+int ernie_step_batch_q8_h(Model *m, int B, const int *tokens, const int *pos, void **kpages, void **vpages,
+                          void **kscales, void **vscales, const int32_t *tables, int table_stride, int block_size,
+                          float *logits, float *hidden, int hidden_pre) {
+    if (!kscales || !vscales || !hidden) return -2;
+    return step_checked(m, B, tokens, pos, kpages, vpages, kscales, vscales, 0, tables, table_stride, block_size,
+                        logits, hidden, hidden_pre);
+}
+
 /* Feed `token` at position `pos` (= cache rows already filled), write K/V row `pos` of every layer into
  * kc[l]/vc[l] ((n_kv, max_len, head_dim), model dtype) and the next-token logits (vocab floats) into `logits`:
  * the batch of one row whose cache is one page of block_size max_len. */

@@ -142,9 +142,6 @@ class Engine(Scheduler):
         require_mtp(self.model)
         if self.runner.distributed:
             raise ErnieError("--speculative mtp does not run under tensor parallelism yet; use --speculative ngram")
-        if self.args.kv_cache_dtype == "int8" and self.runner.native:
-            raise ErnieError("--speculative mtp needs the hidden states of a float KV cache's C step: drop "
-                             "--kv-cache-dtype int8, or use --speculative ngram")
         size = self.args.draft_vocab_size
         head = _mtp_head(self.model, None if size is None else (size, self.tokenizer))
         self.runner.keep_hidden, self.runner.pre_norm = True, head.wants_pre_norm()

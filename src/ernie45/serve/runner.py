@@ -165,7 +165,7 @@ class ModelRunner:
             c = self.cache
             q8 = {} if c.k_scale is None else {"k_scales": c.k_scale, "v_scales": c.v_scale}
             kw = {}
-            if self.keep_hidden:  # float pages only: the engine refuses mtp with an int8 KV cache
+            if self.keep_hidden:  # the rows' last hidden states, for the MTP drafter
                 kw = {"hidden_out": torch.empty(n, self._native.hidden, dtype=torch.float32), "pre_norm": self.pre_norm}
             logits = self._native.step_batch(tokens, pos, tables.to(torch.int32), c.k, c.v, **q8, logit_rows=want,
                                              **kw)

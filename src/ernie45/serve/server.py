@@ -211,7 +211,7 @@ def serve(
     if kv_cache_dtype not in KV_DTYPES:
         raise ErnieError(f"--kv-cache-dtype must be one of {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
     parallel = tp > 1 or ep > 1
-    _check_speculative(speculative, num_speculative_tokens, draft_vocab_size, parallel, kv_cache_dtype, path, mcfg)
+    _check_speculative(speculative, num_speculative_tokens, draft_vocab_size, parallel, path, mcfg)
     if parallel:
         if quantize or adapter:
             raise ErnieError("--tp/--ep cannot be combined with --quantize or --adapter yet")
@@ -314,8 +314,8 @@ def _check_range(flag: str, value: int, lo: int, hi: int) -> None:
         raise ErnieError(f"{flag} must be between {lo} and {hi}, got {value}")
 
 
-def _check_speculative(method: str | None, k: int | None, vocab: int | None, parallel: bool, kv_cache_dtype: str,
-                       path: str, mcfg) -> None:
+def _check_speculative(method: str | None, k: int | None, vocab: int | None, parallel: bool, path: str,
+                       mcfg) -> None:
     """One-line errors for the speculative flags, before the model loads."""
     from ernie45.commands import speculative_from_args
     from ernie45.commands.info import _mtp_storage
@@ -325,9 +325,6 @@ def _check_speculative(method: str | None, k: int | None, vocab: int | None, par
         return
     if parallel:
         raise ErnieError("--speculative mtp does not run under --tp / --ep yet; use --speculative ngram")
-    if kv_cache_dtype == "int8":
-        raise ErnieError("--speculative mtp needs a float KV cache (the C step's hidden states): drop "
-                         "--kv-cache-dtype int8, or use --speculative ngram")
     if not _mtp_storage(path, mcfg):
         raise ErnieError(f"--speculative mtp: {path} has no MTP layer (num_nextn_predict_layers > 0 and "
                          "model.mtp_* weights); use --speculative ngram, or a checkpoint that ships the MTP head")
