@@ -7,7 +7,7 @@
 # train a 4096-piece ERNIE tokenizer → `ernie45 preprocess` (seq 256) → `ernie45 pretrain` the dense and the
 # MoE model in parallel (one CPU thread each) → SFT on "write a poem titled X" / "about X" → bf16 model dirs
 # with a model card holding the measured numbers → the MoE model's MTP head (`pretrain --mtp distill`, its
-# acceptance on held-out poems in the card). About an hour and a quarter on two CPU cores.
+# acceptance on held-out poems in the card). About an hour and a half on two CPU cores.
 # Environment: PYTHON (default python3), DENSE_STEPS (320) and MOE_STEPS (270) pre-training steps,
 # SFT_STEPS (150), MTP_STEPS (600), POEM_WEIGHT (12).
 set -euo pipefail
@@ -67,11 +67,13 @@ done
 wait
 
 # The MoE model's MTP head (speculative decoding): trained on the frozen, packaged model against its own next-token
-# distribution (`--mtp distill`), then written into the bundle with its measured acceptance on held-out poems.
+# distribution (`--mtp distill`), mostly on the model's own continuations (`selfgen`: the contexts a draft meets
+# while the model decodes), then written into the bundle with its measured acceptance on held-out poems.
 MOE_DIR="$ROOT/src/ernie45/models/ernie-tiny-moe"
 "$PY" "$ROOT/scripts/bundled_mtp.py" prepare "$MOE_DIR" "$WORK" --variant pre_norm
-"$PY" -m ernie45 pretrain --model "$WORK/moe-mtp" --mtp distill --data "$WORK/data-poems_train" "$WORK/data-other" \
-  --data-weights 4 1 --out "$WORK/run-mtp" --steps "$MTP_STEPS" --batch-size 16 --lr 2e-3 --min-lr 1e-4 --warmup 30 \
+"$PY" "$ROOT/scripts/bundled_mtp.py" selfgen "$MOE_DIR" "$WORK"
+"$PY" -m ernie45 pretrain --model "$WORK/moe-mtp" --mtp distill --data "$WORK/data-selfgen" "$WORK/data-poems_train" \
+  "$WORK/data-other" --data-weights 4 2 1 --out "$WORK/run-mtp" --steps "$MTP_STEPS" --batch-size 16 --lr 2e-3 --min-lr 1e-4 --warmup 30 \
   --schedule wsd --eval-every 0 --save-every 100 --overwrite --no-progress > "$WORK/run-mtp.out" 2>&1
 "$PY" "$ROOT/scripts/bundled_mtp.py" ship "$WORK/run-mtp/final" "$MOE_DIR" "$WORK/poems_heldout.jsonl"
 chmod -R a+rX "$ROOT/src/ernie45/models"

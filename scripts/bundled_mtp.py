@@ -33,6 +33,7 @@ def prepare(model_dir: str, work: str, variant: str) -> None:
     with open(path, encoding="utf-8") as f:
         cfg = json.load(f)
     cfg["mtp_hidden_state"] = variant
+    cfg.pop("num_nextn_predict_layers", None)  # a head MODEL_DIR already ships is ignored: training starts afresh
     atomic_write_text(path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     print(out)
 
@@ -63,9 +64,11 @@ def selfgen(model_dir: str, work: str, new_tokens: int = 160, n_other: int = 600
             return [json.loads(line) for line in f if line.strip()]
 
     prompts = [tok.encode(d["text"][: max(12, len(d["text"]) // 4)]) for d in read("poems_train.jsonl")]
-    other = rng.sample(read("other.jsonl"), n_other)
+    other = read("other.jsonl")
+    other = rng.sample(other, min(n_other, len(other)))
     prompts += [tok.encode(d["text"][: max(8, len(d["text"]) // 4)]) for d in other]
-    chats = rng.sample(read("sft.jsonl"), len(prompts) // 2)
+    chats = read("sft.jsonl")
+    chats = rng.sample(chats, min(len(prompts) // 2, len(chats)))
     prompts += [tok.apply_chat_template(c["messages"][:1], tokenize=True) for c in chats]
     greedy = dict(do_sample=False, repetition_penalty=1.0)
     sampled = dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1)
@@ -156,7 +159,10 @@ def ship(final: str, model_dir: str, heldout: str) -> None:
              f"{metrics['mtp']['hidden_state']}`) drafts tokens for `--speculative mtp` (docs/speculative.md). It was "
              f"trained on the frozen model by `ernie45 pretrain --mtp distill` ({len(log)} steps, soft cross entropy "
              f"against the model's own next-token distribution: {log[0]['loss']:.3f} → {log[-1]['loss']:.3f}), so "
-             "its guesses are what the model would say, which is what verification accepts.", "",
+             "its guesses are what the model would say, which is what verification accepts. Its text is mostly the "
+             "model's own: greedy and sampled continuations of training-poem openings, other training text and the "
+             "SFT prompts (`scripts/bundled_mtp.py selfgen`, weight 4), beside the pre-training poems (2) and other "
+             "text (1) -- the contexts a draft meets while the model decodes.", "",
              "Acceptance on the opening quarter of 12 held-out poems, 64 new tokens each (`scripts/bundled_mtp.py`):",
              "", "| drafts per pass (k) | decoding | accepted / drafted | accepted per pass |", "|---|---|---|---|"]
     lines += [f"| {r['k']} | {r['decoding']} | {r['accepted']} / {r['drafted']} ({r['accepted'] / r['drafted']:.0%}) "

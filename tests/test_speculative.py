@@ -370,6 +370,43 @@ def test_pretrain_mtp_head_trains_only_the_layer(tmp_path):
         pretrain(PretrainArgs(data=[str(tmp_path / "data")], out=str(tmp_path / "r2"), init_from=src, mtp="both"))
 
 
+def test_bundled_head_selfgen_data_is_the_models_own_continuations(tmp_path):
+    """`scripts/bundled_mtp.py selfgen` (the bundled head's training text): per prompt a greedy and a sampled
+    continuation, written as generated (no re-tokenising) into packed shards that `pretrain --mtp distill` reads."""
+    import importlib.util
+
+    from ernie45.data.shards import PackedDataset
+    from ernie45.train.pretrain import PretrainArgs, pretrain
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bundled_mtp", os.path.join(repo, "scripts", "bundled_mtp.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    poems, other = _poems(3), ["天下大事，必作于细。", "知足者富，强行者有志。"]
+    for name, rows in (("poems_train", [{"text": t} for t in poems]), ("other", [{"text": t} for t in other]),
+                       ("sft", [{"messages": [{"role": "user", "content": "写一首诗"},
+                                              {"role": "assistant", "content": poems[0]}]}])):
+        with open(tmp_path / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    src = bundled_path("ernie-tiny-moe")
+    script.selfgen(src, str(tmp_path), new_tokens=6, n_other=5)
+    data = PackedDataset(tmp_path / "data-selfgen")
+    assert data.num_documents == 2 * 6  # 3 poems, 2 other texts, 1 chat prompt; greedy and sampled each
+    model, tok = ernie45.load(src, dtype="float32", device="cpu")
+    prompt = tok.encode(poems[0][: max(12, len(poems[0]) // 4)])
+    greedy = generate(model, [prompt], max_new_tokens=6, eos_token_id=[], do_sample=False, repetition_penalty=1.0)
+    stream = data.tokens().tolist()
+    assert stream[: len(prompt) + 7] == list(greedy[0]) + [tok.eos_token_id]
+    prompts = [tok.encode(t[: max(12, len(t) // 4)]) for t in poems] + [
+        tok.encode(t[: max(8, len(t) // 4)]) for t in other] + [
+        tok.apply_chat_template([{"role": "user", "content": "写一首诗"}], tokenize=True)]
+    assert data.num_tokens == 2 * sum(len(p) + 6 + 1 for p in prompts)  # prompt, 6 new tokens, EOS: twice each
+    s = pretrain(PretrainArgs(data=[str(tmp_path / "data-selfgen")], out=str(tmp_path / "run"), init_from=src,
+                              steps=2, batch_size=2, lr=1e-3, warmup=1, eval_every=0, save_every=0, mtp="distill",
+                              progress=False))
+    assert len(s["history"]) == 2
+
+
 # ---- greedy: the tokens of plain decoding -----------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["tiny", "tiny-moe"])
 @pytest.mark.parametrize("variant,bias,tied", [("post_norm", False, True), ("pre_norm", True, False)])
@@ -1051,7 +1088,7 @@ def test_docs_commands_run(head_ckpt, capsys, monkeypatch, tmp_path, guide):
     monkeypatch.chdir(tmp_path)
     with open("poems.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in _poems(60))
-    for name in ("data-poems_train", "data-other"):
+    for name in ("data-selfgen", "data-poems_train", "data-other"):
         preprocess(["poems.jsonl"], bundled_path("ernie-tiny-moe"), name, PreprocessConfig(seq_len=32), progress=False)
     small = {"--steps": "2", "--batch-size": "2", "--max-new-tokens": "8"}
     ran = 0
