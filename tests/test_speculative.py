@@ -973,10 +973,8 @@ def test_engine_mtp_through_preemption_keeps_every_answer(head_ckpt, native_step
     """A KV pool too small for four sequences at once: they are preempted and recomputed (their MTP state dropped
     and rebuilt from the recomputed positions), the last one speculates alone, and every answer is the one the
     same engine gives without speculation."""
-    from test_serve_paged import run, started
 
     from ernie45.fast import optimize_for_inference
-    from ernie45.serve.engine import EngineArgs
     from ernie45.serve.kv import kv_bytes_per_token
 
     if native_step:
@@ -986,32 +984,40 @@ def test_engine_mtp_through_preemption_keeps_every_answer(head_ckpt, native_step
         optimize_for_inference(model)
     prompts = [tok.encode(t) for t in ("床前明月光，疑是地上霜。", "白日依山尽，", "春眠不觉晓，处处闻啼鸟。", "海上生明月，")]
     lengths = [40, 50, 60, 90]
-    answers, counts = {}, {}
+    counts = _engine_answers_equal(model, tok, prompts, lengths, max_model_len=160,
+                                   kv_cache_memory=kv_bytes_per_token(model) * 4 * 40)
+    assert counts["num_preemptions"] > 0 and counts["spec_decode_num_drafts"] > 0
+    assert counts["spec_decode_num_accepted_tokens"] > 0
+
+
+def _engine_answers_equal(model, tok, prompts, lengths, **engine_kw) -> dict[str, float]:
+    """Run `prompts` (greedy, `lengths` tokens each, all submitted at once) through an engine without and with
+    `--speculative mtp` (k = 2); assert the answers are equal; -> the mtp engine's counters (ernie45_*_total)."""
+    from test_serve_paged import run, started
+
+    from ernie45.serve.engine import EngineArgs
+
+    answers = {}
     for method in (None, "mtp"):
-        args = EngineArgs(max_num_seqs=4, max_model_len=160, block_size=4,
-                          kv_cache_memory=kv_bytes_per_token(model) * 4 * 40, speculative=method,
-                          num_speculative_tokens=2 if method else None)
+        args = EngineArgs(max_num_seqs=4, block_size=4, speculative=method,
+                          num_speculative_tokens=2 if method else None, **engine_kw)
         engine = started(args, model, tok)
         try:
             answers[method] = [ids for ids, _ in run(engine, prompts, lengths)]
         finally:
             engine.shutdown(0.0)
-        sample = engine.metrics.registry.get_sample_value
-        counts[method] = (sample("ernie45_num_preemptions_total"), sample("ernie45_spec_decode_num_drafts_total"),
-                          sample("ernie45_spec_decode_num_accepted_tokens_total"))
     assert answers["mtp"] == answers[None] and [len(a) for a in answers[None]] == lengths
-    preempted, drafts, accepted = counts["mtp"]
-    assert preempted > 0 and drafts > 0 and accepted > 0
+    sample = engine.metrics.registry.get_sample_value
+    return {name: sample(f"ernie45_{name}_total")
+            for name in ("num_preemptions", "spec_decode_num_drafts", "spec_decode_num_accepted_tokens")}
 
 
 @pytest.mark.parametrize("native_step", [False, True])
 def test_engine_mtp_with_an_int8_kv_cache_keeps_every_answer(head_ckpt, native_step):
     """`--kv-cache-dtype int8`: the C step returns the rows' hidden states from int8 pages too, so the drafter is
     fed and drafts are accepted; every greedy answer is the one the same engine gives without speculation."""
-    from test_serve_paged import run, started
 
     from ernie45.fast import optimize_for_inference
-    from ernie45.serve.engine import EngineArgs
 
     if native_step:
         native_or_skip()
@@ -1019,22 +1025,8 @@ def test_engine_mtp_with_an_int8_kv_cache_keeps_every_answer(head_ckpt, native_s
     if native_step:
         optimize_for_inference(model)
     prompts = [tok.encode(t) for t in ("床前明月光，疑是地上霜。", "白日依山尽，", "海上生明月，")]
-    lengths = [30, 40, 50]
-    answers, counts = {}, {}
-    for method in (None, "mtp"):
-        args = EngineArgs(max_num_seqs=4, max_model_len=128, block_size=4, kv_cache_dtype="int8",
-                          speculative=method, num_speculative_tokens=2 if method else None)
-        engine = started(args, model, tok)
-        try:
-            answers[method] = [ids for ids, _ in run(engine, prompts, lengths)]
-        finally:
-            engine.shutdown(0.0)
-        sample = engine.metrics.registry.get_sample_value
-        counts[method] = (sample("ernie45_spec_decode_num_drafts_total"),
-                          sample("ernie45_spec_decode_num_accepted_tokens_total"))
-    assert answers["mtp"] == answers[None] and [len(a) for a in answers[None]] == lengths
-    drafts, accepted = counts["mtp"]
-    assert drafts > 0 and accepted > 0
+    counts = _engine_answers_equal(model, tok, prompts, [30, 40, 50], max_model_len=128, kv_cache_dtype="int8")
+    assert counts["spec_decode_num_drafts"] > 0 and counts["spec_decode_num_accepted_tokens"] > 0
 
 
 def test_server_mtp_flags_are_checked_before_loading(tmp_path, capsys):
