@@ -38,6 +38,11 @@ def prepare(model_dir: str, work: str, variant: str) -> None:
     print(out)
 
 
+def opening(text: str, least: int = 12) -> str:
+    """A prompt made of a document's opening quarter (at least `least` characters)."""
+    return text[: max(least, len(text) // 4)]
+
+
 def selfgen(model_dir: str, work: str, new_tokens: int = 160, n_other: int = 600, seed: int = 0) -> None:
     """The model's own text for the MTP head to learn on (self-distillation, as Medusa-2 and EAGLE train theirs).
 
@@ -63,10 +68,10 @@ def selfgen(model_dir: str, work: str, new_tokens: int = 160, n_other: int = 600
         with open(os.path.join(work, name), encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
 
-    prompts = [tok.encode(d["text"][: max(12, len(d["text"]) // 4)]) for d in read("poems_train.jsonl")]
+    prompts = [tok.encode(opening(d["text"])) for d in read("poems_train.jsonl")]
     other = read("other.jsonl")
     other = rng.sample(other, min(n_other, len(other)))
-    prompts += [tok.encode(d["text"][: max(8, len(d["text"]) // 4)]) for d in other]
+    prompts += [tok.encode(opening(d["text"], 8)) for d in other]
     chats = read("sft.jsonl")
     chats = rng.sample(chats, min(len(prompts) // 2, len(chats)))
     prompts += [tok.apply_chat_template(c["messages"][:1], tokenize=True) for c in chats]
@@ -74,8 +79,8 @@ def selfgen(model_dir: str, work: str, new_tokens: int = 160, n_other: int = 600
     sampled = dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1)
     out = os.path.join(work, "data-selfgen")
     shutil.rmtree(out, ignore_errors=True)
-    seq_len, eos, pad = 256, tok.eos_token_id, tok.pad_token_id or 0
-    writer = shards.ShardWriter(os.path.join(out, "train"), seq_len, 1024)
+    eos, pad = tok.eos_token_id, tok.pad_token_id or 0
+    writer = shards.ShardWriter(os.path.join(out, "train"), 256, 1024)
     docs = 0
     for i, ids in enumerate(prompts):
         for kw in (greedy, dict(sampled, seed=seed + i)):
@@ -84,13 +89,8 @@ def selfgen(model_dir: str, work: str, new_tokens: int = 160, n_other: int = 600
             docs += 1
         if i % 100 == 0:
             print(f"selfgen: {i}/{len(prompts)} prompts", flush=True)
-    index = writer.finalize(pad, {"eos_token_id": eos, "pad_token_id": pad, "num_documents": docs})
-    root = {"format": shards.FORMAT, "version": shards.VERSION, "dtype": "int32", "seq_len": seq_len,
-            "eos_token_id": eos, "pad_token_id": pad, "vocab_size": tok.vocab_size,
-            "tokenizer_sha256": shards.file_sha256(os.path.join(model_dir, "tokenizer.model")),
-            "splits": {"train": {k: index[k] for k in ("num_documents", "num_tokens", "num_samples")}}}
-    atomic_write_text(os.path.join(out, shards.INDEX), json.dumps(root, indent=2) + "\n")
-    print(f"selfgen: {docs} continuations, {index['num_tokens']} tokens in {out}")
+    splits = shards.finalize_splits(out, {"train": writer}, {"train": docs}, eos, pad, tok.vocab_size, model_dir)
+    print(f"selfgen: {docs} continuations, {splits['train']['num_tokens']} tokens in {out}")
 
 
 def acceptance(model_dir: str, heldout: str, n_docs: int = 12, gen_len: int = 64) -> list[dict]:
@@ -108,7 +108,7 @@ def acceptance(model_dir: str, heldout: str, n_docs: int = 12, gen_len: int = 64
         for sample in (False, True):
             sp = Speculative("mtp", k)
             for i, doc in enumerate(docs):
-                ids = [tok.encode(doc[: max(12, len(doc) // 4)])]
+                ids = [tok.encode(opening(doc))]
                 kw = dict(do_sample=True, temperature=0.8, top_p=0.9, seed=i) if sample else dict(do_sample=False)
                 generate(model, ids, max_new_tokens=gen_len, eos_token_id=[], repetition_penalty=1.0, speculative=sp,
                          **kw)

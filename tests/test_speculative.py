@@ -393,12 +393,11 @@ def test_bundled_head_selfgen_data_is_the_models_own_continuations(tmp_path):
     data = PackedDataset(tmp_path / "data-selfgen")
     assert data.num_documents == 2 * 6  # 3 poems, 2 other texts, 1 chat prompt; greedy and sampled each
     model, tok = ernie45.load(src, dtype="float32", device="cpu")
-    prompt = tok.encode(poems[0][: max(12, len(poems[0]) // 4)])
+    prompt = tok.encode(script.opening(poems[0]))
     greedy = generate(model, [prompt], max_new_tokens=6, eos_token_id=[], do_sample=False, repetition_penalty=1.0)
     stream = data.tokens().tolist()
     assert stream[: len(prompt) + 7] == list(greedy[0]) + [tok.eos_token_id]
-    prompts = [tok.encode(t[: max(12, len(t) // 4)]) for t in poems] + [
-        tok.encode(t[: max(8, len(t) // 4)]) for t in other] + [
+    prompts = [tok.encode(script.opening(t)) for t in poems] + [tok.encode(script.opening(t, 8)) for t in other] + [
         tok.apply_chat_template([{"role": "user", "content": "写一首诗"}], tokenize=True)]
     assert data.num_tokens == 2 * sum(len(p) + 6 + 1 for p in prompts)  # prompt, 6 new tokens, EOS: twice each
     s = pretrain(PretrainArgs(data=[str(tmp_path / "data-selfgen")], out=str(tmp_path / "run"), init_from=src,
@@ -973,30 +972,31 @@ def test_engine_mtp_through_preemption_keeps_every_answer(head_ckpt, native_step
     """A KV pool too small for four sequences at once: they are preempted and recomputed (their MTP state dropped
     and rebuilt from the recomputed positions), the last one speculates alone, and every answer is the one the
     same engine gives without speculation."""
-
-    from ernie45.fast import optimize_for_inference
     from ernie45.serve.kv import kv_bytes_per_token
 
-    if native_step:
-        native_or_skip()
-    model, tok = ernie45.load(head_ckpt, dtype="float32", device="cpu")
-    if native_step:
-        optimize_for_inference(model)
-    prompts = [tok.encode(t) for t in ("床前明月光，疑是地上霜。", "白日依山尽，", "春眠不觉晓，处处闻啼鸟。", "海上生明月，")]
-    lengths = [40, 50, 60, 90]
-    counts = _engine_answers_equal(model, tok, prompts, lengths, max_model_len=160,
-                                   kv_cache_memory=kv_bytes_per_token(model) * 4 * 40)
+    texts = ("床前明月光，疑是地上霜。", "白日依山尽，", "春眠不觉晓，处处闻啼鸟。", "海上生明月，")
+    counts = _engine_answers_equal(head_ckpt, native_step, texts, [40, 50, 60, 90], max_model_len=160,
+                                   kv_cache_memory=lambda model: kv_bytes_per_token(model) * 4 * 40)
     assert counts["num_preemptions"] > 0 and counts["spec_decode_num_drafts"] > 0
     assert counts["spec_decode_num_accepted_tokens"] > 0
 
 
-def _engine_answers_equal(model, tok, prompts, lengths, **engine_kw) -> dict[str, float]:
-    """Run `prompts` (greedy, `lengths` tokens each, all submitted at once) through an engine without and with
-    `--speculative mtp` (k = 2); assert the answers are equal; -> the mtp engine's counters (ernie45_*_total)."""
+def _engine_answers_equal(ckpt, native_step: bool, texts, lengths, **engine_kw) -> dict[str, float]:
+    """Run `texts` (greedy, `lengths` tokens each, all submitted at once) through an engine on `ckpt` (its C step
+    with `native_step`) without and with `--speculative mtp` (k = 2); assert the answers are equal; -> the mtp
+    engine's counters (ernie45_*_total). An `engine_kw` value may be a function of the model."""
     from test_serve_paged import run, started
 
+    from ernie45.fast import optimize_for_inference
     from ernie45.serve.engine import EngineArgs
 
+    if native_step:
+        native_or_skip()
+    model, tok = ernie45.load(ckpt, dtype="float32", device="cpu")
+    if native_step:
+        optimize_for_inference(model)
+    prompts = [tok.encode(t) for t in texts]
+    engine_kw = {k: v(model) if callable(v) else v for k, v in engine_kw.items()}
     answers = {}
     for method in (None, "mtp"):
         args = EngineArgs(max_num_seqs=4, block_size=4, speculative=method,
@@ -1016,16 +1016,8 @@ def _engine_answers_equal(model, tok, prompts, lengths, **engine_kw) -> dict[str
 def test_engine_mtp_with_an_int8_kv_cache_keeps_every_answer(head_ckpt, native_step):
     """`--kv-cache-dtype int8`: the C step returns the rows' hidden states from int8 pages too, so the drafter is
     fed and drafts are accepted; every greedy answer is the one the same engine gives without speculation."""
-
-    from ernie45.fast import optimize_for_inference
-
-    if native_step:
-        native_or_skip()
-    model, tok = ernie45.load(head_ckpt, dtype="float32", device="cpu")
-    if native_step:
-        optimize_for_inference(model)
-    prompts = [tok.encode(t) for t in ("床前明月光，疑是地上霜。", "白日依山尽，", "海上生明月，")]
-    counts = _engine_answers_equal(model, tok, prompts, [30, 40, 50], max_model_len=128, kv_cache_dtype="int8")
+    counts = _engine_answers_equal(head_ckpt, native_step, ("床前明月光，疑是地上霜。", "白日依山尽，", "海上生明月，"),
+                                   [30, 40, 50], max_model_len=128, kv_cache_dtype="int8")
     assert counts["spec_decode_num_drafts"] > 0 and counts["spec_decode_num_accepted_tokens"] > 0
 
 

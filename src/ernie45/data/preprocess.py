@@ -423,24 +423,9 @@ def preprocess(
             + f" exact_dup={c['exact_dup']} near_dup={c['near_dup']} val={c['val_docs']})"
         )
 
-    splits = {}
-    for s, w in run.writers.items():
-        meta = {"eos_token_id": eos, "pad_token_id": pad, "num_documents": c[f"{s}_docs"]}
-        index = w.finalize(pad, meta)
-        splits[s] = {k: index[k] for k in ("num_documents", "num_tokens", "num_samples")}
+    splits = shards.finalize_splits(work, run.writers, {s: c[f"{s}_docs"] for s in run.writers}, eos, pad,
+                                    tok.vocab_size, tokenizer_dir)
     report = build_report(c, splits, files, cfg)
-    root = {
-        "format": shards.FORMAT,
-        "version": shards.VERSION,
-        "dtype": "int32",
-        "seq_len": cfg.seq_len,
-        "eos_token_id": eos,
-        "pad_token_id": pad,
-        "vocab_size": tok.vocab_size,
-        "tokenizer_sha256": shards.file_sha256(os.path.join(tokenizer_dir, "tokenizer.model")),
-        "splits": splits,
-    }
-    atomic_write_text(os.path.join(work, shards.INDEX), json.dumps(root, indent=2) + "\n")
     atomic_write_text(
         os.path.join(work, "report.json"), json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     )

@@ -212,6 +212,32 @@ class ShardWriter:
         return index
 
 
+def finalize_splits(directory: str, writers: dict[str, ShardWriter], num_documents: dict[str, int], eos_id: int,
+                    pad_id: int, vocab_size: int, tokenizer_dir: str) -> dict[str, dict[str, int]]:
+    """Finalize each split's writer (`directory/<split>/`) and write the output's root index.json, which ties the
+    token ids to the tokenizer that made them. -> {split: {num_documents, num_tokens, num_samples}}."""
+    splits = {}
+    for name, w in writers.items():
+        index = w.finalize(pad_id, {"eos_token_id": eos_id, "pad_token_id": pad_id,
+                                    "num_documents": num_documents[name]})
+        splits[name] = {k: index[k] for k in ("num_documents", "num_tokens", "num_samples")}
+    root = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": "int32",
+        "seq_len": next(iter(writers.values())).seq_len,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "vocab_size": vocab_size,
+        "tokenizer_sha256": file_sha256(os.path.join(tokenizer_dir, "tokenizer.model")),
+        "splits": splits,
+    }
+    from ernie45.utils import atomic_write_text
+
+    atomic_write_text(os.path.join(directory, INDEX), json.dumps(root, indent=2) + "\n")
+    return splits
+
+
 def _read_json(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
