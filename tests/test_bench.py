@@ -470,6 +470,16 @@ def test_speculative_bench_quantized_rows_time_a_quantized_mtp_layer(tmp_path):
     attach_random_mtp(model)
     assert type(model.model.mtp_block[0].mlp.up_proj) is Int4Linear
     assert type(model.model.mtp_linear_proj[0]) is Int4Linear
+    # the quantized checkpoint alone is enough (the whole 21B-A3B's 44 GB bf16 source is deleted after quantizing)
+    import shutil
+
+    from ernie45.errors import ErnieError
+
+    shutil.rmtree(tmp_path / "w" / "ernie45-bench-tiny")
+    assert _bench_model("tiny", "wint4", str(tmp_path / "w")).config.num_hidden_layers == 2
+    assert not (tmp_path / "w" / "ernie45-bench-tiny").exists()
+    with pytest.raises(ErnieError, match="--layers must be in 1..28"):
+        bench_main(["speculative", "--shape", "none", "--layers", "29"])
 
 
 def test_results_record_the_command_without_local_paths():

@@ -562,25 +562,62 @@ def test_bundled_moe_in_c_speculates_plain_tokens(head_ckpt, dtype):
         assert sp.drafted > 0
 
 
-def test_mtp_head_in_c_matches_pytorch():
-    """Beside a C decoder the MTP layer's Linears and lm_head run the C GEMV (`GemvLinear`); fp32 logits agree with
-    the PyTorch layer up to summation order, and the state dict keeps its names and tensors."""
-    from ernie45.fast import optimize_for_inference
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant", ["post_norm", "pre_norm"])
+def test_mtp_layer_as_one_c_call_matches_pytorch(variant, dtype):
+    """Beside a C decoder a window of a few rows runs as one C call (`MTPStep`: the input norms, proj, the decoder
+    layer and the head in C, over the layer's own cache): its logits and outputs agree with the PyTorch layer's up to
+    summation order (fp32) or bf16 rounding, from position 0 (the post-norm variant's zeroed embedding) and after an
+    `offset`, fed all at once or one row at a time; `last_only` is the last row; a draft vocabulary scores its ids
+    (through an int8 copy of those head rows) and leaves -inf elsewhere; a longer window takes the PyTorch path; the
+    state dict is untouched."""
+    from ernie45.fast import MTPStep, optimize_for_inference
     from ernie45.mtp import GemvLinear
 
     native_or_skip()
-    m = mtp_model("tiny-moe", use_bias=True, tie_word_embeddings=False)
-    toks = torch.randint(0, 1000, (1, 3), generator=torch.Generator().manual_seed(7))
-    hid = torch.randn(1, 3, m.config.hidden_size, generator=torch.Generator().manual_seed(8))
-    head = MTPHead(m)
-    want, _ = head(toks, hid, head.new_cache(8))
+    m = mtp_model("tiny-moe", variant, use_bias=True, tie_word_embeddings=False)
+    if dtype == "bfloat16":
+        m = m.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    toks = torch.randint(0, 1000, (1, 5), generator=g)
+    hid = torch.randn(1, 5, m.config.hidden_size, generator=g).to(m.dtype)
+    ids = torch.arange(0, m.config.vocab_size, 3)
+    want = {}
+    for offset in (0, 9):
+        for v, head in ((None, MTPHead(m)), ("ids", MTPHead(m, ids))):
+            want[offset, v] = head(toks, hid, head.new_cache(8), offset=offset)
     keys = {k: v.clone() for k, v in m.state_dict().items()}
     optimize_for_inference(m)
-    head = MTPHead(m)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=0.05, atol=0.05)
+    for offset in (0, 9):
+        for v, head in ((None, MTPHead(m)), ("ids", MTPHead(m, ids))):
+            assert isinstance(head._c, MTPStep)
+            wl, wx = want[offset, v]
+            cache = head.new_cache(8)
+            gl, gx = head(toks, hid, cache, offset=offset)
+            assert cache.length == 5 and gx.dtype == m.dtype
+            fin = wl.isfinite()  # the draft vocabulary's head is an int8 copy of the float rows (`draft_rows`)
+            torch.testing.assert_close(gl[fin], wl[fin], **(tol if v is None else dict(
+                rtol=tol["rtol"], atol=tol["atol"] + 0.01 * float(wl[fin].abs().max()))))
+            torch.testing.assert_close(gx.float(), wx.float(), **tol)
+            assert torch.equal(gl.isinf(), wl.isinf()) and int(gl.isinf().sum()) == (0 if v is None else 5 * (
+                m.config.vocab_size - len(ids)))
+            cache = head.new_cache(8)
+            rows = [head(toks[:, i:i + 1], hid[:, i:i + 1], cache, offset=offset) for i in range(5)]
+            torch.testing.assert_close(torch.cat([r[0] for r in rows], 1), gl, rtol=1e-5, atol=1e-5)
+            last, x = head(toks, hid, head.new_cache(8), offset=offset, last_only=True)
+            assert last.shape == (1, 1, m.config.vocab_size) and torch.equal(last[0, 0], gl[0, -1])
+            assert torch.equal(x, gx)
+    long = MTPStep.ROWS + 1  # the PyTorch path (GemvLinear for a few rows, the wrapped modules beyond)
     assert isinstance(m.model.mtp_block[0].mlp.down_proj, GemvLinear)
-    cache = head.new_cache(8)
-    got = torch.cat([head(toks[:, i:i + 1], hid[:, i:i + 1], cache)[0] for i in range(3)], 1)  # one row at a time
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    toks = torch.randint(0, 1000, (1, long), generator=g)
+    hid = torch.randn(1, long, m.config.hidden_size, generator=g).to(m.dtype)
+    head = MTPHead(m)
+    a, _ = head(toks, hid, head.new_cache(long))
+    cache = head.new_cache(long)
+    head(toks[:, :-1], hid[:, :-1], cache)
+    b, _ = head(toks[:, -1:], hid[:, -1:], cache)
+    torch.testing.assert_close(b[0, 0], a[0, -1], **tol)
     sd = m.state_dict()
     assert sorted(sd) == sorted(keys) and all(torch.equal(sd[k], v) for k, v in keys.items())
 
@@ -608,10 +645,11 @@ def test_draft_ids_keep_every_special_token_and_the_best_scored_pieces():
 
 @pytest.mark.parametrize("native_step", [False, True])
 @pytest.mark.parametrize("mode", [None, "wint8", "wint4"])
-def test_a_draft_vocabulary_scores_only_its_tokens_and_keeps_the_output(head_ckpt, native_step, mode):
-    """With `draft_vocab_size` the MTP layer's logits at the draft ids equal the full head's (bit for bit: the C
-    GEMV over a gathered copy of those rows in the head's own format computes each row as the whole head does),
-    every other token gets -inf, and greedy tokens equal plain decoding."""
+def test_a_draft_vocabulary_scores_only_its_tokens_and_keeps_the_output(head_ckpt, native_step, mode, monkeypatch):
+    """With `draft_vocab_size` the MTP layer's logits at the draft ids equal the full head's -- bit for bit where the
+    head is quantized (the C GEMV over a gathered copy of those rows in the head's own format computes each row as
+    the whole head does), within per-row int8 rounding where it is float (the copy is int8: half a bf16 head's
+    bytes) -- every other token gets -inf, and greedy tokens equal plain decoding."""
     from ernie45.fast import optimize_for_inference
     from ernie45.mtp import draft_ids
     from ernie45.quant import quantize_model
@@ -625,10 +663,26 @@ def test_a_draft_vocabulary_scores_only_its_tokens_and_keeps_the_output(head_ckp
     ids = draft_ids(tok, 600, m.config.vocab_size)
     toks = torch.tensor([tok.encode("床前明月光，疑")])
     hid = torch.randn(1, toks.shape[1], m.config.hidden_size, generator=torch.Generator().manual_seed(3))
-    full, small = MTPHead(m), MTPHead(m, ids)
+    monkeypatch.setattr("ernie45.quant.linear.QUANT_CHUNK", 4096)  # the int8 copy quantized on worker threads
+    full = MTPHead(m)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():  # as `generate` builds it
+            small = MTPHead(m, ids)
+    finally:
+        torch.set_num_threads(threads)
     want, _ = full(toks, hid, full.new_cache(16))
     got, _ = small(toks, hid, small.new_cache(16))
-    assert torch.equal(got[..., ids], want[..., ids])
+    if native_step and mode is None:
+        from ernie45.native_abi import W_I8
+
+        assert small._c._m.head.kind == W_I8 and small._c._m.head.out == len(ids)
+        err = (got[..., ids] - want[..., ids]).abs().max() / want[..., ids].abs().max()
+        assert 0 < err < 0.01, err
+        assert torch.equal(got[..., ids].argmax(-1), want[..., ids].argmax(-1))
+    else:
+        assert torch.equal(got[..., ids], want[..., ids])
     rest = torch.ones(m.config.vocab_size, dtype=torch.bool)
     rest[ids] = False
     assert bool((got[..., rest] == float("-inf")).all())
@@ -952,7 +1006,7 @@ def test_server_drafter_feeds_the_layer_as_one_cache_would():
     hidden = torch.randn(n1 + n2, H, generator=g)
     ref = head.new_cache(1024)
     head(torch.tensor([tokens[1:n1 + 1]]), hidden[None, :n1], ref)
-    want, _ = head(torch.tensor([tokens[n1 + 1:n1 + n2 + 1]]), hidden[None, n1:], ref)
+    want, _ = head(torch.tensor([tokens[n1 + 1:n1 + n2 + 1]]), hidden[None, n1:], ref, last_only=True)
     d = SeqDrafter(head, capacity=2000)
     d.add(0, hidden[:n1])
     assert d.settle(tokens[:n1 + 1]) and d.cache.max_len == n1  # the first chunk fits: no more allocated
@@ -962,7 +1016,7 @@ def test_server_drafter_feeds_the_layer_as_one_cache_would():
     assert len(d.draft(3)) == 3 and d.cache.length == n1 + n2
     d.add(700, hidden[:5])  # positions 520..699 have no hidden states: the layer starts again at 700
     fresh = head.new_cache(16)
-    want, _ = head(torch.tensor([tokens[1:5]]), hidden[None, :4], fresh, offset=700)
+    want, _ = head(torch.tensor([tokens[1:5]]), hidden[None, :4], fresh, offset=700, last_only=True)
     assert d.settle([0] * 700 + tokens[:5])  # 700..703 fed; 704 waits for its next token
     assert d.start == 700 and d.cache.length == 4 and d.n_pending == 1 and torch.equal(d.logits, want[0, -1])
 

@@ -5,7 +5,7 @@ different places, so each is measured where it is:
 - cost: on the bench shapes (0.3b, moe, a3b; random weights, `optimize_for_inference`), the time to score the
   current token plus k drafts in one pass (the C step's rows of one sequence, else the PyTorch forward) against one
   plain decode step, at a `--prompt-len` context; for mtp plus k runs of the MTP layer (one decoder layer and
-  lm_head, PyTorch) per pass;
+  lm_head, one C call: `ernie45.fast.MTPStep`) per pass; `--layers 28` times the whole ERNIE-4.5-21B-A3B (a3b);
 - acceptance: on the bundled models (too small to be bandwidth-bound, but trained on real text): greedy decoding of
   held-out poem prompts, mtp on ernie-tiny-moe (its MTP head) and ngram on ernie-tiny with a repeat-this-text
   prompt, as accepted drafts per pass; the same drafts through the serving engine too (`ernie45 serve
@@ -57,19 +57,36 @@ def _interleaved_medians(fns: dict, n: int) -> dict[str, float]:
 DTYPES = ("fp32", "bf16", "wint8", "wint4")
 
 
-def _bench_model(shape: str, dtype: str, workdir: str):
+def _bench_model(shape: str, dtype: str, workdir: str, layers: int | None = None):
     """The bench shape's model as `ernie45 bench` runs it: the float checkpoint in fp32 / bf16, or the one
-    `quantized_checkpoint` writes for wint8 / wint4 (head and embedding quantized) in the dtype loading picks."""
+    `quantized_checkpoint` writes for wint8 / wint4 (head and embedding quantized) in the dtype loading picks --
+    read from the work directory without its float source where that was deleted (the whole 21B-A3B: 44 GB)."""
     import torch
 
     from ernie45.bench import _TORCH_DTYPE
-    from ernie45.bench_checkpoints import make_checkpoint, quantized_checkpoint
+    from ernie45.bench_checkpoints import (
+        checkpoint_name,
+        make_checkpoint,
+        quantized_checkpoint,
+        quantized_path,
+    )
     from ernie45.checkpoint import load_checkpoint
 
-    ckpt = make_checkpoint(shape, workdir)
+    if dtype not in _TORCH_DTYPE:
+        done = quantized_path(os.path.join(workdir, checkpoint_name(shape, layers)), dtype)
+        if os.path.isfile(os.path.join(done, "config.json")):
+            return load_checkpoint(done, device="cpu")
+    ckpt = make_checkpoint(shape, workdir, layers)
     if dtype in _TORCH_DTYPE:
         return load_checkpoint(ckpt, dtype=getattr(torch, _TORCH_DTYPE[dtype]), device="cpu")
     return load_checkpoint(quantized_checkpoint(ckpt, dtype), device="cpu")
+
+
+def shape_label(shape: str, layers: int | None) -> str:
+    """`a3b`, or `a3b (28 layers)` where `--layers` sets the depth."""
+    from ernie45.bench_checkpoints import FULL_LAYERS
+
+    return f"{shape} ({layers} layers)" if shape in FULL_LAYERS and layers else shape
 
 
 def attach_random_mtp(model) -> None:
@@ -89,7 +106,7 @@ def attach_random_mtp(model) -> None:
 
 
 def cost_rows(shape: str, dtype: str, ks: list[int], prompt_len: int, steps: int, workdir: str,
-              vocabs: list[int | None] = (None,)) -> list[dict]:
+              vocabs: list[int | None] = (None,), layers: int | None = None) -> list[dict]:
     """Seconds of a plain step and of a (k + 1)-position pass on a bench shape, and of one MTP-layer run per draft
     vocabulary size (None: the full head)."""
     import torch
@@ -98,7 +115,7 @@ def cost_rows(shape: str, dtype: str, ks: list[int], prompt_len: int, steps: int
     from ernie45.generation.speculative import score
     from ernie45.mtp import MTPHead
 
-    model = _bench_model(shape, dtype, workdir)
+    model = _bench_model(shape, dtype, workdir, layers)
     optimize_for_inference(model)
     path = "C" if getattr(model, "fast_decoder", None) is not None else "PyTorch"
     V, K = model.config.vocab_size, max(ks)
@@ -131,7 +148,7 @@ def cost_rows(shape: str, dtype: str, ks: list[int], prompt_len: int, steps: int
     step = med["step"]
     verify = {k: med[f"c{k}"] for k in ks}
     verify_hidden = {k: med[f"t{k}"] for k in ks}
-    return [dict(kind="cost", shape=shape, dtype=dtype, path=path, k=k, draft_vocab=_label(v), vocab=V,
+    return [dict(kind="cost", shape=shape_label(shape, layers), dtype=dtype, path=path, k=k, draft_vocab=_label(v), vocab=V,
                  step_ms=step * 1e3, verify_ms=verify[k] * 1e3, verify_hidden_ms=verify_hidden[k] * 1e3,
                  draft_ms=med[f"d{v}"] * 1e3, verify_cost=verify[k] / step,
                  mtp_cost=(verify_hidden[k] + k * med[f"d{v}"]) / step) for k in ks for v in vocabs]
@@ -231,14 +248,15 @@ def _server_counts(model, tok, method: str, k: int, small: int | None, prompts: 
     return spec.drafted, spec.accepted, spec.steps
 
 
-def measured_rows(shape: str, dtype: str, ks: list[int], gen_len: int, workdir: str) -> list[dict]:
+def measured_rows(shape: str, dtype: str, ks: list[int], gen_len: int, workdir: str,
+                  layers: int | None = None) -> list[dict]:
     """ngram on a bench shape: decode tokens/s with and without it (random weights repeat themselves)."""
     import torch
 
     from ernie45.fast import optimize_for_inference
     from ernie45.generation.speculative import Speculative
 
-    model = _bench_model(shape, dtype, workdir)
+    model = _bench_model(shape, dtype, workdir, layers)
     optimize_for_inference(model)
     g = torch.Generator().manual_seed(0)
     part = torch.randint(3, model.config.vocab_size, (1, 48), generator=g)
@@ -250,7 +268,7 @@ def measured_rows(shape: str, dtype: str, ks: list[int], gen_len: int, workdir: 
         rate1, got = _decode_rate(model, ids, gen_len, sp)
         if got != want:
             raise ErnieError(f"speculative ngram changed the greedy tokens of the {shape} shape")
-        rows.append(dict(kind="measured", shape=shape, dtype=dtype, k=k,
+        rows.append(dict(kind="measured", shape=shape_label(shape, layers), dtype=dtype, k=k,
                          per_pass=sp.accepted / max(sp.steps, 1), plain_tok_s=rate0, spec_tok_s=rate1))
     return rows
 
@@ -263,9 +281,11 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
              "## Cost of a pass (bench shapes, random weights, context of "
              f"{meta['prompt_len']} tokens)", "",
              "Both methods score the k + 1 positions as rows of one C step; mtp's pass also returns the rows' last "
-             "hidden states, which feed the MTP layer. The MTP layer costs one decoder layer plus the full-vocabulary "
-             "lm_head, so its share falls with model size; the a3b shape holds 3 of ERNIE-4.5-21B-A3B's 28 layers, so "
-             "its plain step is far shorter than the real model's and the MTP share is overstated there.", "",
+             "hidden states, which feed the MTP layer (one C call: its input norms and projection, one dense decoder "
+             "layer and the head). It costs one decoder layer plus the lm_head (or, with a draft vocabulary, an int8 "
+             "copy of that many of its rows where the head is float), so its share falls with model size; the a3b "
+             "shape holds 3 of ERNIE-4.5-21B-A3B's 28 layers unless `--layers` says otherwise, so its plain step is "
+             "far shorter than the real model's and the MTP share is overstated there.", "",
              "| shape | dtype | path | k | draft vocab | plain step (ms) | pass of k+1 (ms) | pass with hidden states "
              "(ms) | MTP layer (ms) | cost ngram | cost mtp |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -332,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint's MTP layer quantized with the model, as `ernie45 quantize` writes it)")
     p.add_argument("--draft-vocab-size", default="all", metavar="N",
                    help="comma list of mtp draft vocabulary sizes ('all': the full head), e.g. all,32768,16384")
+    p.add_argument("--layers", type=int, default=None,
+                   help="depth of the a3b shape: 3 (default), 28 = the whole ERNIE-4.5-21B-A3B (wint4: a 12 GB "
+                        "checkpoint, made from a 44 GB bf16 one)")
     p.add_argument("--prompt-len", type=int, default=256, help="context length at which a pass is timed")
     p.add_argument("--steps", type=int, default=20, help="timed passes per cost cell (median)")
     add_max_new_tokens_arg(p, 64, "tokens generated per acceptance / measured run", old=("--gen-len",))
@@ -376,17 +399,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     workdir = args.workdir or os.path.join(tempfile.gettempdir(), "ernie45-bench")
     os.makedirs(workdir, exist_ok=True)
+    if args.layers is not None:
+        from ernie45.bench_checkpoints import shape_config
+
+        shape_config("a3b", args.layers)  # ErnieError for a depth out of range
     rows: list[dict] = []
     for shape in shapes:
         for dtype in dtypes:
-            rows += cost_rows(shape, dtype, ks, args.prompt_len, args.steps, workdir, vocabs)
+            rows += cost_rows(shape, dtype, ks, args.prompt_len, args.steps, workdir, vocabs, args.layers)
     rows += acceptance_rows(methods, ks, args.max_new_tokens, args.runs, vocabs)
     if "ngram" in methods:
         for shape in shapes:
             for dtype in dtypes:
-                rows += measured_rows(shape, dtype, ks, args.max_new_tokens, workdir)
+                rows += measured_rows(shape, dtype, ks, args.max_new_tokens, workdir, args.layers)
     meta = dict(cpu=_cpu_name(), threads=torch.get_num_threads(), date=datetime.date.today().isoformat(),
-                prompt_len=args.prompt_len, shapes=shapes, dtypes=dtypes,
+                prompt_len=args.prompt_len, shapes=[shape_label(s, args.layers) for s in shapes], dtypes=dtypes,
                 command=recorded_command("speculative", sys.argv[3:] if argv is None else argv))
     write_results(rows, meta, to_markdown(rows, meta), args.json_out, args.out)
     return 0

@@ -215,7 +215,6 @@ class FastDecoder:
     """
 
     def __init__(self, model: nn.Module, lib: ctypes.CDLL):
-        from ernie45.model import MoE
         from ernie45.quant.linear import Int4Embedding, Int8Embedding
 
         cfg = model.config
@@ -231,33 +230,7 @@ class FastDecoder:
         layers = (_Layer * cfg.num_hidden_layers)()
         widths, slots = [cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim], 1
         for i, layer in enumerate(inner.layers):
-            a, L = layer.self_attn, layers[i]
-            if a.n_heads * a.head_dim != a.q_proj.out_features:
-                raise Unsupported("tensor-parallel shards")
-            L.ln1, L.ln2 = self._f32(layer.input_layernorm.weight), self._f32(layer.post_attention_layernorm.weight)
-            L.q, L.k, L.v, L.o = (self._linear(m, widths) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
-            mlp = layer.mlp
-            if isinstance(mlp, MoE):
-                if mlp.local_experts is not None or mlp.reduce_output is not None:
-                    raise Unsupported("expert-parallel MoE")
-                L.is_moe, L.n_experts, L.top_k, L.norm_min = 1, mlp.num_experts, mlp.top_k, mlp.norm_min
-                if mlp.top_k > 31 or type(mlp.gate).__name__ != "Router":
-                    raise Unsupported("router")
-                L.router = self._f32(mlp.gate.weight)
-                L.corr = self._f32(mlp.moe_statics.e_score_correction_bias.view(-1))
-                experts = (_Linear * (3 * mlp.num_experts))()
-                for e, ex in enumerate(mlp.experts):
-                    for j, m in enumerate((ex.gate_proj, ex.up_proj, ex.down_proj)):
-                        experts[3 * e + j] = self._linear(m, widths)
-                self._keep.append(experts)
-                L.experts = ctypes.addressof(experts)
-                if mlp.shared_experts is not None:
-                    sh = mlp.shared_experts
-                    L.has_shared = 1
-                    L.sgate, L.sup, L.sdown = (self._linear(m, widths) for m in (sh.gate_proj, sh.up_proj, sh.down_proj))
-                slots = max(slots, mlp.top_k + L.has_shared)
-            else:
-                L.gate, L.up, L.down = (self._linear(m, widths) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+            slots = max(slots, self._layer(layer, layers[i], widths))
         self._keep.append(layers)
         # the token embedding: a plain table in the model dtype (Model.embed_kind 0), an `Int8Embedding` (W_I8:
         # int8 rows and one scale per row, in the model dtype, both read in place) or an `Int4Embedding` (W_I4:
@@ -325,6 +298,39 @@ class FastDecoder:
         weakref.finalize(self, lib.ernie_release, ctypes.byref(m))
 
     # -- building ------------------------------------------------------------------------------------
+    def _layer(self, layer: nn.Module, L: _Layer, widths: list[int]) -> int:
+        """Fill `L` with the C view of decoder `layer` (weights read in place); -> its expert slots (top-k plus
+        the shared experts' slot; 1 for a dense layer)."""
+        from ernie45.model import MoE
+
+        a = layer.self_attn
+        if a.n_heads * a.head_dim != a.q_proj.out_features:
+            raise Unsupported("tensor-parallel shards")
+        L.ln1, L.ln2 = self._f32(layer.input_layernorm.weight), self._f32(layer.post_attention_layernorm.weight)
+        L.q, L.k, L.v, L.o = (self._linear(m, widths) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
+        mlp = layer.mlp
+        if not isinstance(mlp, MoE):
+            L.gate, L.up, L.down = (self._linear(m, widths) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+            return 1
+        if mlp.local_experts is not None or mlp.reduce_output is not None:
+            raise Unsupported("expert-parallel MoE")
+        L.is_moe, L.n_experts, L.top_k, L.norm_min = 1, mlp.num_experts, mlp.top_k, mlp.norm_min
+        if mlp.top_k > 31 or type(mlp.gate).__name__ != "Router":
+            raise Unsupported("router")
+        L.router = self._f32(mlp.gate.weight)
+        L.corr = self._f32(mlp.moe_statics.e_score_correction_bias.view(-1))
+        experts = (_Linear * (3 * mlp.num_experts))()
+        for e, ex in enumerate(mlp.experts):
+            for j, m in enumerate((ex.gate_proj, ex.up_proj, ex.down_proj)):
+                experts[3 * e + j] = self._linear(m, widths)
+        self._keep.append(experts)
+        L.experts = ctypes.addressof(experts)
+        if mlp.shared_experts is not None:
+            sh = mlp.shared_experts
+            L.has_shared = 1
+            L.sgate, L.sup, L.sdown = (self._linear(m, widths) for m in (sh.gate_proj, sh.up_proj, sh.down_proj))
+        return mlp.top_k + L.has_shared
+
     def _f32(self, t: Tensor) -> int:
         t = t.detach().float().contiguous()
         self._keep.append(t)
@@ -344,6 +350,8 @@ class FastDecoder:
         from ernie45.quant.linear import Int4Linear, Int8Linear
 
         want = torch.bfloat16 if self.bf16 else torch.float32
+        if type(mod).__name__ == "GemvLinear":  # an MTP layer's Linear already wrapped for `gemv` (ernie45.mtp)
+            mod = mod._many[0]
         L = _Linear(out=mod.out_features, in_=mod.in_features)
         if type(mod) in (nn.Linear, UpcastLinear, DnnLinear):
             w = mod.weight.detach()
@@ -434,6 +442,43 @@ class FastDecoder:
                                               y[i].data_ptr()):
                     raise RuntimeError("C GEMV failed")
         return y.view(*x.shape[:-1], L.out)
+
+    def mtp_step(self, inner: nn.Module, head: _Linear, pre_norm: bool, keep: list | None = None,
+                 ids: Tensor | None = None) -> MTPStep | None:
+        """The C step of `inner`'s first MTP layer (`ernie45.mtp`) drafting with `head` (`_m.head`, or a copy of
+        its rows `ids` (ascending) whose tensors `keep` holds: the logits are vocab wide, -inf off the ids); None
+        where the kernels cannot read the layer.
+        `pre_norm`: the PaddleFormers variant (the final norm before the head); else vLLM's (no norm, and the
+        embedding zeroed at position 0)."""
+        layer = (_Layer * 1)()
+        widths = [inner.mtp_linear_proj[0].in_features, head.in_]
+        try:
+            slots = self._layer(inner.mtp_block[0], layer[0], widths)
+            proj = self._linear(inner.mtp_linear_proj[0], widths)
+        except Unsupported as e:
+            log.info("MTP layer not run in C: %s", e)
+            return None
+        for mod in self.int4_modules:
+            mod.keep_rowmajor = True  # C reads the row-major bytes (see linear_struct)
+        m = _Model.from_buffer_copy(self._m)  # the main model's dimensions, embedding and threads
+        m.n_layers, m.layers, m.head = 1, ctypes.addressof(layer), head
+        m.norm = self._m.norm if pre_norm else None
+        m.scratch = m.scores = m.want = None
+        m.scratch_len, m.max_experts, m.max_width = 0, slots, max(widths)
+        m.mtp_enorm, m.mtp_hnorm = self._f32(inner.mtp_emb_norm[0].weight), self._f32(inner.mtp_hidden_norm[0].weight)
+        m.mtp_proj, m.mtp_zero0 = proj, int(not pre_norm)
+        keep = [layer, *(keep or [])]
+        if ids is not None:
+            keep.append(ids.to(torch.int32).contiguous())
+            m.mtp_ids = keep[-1].data_ptr()
+        lib = self._lib
+        # (model, B, tokens, h_in, positions, rope offset, k pages, v pages, tables, table stride, block size,
+        # logits, hidden out)
+        lib.ernie_mtp_batch.argtypes = [ctypes.POINTER(_Model), c_int, c_void_p, c_void_p, c_void_p, c_int,
+                                        ctypes.POINTER(c_void_p), ctypes.POINTER(c_void_p), c_void_p, c_int, c_int,
+                                        c_void_p, c_void_p]
+        lib.ernie_mtp_batch.restype = c_int
+        return MTPStep(self, m, keep)
 
     PROFILE_PARTS = ("attention projections", "attention", "MLP / experts", "router", "lm_head", "other")
 
@@ -611,6 +656,47 @@ class FastDecoder:
         kp = (c_void_p * self.n_layers)(*[t.data_ptr() for t in k_pages])
         vp = (c_void_p * self.n_layers)(*[t.data_ptr() for t in v_pages])
         return kp, vp, ks, vs, shape[0], shape[2]
+
+
+class MTPStep:
+    """An MTP layer as a one-layer C model (`FastDecoder.mtp_step`): the main model's embedding, the layer's input
+    norms and projection, its decoder layer and a draft head, over a contiguous one-layer KV cache
+    (`ernie45.mtp.MTPHead.new_cache`). For a draft of a few rows it replaces ~60 small PyTorch ops per call (the
+    layer's attention, norms, RoPE and residuals: most of a draft's time beside the C GEMVs on the MoE bench shape)
+    with one call."""
+
+    ROWS = 16  # rows per call; a longer window (a prompt's first feed) takes the PyTorch path
+
+    def __init__(self, dec: FastDecoder, m: _Model, keep: list):
+        self._dec, self._m, self._keep = dec, m, keep
+        self.hidden, self.out = dec.hidden, m.vocab if m.mtp_ids else m.head.out
+        weakref.finalize(self, dec._lib.ernie_release, ctypes.byref(m))
+
+    def __call__(self, tokens: list[int], hidden: Tensor, cache, offset: int, last_only: bool) -> tuple[Tensor, Tensor]:
+        """Rows j = cache.length ... + n - 1 (RoPE positions + `offset`): tokens[i] = x_{j+1}, `hidden` (n, H) h_j.
+        Writes their K/V into `cache` (one layer, contiguous, its length advanced) -> (logits (n, V) fp32, or the
+        last row's (1, V) with `last_only`; the layer's outputs (n, H) fp32)."""
+        n, L = len(tokens), cache.length
+        h = hidden.reshape(n, self.hidden).float().contiguous()
+        out = torch.empty(n, self.hidden, dtype=torch.float32)
+        logits = torch.empty(1 if last_only else n, self.out, dtype=torch.float32)
+        want = (ctypes.c_ubyte * n)(*([0] * (n - 1) + [1])) if last_only else None
+        kp, vp = (c_void_p * 1)(cache.k[0].data_ptr()), (c_void_p * 1)(cache.v[0].data_ptr())
+        tables = (ctypes.c_int32 * n)()  # every row reads the one page
+        lib = self._dec._lib
+        with _STEP_LOCK:
+            self._m.n_threads = torch.get_num_threads()
+            self._m.want = ctypes.cast(want, c_void_p) if want is not None else None
+            try:
+                rc = lib.ernie_mtp_batch(ctypes.byref(self._m), n, (c_int * n)(*tokens), h.data_ptr(),
+                                         (c_int * n)(*range(L, L + n)), offset, kp, vp, tables, 1, cache.max_len,
+                                         logits.data_ptr(), out.data_ptr())
+            finally:
+                self._m.want = None
+        if rc != 0:
+            raise RuntimeError(f"C MTP step failed ({rc})")
+        cache.length = L + n
+        return logits, out
 
 
 def relocate_weights(model: nn.Module) -> int:

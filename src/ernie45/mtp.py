@@ -120,8 +120,7 @@ class MTPHead:
         self.emb_norm, self.hidden_norm = inner.mtp_emb_norm[0], inner.mtp_hidden_norm[0]
         self.proj, self.block = inner.mtp_linear_proj[0], inner.mtp_block[0]
         self.draft_ids = None if draft_ids is None or len(draft_ids) >= model.config.vocab_size else draft_ids
-        self.head = _draft_head(model, self.draft_ids) if self.draft_ids is not None else (
-            _c_head(model) or (lambda x: model.lm_head(x).float()))
+        self.head, self._c = _heads(model, self.draft_ids, self.wants_pre_norm())
         _c_linears(model)
 
     @classmethod
@@ -139,12 +138,15 @@ class MTPHead:
         return self.variant == "pre_norm"
 
     @torch.inference_mode()
-    def __call__(self, next_tokens: Tensor, hidden: Tensor, cache, offset: int = 0) -> tuple[Tensor, Tensor]:
+    def __call__(self, next_tokens: Tensor, hidden: Tensor, cache, offset: int = 0,
+                 last_only: bool = False) -> tuple[Tensor, Tensor]:
         """next_tokens (1, n) = x_{j+1}, hidden (1, n, H) = h_j for positions j = offset + cache.length ... + n - 1.
 
         `offset`: the position of the cache's first entry (a server's sequence whose earlier positions have no
         hidden states, e.g. a prefix-cache hit: the layer then attends to the positions it was fed).
-        -> (logits (1, n, V) fp32 guesses for x_{j+2}, the layer's output (1, n, H), which feeds a chained draft).
+        -> (logits (1, n, V) fp32 guesses for x_{j+2}, or with `last_only` the last row's (1, 1, V) (what a drafter
+        reads: the others cost a head each); the layer's output (1, n, H), which feeds a chained draft).
+        Beside a C decoder a window of a few rows runs as one C call (`ernie45.fast.MTPStep`).
         """
         from ernie45.model import build_attention_mask, rope_cos_sin
 
@@ -152,6 +154,9 @@ class MTPHead:
         past, n = cache.length, next_tokens.shape[1]
         if past + n > cache.max_len:
             raise ValueError(f"MTP cache overflow: {past} + {n} > {cache.max_len}")
+        if self._c is not None and n <= self._c.ROWS and m.fast_decoder.reads(cache):
+            logits, x = self._c(next_tokens[0].tolist(), hidden, cache, offset, last_only)
+            return logits[None], x.to(m.dtype)[None]  # model-dtype values in fp32: exact
         e = m.model.embed_tokens(next_tokens)  # (1, n, H)
         if self.variant == "post_norm" and offset + past == 0:
             e = e.clone()
@@ -162,12 +167,18 @@ class MTPHead:
         mask = build_attention_mask(None, n, past, x.dtype, x.device)
         x, _ = self.block(x, cos, sin, mask, cache)
         cache.length += n
-        out = m.model.norm(x) if self.variant == "pre_norm" else x
+        y = x[:, -1:] if last_only else x
+        out = m.model.norm(y) if self.variant == "pre_norm" else y
+        return self._full(self.head(out)), x
+
+    def _full(self, logits: Tensor) -> Tensor:
+        """(1, n, V) logits from the draft head's (1, n, rows): the draft vocabulary's at their ids, -inf elsewhere."""
         if self.draft_ids is None:
-            return self.head(out), x
-        logits = torch.full((1, n, cfg.vocab_size), float("-inf"), dtype=torch.float32, device=x.device)
-        logits[..., self.draft_ids] = self.head(out)
-        return logits, x
+            return logits
+        n, rows = logits.shape[1], logits.shape[2]
+        full = torch.full((n, self.model.config.vocab_size), float("-inf"), dtype=torch.float32, device=logits.device)
+        ids = self.draft_ids.to(logits.device)[None].expand(n, rows)
+        return full.scatter_(1, ids, logits[0])[None]
 
 
 class GemvLinear(nn.Module):
@@ -207,14 +218,21 @@ def _c_linears(model: nn.Module) -> None:
                         setattr(mod, name, GemvLinear(child, fast, L))
 
 
-def _c_head(model: nn.Module):
-    """`lm_head` as the C decoder's GEMV (x (..., H) -> fp32 logits (..., V)), or None without a C decoder.
+def _heads(model: nn.Module, ids: Tensor | None, pre_norm: bool):
+    """-> (x (..., H) -> fp32 logits (..., rows) of `lm_head`, or of its rows `ids`; the layer as one C call
+    (`ernie45.fast.MTPStep`) drafting with the same head, or None).
 
     A draft's lm_head reads the whole (V, H) matrix, the largest weight of a small model: oneDNN's GEMM on the plain
     weight (what prefill uses beside the C step) is slow for one row (0.3B shape: 24 against 12 ms), the C GEMV
-    streams it. Drafts need no bit-exact logits (verification decides), so the summation order does not matter."""
+    streams it. Drafts need no bit-exact logits (verification decides), so the summation order does not matter.
+    With `ids` and a C decoder the head is a gathered copy of those rows (`draft_rows`), so a draft reads
+    len(ids) / V of it; without a C decoder, the full head's logits at those ids (the same draft, no saving)."""
     fast = getattr(model, "fast_decoder", None)
-    return None if fast is None else (lambda x: fast.gemv(fast._m.head, x))
+    if fast is None:
+        return (lambda x: model.lm_head(x).float()[..., ids]) if ids is not None else (
+            lambda x: model.lm_head(x).float()), None
+    L, keep = (fast._m.head, None) if ids is None else draft_rows(fast, ids)
+    return (lambda x, keep=keep: fast.gemv(L, x)), fast.mtp_step(model.model, L, pre_norm, keep, ids)
 
 
 def draft_ids(tokenizer, size: int, vocab_size: int) -> Tensor:
@@ -238,15 +256,26 @@ def draft_ids(tokenizer, size: int, vocab_size: int) -> Tensor:
     return torch.tensor(sorted(special | set(normal[: size - len(special)])), dtype=torch.long)
 
 
-def _draft_head(model: nn.Module, ids: Tensor):
-    """x (..., H) -> fp32 logits (..., len(ids)) of `lm_head`'s rows `ids`: with a C decoder, its GEMV over a
-    gathered copy of those rows in the head's own format (float, int8 or int4 with their scales), so a draft reads
-    len(ids) / V of the head; without one, the full head's logits at those ids (the same draft, no saving)."""
-    fast = getattr(model, "fast_decoder", None)
-    if fast is None:
-        return lambda x: model.lm_head(x).float()[..., ids]
-    L, keep = gather_rows(fast._m.head, ids)
-    return lambda x, L=L, keep=keep: fast.gemv(L, x)
+def draft_rows(fast, ids: Tensor):
+    """The C decoder's head rows `ids` as a draft head: an int8 copy (one scale per row) of a float head, else a
+    copy in the head's own format (int8 or int4 with their scales). Reading the rows is the draft's largest cost
+    (32,768 rows of 2,560: 168 MB in bf16), and int8 halves it (bf16; fp32: a quarter) at no cost to the output --
+    verification decides -- and none measured to acceptance (the bundled head at 1,298 of its 4,096 tokens: 95 of 155
+    drafts accepted, as with the fp32 rows). -> (the C Linear, the tensors it points into)."""
+    from ernie45.native_abi import W_BF16, W_F32
+    from ernie45.quant.linear import Int8Linear
+
+    G, keep = gather_rows(fast._m.head, ids)
+    if G.kind not in (W_F32, W_BF16):
+        return G, keep
+    dtype = torch.float32 if G.kind == W_F32 else torch.bfloat16
+    lin = nn.Linear(G.in_, G.out, bias=bool(G.bias), dtype=dtype, device="meta")  # no random init of 84 M weights
+    lin.weight = nn.Parameter(keep[0].view(dtype).view(G.out, G.in_), requires_grad=False)
+    if G.bias:
+        lin.bias = nn.Parameter(keep[-1].view(torch.float32).view(G.out).to(dtype), requires_grad=False)
+    with torch.inference_mode(False):  # normal tensors: the quantizer's worker threads write into them
+        q = Int8Linear.from_float(lin, dtype)
+    return fast.linear_struct(q), [q]
 
 
 def gather_rows(L, ids: Tensor):

@@ -44,7 +44,10 @@ class _Model(ctypes.Structure):
                 ("embed_zero", c_void_p), ("embed_group", c_int),
                 ("norm", c_void_p), ("head", _Linear), ("layers", c_void_p),
                 ("max_width", c_int), ("max_experts", c_int), ("scratch", c_void_p), ("scratch_len", c_int),
-                ("scores", c_void_p), ("want", c_void_p)]
+                ("scores", c_void_p), ("want", c_void_p),
+                # an MTP layer run as a one-layer model (`ernie45.fast.MTPStep`): its input norms and projection
+                ("mtp_enorm", c_void_p), ("mtp_hnorm", c_void_p), ("mtp_proj", _Linear), ("mtp_zero0", c_int),
+                ("mtp_ids", c_void_p)]
 
 
 _TILES = threading.local()

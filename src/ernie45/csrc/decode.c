@@ -89,8 +89,18 @@ typedef struct {
     float *scores;     /* owned: per thread, (n_heads / n_kv) x scratch_len */
     const unsigned char *want; /* B flags for the next step_batch call, or NULL: the rows whose logits are computed (a
                                 * server's prompt-chunk rows need none but their last), written back to back in row
-                                * order (logits then holds one vocab row per flagged row), each bit for bit what it
+                                * order (logits then holds one head row per flagged row), each bit for bit what it
                                 * would be without the flags */
+    /* A multi-token-prediction layer (ernie45.mtp) run as a one-layer model (ernie_mtp_batch): mtp_proj.w set, a
+     * row's input is proj(cat(rmsnorm(embed(token), mtp_enorm), rmsnorm(h_in, mtp_hnorm))) instead of the
+     * embedding; norm NULL: the head reads the layer's output as it is (the post-norm variant, whose embedding is
+     * also zeroed at absolute position 0 when mtp_zero0 is set). The head may hold fewer rows than vocab (a
+     * draft vocabulary): head row i scores token mtp_ids[i] (ascending), each logits row is vocab wide, -inf at
+     * the other tokens. */
+    const float *mtp_enorm, *mtp_hnorm;
+    Linear mtp_proj;
+    int mtp_zero0;
+    const int32_t *mtp_ids;
 } Model;
 
 /* The KV layout every attention kernel reads: per layer a pool of pages (num_blocks, n_kv, block_size, head_dim)
@@ -1336,6 +1346,7 @@ static void gemv_rows(const Job *J, int nb, long a, long b) {
  * B consecutive vectors of the stride named beside each array (rounded up to 16 floats). */
 typedef struct {
     float *x, *n, *o, *blk; /* hidden (sh) */
+    float *cat;             /* an MTP row's normed embedding and hidden state, side by side (2 sh) */
     float *q, *att;         /* n_heads * head_dim (sq) */
     float *k, *v;           /* n_kv * head_dim (skv) */
     float *g, *u, *a;       /* MLP / expert intermediates (sf): expert slot s at s * expert width, shared last */
@@ -1855,6 +1866,7 @@ static size_t layout(Scratch *s, char *base, int B) {
 #define TAKE(f, type, count) \
     (s->a.f = base ? (type *)(base + off) : NULL, off += align64(sizeof(type) * (size_t)(count)))
     TAKE(x, float, B * s->sh), TAKE(n, float, B * s->sh), TAKE(o, float, B * s->sh), TAKE(blk, float, B * s->sh);
+    TAKE(cat, float, 2 * B * s->sh);
     TAKE(q, float, B * s->sq), TAKE(att, float, B * s->sq), TAKE(k, float, B * s->skv), TAKE(v, float, B * s->skv);
     TAKE(g, float, B * s->sf), TAKE(u, float, B * s->sf), TAKE(a, float, B * s->sf), TAKE(y, float, B * s->sy);
     TAKE(probs, float, B * s->se), TAKE(rw, float, B * s->sk), TAKE(cs, float, B * s->sd), TAKE(sn, float, B * s->sd);
@@ -2081,7 +2093,7 @@ static void embed_row(const Model *m, int token, float *x) {
 /* B rows, arguments checked: every weight is read once per GEMV for all rows (row b's vectors at stride) */
 static int step(Model *m, int B, const int *tokens, const int *pos, void **kp, void **vp, void **ks, void **vs,
                 int round_trip, const int32_t *tables, int stride, int bs, float *logits, float *hidden,
-                int hidden_pre) {
+                int hidden_pre, const float *h_in, int rope_offset) {
     int maxT = 0;
     for (int b = 0; b < B; b++) maxT = imax(maxT, pos[b] + 1);
     if (prepare(m, B, maxT, (long)stride * bs)) return -1;
@@ -2094,8 +2106,18 @@ static int step(Model *m, int B, const int *tokens, const int *pos, void **kp, v
 #pragma omp parallel for num_threads(nt) if (par)
     for (int b = 0; b < B; b++) {
         embed_row(m, tokens[b], A->x + b * sh);
-        rope_table(m, pos[b], A->cs + (size_t)b * s->sd, A->sn + (size_t)b * s->sd);
+        rope_table(m, pos[b] + rope_offset, A->cs + (size_t)b * s->sd, A->sn + (size_t)b * s->sd);
         A->T[b] = pos[b] + 1;
+    }
+    if (h_in) { /* an MTP layer's rows: x = proj(cat(enorm(embedding), hnorm(h_in))) */
+        for (int b = 0; b < B; b++) {
+            float *c = A->cat + 2 * b * sh;
+            if (m->mtp_zero0 && pos[b] + rope_offset == 0) memset(A->x + b * sh, 0, sizeof(float) * H);
+            rmsnorm(m, A->x + b * sh, m->mtp_enorm, c);
+            rmsnorm(m, h_in + (size_t)b * H, m->mtp_hnorm, c + H);
+            jobs[b] = JOB(&m->mtp_proj, c, A->x + b * sh);
+        }
+        if (gemv_multi(m, jobs, B, m->bf16)) return -1;
     }
     double t0 = omp_get_wtime();
     for (int l = 0; l < m->n_layers; l++) {
@@ -2150,17 +2172,28 @@ static int step(Model *m, int B, const int *tokens, const int *pos, void **kp, v
         for (int b = 0; b < B; b++) add_into(m, A->x + b * sh, A->blk + b * sh, H);
     }
 #pragma omp parallel for num_threads(nt) if (par)
-    for (int b = 0; b < B; b++) rmsnorm(m, A->x + b * sh, m->norm, A->n + b * sh);
+    for (int b = 0; b < B; b++) {
+        if (m->norm)
+            rmsnorm(m, A->x + b * sh, m->norm, A->n + b * sh);
+        else
+            memcpy(A->n + b * sh, A->x + b * sh, sizeof(float) * H);
+    }
     if (hidden) /* the last hidden state of each row, for a draft head (MTP): the final norm's input or output */
         for (int b = 0; b < B; b++) memcpy(hidden + (size_t)b * H, (hidden_pre ? A->x : A->n) + b * sh, sizeof(float) * H);
     tick(&t0, P_OTHER);
-    int nh = 0;
+    int nh = 0, R = m->head.out, V = m->mtp_ids ? m->vocab : R; /* logits rows are V wide */
     for (int b = 0; b < B; b++)
         if (!m->want || m->want[b]) {
-            jobs[nh] = JOB(&m->head, A->n + b * sh, logits + (size_t)nh * m->vocab);
+            jobs[nh] = JOB(&m->head, A->n + b * sh, logits + (size_t)nh * V + (V - R)); /* a row's tail */
             nh++;
         }
     if (nh && gemv_multi(m, jobs, nh, m->bf16)) return -1;
+    for (int r = 0; r < nh && m->mtp_ids; r++) { /* spread the tail over the row in place, -inf between: ids
+                                                  * ascending, so ids[i] <= V - R + i and no unread score is hit */
+        float *y = logits + (size_t)r * V;
+        for (int p = 0, i = 0; p < V; p++)
+            y[p] = i < R && p == m->mtp_ids[i] ? y[V - R + i++] : -INFINITY;
+    }
     tick(&t0, P_HEAD);
     return 0;
 }
@@ -2169,7 +2202,7 @@ static int step(Model *m, int B, const int *tokens, const int *pos, void **kp, v
 static int linear_bad(const Linear *L) { return L->kind == W_I8 && L->group && (L->group != 32 || L->in % 32); }
 
 static int linears_bad(const Model *m) {
-    int bad = linear_bad(&m->head);
+    int bad = linear_bad(&m->head) || (m->mtp_proj.w && linear_bad(&m->mtp_proj));
     for (int l = 0; l < m->n_layers && !bad; l++) {
         const Layer *L = &m->layers[l];
         bad = linear_bad(&L->q) || linear_bad(&L->k) || linear_bad(&L->v) || linear_bad(&L->o);
@@ -2185,7 +2218,8 @@ static int linears_bad(const Model *m) {
 
 static int step_checked(Model *m, int B, const int *tokens, const int *pos, void **kpages, void **vpages,
                         void **kscales, void **vscales, int round_trip, const int32_t *tables, int table_stride,
-                        int block_size, float *logits, float *hidden, int hidden_pre) {
+                        int block_size, float *logits, float *hidden, int hidden_pre, const float *h_in,
+                        int rope_offset) {
     if (B < 1 || table_stride < 1 || block_size < 1 || m->head_dim > MAX_HEAD_DIM || m->n_kv < 1) return -2;
     if (linears_bad(m)) return -2;
     if ((m->embed_kind != 0 && m->embed_kind != W_I8 && m->embed_kind != W_I4) ||
@@ -2203,8 +2237,16 @@ static int step_checked(Model *m, int B, const int *tokens, const int *pos, void
         for (int i = 0; i <= pos[b] / block_size; i++) /* the pages it reads and writes */
             if (tables[(size_t)b * table_stride + i] < 0) return -2;
     }
+    if (!h_in != !m->mtp_proj.w || rope_offset < 0 ||
+        (h_in && (!m->mtp_enorm || !m->mtp_hnorm || m->mtp_proj.in != 2 * m->hidden || m->mtp_proj.out != m->hidden)))
+        return -2;
+    if (m->mtp_ids) { /* ascending token ids, one per head row */
+        if (m->head.out > m->vocab) return -2;
+        for (int i = 0; i < m->head.out; i++)
+            if (m->mtp_ids[i] < 0 || m->mtp_ids[i] >= m->vocab || (i && m->mtp_ids[i] <= m->mtp_ids[i - 1])) return -2;
+    }
     return step(m, B, tokens, pos, kpages, vpages, kscales, vscales, round_trip, tables, table_stride, block_size,
-                logits, hidden, hidden_pre);
+                logits, hidden, hidden_pre, h_in, rope_offset);
 }
 
 /* B sequences, one new token each: tokens[b] at position pos[b] (= positions already cached for row b).
@@ -2215,7 +2257,7 @@ static int step_checked(Model *m, int B, const int *tokens, const int *pos, void
 int ernie_step_batch(Model *m, int B, const int *tokens, const int *pos, void **kpages, void **vpages,
                      const int32_t *tables, int table_stride, int block_size, float *logits) {
     return step_checked(m, B, tokens, pos, kpages, vpages, NULL, NULL, 0, tables, table_stride, block_size, logits,
-                        NULL, 0);
+                        NULL, 0, NULL, 0);
 }
 
 /* ernie_step_batch that also writes each row's last hidden state (B x hidden, fp32; in a bf16 model the bf16
@@ -2226,7 +2268,7 @@ int ernie_step_batch_h(Model *m, int B, const int *tokens, const int *pos, void 
                        int hidden_pre) {
     if (!hidden) return -2;
     return step_checked(m, B, tokens, pos, kpages, vpages, NULL, NULL, 0, tables, table_stride, block_size, logits,
-                        hidden, hidden_pre);
+                        hidden, hidden_pre, NULL, 0);
 }
 
 /* ernie_step_batch (float pages) storing each new K/V row as its int8 round trip: the values ernie_step_batch_q8
@@ -2235,7 +2277,7 @@ int ernie_step_batch_h(Model *m, int B, const int *tokens, const int *pos, void 
 int ernie_step_batch_rt(Model *m, int B, const int *tokens, const int *pos, void **kpages, void **vpages,
                         const int32_t *tables, int table_stride, int block_size, float *logits) {
     return step_checked(m, B, tokens, pos, kpages, vpages, NULL, NULL, 1, tables, table_stride, block_size, logits,
-                        NULL, 0);
+                        NULL, 0, NULL, 0);
 }
 
 /* ernie_step_batch over an int8 KV cache (see KV): kpages[l]/vpages[l] int8 (num_blocks, n_kv, block_size,
@@ -2247,7 +2289,7 @@ int ernie_step_batch_q8(Model *m, int B, const int *tokens, const int *pos, void
                         float *logits) {
     if (!kscales || !vscales) return -2;
     return step_checked(m, B, tokens, pos, kpages, vpages, kscales, vscales, 0, tables, table_stride, block_size,
-                        logits, NULL, 0);
+                        logits, NULL, 0, NULL, 0);
 }
 
 /* ernie_step_batch_q8 that also writes each row's last hidden state into hidden (as ernie_step_batch_h): a draft
@@ -2257,7 +2299,19 @@ int ernie_step_batch_q8_h(Model *m, int B, const int *tokens, const int *pos, vo
                           float *logits, float *hidden, int hidden_pre) {
     if (!kscales || !vscales || !hidden) return -2;
     return step_checked(m, B, tokens, pos, kpages, vpages, kscales, vscales, 0, tables, table_stride, block_size,
-                        logits, hidden, hidden_pre);
+                        logits, hidden, hidden_pre, NULL, 0);
+}
+
+/* A multi-token-prediction layer's step (m: the layer as a one-layer model, see Model.mtp_proj): row b reads
+ * tokens[b] = x_{j+1} and h_in[b] = h_j (B x hidden fp32, the target's hidden states) at cache position pos[b], RoPE
+ * position pos[b] + rope_offset; writes its K/V into the one layer's pages, the head's logits (B x head.out, or the
+ * flagged rows of m->want) and the layer's output (B x hidden, before the final norm: a chained draft's h_in). */
+int ernie_mtp_batch(Model *m, int B, const int *tokens, const float *h_in, const int *pos, int rope_offset,
+                    void **kpages, void **vpages, const int32_t *tables, int table_stride, int block_size,
+                    float *logits, float *hidden) {
+    if (!h_in || !hidden || m->n_layers != 1) return -2;
+    return step_checked(m, B, tokens, pos, kpages, vpages, NULL, NULL, 0, tables, table_stride, block_size, logits,
+                        hidden, 1, h_in, rope_offset);
 }
 
 /* Feed `token` at position `pos` (= cache rows already filled), write K/V row `pos` of every layer into

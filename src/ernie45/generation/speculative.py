@@ -166,7 +166,7 @@ class _MTPDrafter:
 
     def settle(self, next_tokens: Tensor, hidden: Tensor) -> None:
         """next_tokens (1, n) and the target's hidden states (1, n, H) at the next n positions."""
-        logits, out = self.head(next_tokens, hidden, self.cache)
+        logits, out = self.head(next_tokens, hidden, self.cache, last_only=True)
         self.logits, self.out = logits[0, -1], out[:, -1:]
 
     def draft(self, k: int, pick) -> tuple[list[int], list[Tensor | None]]:
@@ -180,7 +180,7 @@ class _MTPDrafter:
             toks.append(t)
             qs.append(q)
             if i + 1 < k:
-                lg, out = self.head(torch.tensor([[t]], device=out.device), out, self.cache)
+                lg, out = self.head(torch.tensor([[t]], device=out.device), out, self.cache, last_only=True)
                 logits, out = lg[0, -1], out[:, -1:]
         self.cache.length = start
         return toks, qs

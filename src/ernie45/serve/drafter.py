@@ -61,7 +61,7 @@ class SeqDrafter:
             rows = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
             first = self.fed
             nxt = torch.tensor([tokens[first + 1:first + 1 + m]])
-            logits, out = self.head(nxt, rows[None, :m], self.cache, offset=self.start)
+            logits, out = self.head(nxt, rows[None, :m], self.cache, offset=self.start, last_only=True)
             self.logits, self.out = logits[0, -1], out[:, -1:]
             rest = rows[m:]
             self.pending, self.n_pending = ([rest] if rest.shape[0] else []), rest.shape[0]
@@ -77,7 +77,8 @@ class SeqDrafter:
         for i in range(k):
             toks.append(int(logits.argmax()))
             if i + 1 < k:
-                lg, out = self.head(torch.tensor([[toks[-1]]]), out, self.cache, offset=self.start)
+                lg, out = self.head(torch.tensor([[toks[-1]]]), out, self.cache, offset=self.start,
+                                   last_only=True)
                 logits, out = lg[0, -1], out[:, -1:]
         self.cache.length = length
         return toks
