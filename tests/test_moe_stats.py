@@ -98,6 +98,24 @@ def test_counts_match_dispatch_exactly(report, moe_dir):
     np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
 
 
+def test_next_token_shared_experts_match_dispatch(report, moe_dir):
+    """`next_token_shared`: per layer, the mean count of experts a token shares with the token before it in its
+    sample (what verifying a speculative draft re-reads), from the blocks' own dispatch; the overall figure is the
+    layers' mean, beside the k^2 / E of random routing."""
+    result, _ = report
+    _, per_sample = dispatched_counts(moe_dir[1], TEXTS)
+    L = len(result["moe_layers"])
+    shared, pairs = [0] * L, 0
+    for layers in per_sample:  # [layer] -> (S, K) expert ids
+        pairs += layers[0].shape[0] - 1
+        for row, idx in enumerate(layers):
+            shared[row] += sum(len(set(a) & set(b)) for a, b in zip(idx[:-1].tolist(), idx[1:].tolist()))
+    assert [f["next_token_shared"] for f in result["layers"]] == [x / pairs for x in shared]
+    assert result["next_token_shared"] == pytest.approx(sum(shared) / (pairs * L), rel=1e-12)
+    assert result["next_token_shared_random"] == result["top_k"] ** 2 / result["num_experts"]
+    assert all(0 <= f["next_token_shared"] <= result["top_k"] for f in result["layers"])
+
+
 def test_imbalance_figures_match_scipy(report):
     from scipy import stats as ss
 

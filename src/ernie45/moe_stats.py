@@ -5,7 +5,9 @@ Runs each text sample through the model with `output_router_logits=True` and wri
 - `load_heatmap.png`: layer x expert load (share of routed assignments x number of experts; 1 = uniform);
 - `token_experts.png`: for one sample, which experts each token went to in every MoE layer;
 - `imbalance.png`: per layer coefficient of variation, max/mean load and normalised routing entropy;
-- `stats.json`: the counts behind the pictures, the imbalance figures and the auxiliary (load-balancing) loss.
+- `stats.json`: the counts behind the pictures, the imbalance figures, the auxiliary (load-balancing) loss, and
+  how many experts consecutive tokens share per layer (`next_token_shared`; what verifying a speculative draft
+  re-reads, see docs/speculative.md: a second position costs little where it picks the current token's experts).
 
 Expert choice is the model's own dispatch rule: top-k of softmax(router logits) + `e_score_correction_bias`
 (ARCHITECTURE.md §2). The aux loss is the model's (transformers' formula, which ignores that bias).
@@ -95,6 +97,8 @@ class RoutingStats:
     prob_sum: np.ndarray  # (L, E) fp64: summed router probabilities
     aux_counts: np.ndarray  # (E,) fp64: unbiased top-k picks summed over layers (aux-loss input)
     aux_probs: np.ndarray  # (E,) fp64: router probabilities summed over layers (aux-loss input)
+    shared: np.ndarray | None = None  # (L,) int64: experts a token shares with the one before it, summed
+    pairs: int = 0  # consecutive token pairs within samples
     tokens: int = 0
     aux_loss_per_sample: list[float] = field(default_factory=list)
     sample_ids: list[int] = field(default_factory=list)
@@ -105,8 +109,14 @@ class RoutingStats:
     def empty(cls, moe_layers: list[int], num_experts: int, top_k: int) -> RoutingStats:
         L, E = len(moe_layers), num_experts
         return cls(
-            moe_layers, E, top_k, np.zeros((L, E), np.int64), np.zeros((L, E)), np.zeros(E), np.zeros(E)
+            moe_layers, E, top_k, np.zeros((L, E), np.int64), np.zeros((L, E)), np.zeros(E), np.zeros(E),
+            np.zeros(L, np.int64),
         )
+
+    @property
+    def random_shared(self) -> float:
+        """Experts two tokens would share if each picked top_k of num_experts at random: k^2 / E."""
+        return self.top_k * self.top_k / self.num_experts
 
     @property
     def aux_loss(self) -> float:
@@ -138,6 +148,8 @@ class RoutingStats:
                     "normalized_entropy": entropy / math.log(self.num_experts)
                     if self.num_experts > 1
                     else 1.0,
+                    # mean experts (of top_k) a token shares with the previous token of its sample
+                    "next_token_shared": float(self.shared[row] / self.pairs) if self.pairs else 0.0,
                 }
             )
         return out
@@ -174,11 +186,14 @@ def collect_routing(
             out = model(x, output_router_logits=True, logits_to_keep=1)
             stats.aux_loss_per_sample.append(float(out.aux_loss))
             stats.tokens += x.shape[1]
+            stats.pairs += x.shape[1] - 1
             chosen = []
             for row, (logits, bias) in enumerate(zip(out.router_logits, biases)):
                 probs = logits.float().softmax(-1)  # (S, E)
                 idx = (probs + bias).topk(K, dim=-1).indices  # (S, K): the dispatch rule of MoE.route
                 stats.counts[row] += torch.bincount(idx.flatten(), minlength=E).cpu().numpy()
+                # (S-1, K, K): token t's picks against token t+1's (each row's K ids are distinct)
+                stats.shared[row] += int((idx[:-1, :, None] == idx[1:, None, :]).sum())
                 stats.prob_sum[row] += probs.sum(0).double().cpu().numpy()
                 plain = probs.topk(K, dim=-1).indices  # the aux loss counts picks without the bias
                 stats.aux_counts += torch.bincount(plain.flatten(), minlength=E).double().cpu().numpy()
@@ -379,6 +394,8 @@ def moe_stats(
         "tokens": stats.tokens,
         "aux_loss": stats.aux_loss,
         "aux_loss_per_sample": stats.aux_loss_per_sample,
+        "next_token_shared": float(stats.shared.sum() / (stats.pairs * len(stats.moe_layers))) if stats.pairs else 0.0,
+        "next_token_shared_random": stats.random_shared,
         "router_aux_loss_coef": config.router_aux_loss_coef,
         "layers": figures,
         "sample": {
@@ -482,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{result['samples']} samples, {result['tokens']} tokens; aux loss {result['aux_loss']:.4f}; "
         f"most imbalanced: layer {worst['layer']} (CV {worst['cv']:.3f}, max/mean {worst['max_over_mean']:.2f})"
+    )
+    print(
+        f"consecutive tokens share {result['next_token_shared']:.2f} of their {result['top_k']} experts per layer "
+        f"({result['next_token_shared_random']:.2f} if routing were random)"
     )
     print(f"wrote {', '.join(sorted(os.listdir(args.out)))} to {args.out}")
     return 0
