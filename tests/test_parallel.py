@@ -133,3 +133,44 @@ def test_torchrun_generate_cli_matches_single_process(tmp_path, tokenizer_dir, k
     assert len(lines) == 1  # only rank 0 prints
     b = json.loads(lines[0])
     assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"] and len(a["token_ids"]) == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ngram", "mtp"])
+def test_torchrun_generate_speculates_as_one_process(tmp_path, tokenizer_dir, method):
+    """`generate --tp 2 --speculative ngram|mtp`: every rank runs the same speculative loop in step (the MTP layer
+    loaded whole on each rank, beside the sharded embedding and head, whose collectives are the model's own), and
+    rank 0 prints the single process's greedy tokens -- plain decoding's -- with the same draft counts."""
+    import json
+
+    from ernie45.checkpoint import load_checkpoint
+    from ernie45.mtp import init_mtp
+
+    src = save_hf(make_hf_model("moe", bias_scale=0.3), tmp_path / "src", tokenizer_dir)
+    m = load_checkpoint(src, dtype="float32", device="cpu")
+    init_mtp(m, std=0.1, seed=3)
+    ckpt = str(tmp_path / "ck")
+    save_checkpoint(m, ckpt)
+    for f in os.listdir(src):
+        if f.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(os.path.join(src, f), ckpt)
+    args = ["generate", "--model", ckpt, "--prompt", "床前明月光，床前明月光，床前", "--max-new-tokens", "24",
+            "--temperature", "0", "--ignore-eos", "--dtype", "float32", "--device", "cpu", "--json"]
+    spec = ["--speculative", method, "--num-speculative-tokens", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def last_json(r):
+        assert r.returncode == 0, r.stderr[-3000:]
+        lines = [line for line in r.stdout.strip().splitlines() if line.startswith("{")]
+        assert len(lines) == 1  # only rank 0 prints
+        return json.loads(lines[0])
+
+    def one(extra):
+        return last_json(subprocess.run([sys.executable, "-m", "ernie45", *args, *extra], capture_output=True,
+                                        text=True, timeout=300, env=env))
+
+    plain, alone = one([]), one(spec)
+    two = last_json(subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "ernie45", *args, *spec,
+                                    "--tp", "2"], capture_output=True, text=True, timeout=600, env=env))
+    assert two["token_ids"] == alone["token_ids"] == plain["token_ids"] and len(plain["token_ids"]) == 24
+    assert two["speculative"] == alone["speculative"] and alone["speculative"]["drafted"] > 0

@@ -131,8 +131,9 @@ class MTPHead:
     def new_cache(self, max_len: int):
         from ernie45.model import KVCache
 
-        m = self.model
-        return KVCache(block_config(m.config), 1, max_len, m.dtype, m.device, m.kv_heads)
+        m = self.model  # the layer's own kv heads: all of them under tensor parallelism too (it is not sharded)
+        kv_heads = self.block.self_attn.k_proj.out_features // m.config.head_dim
+        return KVCache(block_config(m.config), 1, max_len, m.dtype, m.device, kv_heads)
 
     def wants_pre_norm(self) -> bool:
         return self.variant == "pre_norm"

@@ -233,6 +233,7 @@ def load_parallel(path: str, tp: int, ep: int = 1, dtype: str | torch.dtype = "a
     from ernie45.checkpoint import CheckpointReader, build_model
     from ernie45.device import resolve_device, resolve_dtype
     from ernie45.models import resolve_model_path
+    from ernie45.mtp import plan_mtp, read_mtp
 
     path = resolve_model_path(path)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -247,8 +248,18 @@ def load_parallel(path: str, tp: int, ep: int = 1, dtype: str | torch.dtype = "a
     with torch.device("meta"):  # the swapped-in shard modules are filled by assign below
         plan = shard_model(model, tp, ep, rank)
     reader = CheckpointReader(path)
+    # the MTP layer (`--speculative mtp`), whole on every rank: one decoder layer, which every rank runs alike
+    # beside the sharded embedding and head (their collectives are the model's own)
+    mtp_plan, mtp_fix = plan_mtp(model, reader.mtp_entries, dt, path)
+    mtp = {}
+    if mtp_plan:
+        reader.keep_mtp()
+        read_mtp(reader, mtp_plan, mtp_fix, mtp)
     sd = {}
     for name, ref in model.state_dict().items():
+        if name in mtp:
+            sd[name] = mtp[name].to(device=dev)
+            continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied below to the same vocab shard as the embedding
         src, kind, ranges = plan.specs.get(name, (name, "full", []))

@@ -192,8 +192,6 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["speculative"] = spec
     grammar = read_grammar(args.json_schema, args.grammar, args.regex)
     parallel = args.tp > 1 or args.ep > 1
-    if parallel and spec is not None:
-        raise ErnieError("--speculative runs in one process, not with --tp / --ep")
     # Under torchrun only rank 0 reads stdin; the prompt is broadcast once the process group exists.
     prompt = read_prompt(args.prompt) if not parallel or os.environ.get("RANK", "0") == "0" else ""
     model, tokenizer = load_model(args.model, args.dtype, args.device, quantize=args.quantize,
