@@ -93,7 +93,8 @@ class TorchrunServer:
 
     `torchrun_args` go to torchrun itself; the server gets small test limits (fp32 on CPU, 4 slots)."""
 
-    def __init__(self, kind: str, ckpt: str, log_path, torchrun_args: tuple[str, ...] = ()):
+    def __init__(self, kind: str, ckpt: str, log_path, torchrun_args: tuple[str, ...] = (),
+                 server_args: tuple[str, ...] = ()):
         port = free_port()
         self.base, self.log_path = f"http://127.0.0.1:{port}", log_path
         cmd = doc_command(kind)
@@ -109,6 +110,7 @@ class TorchrunServer:
             str(SLOTS),
             "--max-model-len",
             str(CONTEXT),
+            *server_args,
         ]
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -268,6 +270,47 @@ def test_tp_server_answers_like_single_process(ckpts, tmp_path, kind):
     log = server.log()
     assert "rank 1: stopped" in log and "Finished server process" in log, log[-3000:]
     assert "error:" not in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_tp_server_speculates_with_the_mtp_layer_like_one_process(tmp_path):
+    """`serve --tp 2 --ep 2 --speculative mtp` on the bundled ernie-tiny-moe (its trained MTP head): rank 0's drafter
+    sends each MTP-layer call to every rank (each holds the layer whole and its own copy of the sequence's MTP
+    cache), and the greedy answers are the single-process server's without speculation, with drafts accepted;
+    finished sequences free every rank's cache, and the next requests draft again."""
+    import re
+
+    from ernie45.models import bundled_path
+
+    ckpt, name = bundled_path("ernie-tiny-moe"), "ernie-tiny-moe"
+    model, tok = ernie45.load(ckpt, dtype="float32", device="cpu")
+    prompts = ["海上生明月，", "白日依山尽，", "秋风吹渭水，"]
+
+    def texts(base: str) -> list[str]:  # one request at a time: the engine speculates while one sequence decodes
+        c = client(base)
+        return [c.completions.create(model=name, prompt=p, max_tokens=24, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+
+    with serving(single_process_app(model, tok, name)) as base:
+        want = texts(base)
+    server = TorchrunServer("moe", ckpt, tmp_path / "tp.log",
+                            server_args=("--speculative", "mtp", "--num-speculative-tokens", "2"))
+    try:
+        assert texts(server.base) == want
+        assert texts(server.base) == want  # the mirrored MTP caches were freed and made again
+        page = httpx.get(f"{server.base}/metrics").text
+
+        def count(metric: str) -> float:
+            return float(re.search(rf"^{metric} (\S+)$", page, re.M).group(1))
+
+        assert count("ernie45_spec_decode_num_drafts_total") > 0
+        assert count("ernie45_spec_decode_num_accepted_tokens_total") > 0
+        server.proc.send_signal(signal.SIGINT)
+        server.proc.wait(90)
+    finally:
+        server.kill()
+    log = server.log()
+    assert "rank 1: stopped" in log and "error:" not in log, log[-3000:]
 
 
 @pytest.mark.slow

@@ -1021,6 +1021,50 @@ def test_server_drafter_feeds_the_layer_as_one_cache_would():
     assert d.start == 700 and d.cache.length == 4 and d.n_pending == 1 and torch.equal(d.logits, want[0, -1])
 
 
+def test_serve_flags_under_tensor_parallelism():
+    """`serve --tp N --speculative mtp` is accepted (the MTP layer runs on every rank); `--draft-vocab-size` is a
+    one-line error there (the sharded head reads all its rows anyway), checked before the model loads."""
+    from ernie45.checkpoint import load_config
+    from ernie45.serve.server import _check_speculative
+
+    path = bundled_path("ernie-tiny-moe")
+    cfg = load_config(path)
+    _check_speculative("mtp", 2, None, True, path, cfg)
+    _check_speculative("mtp", 2, 1024, False, path, cfg)
+    with pytest.raises(ErnieError, match="--draft-vocab-size does not apply under --tp"):
+        _check_speculative("mtp", 2, 1024, True, path, cfg)
+
+
+def test_replicated_mtp_runs_the_layer_through_runner_ops():
+    """`ReplicatedMTP` (a tensor-parallel server's head): the drafter's calls become `ModelRunner` ops on the
+    runner's own caches -- here one process, which runs every op itself -- and give the plain head's logits, drafts
+    and cache lengths; closing the drafter frees the runner's copy."""
+    from ernie45.serve.drafter import ReplicatedMTP, SeqDrafter
+    from ernie45.serve.runner import ModelRunner
+
+    m = mtp_model("tiny-moe")
+    head = MTPHead(m)
+    runner = ModelRunner(m, num_blocks=4, block_size=16)
+    runner.mtp_head = head
+    H, n1, n2 = m.config.hidden_size, 300, 40
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, 1000, (n1 + n2 + 1,), generator=g).tolist()
+    hidden = torch.randn(n1 + n2, H, generator=g)
+    plain, shared = SeqDrafter(head, capacity=2000), SeqDrafter(ReplicatedMTP(head, runner), capacity=2000)
+    for d in (plain, shared):
+        d.add(0, hidden[:n1])
+        assert d.settle(tokens[:n1 + 1])
+        d.add(n1, hidden[n1:])
+        assert d.settle(tokens)  # the second feed outgrows the first cache: resized, rows kept
+    assert torch.equal(shared.logits, plain.logits) and torch.equal(shared.out, plain.out)
+    assert shared.draft(3) == plain.draft(3) and shared.cache.length == plain.cache.length == n1 + n2
+    assert shared.cache.max_len == plain.cache.max_len == 2 * n1
+    (key,) = runner._mtp_caches
+    assert runner._mtp_caches[key].max_len == 2 * n1
+    shared.close()
+    assert runner._mtp_caches == {} and shared.cache is None
+
+
 @pytest.mark.parametrize("native_step", [False, True])
 def test_engine_mtp_through_preemption_keeps_every_answer(head_ckpt, native_step):
     """A KV pool too small for four sequences at once: they are preempted and recomputed (their MTP state dropped

@@ -138,6 +138,19 @@ class MTPHead:
     def wants_pre_norm(self) -> bool:
         return self.variant == "pre_norm"
 
+    def resize(self, cache, max_len: int):
+        """A cache of `max_len` entries holding `cache`'s (None: a new, empty one)."""
+        new = self.new_cache(max_len)
+        if cache is not None and cache.length:
+            n = cache.length
+            for dst, src in zip(new.k + new.v, cache.k + cache.v):
+                dst[:, :, :n] = src[:, :, :n]
+            new.length = n
+        return new
+
+    def release(self, cache) -> None:
+        """Nothing to do: a cache is freed with its last reference (`ReplicatedMTP` frees every rank's copy)."""
+
     @torch.inference_mode()
     def __call__(self, next_tokens: Tensor, hidden: Tensor, cache, offset: int = 0,
                  last_only: bool = False) -> tuple[Tensor, Tensor]:

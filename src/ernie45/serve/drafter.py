@@ -11,6 +11,8 @@ attends to fewer positions, which may lower acceptance but never changes an answ
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -22,7 +24,7 @@ class SeqDrafter:
     states for positions `fed` .. `fed + len(pending)` - 1 not fed yet.
 
     Args:
-        head: the model's `ernie45.mtp.MTPHead`.
+        head: the model's `ernie45.mtp.MTPHead`, or under tensor parallelism a `ReplicatedMTP`.
         capacity: positions the sequence can reach (prompt + max_tokens + drafts), the cache's bound.
     """
 
@@ -83,6 +85,12 @@ class SeqDrafter:
         self.cache.length = length
         return toks
 
+    def close(self) -> None:
+        """The sequence is done: give its cache back (under tensor parallelism every rank drops its copy)."""
+        if self.cache is not None:
+            self.head.release(self.cache)
+            self.cache = None
+
     def _room(self, entries: int) -> None:
         """A cache of at least `entries` entries, grown by doubling (from 256) up to the sequence's reach and copied
         over: allocated at once, `--max-model-len 131072` would hold 256 MB per 21B-A3B sequence from its first
@@ -91,16 +99,51 @@ class SeqDrafter:
         if old is not None and old.max_len >= entries:
             return
         reach = max(self.capacity - self.start, 1)
-        new = self.head.new_cache(max(entries, min(reach, max(256, 2 * (old.max_len if old is not None else 0)))))
-        if old is not None and old.length:
-            n = old.length
-            for dst, src in zip(new.k + new.v, old.k + old.v):
-                dst[:, :, :n] = src[:, :, :n]
-            new.length = n
-        self.cache = new
+        self.cache = self.head.resize(old, max(entries, min(reach, max(256, 2 * (old.max_len if old is not None else 0)))))
 
     def _restart(self, pos: int) -> None:
         self.start, self.pending, self.n_pending = pos, [], 0
         self.logits = self.out = None
         if self.cache is not None:
             self.cache.length = 0
+
+
+class SharedCache:
+    """A sequence's MTP cache under tensor parallelism: every rank holds the tensors (`ModelRunner`'s MTP ops), rank
+    0's drafter its key and length."""
+
+    def __init__(self, key: int, max_len: int, length: int):
+        self.key, self.max_len, self.length = key, max_len, length
+
+
+class ReplicatedMTP:
+    """The MTP head of a tensor-parallel server: each call is a `ModelRunner` op that every rank runs on its own copy
+    of the sequence's cache (the layer is whole on each rank; its embedding and head are the model's sharded
+    modules, whose collectives every rank joins), with the hidden states sent from rank 0. What `SeqDrafter` uses
+    of `ernie45.mtp.MTPHead`."""
+
+    def __init__(self, head, runner):
+        self.head, self.runner = head, runner
+        self._keys = itertools.count()
+
+    def wants_pre_norm(self) -> bool:
+        return self.head.wants_pre_norm()
+
+    def resize(self, cache: SharedCache | None, max_len: int) -> SharedCache:
+        key = next(self._keys) if cache is None else cache.key
+        keep = 0 if cache is None else cache.length
+        self.runner.mtp_resize(key, max_len, keep)
+        return SharedCache(key, max_len, keep)
+
+    def release(self, cache: SharedCache) -> None:
+        self.runner.mtp_free(cache.key)
+
+    def __call__(self, next_tokens: Tensor, hidden: Tensor, cache: SharedCache, offset: int = 0,
+                 last_only: bool = False) -> tuple[Tensor, Tensor]:
+        n = next_tokens.shape[1]
+        if cache.length + n > cache.max_len:
+            raise ValueError(f"MTP cache overflow: {cache.length} + {n} > {cache.max_len}")
+        out = self.runner.mtp_run(cache.key, offset, cache.length, next_tokens[0].tolist(), hidden.reshape(n, -1),
+                                  last_only)
+        cache.length += n
+        return out

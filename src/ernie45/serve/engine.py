@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ernie45.fast import ROWS_PREFILL_MAX
 from ernie45.serve.blocks import BlockManager
-from ernie45.serve.drafter import SeqDrafter
+from ernie45.serve.drafter import ReplicatedMTP, SeqDrafter
 from ernie45.serve.kv import kv_cache_blocks
 from ernie45.serve.metrics import ServerMetrics
 from ernie45.serve.request import (
@@ -140,9 +140,13 @@ class Engine(Scheduler):
         from ernie45.generation.speculative import _mtp_head, require_mtp
 
         require_mtp(self.model)
-        if self.runner.distributed:
-            raise ErnieError("--speculative mtp does not run under tensor parallelism yet; use --speculative ngram")
         size = self.args.draft_vocab_size
+        if self.runner.distributed:
+            if size is not None:  # the sharded head has no C GEMV over gathered rows: no saving, so not offered
+                raise ErnieError("--draft-vocab-size does not apply under tensor parallelism")
+            head = self.runner.mtp_head = _mtp_head(self.model, None)  # every rank runs it (`ReplicatedMTP`)
+            self.runner.keep_hidden, self.runner.pre_norm = True, head.wants_pre_norm()
+            return ReplicatedMTP(head, self.runner)
         head = _mtp_head(self.model, None if size is None else (size, self.tokenizer))
         self.runner.keep_hidden, self.runner.pre_norm = True, head.wants_pre_norm()
         return head
@@ -589,6 +593,8 @@ class Engine(Scheduler):
             self.metrics.e2e.observe(now - s.arrival)
             if s.first_token_at is not None and len(s.output) > 1:
                 self.metrics.tpot.observe((now - s.first_token_at) / (len(s.output) - 1))
+        if s.drafter is not None:
+            s.drafter.close()
         s.drafter = None
         if not s.admitted:
             return

@@ -24,6 +24,10 @@ def follow(model, args: EngineArgs, rank: int) -> None:
     )
     # Rank 0 decides when to stop: on Ctrl-C / SIGTERM it drains its requests (which needs every rank), then
     # releases the followers. If rank 0 is gone instead, the next collective fails and this rank exits.
+    if args.speculative == "mtp":  # rank 0 sends each MTP-layer call (`ernie45.serve.drafter.ReplicatedMTP`)
+        from ernie45.generation.speculative import _mtp_head
+
+        runner.mtp_head = _mtp_head(model, None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.info("rank %d: following rank 0", rank)

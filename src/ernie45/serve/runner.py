@@ -28,7 +28,7 @@ from torch import Tensor
 from ernie45.generation.speculative import forward_keeping
 from ernie45.serve.kv import PagedKVCache
 
-STOP, PREFILL, PROMPT_LOGITS, DECODE, PING = range(5)
+STOP, PREFILL, PROMPT_LOGITS, DECODE, PING, MTP_RESIZE, MTP_RUN, MTP_FREE = range(8)
 
 
 class ModelRunner:
@@ -49,9 +49,14 @@ class ModelRunner:
         self._hidden: Tensor | None = None  # (n, S, H) final hidden states of the last prefill
         # `--speculative mtp` (ernie45.serve.drafter): every call also keeps the hidden states the MTP layer reads,
         # after the final norm or, with `pre_norm`, before it -- `kept`: (n, S, H) after a prefill, (rows, H) after
-        # a decode (rank 0 only: the server refuses mtp under tensor parallelism)
+        # a decode (rank 0 only: it sends them with each MTP op)
         self.keep_hidden, self.pre_norm = False, False
         self.kept: Tensor | None = None
+        # under tensor parallelism every rank runs the MTP layer (`mtp_head`) on its own copy of each sequence's
+        # MTP cache, by key; `_floats`: the hidden states rank 0 sends with the next MTP_RUN
+        self.mtp_head = None
+        self._mtp_caches: dict[int, object] = {}
+        self._floats: Tensor | None = None
         fast = getattr(model, "fast_decoder", None)
         self._native = fast if hasattr(fast, "step_batch") else None
 
@@ -83,6 +88,21 @@ class ModelRunner:
         flat = [b for t in tables for b in t + [0] * (W - len(t))]
         flags = [] if want is None else [int(bool(w)) for w in want]
         return self._call(DECODE, n, W, int(want is not None), tokens + positions + flat + flags)
+
+    def mtp_resize(self, key: int, max_len: int, keep: int) -> None:
+        """Every rank: sequence `key`'s MTP cache becomes one of `max_len` entries holding its first `keep`."""
+        self._call(MTP_RESIZE, key, max_len, keep, [])
+
+    def mtp_run(self, key: int, offset: int, length: int, tokens: list[int], hidden: Tensor,
+                last_only: bool) -> tuple[Tensor, Tensor]:
+        """Every rank: the MTP layer over `tokens` and `hidden` (n, H) at cache entries `length`.. of sequence
+        `key` (`MTPHead.__call__`'s arguments); -> its (logits, outputs) on rank 0."""
+        self._floats = hidden.float().contiguous()
+        return self._call(MTP_RUN, key, offset, int(last_only), [length, *tokens])
+
+    def mtp_free(self, key: int) -> None:
+        """Every rank drops sequence `key`'s MTP cache."""
+        self._call(MTP_FREE, key, 0, 0, [])
 
     def heartbeat(self) -> None:
         """Keep idle followers inside their collective timeout (and notice a dead rank while idle)."""
@@ -131,7 +151,30 @@ class ModelRunner:
             return self.model.lm_head(self._hidden[a, b:c]).float()
         if op == DECODE:
             return self._decode(a, b, c, payload.cpu())
+        if op == MTP_RESIZE:
+            old = self._mtp_caches.get(a)
+            if old is not None:
+                old.length = c
+            self._mtp_caches[a] = self.mtp_head.resize(old if c else None, b)
+        elif op == MTP_RUN:
+            return self._mtp_run(a, b, bool(c), payload.cpu())
+        elif op == MTP_FREE:
+            self._mtp_caches.pop(a, None)
         return None
+
+    def _mtp_run(self, key: int, offset: int, last_only: bool, payload: Tensor) -> tuple[Tensor, Tensor]:
+        """payload = the cache length, then the tokens; the hidden states come from rank 0 (`_floats`)."""
+        tokens = payload[1:]
+        n, H = tokens.numel(), self.model.config.hidden_size
+        h = self._floats if self._floats is not None else torch.empty(n, H)
+        self._floats = None
+        h = h.to(self.device)
+        if self.distributed:
+            dist.broadcast(h, src=0)
+        cache = self._mtp_caches[key]
+        cache.length = int(payload[0])
+        return self.mtp_head(tokens.view(1, n).to(self.device), h.to(self.model.dtype)[None], cache, offset=offset,
+                             last_only=last_only)
 
     def _prefill(self, n: int, W: int, payload: Tensor) -> Tensor:
         """payload = past (n), new-token counts (n), tables (n * W), the new tokens back to back."""

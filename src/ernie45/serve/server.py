@@ -323,8 +323,8 @@ def _check_speculative(method: str | None, k: int | None, vocab: int | None, par
     speculative_from_args(argparse.Namespace(speculative=method, num_speculative_tokens=k, draft_vocab_size=vocab))
     if method != "mtp":
         return
-    if parallel:
-        raise ErnieError("--speculative mtp does not run under --tp / --ep yet; use --speculative ngram")
+    if parallel and vocab is not None:
+        raise ErnieError("--draft-vocab-size does not apply under --tp / --ep (the sharded head reads every row anyway)")
     if not _mtp_storage(path, mcfg):
         raise ErnieError(f"--speculative mtp: {path} has no MTP layer (num_nextn_predict_layers > 0 and "
                          "model.mtp_* weights); use --speculative ngram, or a checkpoint that ships the MTP head")
