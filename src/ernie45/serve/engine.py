@@ -256,6 +256,7 @@ class Engine(Scheduler):
             self.failed, self._stopping = e, True
         self._pull(block=False)
         for s in [*self._rows, *self._waiting]:
+            s.drafter = None  # no MTP_FREE op: the ranks can no longer agree on one (the process is stopping)
             self._fail(s, _rank_failed())
         self._rows, self._waiting = [], deque()
         self._release_pending(self._pending)
