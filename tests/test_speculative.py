@@ -562,19 +562,22 @@ def test_bundled_moe_in_c_speculates_plain_tokens(head_ckpt, dtype):
         assert sp.drafted > 0
 
 
+@pytest.mark.parametrize("isa", native.levels())
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("variant", ["post_norm", "pre_norm"])
-def test_mtp_layer_as_one_c_call_matches_pytorch(variant, dtype):
+def test_mtp_layer_as_one_c_call_matches_pytorch(variant, dtype, isa):
     """Beside a C decoder a window of a few rows runs as one C call (`MTPStep`: the input norms, proj, the decoder
     layer and the head in C, over the layer's own cache): its logits and outputs agree with the PyTorch layer's up to
     summation order (fp32) or bf16 rounding, from position 0 (the post-norm variant's zeroed embedding) and after an
     `offset`, fed all at once or one row at a time; `last_only` is the last row; a draft vocabulary scores its ids
     (through an int8 copy of those head rows) and leaves -inf elsewhere; a longer window takes the PyTorch path; the
-    state dict is untouched."""
-    from ernie45.fast import MTPStep, optimize_for_inference
+    state dict is untouched. With the kernels of every ISA level the machine runs."""
+    from ernie45.fast import FastDecoder, MTPStep
     from ernie45.mtp import GemvLinear
 
-    native_or_skip()
+    lib = native.load("decode", isa)
+    if lib is None or (isa == "native" and lib.ernie_simd_width() < 256):
+        pytest.skip(f"no C compiler, or no {isa} build: the C decode step is not built here")
     m = mtp_model("tiny-moe", variant, use_bias=True, tie_word_embeddings=False)
     if dtype == "bfloat16":
         m = m.to(torch.bfloat16)
@@ -587,7 +590,7 @@ def test_mtp_layer_as_one_c_call_matches_pytorch(variant, dtype):
         for v, head in ((None, MTPHead(m)), ("ids", MTPHead(m, ids))):
             want[offset, v] = head(toks, hid, head.new_cache(8), offset=offset)
     keys = {k: v.clone() for k, v in m.state_dict().items()}
-    optimize_for_inference(m)
+    assert FastDecoder.attach(m, isa=isa) is not None
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=0.05, atol=0.05)
     for offset in (0, 9):
         for v, head in ((None, MTPHead(m)), ("ids", MTPHead(m, ids))):

@@ -43,6 +43,7 @@ from ernie45.bench_checkpoints import (
     make_checkpoint,
     quantized_checkpoint,
     shape_config,
+    shape_label,
 )
 from ernie45.bench_isa import (
     _ISA_VARS,
@@ -424,7 +425,7 @@ def _bench_group(sources: dict[str, str], shape: str, dtype: str, isa: str, engi
 
 def _shape_cell(r: dict[str, Any]) -> str:
     """`tiny`, or `a3b (3 layers)` for a shape whose depth `--layers` sets."""
-    return f"{r['shape']} ({r['layers']} layers)" if r["shape"] in FULL_LAYERS and r.get("layers") else r["shape"]
+    return shape_label(r["shape"], r.get("layers"))
 
 
 def _dtype_cell(r: dict[str, Any]) -> str:

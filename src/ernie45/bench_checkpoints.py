@@ -118,6 +118,11 @@ def write_random_checkpoint(config, path: str, dtype: str = "float32", seed: int
     return path
 
 
+def shape_label(shape: str, layers: int | None) -> str:
+    """`tiny`, or `a3b (28 layers)` for a shape whose depth `--layers` sets."""
+    return f"{shape} ({layers} layers)" if shape in FULL_LAYERS and layers else shape
+
+
 def checkpoint_name(shape: str, layers: int | None = None) -> str:
     """The cache directory name of a shape's checkpoint: `ernie45-bench-a3b-3l` for a layered shape."""
     if shape in FULL_LAYERS:

@@ -27,6 +27,7 @@ import tempfile
 import time
 from typing import Any
 
+from ernie45.bench_checkpoints import shape_label
 from ernie45.errors import ErnieError
 
 # held-out lines (not in the bundled models' training poems) and a repeat-this-text prompt for prompt lookup
@@ -81,12 +82,6 @@ def _bench_model(shape: str, dtype: str, workdir: str, layers: int | None = None
         return load_checkpoint(ckpt, dtype=getattr(torch, _TORCH_DTYPE[dtype]), device="cpu")
     return load_checkpoint(quantized_checkpoint(ckpt, dtype), device="cpu")
 
-
-def shape_label(shape: str, layers: int | None) -> str:
-    """`a3b`, or `a3b (28 layers)` where `--layers` sets the depth."""
-    from ernie45.bench_checkpoints import FULL_LAYERS
-
-    return f"{shape} ({layers} layers)" if shape in FULL_LAYERS and layers else shape
 
 
 def attach_random_mtp(model) -> None:

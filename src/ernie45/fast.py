@@ -287,6 +287,12 @@ class FastDecoder:
         # ernie_step_batch_q8's arguments + (hidden out, pre-norm flag)
         lib.ernie_step_batch_q8_h.argtypes = [*lib.ernie_step_batch_q8.argtypes, c_void_p, c_int]
         lib.ernie_step_batch_q8_h.restype = c_int
+        # (model, B, tokens, h_in, positions, rope offset, k pages, v pages, tables, table stride, block size,
+        # logits, hidden out): an MTP layer's rows (`mtp_step`)
+        lib.ernie_mtp_batch.argtypes = [ctypes.POINTER(_Model), c_int, c_void_p, c_void_p, c_void_p, c_int,
+                                        ctypes.POINTER(c_void_p), ctypes.POINTER(c_void_p), c_void_p, c_int, c_int,
+                                        c_void_p, c_void_p]
+        lib.ernie_mtp_batch.restype = c_int
         # (model, Linear, x, y): one GEMV (`gemv`)
         lib.ernie_gemv_batch.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Linear), c_int, c_void_p, c_void_p]
         lib.ernie_gemv_batch.restype = c_int
@@ -471,13 +477,6 @@ class FastDecoder:
         if ids is not None:
             keep.append(ids.to(torch.int32).contiguous())
             m.mtp_ids = keep[-1].data_ptr()
-        lib = self._lib
-        # (model, B, tokens, h_in, positions, rope offset, k pages, v pages, tables, table stride, block size,
-        # logits, hidden out)
-        lib.ernie_mtp_batch.argtypes = [ctypes.POINTER(_Model), c_int, c_void_p, c_void_p, c_void_p, c_int,
-                                        ctypes.POINTER(c_void_p), ctypes.POINTER(c_void_p), c_void_p, c_int, c_int,
-                                        c_void_p, c_void_p]
-        lib.ernie_mtp_batch.restype = c_int
         return MTPStep(self, m, keep)
 
     PROFILE_PARTS = ("attention projections", "attention", "MLP / experts", "router", "lm_head", "other")

@@ -140,16 +140,15 @@ class Engine(Scheduler):
         from ernie45.generation.speculative import _mtp_head, require_mtp
 
         require_mtp(self.model)
-        size = self.args.draft_vocab_size
-        if self.runner.distributed:
-            if size is not None:  # the sharded head has no C GEMV over gathered rows: no saving, so not offered
-                raise ErnieError("--draft-vocab-size does not apply under tensor parallelism")
-            head = self.runner.mtp_head = _mtp_head(self.model, None)  # every rank runs it (`ReplicatedMTP`)
-            self.runner.keep_hidden, self.runner.pre_norm = True, head.wants_pre_norm()
-            return ReplicatedMTP(head, self.runner)
+        size, shared = self.args.draft_vocab_size, self.runner.distributed
+        if shared and size is not None:  # the sharded head has no C GEMV over gathered rows: no saving, not offered
+            raise ErnieError("--draft-vocab-size does not apply under tensor parallelism")
         head = _mtp_head(self.model, None if size is None else (size, self.tokenizer))
         self.runner.keep_hidden, self.runner.pre_norm = True, head.wants_pre_norm()
-        return head
+        if not shared:
+            return head
+        self.runner.mtp_head = head  # every rank runs it (`ReplicatedMTP`)
+        return ReplicatedMTP(head, self.runner)
 
     # ---- public API (event-loop side) ------------------------------------------------------------
     def start(self) -> None:
